@@ -1,0 +1,2 @@
+"""magseg-hpc."""
+__version__ = "0.1.0"

@@ -1,0 +1,51 @@
+"""The ``magseg-hpc`` command. Each subcommand lives in its own module under ``commands/``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from magseg_hpc import __version__
+from magseg_hpc.errors import MagsegError
+
+# Each module exposes register(subparsers), which adds its parser with func=run(args) -> int.
+COMMAND_MODULES = [
+    "magseg_hpc.commands.ingest",
+    "magseg_hpc.commands.info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="magseg-hpc",
+        description="Segment 3D magnetization-domain volumes: prepare data, train, segment.",
+    )
+    parser.add_argument("--version", action="version", version=f"magseg-hpc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MagsegError as e:
+        print(f"magseg-hpc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("magseg-hpc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the magseg-hpc CLI, one module each."""

@@ -1,0 +1,388 @@
+"""The typed experiment configuration: what to train, on which data, with which settings.
+
+A config is a YAML file with the sections below; every key has a default, so a file only
+states what differs. ``load_config`` validates the whole tree before anything runs: an unknown
+key or a value of the wrong type raises :class:`MagsegError` naming the key and listing the
+valid keys of its section with their defaults. ``key=value`` overrides (dotted keys, values
+parsed as YAML) are applied before validation, so they are checked the same way.
+
+Learning rate: ``train.lr`` is the base learning rate. When ``train.lr_reference_batch`` is
+set, the rate actually used is ``lr * total_batch / lr_reference_batch`` where ``total_batch``
+is ``train.batch_size`` (labelled images per process) times the number of processes, the
+linear scaling of the AugSeg/UniMatch recipes (1e-3 per 16 labelled images). With
+``lr_reference_batch: null`` ``train.lr`` is used as given.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from magseg_hpc.classes import ClassTable
+from magseg_hpc.errors import MagsegError
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "RUNTIME_KEYS",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+    "experiment_differences",
+]
+
+
+@dataclass
+class ModelConfig:
+    """Passed as a dict to ``magseg_hpc.models.build_model``; num_classes comes from classes."""
+
+    name: str = "deeplabv3plus"
+    backbone: Literal["resnet18", "resnet50", "resnet101"] = "resnet101"
+    in_channels: int = 1
+    # Local path to a torchvision ImageNet ResNet state_dict, or null for random init.
+    pretrained: str | None = None
+    deep_stem: bool | None = None  # null: the AugSeg deep stem for resnet50/101, not resnet18
+    output_stride: int = 16
+    zero_init_residual: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where the slices come from and how they are split.
+
+    Either ``volume`` (an image + labels zarr store, e.g. from ``magseg-hpc make-phantom``;
+    2D slices are taken along ``axis``) or ``folder`` (the original study's layout:
+    ``images/``, ``masks/`` colour PNGs, ``labeled.txt`` / ``unlabeled.txt`` / ``val.txt``).
+    """
+
+    volume: str | None = None
+    image_var: str = "image"
+    label_var: str = "labels"
+    # A separate volume for validation; when null, n_val slices are held out of ``volume``.
+    val_volume: str | None = None
+    folder: str | None = None
+    image_dir: str = "images"  # sub-folders of ``folder``
+    mask_dir: str = "masks"
+    axis: Literal["z", "y", "x"] = "z"
+    n_labeled: int = 128
+    labeled_selection: Literal["even", "random"] = "even"
+    n_val: int = 22
+    # Held-out validation slices: a contiguous block at the end of the axis (less leakage
+    # from neighbouring labelled slices) or evenly spread.
+    val_selection: Literal["block", "even"] = "block"
+    # Explicit split files (one slice index or image id per line); override make_splits.
+    labeled_split: str | None = None
+    unlabeled_split: str | None = None
+    val_split: str | None = None
+    num_workers: int = 0
+    # Volumes up to this size are read into memory once per process instead of per slice.
+    cache_mb: int = 1024
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["augseg", "supervised"] = "augseg"
+    epochs: int = 30
+    # Caps the total iterations of this call; the lr schedule still spans all epochs, so a
+    # run stopped by max_iters and resumed with a larger cap matches an uninterrupted run.
+    max_iters: int | None = None
+    batch_size: int = 8  # per process; labelled and unlabelled batches are this size each
+    lr: float = 1.0e-3
+    lr_reference_batch: int | None = None
+    head_lr_mult: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-4
+    poly_power: float = 0.9
+    threshold: float = 0.95
+    ema_decay: float = 0.999
+    sup_only_epochs: int = 0
+    uns_weight: float = 1.0
+    cutmix_prob: float = 1.0
+    num_strong_augs: int = 3
+    random_num_augs: bool = True
+    crop_size: int = 513
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    checkpoint_every: int = 500
+    eval_every: int = 0  # iterations; 0 evaluates at the end of every epoch
+    log_every: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16 autocast, GPU only
+    threads: int | None = None  # torch intra-op threads per process on CPU; null = default
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    classes: dict = field(default_factory=lambda: ClassTable.default().to_dict())
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def class_table(self) -> ClassTable:
+        return ClassTable.from_dict(self.classes)
+
+    def model_dict(self) -> dict:
+        """The model section as build_model takes it, with num_classes from the class table."""
+        d = dataclasses.asdict(self.model)
+        d["num_classes"] = self.class_table.num_classes
+        return d
+
+
+# Keys that change how a run is executed, not what it computes: an output dir may be resumed
+# with different values for these.
+RUNTIME_KEYS = frozenset(
+    {
+        "train.max_iters",
+        "train.checkpoint_every",
+        "train.eval_every",
+        "train.log_every",
+        "train.device",
+        "train.threads",
+        "data.num_workers",
+        "data.cache_mb",
+    }
+)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list[{_type_name(inner)}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is not bool:
+            return value
+        raise MagsegError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except MagsegError as e:
+                errors.append(str(e))
+        raise MagsegError(f"{key}: {value!r} is not {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return copy.deepcopy(value)
+    else:  # pragma: no cover - a schema annotation this validator does not know
+        raise TypeError(f"unsupported config annotation {tp!r}")
+    raise MagsegError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _section_help(cls: type, prefix: str) -> str:
+    parts = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            parts.append(f"{prefix}{f.name}.*")
+        else:
+            parts.append(f"{prefix}{f.name}={default!r}")
+    return ", ".join(parts)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    section = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise MagsegError(
+            f"config section {section!r} must be a mapping, got {raw!r}; "
+            f"valid keys: {_section_help(cls, prefix)}"
+        )
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise MagsegError(
+                f"unknown config key {prefix}{key!r}; valid keys in {section} (with defaults): "
+                f"{_section_help(cls, prefix)}"
+            )
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            try:
+                kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+            except MagsegError as e:
+                raise MagsegError(
+                    f"{e}; valid keys in {section} (with defaults): {_section_help(cls, prefix)}"
+                ) from None
+    return cls(**kwargs)
+
+
+def _check_values(cfg: ExperimentConfig) -> None:
+    cfg.class_table  # noqa: B018 - raises MagsegError for a malformed class table
+    from magseg_hpc.models import resolve_model_config
+
+    resolve_model_config(cfg.model_dict())
+    t, d = cfg.train, cfg.data
+    positive = {
+        "train.epochs": t.epochs,
+        "train.batch_size": t.batch_size,
+        "train.crop_size": t.crop_size,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.log_every": t.log_every,
+        "data.n_labeled": d.n_labeled,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise MagsegError(f"{key} must be >= 1, got {value}")
+    for key, value in {
+        "train.max_iters": t.max_iters,
+        "train.lr_reference_batch": t.lr_reference_batch,
+        "train.threads": t.threads,
+    }.items():
+        if value is not None and value < 1:
+            raise MagsegError(f"{key} must be >= 1 or null, got {value}")
+    for key, value in {
+        "train.eval_every": t.eval_every,
+        "train.sup_only_epochs": t.sup_only_epochs,
+        "data.n_val": d.n_val,
+        "data.num_workers": d.num_workers,
+        "data.cache_mb": d.cache_mb,
+        "train.weight_decay": t.weight_decay,
+        "train.momentum": t.momentum,
+        "train.uns_weight": t.uns_weight,
+    }.items():
+        if value < 0:
+            raise MagsegError(f"{key} must be >= 0, got {value}")
+    if not t.lr > 0:
+        raise MagsegError(f"train.lr must be > 0, got {t.lr}")
+    if not 0 <= t.ema_decay < 1:
+        raise MagsegError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not 0 <= t.cutmix_prob <= 1:
+        raise MagsegError(f"train.cutmix_prob must be in [0, 1], got {t.cutmix_prob}")
+    if len(t.scale_range) != 2 or not 0 < t.scale_range[0] <= t.scale_range[1]:
+        raise MagsegError(f"train.scale_range must be [low, high] with 0 < low <= high, "
+                          f"got {t.scale_range}")
+    if t.num_strong_augs < 0:
+        raise MagsegError(f"train.num_strong_augs must be >= 0, got {t.num_strong_augs}")
+    if cfg.seed < 0:
+        raise MagsegError(f"seed must be >= 0, got {cfg.seed}")
+
+
+def config_from_dict(raw: dict) -> ExperimentConfig:
+    """Validate a plain dict (e.g. parsed YAML) into an :class:`ExperimentConfig`."""
+    cfg = _build(ExperimentConfig, raw if raw is not None else {}, "")
+    _check_values(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise MagsegError(f"override {override!r} is not key=value (e.g. train.max_iters=100)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MagsegError(f"override {override!r}: value is not valid YAML ({e})") from None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise MagsegError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config, apply dotted ``key=value`` overrides and validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise MagsegError(f"cannot read config {path}: {e.strerror}; check the path") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MagsegError(f"config {path} is not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise MagsegError(f"config {path} must be a YAML mapping, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    for override in overrides:
+        _apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict:
+    """The full resolved config (every key, defaults included) as plain data."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "classes":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def experiment_differences(a: dict, b: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, runtime keys excepted."""
+    fa, fb = _flatten(a), _flatten(b)
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if k not in RUNTIME_KEYS and fa.get(k, None) != fb.get(k, None)]

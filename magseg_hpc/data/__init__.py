@@ -1,0 +1,1 @@
+"""Phantoms, slice datasets, normalisation, augmentations, mask import."""

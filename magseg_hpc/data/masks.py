@@ -1,0 +1,243 @@
+"""Import hand-drawn colour masks (as labelling tools export them) into a label store.
+
+A mask folder holds one colour PNG per z slice, sorted by file name (the same order in which
+``open_volume`` stacks a folder of PNG images, so masks and images line up). A colour file
+maps each class, in class order, to the RGB colour the labelling tool painted it with::
+
+    # YAML or JSON; a mapping in class order
+    {"background": [149, 0, 255], "domain_minus": [30, 0, 255], "domain_plus": [255, 0, 0]}
+
+    # or a list: of [r, g, b] (default class names), of {"name": ..., "color": ...},
+    # or the class-table form {"names": [...], "colors": [...]}; colours may be "#rrggbb".
+
+Pixels of any other colour (anti-aliased edges, stray strokes) become 255, the ignore label,
+and are counted in a warning rather than silently turned into a class.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from magseg_hpc.classes import IGNORE_LABEL, ClassTable
+from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
+
+COLORS_EXAMPLE = '{"background": [149, 0, 255], "domain_minus": [30, 0, 255], ...}'
+
+
+@dataclass
+class MaskImport:
+    """What an import found: the volume shape, voxels per class and the unknown colours."""
+
+    shape: tuple[int, int, int]
+    class_table: ClassTable
+    counts: dict[str, int]
+    unknown: int
+    unknown_colors: list[tuple[tuple[int, int, int], int]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return int(np.prod(self.shape))
+
+
+# --- colour file ----------------------------------------------------------------------------
+
+
+def load_colors(path: str | Path) -> ClassTable:
+    """Read a colour file (YAML or JSON) into a ClassTable; a bad file is one clear error."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MagsegError(f"{path}: colour file not found; give a YAML/JSON file like {COLORS_EXAMPLE}")
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MagsegError(f"{path}: not valid YAML or JSON ({first})") from e
+    return colors_to_class_table(data, source=str(path))
+
+
+def colors_to_class_table(data, source: str = "colour table") -> ClassTable:
+    """Turn the accepted colour-table forms (see module docstring) into a ClassTable."""
+    names: list[str]
+    colors: list
+    if isinstance(data, dict) and set(data) == {"names", "colors"}:
+        names, colors = list(data["names"]), list(data["colors"])
+    elif isinstance(data, dict) and data:
+        names, colors = [str(k) for k in data], list(data.values())
+    elif isinstance(data, list) and data and all(isinstance(e, dict) for e in data):
+        try:
+            names = [str(e["name"]) for e in data]
+            colors = [e.get("color", e.get("colour")) for e in data]
+        except KeyError:
+            raise MagsegError(
+                f"{source}: list entries need 'name' and 'color', e.g. "
+                '[{"name": "background", "color": [149, 0, 255]}, ...]'
+            ) from None
+    elif isinstance(data, list) and data:
+        colors = list(data)
+        default = ClassTable.default().names
+        names = list(default) if len(colors) == len(default) else [f"class_{i}" for i in range(len(colors))]
+    else:
+        raise MagsegError(
+            f"{source}: expected a mapping of class name to [r, g, b] in class order, "
+            f"like {COLORS_EXAMPLE}; got {type(data).__name__}"
+        )
+    rgb = [_parse_color(c, name, source) for name, c in zip(names, colors)]
+    if len(set(rgb)) != len(rgb):
+        raise MagsegError(f"{source}: two classes share a colour ({rgb}); give each its own")
+    return ClassTable(names=tuple(names), colors=tuple(rgb))
+
+
+def _parse_color(value, name: str, source: str) -> tuple[int, int, int]:
+    if isinstance(value, str) and value.startswith("#") and len(value) == 7:
+        try:
+            return tuple(int(value[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+        except ValueError:
+            pass
+    elif isinstance(value, list | tuple) and len(value) == 3:
+        if all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value):
+            return tuple(value)  # type: ignore[return-value]
+    raise MagsegError(
+        f"{source}: colour of class {name!r} is {value!r}; give [r, g, b] integers in 0..255 "
+        "or '#rrggbb'"
+    )
+
+
+# --- masks ----------------------------------------------------------------------------------
+
+
+def mask_files(folder: str | Path) -> list[Path]:
+    """The folder's ``*.png`` files sorted by name, after checking they are PNGs of one size."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise MagsegError(f"{folder}: no such folder; give the folder of exported PNG masks")
+    if not folder.is_dir():
+        raise MagsegError(f"{folder}: not a folder; give the folder of exported PNG masks")
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() == ".png")
+    if not files:
+        raise MagsegError(f"{folder}: no .png masks in this folder; export one PNG per slice")
+    first_size = None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                fmt, size = im.format, im.size
+        except (UnidentifiedImageError, OSError) as e:
+            raise MagsegError(f"{f}: not a readable PNG image ({type(e).__name__})") from e
+        if fmt != "PNG":
+            raise MagsegError(f"{f}: is a {fmt} image with a .png name; export masks as PNG")
+        if first_size is None:
+            first_size = size
+        elif size != first_size:
+            raise MagsegError(
+                f"{f}: mask is {size[0]}x{size[1]} (WxH) but {files[0].name} is "
+                f"{first_size[0]}x{first_size[1]}; all masks of a volume must have one size"
+            )
+    return files
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask as an (H, W, 3) uint8 RGB array (palette and RGBA exports are converted)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def colors_to_labels(rgb: np.ndarray, class_table: ClassTable) -> np.ndarray:
+    """Map an (..., 3) RGB array to uint8 labels; colours not in the table become 255."""
+    packed = _pack(rgb)
+    labels = np.full(packed.shape, IGNORE_LABEL, dtype=np.uint8)
+    for value, color in enumerate(class_table.colors):
+        labels[packed == _pack(np.asarray(color, dtype=np.uint8))] = value
+    return labels
+
+
+def _pack(rgb: np.ndarray) -> np.ndarray:
+    rgb = np.asarray(rgb, dtype=np.uint32)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def import_masks(
+    masks_dir: str | Path,
+    out: str | Path,
+    class_table: ClassTable,
+    *,
+    overwrite: bool = False,
+    chunks: tuple[int, int, int] | None = None,
+) -> MaskImport:
+    """Convert a folder of colour masks into a label store at ``out``.
+
+    All files are checked (PNG, one size) before anything is written; the store is written
+    slab by slab into a staged folder that replaces ``out`` only when complete.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    from magseg_hpc.volume.store import (
+        create_label_store,
+        default_chunks,
+        refuse_existing,
+        set_complete,
+        staged_output,
+        write_label_region,
+    )
+
+    refuse_existing(out, overwrite)
+    files = mask_files(masks_dir)
+    first = read_mask(files[0])
+    shape = (len(files), first.shape[0], first.shape[1])
+    chunks = default_chunks(shape, chunks)
+    # Only the shape and coordinates of `like` are used; nothing is computed from it.
+    like = xr.DataArray(da.zeros(shape, dtype=np.uint8, chunks=chunks), dims=("z", "y", "x"))
+    counts = np.zeros(IGNORE_LABEL + 1, dtype=np.int64)
+    unknown_colors: dict[int, int] = {}
+    provenance = {
+        "source": str(Path(masks_dir).resolve()),
+        "kind": "imported colour masks",
+        "files": [f.name for f in files],
+        "colors": class_table.to_dict(),
+    }
+    with staged_output(out, overwrite) as tmp:
+        create_label_store(
+            tmp, like=like, class_table=class_table, provenance=provenance, chunks=chunks
+        )
+        for z0 in range(0, shape[0], chunks[0]):
+            z1 = min(z0 + chunks[0], shape[0])
+            rgb = np.stack([first if z == 0 else read_mask(files[z]) for z in range(z0, z1)])
+            labels = colors_to_labels(rgb, class_table)
+            counts += np.bincount(labels.ravel(), minlength=IGNORE_LABEL + 1)
+            bad = labels == IGNORE_LABEL
+            if bad.any():
+                colors, n = np.unique(_pack(rgb[bad]), return_counts=True)
+                for c, k in zip(colors.tolist(), n.tolist()):
+                    unknown_colors[c] = unknown_colors.get(c, 0) + k
+            write_label_region(tmp, (slice(z0, z1), slice(None), slice(None)), labels)
+        per_class = {n: int(counts[i]) for i, n in enumerate(class_table.names)}
+        set_complete(tmp, unknown=int(counts[IGNORE_LABEL]), counts=per_class)
+
+    top = sorted(unknown_colors.items(), key=lambda kv: -kv[1])[:5]
+    result = MaskImport(
+        shape=shape,
+        class_table=class_table,
+        counts=per_class,
+        unknown=int(counts[IGNORE_LABEL]),
+        unknown_colors=[(((c >> 16) & 255, (c >> 8) & 255, c & 255), k) for c, k in top],
+    )
+    if result.unknown:
+        shown = ", ".join(f"{list(c)} x{k}" for c, k in result.unknown_colors)
+        log.warning(
+            "%d of %d pixels (%.2f%%) have colours not in the colour table and were set to %d "
+            "(ignore); most common: %s",
+            result.unknown, result.total, 100.0 * result.unknown / result.total, IGNORE_LABEL,
+            shown,
+        )
+    return result

@@ -1,0 +1,430 @@
+"""Synthetic magnetization-tomography phantoms with exact ground truth.
+
+The phantom imitates a reconstructed magnetization component from X-ray magnetic
+(ptycho-)tomography of a micro-pillar or film: magnetic domains (labyrinth or stripes)
+separated by walls of finite width, inside a sample support, seen through the imperfections
+of a limited-angle tomographic reconstruction (blur, streaks, missing wedge, edge glow) and
+noise. Labels are the truth before any of those imperfections: 0 outside the support,
+1 (``domain_minus``) and 2 (``domain_plus``) by the sign of the magnetization component.
+
+Image formation, in order:
+
+1. support ``S`` (pillar, cylinder or slab; optionally tilted about the x axis);
+2. domain field ``f``: white noise band-passed (FFT) around ``1/domain_period``; isotropic in
+   the plane for ``labyrinth``, concentrated around one in-plane wave vector for ``stripes``;
+   stretched by ``anisotropy`` along z; optionally swirled around a few vortex-like centres;
+   thresholded at the in-support quantile that gives the requested ``net_magnetization``;
+3. magnetization ``m = tanh(f / w)`` with ``w`` chosen so walls are ``wall_width`` voxels wide;
+4. intensity ``I = S * (minus_level + (1 - minus_level) * (m + 1) / 2)`` (negative domains
+   dark but not zero, outside zero), plus ``edge_glow`` times a bright rim at the boundary;
+5. Gaussian blur (``blur_sigma``), then per z slice a Radon projection over
+   ``180 - missing_wedge_deg`` degrees with ``n_angles`` angles and filtered back-projection
+   (streaks and missing-wedge smearing);
+6. Gaussian noise (slightly correlated, like reconstruction noise) scaled to ``snr``.
+
+Randomness comes from independent child streams of ``numpy.random.SeedSequence(seed)``, so
+the same seed gives bit-identical output, and changing ``snr`` changes only the noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
+
+SUPPORTS = ("pillar", "cylinder", "slab")
+PATTERNS = ("labyrinth", "stripes")
+
+# Defaults of make_phantom, also used by the CLI so both document the same numbers.
+DEFAULTS: dict[str, Any] = {
+    "shape": (64, 128, 128),
+    "snr": 2.0,
+    "seed": 0,
+    "support": "pillar",
+    "tilt_deg": 4.0,
+    "domain_period": 14.0,
+    "pattern": "labyrinth",
+    "anisotropy": 2.0,
+    "wall_width": 2.0,
+    "blur_sigma": 1.0,
+    "n_angles": 60,
+    "missing_wedge_deg": 30.0,
+    "edge_glow": 0.4,
+    "swirl": 0.0,
+    "net_magnetization": 0.0,
+    "minus_level": 0.3,
+    "noise_correlation": 0.7,
+}
+
+
+@dataclass
+class Phantom:
+    """A synthetic volume: ``image`` float32 (z, y, x), ``labels`` uint8 (z, y, x)."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def make_phantom(
+    shape: tuple[int, int, int] = DEFAULTS["shape"],
+    *,
+    snr: float | None = DEFAULTS["snr"],
+    seed: int = DEFAULTS["seed"],
+    support: str = DEFAULTS["support"],
+    tilt_deg: float = DEFAULTS["tilt_deg"],
+    domain_period: float = DEFAULTS["domain_period"],
+    pattern: str = DEFAULTS["pattern"],
+    anisotropy: float = DEFAULTS["anisotropy"],
+    wall_width: float = DEFAULTS["wall_width"],
+    blur_sigma: float = DEFAULTS["blur_sigma"],
+    n_angles: int = DEFAULTS["n_angles"],
+    missing_wedge_deg: float = DEFAULTS["missing_wedge_deg"],
+    edge_glow: float = DEFAULTS["edge_glow"],
+    swirl: float = DEFAULTS["swirl"],
+    net_magnetization: float = DEFAULTS["net_magnetization"],
+    minus_level: float = DEFAULTS["minus_level"],
+    noise_correlation: float = DEFAULTS["noise_correlation"],
+) -> Phantom:
+    """Generate a phantom volume and its ground-truth labels.
+
+    Args:
+        shape: (z, y, x) voxels; each at least 4.
+        snr: signal-to-noise ratio, defined as ``(mean_plus - mean_minus) / noise_std`` where
+            the means are those of the noise-free image over voxels labelled ``domain_plus``
+            (2) and ``domain_minus`` (1), and ``noise_std`` is the standard deviation of the
+            added noise. ``None`` or ``inf`` adds no noise (the noise-free image).
+        seed: integer seed; same seed and parameters give bit-identical output.
+        support: ``pillar`` (vertical cylinder through all z), ``cylinder`` (finite, with flat
+            caps) or ``slab`` (a film, normal along y).
+        tilt_deg: tilt of the support (and domains' anisotropy axis) about the x axis.
+        domain_period: typical period of the domain pattern (one plus and one minus domain)
+            in voxels.
+        pattern: ``labyrinth`` (isotropic in-plane spectrum) or ``stripes`` (one direction).
+        anisotropy: >= 1; domains are this many times longer along the (tilted) z axis.
+        wall_width: domain wall width in voxels (tanh profile).
+        blur_sigma: Gaussian blur sigma in voxels (resolution limit); 0 disables.
+        n_angles: projection angles per slice for the tomographic artifacts; 0 disables.
+        missing_wedge_deg: angular range missing from the 180 degree tilt series.
+        edge_glow: brightness of the rim at the sample boundary relative to the bright domain.
+        swirl: strength of vortex-like swirls (rotation in radians at a swirl centre); 0 off.
+        net_magnetization: in (-1, 1); fraction plus minus fraction of in-support voxels
+            (0 gives equal classes).
+        minus_level: intensity of negative domains relative to positive ones (0 <= . < 1).
+        noise_correlation: Gaussian sigma (voxels) correlating the noise; 0 gives white noise.
+    """
+    shape = _check_shape(shape)
+    _check_choice("support", support, SUPPORTS)
+    _check_choice("pattern", pattern, PATTERNS)
+    _check_range("domain_period", domain_period, 2.0, None)
+    _check_range("anisotropy", anisotropy, 1.0, None)
+    _check_range("wall_width", wall_width, 0.0, None)
+    _check_range("blur_sigma", blur_sigma, 0.0, None)
+    _check_range("n_angles", n_angles, 0, None)
+    _check_range("missing_wedge_deg", missing_wedge_deg, 0.0, 170.0)
+    _check_range("edge_glow", edge_glow, 0.0, None)
+    _check_range("swirl", swirl, 0.0, None)
+    _check_range("net_magnetization", net_magnetization, -0.9, 0.9)
+    _check_range("minus_level", minus_level, 0.0, 0.99)
+    _check_range("noise_correlation", noise_correlation, 0.0, None)
+    if snr is not None and not (snr > 0):
+        raise MagsegError(f"snr must be > 0 (or None for no noise), got {snr}")
+    if seed is None or int(seed) < 0:
+        raise MagsegError(f"seed must be a non-negative integer, got {seed}")
+    noisy = snr is not None and math.isfinite(snr)
+
+    rng_field, rng_swirl, rng_noise = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(3)
+    )
+    tilt = math.radians(tilt_deg)
+
+    support_mask = _support(shape, support, tilt)
+    if not support_mask.any():
+        raise MagsegError(f"shape {shape} is too small for a {support} support; use >= 8 voxels")
+
+    domain_field = _domain_field(shape, rng_field, domain_period, pattern, anisotropy, tilt)
+    if swirl > 0:
+        domain_field = _swirl(domain_field, rng_swirl, swirl, domain_period)
+    # Threshold at the in-support quantile so the class balance is what was asked for.
+    threshold = np.quantile(domain_field[support_mask], (1.0 - net_magnetization) / 2.0)
+    domain_field -= threshold
+
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[support_mask] = np.where(domain_field[support_mask] > 0, 2, 1)
+
+    magnetization = _walls(domain_field, wall_width)
+    del domain_field
+    signal = support_mask * (minus_level + (1.0 - minus_level) * (magnetization + 1.0) / 2.0)
+    del magnetization
+    if edge_glow > 0:
+        signal += edge_glow * _rim(support_mask)
+    if blur_sigma > 0:
+        signal = ndimage.gaussian_filter(signal, blur_sigma, mode="constant")
+    if n_angles > 0:
+        signal = _limited_angle_reconstruction(signal, n_angles, missing_wedge_deg)
+
+    contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
+    noise_std = 0.0
+    if noisy:
+        noise_std = abs(contrast) / float(snr)
+        signal += noise_std * _noise(
+            shape, rng_noise, noise_correlation, n_angles, missing_wedge_deg
+        )
+
+    params = {
+        "generator": "magseg_hpc.data.phantom.make_phantom",
+        "shape": list(shape),
+        "snr": float(snr) if noisy else None,
+        "seed": int(seed),
+        "support": support,
+        "tilt_deg": float(tilt_deg),
+        "domain_period": float(domain_period),
+        "pattern": pattern,
+        "anisotropy": float(anisotropy),
+        "wall_width": float(wall_width),
+        "blur_sigma": float(blur_sigma),
+        "n_angles": int(n_angles),
+        "missing_wedge_deg": float(missing_wedge_deg),
+        "edge_glow": float(edge_glow),
+        "swirl": float(swirl),
+        "net_magnetization": float(net_magnetization),
+        "minus_level": float(minus_level),
+        "noise_correlation": float(noise_correlation),
+        "contrast": contrast,
+        "noise_std": float(noise_std),
+        "snr_definition": "(mean of noise-free image over label 2 - over label 1) / noise std",
+    }
+    log.debug("phantom %s: contrast %.3f, noise std %.3f", shape, contrast, noise_std)
+    return Phantom(image=signal.astype(np.float32), labels=labels, params=params)
+
+
+def write_phantom(path: str | Path, phantom: Phantom, overwrite: bool = False) -> None:
+    """Write ``phantom`` as an image store with ground-truth ``labels``; params go to attrs."""
+    from magseg_hpc.classes import ClassTable
+    from magseg_hpc.volume.store import write_image_store
+
+    write_image_store(
+        path,
+        phantom.image,
+        labels=phantom.labels,
+        class_table=ClassTable.default(),
+        attrs={"phantom": phantom.params},
+        overwrite=overwrite,
+    )
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def _check_shape(shape: Any) -> tuple[int, int, int]:
+    try:
+        out = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise MagsegError(f"shape must be three integers Z,Y,X, got {shape!r}") from None
+    if len(out) != 3 or min(out) < 4:
+        raise MagsegError(f"shape must be three integers Z,Y,X each >= 4, got {shape!r}")
+    return out  # type: ignore[return-value]
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MagsegError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None) -> None:
+    ok = value is not None and math.isfinite(value)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise MagsegError(f"{name} must be {bounds}, got {value!r}")
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+def _tilted_coords(shape: tuple[int, int, int], tilt: float) -> tuple[np.ndarray, ...]:
+    """Centred coordinates (z', y', x) rotated by ``tilt`` about x, broadcastable."""
+    nz, ny, nx = shape
+    z = (np.arange(nz) - (nz - 1) / 2.0)[:, None, None]
+    y = (np.arange(ny) - (ny - 1) / 2.0)[None, :, None]
+    x = (np.arange(nx) - (nx - 1) / 2.0)[None, None, :]
+    c, s = math.cos(tilt), math.sin(tilt)
+    return c * z + s * y, c * y - s * z, x
+
+
+def _support(shape: tuple[int, int, int], support: str, tilt: float) -> np.ndarray:
+    nz, ny, nx = shape
+    zt, yt, x = _tilted_coords(shape, tilt)
+    if support == "pillar":
+        radius = 0.38 * min(ny, nx)
+        mask = yt**2 + x**2 <= radius**2
+    elif support == "cylinder":
+        radius = 0.44 * min(ny, nx)
+        mask = (yt**2 + x**2 <= radius**2) & (np.abs(zt) <= 0.4 * nz)
+    else:  # slab: a film of finite lateral extent, normal along y
+        mask = (np.abs(yt) <= 0.22 * ny) & (np.abs(x) <= 0.45 * nx) & (np.abs(zt) <= 0.5 * nz)
+    return np.broadcast_to(mask, shape).copy()
+
+
+def _rim(support_mask: np.ndarray) -> np.ndarray:
+    """A bright band just inside the boundary, peak 1 (reconstruction overshoot at edges)."""
+    rim = ndimage.gaussian_gradient_magnitude(support_mask.astype(np.float32), 1.2)
+    peak = float(rim.max())
+    if peak > 0:
+        rim /= peak
+    # Mostly inside the sample: the glow of a real reconstruction hugs the inner surface.
+    return rim * (0.35 + 0.65 * support_mask)
+
+
+# --- domains --------------------------------------------------------------------------------
+
+
+def _domain_field(
+    shape: tuple[int, int, int],
+    rng: np.random.Generator,
+    period: float,
+    pattern: str,
+    anisotropy: float,
+    tilt: float,
+) -> np.ndarray:
+    """Band-passed Gaussian random field with unit standard deviation (float64)."""
+    nz, ny, nx = shape
+    white = rng.standard_normal(shape)
+    spectrum = np.fft.rfftn(white)
+    kz = np.fft.fftfreq(nz)[:, None, None]
+    ky = np.fft.fftfreq(ny)[None, :, None]
+    kx = np.fft.rfftfreq(nx)[None, None, :]
+    # Rotate wave vectors with the support so domains follow the tilted axis.
+    c, s = math.cos(tilt), math.sin(tilt)
+    kzt, kyt = c * kz + s * ky, c * ky - s * kz
+    k_plane = np.sqrt(kyt**2 + kx**2)
+    k_eff = np.sqrt(k_plane**2 + (anisotropy * kzt) ** 2)
+    k0 = 1.0 / period
+    bandwidth = 0.18 * k0
+    filt = np.exp(-0.5 * ((k_eff - k0) / bandwidth) ** 2)
+    if pattern == "stripes":
+        direction = rng.uniform(0.0, math.pi)
+        # Angle between the wave vector and the in-plane stripe normal, folded to [0, pi/2]:
+        # a narrow cone of wave vectors gives lamellae that run straight through z.
+        along = np.abs(kx * math.cos(direction) + kyt * math.sin(direction))
+        dphi = np.arccos(np.clip(along / np.maximum(k_eff, 1e-12), 0.0, 1.0))
+        filt = filt * np.exp(-0.5 * (dphi / math.radians(12.0)) ** 2)
+    filt[0, 0, 0] = 0.0
+    out = np.fft.irfftn(spectrum * filt, s=shape, axes=(0, 1, 2))
+    std = float(out.std())
+    if std == 0:
+        raise MagsegError(f"domain_period {period} is too large for shape {shape}")
+    return out / std
+
+
+def _swirl(domain_field: np.ndarray, rng: np.random.Generator, strength: float, period: float):
+    """Twist the pattern around a few in-plane centres (vortex-like domain swirls)."""
+    nz, ny, nx = domain_field.shape
+    yy, xx = np.meshgrid(np.arange(ny, dtype=np.float64), np.arange(nx), indexing="ij")
+    n_centres = max(1, round(ny * nx / (6.0 * period) ** 2))
+    dy = np.zeros((ny, nx))
+    dx = np.zeros((ny, nx))
+    for _ in range(n_centres):
+        cy, cx = rng.uniform(0, ny), rng.uniform(0, nx)
+        radius = rng.uniform(1.0, 2.5) * period
+        angle = strength * rng.choice([-1.0, 1.0])
+        ry, rx = yy - cy, xx - cx
+        theta = angle * np.exp(-(ry**2 + rx**2) / (2.0 * radius**2))
+        cos_t, sin_t = np.cos(theta), np.sin(theta)
+        dy += (cos_t * ry - sin_t * rx) - ry
+        dx += (sin_t * ry + cos_t * rx) - rx
+    src_y = yy + dy
+    src_x = xx + dx
+    out = np.empty_like(domain_field)
+    for z in range(nz):
+        out[z] = ndimage.map_coordinates(domain_field[z], [src_y, src_x], order=1, mode="reflect")
+    return out
+
+
+def _walls(domain_field: np.ndarray, wall_width: float) -> np.ndarray:
+    """tanh magnetization profile whose walls are about ``wall_width`` voxels wide."""
+    if wall_width <= 0:
+        return np.sign(domain_field)
+    # The field changes by |grad f| per voxel near a wall; scale so tanh spans wall_width.
+    grad = np.sqrt(sum(g**2 for g in np.gradient(domain_field)))
+    scale = float(np.median(grad)) * wall_width / 2.0
+    return np.tanh(domain_field / max(scale, 1e-12))
+
+
+# --- image formation ------------------------------------------------------------------------
+
+
+def _limited_angle_reconstruction(
+    volume: np.ndarray, n_angles: int, missing_wedge_deg: float
+) -> np.ndarray:
+    """Radon-project each z slice over a limited range and reconstruct by filtered BP."""
+    import warnings
+
+    from skimage.transform import iradon, radon
+
+    nz, ny, nx = volume.shape
+    size = max(ny, nx)
+    pad_y, pad_x = (size - ny) // 2, (size - nx) // 2
+    span = 180.0 - missing_wedge_deg
+    theta = _angles(n_angles, missing_wedge_deg)
+    square = np.zeros((size, size), dtype=np.float64)
+    out = np.empty(volume.shape, dtype=np.float64)
+    with warnings.catch_warnings():
+        # radon warns when a slab's corners poke out of the inscribed circle; circle=False
+        # pads to the diagonal, so nothing is lost.
+        warnings.simplefilter("ignore", UserWarning)
+        for z in range(nz):
+            square[pad_y : pad_y + ny, pad_x : pad_x + nx] = volume[z]
+            sinogram = radon(square, theta=theta, circle=False)
+            recon = iradon(
+                sinogram, theta=theta, output_size=size, circle=False, filter_name="ramp"
+            )
+            out[z] = recon[pad_y : pad_y + ny, pad_x : pad_x + nx]
+    # FBP over a partial range loses intensity in proportion to the missing range.
+    return out * (180.0 / span)
+
+
+def _noise(
+    shape: tuple[int, int, int],
+    rng: np.random.Generator,
+    correlation: float,
+    n_angles: int,
+    missing_wedge_deg: float,
+) -> np.ndarray:
+    """Unit-std Gaussian noise with the texture of the reconstruction.
+
+    With projections, the noise is white noise in each slice's sinogram pushed through the
+    same filtered back-projection: ramp-filtered, streaky along the projection angles,
+    independent between slices. Without, it is white. ``correlation`` smooths it further.
+    """
+    if n_angles > 0:
+        from skimage.transform import iradon
+
+        nz, ny, nx = shape
+        size = max(ny, nx)
+        pad_y, pad_x = (size - ny) // 2, (size - nx) // 2
+        theta = _angles(n_angles, missing_wedge_deg)
+        n_det = int(math.ceil(math.sqrt(2) * size))
+        noise = np.empty(shape, dtype=np.float64)
+        for z in range(nz):
+            sinogram = rng.standard_normal((n_det, n_angles))
+            recon = iradon(sinogram, theta=theta, output_size=size, circle=False)
+            noise[z] = recon[pad_y : pad_y + ny, pad_x : pad_x + nx]
+    else:
+        noise = rng.standard_normal(shape)
+    if correlation > 0:
+        noise = ndimage.gaussian_filter(noise, correlation, mode="wrap")
+    return noise / float(noise.std())
+
+
+def _angles(n_angles: int, missing_wedge_deg: float) -> np.ndarray:
+    return np.linspace(0.0, 180.0 - missing_wedge_deg, n_angles, endpoint=False)

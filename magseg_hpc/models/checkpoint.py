@@ -1,0 +1,200 @@
+"""The checkpoint file: one ``torch.save`` of a dict of plain data, loaded with weights_only.
+
+Keys (format "magseg-hpc/checkpoint/1"):
+
+| key | content |
+|---|---|
+| format | "magseg-hpc/checkpoint/1" |
+| model | resolved model config dict (``build_model`` input) |
+| class_table | ``ClassTable.to_dict()`` |
+| normalization | {"low", "high", "mean", "std"} (see ``magseg_hpc.data.normalize``) |
+| student, teacher | state_dicts (the teacher is what inference uses) |
+| train_state | dict for resume (optimizer, iteration, RNG states as tensors), may be empty |
+| config | resolved experiment config dict |
+| metrics | dict (best teacher mIoU etc.) |
+
+Only tensors, dicts, lists, tuples, str, int, float, bool and None are allowed, so that
+``torch.load(weights_only=True)`` can read the file without unpickling arbitrary objects;
+``save_checkpoint`` checks this before writing (numpy arrays are the usual offender:
+convert them with ``torch.from_numpy``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from magseg_hpc.classes import ClassTable
+from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "magseg-hpc/checkpoint/1"
+REQUIRED_KEYS = ("model", "class_table", "normalization", "student", "teacher")
+OPTIONAL_KEYS = ("train_state", "config", "metrics")
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype)
+
+
+def _check_plain(obj, where: str) -> None:
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, dict | OrderedDict):
+        for k, v in obj.items():
+            if not isinstance(k, str | int):
+                raise TypeError(f"checkpoint key {where}[{k!r}] is a {type(k).__name__}")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"checkpoint value {where} is a {type(obj).__module__}.{type(obj).__name__}; only "
+        "tensors, dicts, lists, str, int, float, bool and None load with weights_only=True "
+        "(convert numpy arrays with torch.from_numpy)"
+    )
+
+
+def save_checkpoint(path: str | Path, ckpt: dict) -> None:
+    """Write ``ckpt`` to ``path`` atomically: a temporary file in the same directory, fsync,
+    then ``os.replace``, so a crash leaves either the old file or the new one, never half.
+
+    Sets "format" and fills missing optional keys with {}. Raises TypeError (a programming
+    error) if a value would not load with weights_only, KeyError if a required key is missing.
+    """
+    path = Path(path)
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise KeyError(f"checkpoint lacks required key(s) {missing}; required: {REQUIRED_KEYS}")
+    ckpt = {"format": FORMAT, **ckpt, **{k: ckpt.get(k) or {} for k in OPTIONAL_KEYS}}
+    ckpt["format"] = FORMAT
+    _check_plain(ckpt, "ckpt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str | Path, *, expect_class_table: ClassTable | dict | None = None,
+                    expect_model: dict | None = None) -> dict:
+    """Read a checkpoint with ``weights_only=True`` onto the CPU and check it.
+
+    Raises MagsegError for a missing, unreadable or foreign file, and when the class table
+    (names, in order) or the architecture keys of the model config differ from the expected.
+    """
+    from magseg_hpc.models import ARCHITECTURE_KEYS, resolve_model_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise MagsegError(
+            f"checkpoint not found: {path}; give the path of a checkpoint.pt or best.pt "
+            "written by `magseg-hpc train`"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text:
+            raise MagsegError(
+                f"refusing to load {path}: it holds pickled Python objects, not only tensors "
+                "(not a magseg-hpc checkpoint, or from an untrusted source); use a "
+                "checkpoint written by `magseg-hpc train`"
+            ) from e
+        raise MagsegError(
+            f"cannot read checkpoint {path} ({type(e).__name__}: {text.splitlines()[0][:120] if text else ''}); "
+            "the file is truncated or not a torch file; use another checkpoint (e.g. best.pt "
+            "or checkpoint.pt) or retrain"
+        ) from e
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt is None:
+        raise MagsegError(
+            f"{path} is a torch file but not a magseg-hpc checkpoint (no 'format' key); give "
+            "a checkpoint written by `magseg-hpc train` (ImageNet weights go to model.pretrained)"
+        )
+    if fmt != FORMAT:
+        raise MagsegError(
+            f"{path} has checkpoint format {fmt!r}, this magseg-hpc reads {FORMAT!r}; use the "
+            "magseg-hpc version that wrote it or retrain"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise MagsegError(f"checkpoint {path} lacks {missing}; it is damaged, retrain or use another")
+
+    if expect_class_table is not None:
+        expected = (expect_class_table if isinstance(expect_class_table, ClassTable)
+                    else ClassTable.from_dict(expect_class_table))
+        got = ClassTable.from_dict(ckpt["class_table"])
+        if got.names != expected.names:
+            raise MagsegError(
+                f"checkpoint {path} was trained for classes {list(got.names)}, expected "
+                f"{list(expected.names)}; use a checkpoint for these classes or the class "
+                "table the checkpoint was trained with"
+            )
+        if got.colors != expected.colors:
+            log.warning("checkpoint %s has other class colours than expected; names agree", path)
+    if expect_model is not None:
+        want = resolve_model_config(expect_model)
+        have = resolve_model_config(ckpt["model"])
+        diff = [k for k in ARCHITECTURE_KEYS if want[k] != have[k]]
+        if diff:
+            pairs = ", ".join(f"{k}: {have[k]!r} (expected {want[k]!r})" for k in diff)
+            raise MagsegError(
+                f"checkpoint {path} is for another architecture ({pairs}); set model.* to "
+                "match the checkpoint or start from a matching checkpoint"
+            )
+    return ckpt
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the file, recorded in outputs as provenance."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_inference_model(path: str | Path, device: str | torch.device = "cpu",
+                         which: str = "teacher") -> tuple[nn.Module, dict]:
+    """Build the checkpoint's model, load its ``which`` weights ("teacher" or "student"),
+    move it to ``device`` and put it in eval mode. Returns (model, ckpt)."""
+    from magseg_hpc.models import build_model
+
+    if which not in ("teacher", "student"):
+        raise MagsegError(f"which={which!r}: choose 'teacher' or 'student'")
+    ckpt = load_checkpoint(path)
+    state = ckpt.get(which)
+    if not state:
+        raise MagsegError(f"checkpoint {path} has no {which} weights; use which='student'")
+    # Pretrained ImageNet weights are irrelevant here (overwritten) and may not exist locally.
+    model = build_model({**ckpt["model"], "pretrained": None})
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise MagsegError(
+            f"the {which} weights in {path} do not fit its model config "
+            f"({str(e).splitlines()[0][:160]}); the checkpoint is damaged, retrain"
+        ) from e
+    return model.to(device).eval(), ckpt

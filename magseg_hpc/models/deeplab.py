@@ -1,0 +1,302 @@
+"""DeepLabV3+ on torchvision-compatible ResNets, as in AugSeg (spec section 1).
+
+Encoder: ResNet-18/50/101 at output stride 16. layer4 is dilated instead of strided and its
+blocks get multi-grid dilations (2, 4, 8) (two blocks on ResNet-18: (2, 4)). With ``deep_stem``
+the stem is the ResNet-C one of CPS/U2PL/AugSeg: three 3x3 convs (in->64 stride 2, 64->64,
+64->128) with BN+ReLU, then a 3x3/2 max-pool with ``ceil_mode=True``; layer1 takes 128
+channels. Without it the stem is torchvision's (7x7/2 conv, 3x3/2 max-pool).
+
+Decoder: ASPP on layer4 with five 256-channel branches (image pooling, 1x1, 3x3 at rates
+6/12/18, all BN+ReLU), a 1x1 conv of the 1280-channel concatenation to 256, upsampled to
+stride 4 and concatenated with a 48-channel projection of layer1 (1x1 conv with bias, BN,
+ReLU); classifier 3x3(256) -> 3x3(256) -> 1x1(C). No dropout, no auxiliary head. Logits are
+upsampled bilinearly (``align_corners=True``) to the input size.
+
+Parameter and buffer names follow torchvision (``conv1``, ``bn1``, ``layerN.i.convK``,
+``downsample.0/1``) so an ImageNet ResNet state_dict loads by name. Pretrained weights come
+only from a local file (``pretrained``); nothing is downloaded.
+
+Single-channel input with RGB weights: the first conv's weights are summed over the RGB axis,
+which is exactly what the RGB network computes on a channel-replicated grey image (the
+study replicated grey to RGB on disk). Any other channel count gets the RGB mean repeated,
+scaled by 3/in_channels so activations keep their magnitude.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
+
+BACKBONES = {
+    # name: (block kind, blocks per layer)
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+}
+MULTI_GRID = (1, 2, 4)  # times layer4's base dilation 2 -> (2, 4, 8)
+ASPP_RATES = (6, 12, 18)  # output stride 16
+LOW_LEVEL_CHANNELS = 48
+DECODER_CHANNELS = 256
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock, but dilation > 1 is allowed (needed for OS16 on ResNet-18)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes, 1, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv), torchvision parameter names."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet encoder at output stride 16; ``forward`` returns (layer1, layer4) features."""
+
+    def __init__(self, backbone: str, in_channels: int = 1, deep_stem: bool = True,
+                 zero_init_residual: bool = True):
+        super().__init__()
+        kind, layers = BACKBONES[backbone]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        self.deep_stem = deep_stem
+        if deep_stem:
+            self.conv1 = _conv3x3(in_channels, 64, stride=2)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.conv2 = _conv3x3(64, 64)
+            self.bn2 = nn.BatchNorm2d(64)
+            self.conv3 = _conv3x3(64, 128)
+            self.bn3 = nn.BatchNorm2d(128)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+            self.inplanes = 128
+        else:
+            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+            self.inplanes = 64
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, 64, layers[0], stride=1, dilations=None)
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilations=None)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilations=None)
+        # replace_stride_with_dilation=[F, F, T] with multi-grid on layer4's blocks.
+        grid = MULTI_GRID[: layers[3]]
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=1,
+                                       dilations=tuple(2 * g for g in grid))
+        self.low_level_channels = 64 * block.expansion
+        self.high_level_channels = 512 * block.expansion
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:  # as AugSeg; pretrained weights overwrite it
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def _make_layer(self, block, planes, blocks, stride, dilations):
+        dilations = dilations or (1,) * blocks
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, dilations[0], downsample)]
+        self.inplanes = planes * block.expansion
+        for i in range(1, blocks):
+            layers.append(block(self.inplanes, planes, 1, dilations[i]))
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        if self.deep_stem:
+            x = self.relu(self.bn2(self.conv2(x)))
+            x = self.relu(self.bn3(self.conv3(x)))
+        x = self.maxpool(x)
+        low = self.layer1(x)
+        high = self.layer4(self.layer3(self.layer2(low)))
+        return low, high
+
+
+def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1, bias: bool = False):
+    pad = 0 if k == 1 else dilation
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=bias),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ASPP(nn.Module):
+    """Image pooling + 1x1 + three atrous 3x3 branches, 256 channels each, then 1x1 to 256."""
+
+    def __init__(self, in_channels: int, rates=ASPP_RATES, channels: int = DECODER_CHANNELS):
+        super().__init__()
+        self.rates = tuple(rates)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_channels, channels, 1))
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(in_channels, channels, 1)]
+            + [_conv_bn_relu(in_channels, channels, 3, dilation=r) for r in self.rates]
+        )
+        self.project = _conv_bn_relu(channels * (2 + len(self.rates)), channels, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        pooled = F.interpolate(self.pool(x), size=size, mode="bilinear", align_corners=True)
+        return self.project(torch.cat([pooled] + [b(x) for b in self.branches], dim=1))
+
+
+class DeepLabV3PlusHead(nn.Module):
+    def __init__(self, low_channels: int, high_channels: int, num_classes: int):
+        super().__init__()
+        self.aspp = ASPP(high_channels)
+        self.low_proj = _conv_bn_relu(low_channels, LOW_LEVEL_CHANNELS, 1, bias=True)
+        self.classifier = nn.Sequential(
+            _conv_bn_relu(DECODER_CHANNELS + LOW_LEVEL_CHANNELS, DECODER_CHANNELS, 3),
+            _conv_bn_relu(DECODER_CHANNELS, DECODER_CHANNELS, 3),
+            nn.Conv2d(DECODER_CHANNELS, num_classes, 1),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, low, high):
+        high = self.aspp(high)
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=True)
+        return self.classifier(torch.cat([high, self.low_proj(low)], dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """(B, in_channels, H, W) -> logits (B, num_classes, H, W). ``config`` is the resolved
+    model config dict (what goes into a checkpoint's "model" key)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        self.backbone = ResNetBackbone(
+            config["backbone"], config["in_channels"], config["deep_stem"],
+            config["zero_init_residual"],
+        )
+        self.decoder = DeepLabV3PlusHead(
+            self.backbone.low_level_channels, self.backbone.high_level_channels,
+            config["num_classes"],
+        )
+
+    def forward(self, x):
+        low, high = self.backbone(x)
+        logits = self.decoder(low, high)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+
+def _adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    if weight.shape[1] == in_channels:
+        return weight
+    if in_channels == 1:
+        # conv(w, [g, g, g]) == conv(sum_c w_c, g): exact for a replicated grey image.
+        return weight.sum(dim=1, keepdim=True)
+    mean = weight.mean(dim=1, keepdim=True)
+    return mean.repeat(1, in_channels, 1, 1) * (weight.shape[1] / in_channels)
+
+
+def load_pretrained_backbone(backbone: ResNetBackbone, path: str | Path) -> dict:
+    """Load a local ImageNet ResNet state_dict into ``backbone`` where names and shapes match.
+
+    Accepts a plain torchvision state_dict or one wrapped in "state_dict"/"model", with or
+    without a "module." prefix. Returns {"loaded": [...], "skipped": [...], "missing": [...]}
+    and logs a one-line summary (with a deep stem, torchvision's 7x7 conv1 and the first
+    layer1 block's input convs do not match and stay randomly initialised).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MagsegError(
+            f"pretrained weights not found: {path}; give model.pretrained the path of a local "
+            "torchvision ImageNet ResNet state_dict (.pth), or null for random init"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise MagsegError(
+            f"cannot read pretrained weights {path} ({type(e).__name__}); it must be a "
+            "torchvision ResNet state_dict saved with torch.save"
+        ) from e
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MagsegError(
+            f"{path} is not a state_dict of tensors; give a torchvision ResNet state_dict"
+        )
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    own = backbone.state_dict()
+    in_channels = own["conv1.weight"].shape[1]
+    if "conv1.weight" in state:
+        state["conv1.weight"] = _adapt_first_conv(state["conv1.weight"], in_channels)
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(k for k in state if k not in matched)
+    missing = sorted(k for k in own if k not in matched)
+    log.info(
+        "pretrained %s: loaded %d of %d backbone tensors; skipped %d from the file "
+        "(no match: %s); left at init: %s",
+        path, len(matched), len(own), len(skipped), ", ".join(skipped[:6]) or "none",
+        ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "") if missing else "none",
+    )
+    if len(matched) < len(own) // 2:
+        raise MagsegError(
+            f"only {len(matched)} of {len(own)} backbone tensors match {path}; is it an ImageNet "
+            "ResNet of the same depth as model.backbone?"
+        )
+    backbone.load_state_dict(matched, strict=False)
+    return {"loaded": sorted(matched), "skipped": skipped, "missing": missing}

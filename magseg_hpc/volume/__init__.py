@@ -1,0 +1,1 @@
+"""Opening, converting and writing volumes."""

@@ -1,0 +1,88 @@
+"""Convert a volume in any readable format to a compressed zarr image store, streaming."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.volume.io import open_volume
+from magseg_hpc.volume.store import default_chunks, refuse_existing, write_image_store
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteCounter:
+    """Counts NaN/inf voxels slab by slab; replaces them when a fill value was chosen."""
+
+    def __init__(self, fill: float | None):
+        self.fill, self.count, self.first = fill, 0, None
+
+    def __call__(self, z0: int, z1: int, slab: np.ndarray) -> None:
+        if slab.dtype.kind != "f":
+            return
+        bad = ~np.isfinite(slab)
+        n = int(bad.sum())
+        if not n:
+            return
+        if self.first is None:
+            self.first = tuple(int(i) for i in np.argwhere(bad)[0] + (z0, 0, 0))
+        self.count += n
+        if self.fill is not None:
+            slab[bad] = self.fill
+
+
+def ingest(
+    src: str | Path,
+    out: str | Path,
+    *,
+    chunks: tuple[int, int, int] | None = None,
+    var: str | None = None,
+    codec_name: str = "zstd",
+    fill_nonfinite: float | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> dict:
+    """Stream ``src`` into ``out`` (a zarr store with an ``image`` variable).
+
+    Without ``fill_nonfinite``, NaN or inf voxels abort the conversion once all are counted,
+    and nothing is written.
+    """
+    refuse_existing(out, overwrite)
+    volume = open_volume(src, var=var)
+    chunks = default_chunks(volume.shape, chunks)
+    nonfinite = NonFiniteCounter(fill_nonfinite)
+
+    def on_slab(z0, z1, slab):
+        nonfinite(z0, z1, slab)
+        if progress is not None:
+            progress(z1 - z0)
+        # Raised before the last slab is written, so the staged output is discarded whole.
+        if z1 == volume.shape[0] and nonfinite.count and fill_nonfinite is None:
+            raise MagsegError(
+                f"{src}: {nonfinite.count} NaN/inf voxels (first at z,y,x={nonfinite.first}); "
+                "pass --fill-nonfinite VALUE (e.g. 0) to replace them"
+            )
+
+    attrs = {k: v for k, v in volume.attrs.items() if _json_safe(v)}
+    attrs["source"] = str(src)
+    write_image_store(
+        out, volume.data, chunks=chunks, codec_name=codec_name, like=volume,
+        attrs={"source_attrs": attrs}, overwrite=overwrite, slab_callback=on_slab,
+    )
+    if nonfinite.count:
+        log.warning("replaced %d NaN/inf voxels with %s", nonfinite.count, fill_nonfinite)
+    return {"shape": tuple(volume.shape), "dtype": str(volume.dtype), "chunks": chunks,
+            "nonfinite_replaced": nonfinite.count}
+
+
+def _json_safe(value) -> bool:
+    import json
+
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,288 @@
+"""Open a volume from any supported format as a lazy ``xarray.DataArray`` with dims (z, y, x).
+
+Formats: zarr arrays and groups (format 2 and 3), TIFF (one multi-page file or a folder of
+slices), HDF5 (``file.h5:/path/to/dataset`` or ``var=``), NPY, and image sweeps (an animated
+GIF or a folder of PNGs, one frame a slice, as the original study shared its volumes).
+
+Everything except GIF is read lazily: slices or chunks are read when dask computes them, and
+the dask graph holds only paths, so it can be shipped to distributed workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
+
+DIMS = ("z", "y", "x")
+ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
+TIFF_SUFFIXES = (".tif", ".tiff")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
+SUPPORTED = "zarr, TIFF (file or folder), HDF5 (file.h5:/dataset), NPY, GIF or a folder of PNGs"
+
+
+def open_volume(path: str | os.PathLike, var: str | None = None) -> xr.DataArray:
+    """Open ``path`` as a 3D DataArray with dims (z, y, x), backed by dask.
+
+    ``var`` names the variable of a zarr group (default ``image``, else its only array) or the
+    dataset of an HDF5 file.
+    """
+    text = str(path)
+    h5_path, h5_var = _split_hdf5_path(text)
+    if h5_path is not None:
+        text, var = h5_path, var or h5_var
+    p = Path(text)
+    if not p.exists():
+        raise MagsegError(f"{p}: no such file or directory; check the path")
+    suffix = p.suffix.lower()
+    if p.is_dir() and any((p / m).exists() for m in ZARR_MARKERS):
+        arr = _open_zarr(p, var)
+    elif p.is_dir():
+        arr = _open_slice_folder(p)
+    elif suffix in TIFF_SUFFIXES:
+        arr = _open_tiff_file(p)
+    elif suffix in HDF5_SUFFIXES:
+        arr = _open_hdf5(p, var)
+    elif suffix == ".npy":
+        arr = _open_npy(p)
+    elif suffix in (".gif", ".png"):
+        arr = _open_image_sweep(p)
+    else:
+        raise MagsegError(f"{p}: not a volume format magseg-hpc reads; use {SUPPORTED}")
+    return _as_zyx(arr, p)
+
+
+def _split_hdf5_path(text: str) -> tuple[str | None, str | None]:
+    for suffix in HDF5_SUFFIXES:
+        marker = suffix + ":"
+        i = text.lower().find(marker)
+        if i >= 0:
+            return text[: i + len(suffix)], text[i + len(marker) :] or None
+    return None, None
+
+
+def _as_zyx(arr: xr.DataArray, path: Path) -> xr.DataArray:
+    """Check dtype and rank and name the axes z, y, x (squeezing singleton extra axes)."""
+    if arr.dtype.kind == "c" or arr.dtype == bool:
+        raise MagsegError(
+            f"{path}: {arr.dtype} voxels are not supported; convert to float32, uint8 or uint16"
+        )
+    if arr.dtype.kind not in "uif":
+        raise MagsegError(f"{path}: dtype {arr.dtype} is not a number; store intensities")
+    if arr.ndim > 3:
+        singletons = [d for d, n in zip(arr.dims, arr.shape) if n == 1]
+        keep = arr.ndim - 3
+        if len(singletons) >= keep:
+            log.warning("%s: squeezed singleton axes %s to get a 3D volume", path, singletons[:keep])
+            arr = arr.isel({d: 0 for d in singletons[:keep]})
+    if arr.ndim != 3:
+        raise MagsegError(
+            f"{path}: expected a 3D volume (z, y, x), got {arr.ndim}D with shape {arr.shape}; "
+            "stack 2D slices into one volume or select a 3D variable"
+        )
+    if tuple(arr.dims) != DIMS:
+        if set(arr.dims) == set(DIMS):
+            arr = arr.transpose(*DIMS)
+        else:
+            arr = arr.rename(dict(zip(arr.dims, DIMS)))
+    arr.attrs.setdefault("source", str(path))
+    return arr
+
+
+def _open_zarr(path: Path, var: str | None) -> xr.DataArray:
+    try:
+        node = zarr.open(store=str(path), mode="r")
+    except Exception as e:  # zarr raises many types for broken metadata
+        raise MagsegError(f"{path}: not a readable zarr store ({e})") from e
+    if isinstance(node, zarr.Array):
+        if var is not None:
+            raise MagsegError(f"{path}: is a single zarr array, it has no variable {var!r}")
+        return _wrap_zarr_array(node)
+    # 1-D arrays are coordinates, not variables.
+    arrays = sorted(name for name, a in node.arrays() if a.ndim > 1)
+    if var is None:
+        big = [a for a in arrays if node[a].ndim == 3]
+        preferred = [a for a in ("image", "labels") if a in big]
+        var = preferred[0] if preferred else (big[0] if len(big) == 1 else None)
+        if var is None:
+            raise MagsegError(
+                f"{path}: choose the variable to read with --var; it has {', '.join(arrays)}"
+            )
+    if var not in arrays:
+        raise MagsegError(
+            f"{path}: no variable {var!r}; it has {', '.join(arrays) or 'no arrays'}"
+        )
+    try:
+        ds = xr.open_zarr(str(path), consolidated=None, chunks={})
+        if var in ds.data_vars:
+            return ds[var]
+    except Exception:  # a plain zarr group without xarray dimension metadata
+        log.debug("%s: not an xarray dataset, reading %s as a plain zarr array", path, var)
+    return _wrap_zarr_array(node[var])
+
+
+def _wrap_zarr_array(a: zarr.Array) -> xr.DataArray:
+    names = getattr(a.metadata, "dimension_names", None) or a.attrs.get("_ARRAY_DIMENSIONS")
+    data = da.from_zarr(a)
+    dims = tuple(names) if names and len(names) == a.ndim and all(names) else None
+    return xr.DataArray(data, dims=dims, attrs=dict(a.attrs))
+
+
+class _LazyFileArray:
+    """Array-like that opens its file on every read, so dask graphs pickle only the path."""
+
+    def __init__(self, path: str, key: str | None, shape, dtype, kind: str):
+        self.path, self.key, self.kind = path, key, kind
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+
+    def __getitem__(self, index):
+        if self.kind == "hdf5":
+            import h5py
+
+            with h5py.File(self.path, "r") as f:
+                return f[self.key][index]
+        return np.load(self.path, mmap_mode="r")[index]
+
+
+def _open_hdf5(path: Path, var: str | None) -> xr.DataArray:
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise MagsegError(f"{path}: not a readable HDF5 file ({e})") from e
+    with f:
+        names: list[str] = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        if var is None:
+            big = [n for n in names if f[n].ndim >= 3]
+            if len(big) != 1:
+                raise MagsegError(
+                    f"{path}: choose the dataset with {path}:/NAME or --var; "
+                    f"it has {', '.join(names) or 'no datasets'}"
+                )
+            var = big[0]
+        var = var.lstrip("/")
+        if var not in names:
+            raise MagsegError(f"{path}: no dataset {var!r}; it has {', '.join(names)}")
+        ds = f[var]
+        chunks = ds.chunks or "auto"
+        lazy = _LazyFileArray(str(path), var, ds.shape, ds.dtype, "hdf5")
+        attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+    return xr.DataArray(da.from_array(lazy, chunks=chunks, asarray=True), attrs=attrs)
+
+
+def _plain(value):
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else value
+
+
+def _open_npy(path: Path) -> xr.DataArray:
+    try:
+        mm = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise MagsegError(f"{path}: not a readable .npy file ({e})") from e
+    lazy = _LazyFileArray(str(path), None, mm.shape, mm.dtype, "npy")
+    chunks = ("auto",) * mm.ndim if mm.ndim else ()
+    return xr.DataArray(da.from_array(lazy, chunks=chunks, asarray=True))
+
+
+def _read_tiff_page(path: str, page: int) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return tif.pages[page].asarray()
+
+
+def _read_png(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return _grey(im)
+
+
+def _grey(im) -> np.ndarray:
+    """Single-channel pixels; colour images (e.g. replicated-RGB exports) become luminance."""
+    if im.mode in ("I;16", "I;16B", "I", "F", "L"):
+        return np.asarray(im)
+    return np.asarray(im.convert("L"))
+
+
+def _stack_slices(readers: list, shape, dtype) -> da.Array:
+    slices = [da.from_delayed(dask.delayed(fn)(*a), shape=shape, dtype=dtype) for fn, a in readers]
+    return da.stack(slices)
+
+
+def _open_tiff_file(path: Path) -> xr.DataArray:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if len(series.shape) >= 3 and len(tif.pages) == 1:
+                return xr.DataArray(da.from_array(series.asarray(), chunks="auto"))
+            first = tif.pages[0]
+            shape, dtype, n = first.shape, first.dtype, len(tif.pages)
+    except (tifffile.TiffFileError, OSError, IndexError) as e:
+        raise MagsegError(f"{path}: not a readable TIFF file ({e})") from e
+    readers = [(_read_tiff_page, (str(path), i)) for i in range(n)]
+    return xr.DataArray(_stack_slices(readers, shape, dtype))
+
+
+def _open_slice_folder(path: Path) -> xr.DataArray:
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in TIFF_SUFFIXES + (".png",))
+    if not files:
+        raise MagsegError(
+            f"{path}: folder holds no .tif or .png slices and is not a zarr store; use {SUPPORTED}"
+        )
+    kinds = {f.suffix.lower() in TIFF_SUFFIXES for f in files}
+    if len(kinds) > 1:
+        raise MagsegError(f"{path}: folder mixes TIFF and PNG slices; keep one kind of slice")
+    first = _read_tiff_page(str(files[0]), 0) if True in kinds else _read_png(str(files[0]))
+    if first.ndim != 2:
+        raise MagsegError(f"{files[0]}: expected 2D slices, got shape {first.shape}")
+    fn = _read_tiff_page if True in kinds else _read_png
+    readers = [(fn, (str(f), 0) if fn is _read_tiff_page else (str(f),)) for f in files]
+    _check_slice_shapes(files, first.shape)
+    return xr.DataArray(_stack_slices(readers, first.shape, first.dtype))
+
+
+def _check_slice_shapes(files: list[Path], shape) -> None:
+    """Headers only: a stack of slices with different sizes is refused before any reading."""
+    from PIL import Image
+
+    for f in files:
+        if f.suffix.lower() == ".png":
+            with Image.open(f) as im:
+                size = (im.height, im.width)
+        else:
+            import tifffile
+
+            with tifffile.TiffFile(f) as tif:
+                size = tif.pages[0].shape[:2]
+        if tuple(size) != tuple(shape[:2]):
+            raise MagsegError(
+                f"{f}: slice is {size[0]}x{size[1]} but the first slice is {shape[0]}x{shape[1]}; "
+                "all slices of a volume must have the same size"
+            )
+
+
+def _open_image_sweep(path: Path) -> xr.DataArray:
+    """An animated GIF (or a single PNG): one frame a slice. GIFs are small, read eagerly."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            frames = [_grey(frame.copy()) for frame in ImageSequence.Iterator(im)]
+    except (UnidentifiedImageError, OSError) as e:
+        raise MagsegError(f"{path}: not a readable image ({e})") from e
+    return xr.DataArray(da.from_array(np.stack(frames), chunks="auto"))

@@ -1,0 +1,305 @@
+"""The zarr stores magseg-hpc writes: image stores and the labelled output format.
+
+Both are zarr format 3 groups that ``xarray.open_zarr`` opens as a Dataset:
+
+- image store (``ingest``, ``make-phantom``): ``image`` (dims z, y, x), optionally ``labels``,
+  coordinate arrays, and OME-Zarr (NGFF 0.5) ``multiscales`` metadata pointing at ``image``.
+- label store (``segment-volume``, ``import-masks``): ``labels`` (uint8, dims z, y, x, the
+  source's coordinates), optional ``probabilities`` (uint8, probability x 255, dims
+  class, z, y, x), the class table and provenance in attrs, and NGFF 0.5 label metadata
+  (``multiscales`` + ``image-label`` with the class colours and names) on the group, so the
+  store itself is an OME-Zarr label image.
+
+Stores are written region by region (a slab at a time), never holding the whole volume.
+Region writes aligned with chunk boundaries touch disjoint chunk files, so workers in
+different processes write without locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+
+from magseg_hpc import __version__
+from magseg_hpc.classes import ClassTable
+from magseg_hpc.errors import MagsegError
+
+DIMS = ("z", "y", "x")
+LABEL_FORMAT = "magseg-hpc/labels/1"
+DEFAULT_CHUNKS = (32, 256, 256)
+CODECS = {
+    "zstd": lambda: ZstdCodec(level=3),
+    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "gzip": lambda: GzipCodec(level=5),
+    "none": None,
+}
+
+
+def codec(name: str):
+    if name not in CODECS:
+        raise MagsegError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}")
+    make = CODECS[name]
+    return [make()] if make else None
+
+
+def default_chunks(shape: tuple[int, ...], chunks: tuple[int, ...] | None = None) -> tuple:
+    """Chunks clipped to the shape; refuses chunks that are not positive integers."""
+    chunks = tuple(chunks or DEFAULT_CHUNKS[-len(shape):])
+    if len(chunks) != len(shape) or any(int(c) < 1 for c in chunks):
+        raise MagsegError(
+            f"chunks {','.join(map(str, chunks))} do not fit a volume of shape "
+            f"{'x'.join(map(str, shape))}; give {len(shape)} positive sizes like 32,256,256"
+        )
+    return tuple(min(int(c), int(n)) for c, n in zip(chunks, shape))
+
+
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    if Path(path).exists() and not overwrite:
+        raise MagsegError(f"{path} already exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def staged_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Write into a hidden sibling, then swap it in: an output is complete or absent.
+
+    An existing output is only replaced after the new one was written in full, so a crash or
+    bad input never leaves a half-written or clobbered store.
+    """
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{time.time_ns()}")
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{time.time_ns()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _coord_values(like: xr.DataArray | None, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    coords = {}
+    for dim, n in zip(DIMS, shape):
+        if like is not None and dim in like.coords and like.coords[dim].ndim == 1:
+            values = np.asarray(like.coords[dim].values)
+            if values.dtype.kind in "iuf":
+                coords[dim] = values
+                continue
+        coords[dim] = np.arange(n, dtype=np.int64)
+    return coords
+
+
+def _create_coords(group: zarr.Group, coords: dict[str, np.ndarray]) -> None:
+    for dim, values in coords.items():
+        arr = group.create_array(
+            dim, shape=values.shape, dtype=values.dtype, dimension_names=[dim], chunks=values.shape
+        )
+        arr[:] = values
+
+
+def _ngff_axes() -> list[dict]:
+    return [{"name": d, "type": "space"} for d in DIMS]
+
+
+def _ngff_multiscales(path: str, name: str, like: xr.DataArray | None) -> list[dict]:
+    scale = []
+    for dim in DIMS:
+        step = 1.0
+        if like is not None and dim in like.coords and like.sizes[dim] > 1:
+            values = np.asarray(like.coords[dim].values)
+            if values.dtype.kind in "iuf":
+                step = float(abs(values[1] - values[0])) or 1.0
+        scale.append(step)
+    return [
+        {
+            "name": name,
+            "axes": _ngff_axes(),
+            "datasets": [
+                {"path": path, "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+            ],
+        }
+    ]
+
+
+def image_label_metadata(class_table: ClassTable) -> dict:
+    """NGFF ``image-label``: a colour and a class name for each label value."""
+    return {
+        "version": "0.5",
+        "colors": [
+            {"label-value": i, "rgba": [*c, 255]} for i, c in enumerate(class_table.colors)
+        ],
+        "properties": [
+            {"label-value": i, "class": n} for i, n in enumerate(class_table.names)
+        ],
+    }
+
+
+def consolidate(path: str | Path) -> None:
+    """Consolidate metadata so ``xarray.open_zarr`` opens the store with one read, silently."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr notes consolidation is not yet in the v3 spec
+        zarr.consolidate_metadata(str(path))
+
+
+def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return zarr.open_group(str(path), mode=mode)
+
+
+def create_label_store(
+    path: str | Path,
+    *,
+    like: xr.DataArray,
+    class_table: ClassTable,
+    provenance: dict,
+    chunks: tuple[int, int, int] | None = None,
+    with_probabilities: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Create an empty label store shaped like ``like`` (a volume with dims z, y, x)."""
+    refuse_existing(path, overwrite)
+    shape = tuple(int(n) for n in like.shape)
+    chunks = default_chunks(shape, chunks)
+    if Path(path).exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array(
+        "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
+        compressors=codec("zstd"), dimension_names=list(DIMS),
+        attributes={"long_name": "class label", "flag_values": list(range(class_table.num_classes)),
+                    "flag_meanings": " ".join(class_table.names)},
+    )
+    if with_probabilities:
+        group.create_array(
+            "probabilities", shape=(class_table.num_classes, *shape), chunks=(1, *chunks),
+            dtype="uint8", fill_value=0, compressors=codec("zstd"),
+            dimension_names=["class", *DIMS],
+            attributes={"long_name": "class probability x 255", "scale_factor": 1 / 255},
+        )
+    _create_coords(group, _coord_values(like, shape))
+    group.attrs.update(
+        {
+            "magseg_hpc": {"format": LABEL_FORMAT, "version": __version__, "complete": False},
+            "class_table": class_table.to_dict(),
+            "provenance": provenance,
+            "ome": {
+                "version": "0.5",
+                "multiscales": _ngff_multiscales("labels", "labels", like),
+                "image-label": image_label_metadata(class_table),
+            },
+        }
+    )
+    consolidate(path)
+
+
+def write_label_region(
+    path: str | Path,
+    region: tuple[slice, slice, slice],
+    labels: np.ndarray,
+    probabilities: np.ndarray | None = None,
+) -> None:
+    """Write one region of labels (and class probabilities in [0, 1] or uint8) to a store."""
+    group = open_group(path, mode="r+")
+    group["labels"][region] = np.asarray(labels, dtype=np.uint8)
+    if probabilities is not None:
+        if "probabilities" not in group:
+            raise MagsegError(f"{path}: store was created without probabilities")
+        probs = np.asarray(probabilities)
+        if probs.dtype != np.uint8:
+            probs = np.clip(np.rint(probs * 255), 0, 255).astype(np.uint8)
+        group["probabilities"][(slice(None), *region)] = probs
+
+
+def set_complete(path: str | Path, complete: bool = True, **summary) -> None:
+    """Mark a label store complete (every region written) and record a run summary."""
+    group = open_group(path, mode="r+")
+    meta = dict(group.attrs.get("magseg_hpc", {}))
+    meta.update(complete=complete, **summary)
+    group.attrs["magseg_hpc"] = meta
+    consolidate(path)
+
+
+def open_labels(path: str | Path, var: str = "labels") -> tuple[xr.DataArray, ClassTable]:
+    """Open a label volume and its class table (the default table when the store has none)."""
+    from magseg_hpc.volume.io import open_volume
+
+    labels = open_volume(path, var=var)
+    if labels.dtype != np.uint8:
+        raise MagsegError(f"{path}: {var!r} is {labels.dtype}, not a uint8 label volume")
+    table = None
+    with contextlib.suppress(Exception):
+        table = open_group(path).attrs.get("class_table")
+    return labels, ClassTable.from_dict(table) if table else ClassTable.default()
+
+
+def write_image_store(
+    path: str | Path,
+    image,
+    *,
+    labels=None,
+    class_table: ClassTable | None = None,
+    chunks: tuple[int, int, int] | None = None,
+    codec_name: str = "zstd",
+    like: xr.DataArray | None = None,
+    attrs: dict | None = None,
+    overwrite: bool = False,
+    slab_callback=None,
+) -> None:
+    """Write ``image`` (numpy or dask, z, y, x) and optional ``labels`` to a new zarr store.
+
+    Written slab by slab (one chunk row of z at a time) into a staged folder that replaces
+    ``path`` only once complete. ``slab_callback(z0, z1, slab)`` sees every image slab
+    before it is written (progress, checks); raising from it aborts without output.
+    """
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) != 3:
+        raise MagsegError(f"expected a 3D volume, got shape {shape}")
+    chunks = default_chunks(shape, chunks)
+    with staged_output(path, overwrite) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        img = group.create_array(
+            "image", shape=shape, chunks=chunks, dtype=image.dtype, fill_value=0,
+            compressors=codec(codec_name), dimension_names=list(DIMS),
+        )
+        lab = None
+        if labels is not None:
+            class_table = class_table or ClassTable.default()
+            lab = group.create_array(
+                "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
+                compressors=codec("zstd"), dimension_names=list(DIMS),
+            )
+        _create_coords(group, _coord_values(like, shape))
+        for z0 in range(0, shape[0], chunks[0]):
+            z1 = min(z0 + chunks[0], shape[0])
+            slab = np.asarray(image[z0:z1])
+            if slab_callback is not None:
+                slab_callback(z0, z1, slab)
+            img[z0:z1] = slab
+            if lab is not None:
+                lab[z0:z1] = np.asarray(labels[z0:z1], dtype=np.uint8)
+        meta = {
+            "magseg_hpc": {"format": "magseg-hpc/image/1", "version": __version__},
+            "ome": {"version": "0.5", "multiscales": _ngff_multiscales("image", "image", like)},
+            **(attrs or {}),
+        }
+        if class_table is not None:
+            meta["class_table"] = class_table.to_dict()
+        group.attrs.update(meta)
+        consolidate(tmp)
