@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import dask
@@ -123,7 +124,9 @@ def _open_zarr(path: Path, var: str | None) -> xr.DataArray:
             f"{path}: no variable {var!r}; it has {', '.join(arrays) or 'no arrays'}"
         )
     try:
-        ds = xr.open_zarr(str(path), consolidated=None, chunks={})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # unconsolidated stores are fine
+            ds = xr.open_zarr(str(path), consolidated=None, chunks={})
         if var in ds.data_vars:
             return ds[var]
     except Exception:  # a plain zarr group without xarray dimension metadata

@@ -1,0 +1,120 @@
+"""magseg-hpc evaluate PRED TRUTH: per-class IoU/Dice, mIoU, confusion matrix, figures."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from magseg_hpc.classes import IGNORE_LABEL
+
+log = logging.getLogger(__name__)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected slice indices like 10,64,120, got {text!r}")
+    return values
+
+
+def _ignore(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer label or 'none', got {text!r}"
+        ) from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a label volume against ground truth (IoU, Dice, mIoU, confusion, figures)",
+        description=(
+            "Compare a predicted label volume with ground truth chunk by chunk (Dask, threaded). "
+            "Scores are dataset-level over the whole volume; classes absent from both truth "
+            "and prediction are left out of mIoU."
+        ),
+    )
+    p.add_argument("pred", help="predicted labels: a label store or any volume with labels")
+    p.add_argument("truth", help="ground-truth labels (e.g. a phantom store)")
+    p.add_argument(
+        "--ignore", type=_ignore, default=IGNORE_LABEL,
+        help=f"truth label left out of every score, or 'none' (default {IGNORE_LABEL})",
+    )
+    p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    p.add_argument("--figures", metavar="DIR", help="write slice and per-slice mIoU PNGs here")
+    p.add_argument(
+        "--slices", type=_int_list, metavar="N,N,...",
+        help="z slices to draw (default: quartiles and the worst slice)",
+    )
+    p.add_argument("--pred-var", default="labels", help="variable in PRED (default labels)")
+    p.add_argument("--truth-var", default="labels", help="variable in TRUTH (default labels)")
+    p.add_argument(
+        "--image", metavar="PATH",
+        help="intensity volume for the figures (default: TRUTH's 'image' variable if it has one)",
+    )
+    p.add_argument(
+        "--image-var", default=None, help="variable in --image (default image)",
+    )
+    p.set_defaults(func=run)
+
+
+def _figure_image(args):
+    from magseg_hpc.errors import MagsegError
+    from magseg_hpc.volume.io import open_volume
+
+    if args.image:
+        return open_volume(args.image, var=args.image_var)
+    try:
+        return open_volume(args.truth, var="image")
+    except MagsegError:
+        log.info("no image variable in %s; figures show labels only", args.truth)
+        return None
+
+
+def run(args) -> int:
+    import dask
+
+    from magseg_hpc.errors import MagsegError
+    from magseg_hpc.evaluate import (
+        evaluate_volumes,
+        format_table,
+        load_pair,
+        report_dict,
+        write_figures,
+        write_report,
+    )
+
+    pred, truth, table = load_pair(
+        args.pred, args.truth, pred_var=args.pred_var, truth_var=args.truth_var
+    )
+    image = None
+    if args.figures:
+        image = _figure_image(args)
+        if image is not None and tuple(image.shape) != tuple(truth.shape):
+            raise MagsegError(
+                f"--image has shape {'x'.join(map(str, image.shape))} but the labels have "
+                f"{'x'.join(map(str, truth.shape))}; pass the image the labels belong to"
+            )
+    if args.slices and not args.figures:
+        raise MagsegError("--slices chooses figure slices; add --figures DIR")
+    with dask.config.set(scheduler="threads"):
+        ev = evaluate_volumes(pred, truth, table, ignore=args.ignore)
+    print(format_table(ev))
+    if args.report:
+        write_report(
+            args.report,
+            report_dict(ev, prediction=str(args.pred), truth=str(args.truth),
+                        pred_var=args.pred_var, truth_var=args.truth_var),
+        )
+        print(f"report: {args.report}")
+    if args.figures:
+        paths = write_figures(args.figures, ev, pred, truth, image=image, slices=args.slices)
+        print(f"figures: {len(paths)} PNGs in {args.figures}")
+    return 0

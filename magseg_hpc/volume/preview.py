@@ -1,0 +1,140 @@
+"""Preview pictures: one slice of a volume, optionally with labels in their class colours."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from magseg_hpc.classes import IGNORE_LABEL, ClassTable
+from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
+
+AXES = ("z", "y", "x")
+DPI = 100
+HEADER_PX = 60  # room for the title above the slice
+
+
+def select_slice(axis: str | None = None, index: int | None = None) -> tuple[str, int | None]:
+    if axis is None:
+        return "z", None  # middle z
+    if axis not in AXES:
+        raise MagsegError(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
+    return axis, index
+
+
+def _resolve_index(axis: str, index: int | None, size: int) -> int:
+    if index is None:
+        return size // 2
+    if not 0 <= index < size:
+        raise MagsegError(
+            f"--{axis} {index} is out of range; the volume has {axis} = 0..{size - 1}"
+        )
+    return int(index)
+
+
+def preview_size(slice_shape: tuple[int, int], width_px: int) -> tuple[int, int]:
+    """Pixel (width, height) of a preview of a slice of ``slice_shape`` (rows, cols)."""
+    rows, cols = slice_shape
+    aspect = min(max(rows / max(cols, 1), 0.25), 4.0)
+    return int(width_px), int(round(width_px * aspect)) + HEADER_PX
+
+
+def render_preview(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    axis: str = "z",
+    index: int | None = None,
+    var: str | None = None,
+    labels: str | os.PathLike | None = None,
+    labels_var: str = "labels",
+    alpha: float = 0.4,
+    percentiles: tuple[float, float] = (1.0, 99.5),
+    width_px: int = 800,
+) -> dict:
+    """Render one slice of the volume at ``path`` to the PNG ``out``.
+
+    ``axis``/``index`` choose the slice (default the middle z slice). Intensities are shown
+    in grey, clipped to the given percentiles of the slice. With ``labels`` (a label store or
+    any store with a ``labels`` variable, of the same shape) the classes are overlaid in their
+    class-table colours with a legend; ignore (255) pixels stay uncoloured. Returns a summary
+    (axis, index, shape of the picture in pixels).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from magseg_hpc.volume.io import open_volume
+    from magseg_hpc.volume.store import open_labels
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise MagsegError(f"{out}: preview output must be a .png file")
+    if out.exists() and out.is_dir():
+        raise MagsegError(f"{out}: is a folder; give a file name ending in .png")
+    axis, index = select_slice(axis, index)
+    volume = open_volume(path, var=var)
+    sizes = dict(zip(AXES, volume.shape))
+    index = _resolve_index(axis, index, sizes[axis])
+
+    label_slice = None
+    class_table: ClassTable | None = None
+    if labels is not None:
+        label_volume, class_table = open_labels(labels, var=labels_var)
+        if tuple(label_volume.shape) != tuple(volume.shape):
+            raise MagsegError(
+                f"{labels}: labels have shape {tuple(label_volume.shape)} but the volume has "
+                f"{tuple(volume.shape)}; give labels made for this volume"
+            )
+        label_slice = np.asarray(label_volume.isel({axis: index}).values)
+
+    image = np.asarray(volume.isel({axis: index}).values, dtype=np.float64)
+    finite = np.isfinite(image)
+    if finite.any():
+        lo, hi = np.percentile(image[finite], percentiles)
+    else:
+        lo, hi = 0.0, 1.0
+    if hi <= lo:
+        hi = lo + 1.0
+
+    width, height = preview_size(image.shape, width_px)
+    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    try:
+        top = 1.0 - HEADER_PX / height
+        ax = fig.add_axes((0.06, 0.05, 0.9, top - 0.07))
+        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        rows_dim, cols_dim = [d for d in AXES if d != axis]
+        ax.set_xlabel(cols_dim)
+        ax.set_ylabel(rows_dim)
+        if label_slice is not None and class_table is not None:
+            overlay = np.zeros((*label_slice.shape, 4), dtype=np.float32)
+            handles = []
+            for value, (name, color) in enumerate(zip(class_table.names, class_table.colors)):
+                hit = label_slice == value
+                overlay[hit] = (*(np.asarray(color) / 255.0), alpha)
+                handles.append(Patch(color=np.asarray(color) / 255.0, label=f"{value} {name}"))
+            n_ignore = int((label_slice == IGNORE_LABEL).sum())
+            if n_ignore:
+                handles.append(Patch(facecolor="none", edgecolor="grey", label="255 ignore"))
+            ax.imshow(overlay, interpolation="nearest")
+            ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.8)
+        name = f"{path}" + (f" [{var}]" if var else "")
+        fig.suptitle(
+            f"{name}\n{axis} = {index} (of 0..{sizes[axis] - 1}), "
+            f"intensity {lo:.3g}..{hi:.3g}",
+            fontsize=9,
+            y=1.0 - 4 / height,
+            va="top",
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=DPI)
+    finally:
+        plt.close(fig)
+    log.debug("wrote %s (%s = %d)", out, axis, index)
+    return {"axis": axis, "index": index, "size_px": (width, height), "path": str(out)}

@@ -1,0 +1,132 @@
+"""ingest, info and the labelled output format, through the real CLI and zarr on disk."""
+
+from __future__ import annotations
+
+import logging
+from multiprocessing import get_context
+
+import numpy as np
+import pytest
+import tifffile
+import xarray as xr
+
+from magseg_hpc.classes import ClassTable
+from magseg_hpc.volume.io import open_volume
+from magseg_hpc.volume.store import (
+    create_label_store,
+    open_labels,
+    set_complete,
+    write_image_store,
+    write_label_region,
+)
+
+
+def test_ingest_tiff_round_trip(tmp_path, oracle_volume, cli):
+    tifffile.imwrite(tmp_path / "v.tif", oracle_volume)
+    r = cli("ingest", tmp_path / "v.tif", tmp_path / "v.zarr", "--chunks", "4,16,8")
+    assert r.returncode == 0, r.stderr
+    ds = xr.open_zarr(tmp_path / "v.zarr")
+    np.testing.assert_array_equal(ds["image"].values, oracle_volume)
+    assert ds["image"].dims == ("z", "y", "x")
+    assert ds["image"].encoding["chunks"] == (4, 16, 8)
+    info = cli("info", tmp_path / "v.zarr")
+    assert info.returncode == 0, info.stderr
+    assert "z=11 x y=37 x x=29" in info.stdout and "ZstdCodec" in info.stdout
+
+
+def test_ingest_refuses_existing_output_and_keeps_it(tmp_path, oracle_volume, cli):
+    np.save(tmp_path / "v.npy", oracle_volume)
+    assert cli("ingest", tmp_path / "v.npy", tmp_path / "v.zarr").returncode == 0
+    before = sorted(p.name for p in (tmp_path / "v.zarr").rglob("*"))
+    np.save(tmp_path / "w.npy", oracle_volume[:5])
+    r = cli("ingest", tmp_path / "w.npy", tmp_path / "v.zarr")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"magseg-hpc: error: {tmp_path / 'v.zarr'} already exists; pass --overwrite to replace it"
+    assert sorted(p.name for p in (tmp_path / "v.zarr").rglob("*")) == before
+    assert cli("ingest", tmp_path / "w.npy", tmp_path / "v.zarr", "--overwrite").returncode == 0
+    assert open_volume(tmp_path / "v.zarr").shape == (5, 37, 29)
+
+
+def test_ingest_nan_is_refused_with_count_and_location(tmp_path, oracle_volume, cli):
+    vol = oracle_volume.copy()
+    vol[3, 4, 5] = np.nan
+    vol[9, 0, 0] = np.inf
+    np.save(tmp_path / "v.npy", vol)
+    r = cli("ingest", tmp_path / "v.npy", tmp_path / "v.zarr", "--chunks", "2,37,29")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "2 NaN/inf voxels (first at z,y,x=(3, 4, 5))" in lines[0]
+    assert "--fill-nonfinite" in lines[0]
+    assert not (tmp_path / "v.zarr").exists()
+    assert not list(tmp_path.glob(".v.zarr*")), "no staged leftovers"
+    r = cli("ingest", tmp_path / "v.npy", tmp_path / "v.zarr", "--fill-nonfinite", "0")
+    assert r.returncode == 0, r.stderr
+    out = open_volume(tmp_path / "v.zarr").values
+    assert out[3, 4, 5] == 0 and out[9, 0, 0] == 0 and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("chunks", ["0,4,4", "4,4", "a,b,c"])
+def test_ingest_bad_chunks(tmp_path, oracle_volume, cli, chunks):
+    np.save(tmp_path / "v.npy", oracle_volume)
+    r = cli("ingest", tmp_path / "v.npy", tmp_path / "v.zarr", "--chunks", chunks)
+    assert r.returncode == 2 and "expected three positive integers" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "v.zarr").exists()
+
+
+def _write_slab(args):
+    path, z0, z1, value = args
+    shape = open_volume(path).shape
+    write_label_region(path, (slice(z0, z1), slice(None), slice(None)),
+                       np.full((z1 - z0, *shape[1:]), value, np.uint8))
+
+
+def test_label_store_written_by_processes_reads_back(tmp_path, oracle_volume):
+    like = xr.DataArray(oracle_volume, dims=("z", "y", "x"),
+                        coords={"z": np.arange(11) * 0.5, "y": np.arange(37), "x": np.arange(29)})
+    table = ClassTable.default()
+    path = tmp_path / "out.zarr"
+    create_label_store(path, like=like, class_table=table, provenance={"model": "m.pt"},
+                       chunks=(3, 37, 29))
+    with get_context("spawn").Pool(2) as pool:
+        pool.map(_write_slab, [(str(path), z, min(z + 3, 11), z // 3) for z in range(0, 11, 3)])
+    set_complete(path)
+    ds = xr.open_zarr(path)
+    expected = np.repeat([0, 1, 2, 3], 3)[:11]
+    np.testing.assert_array_equal(ds["labels"].values[:, 0, 0], expected)
+    np.testing.assert_allclose(ds["z"].values, np.arange(11) * 0.5)
+    assert ds.attrs["class_table"] == table.to_dict()
+    assert ds.attrs["provenance"] == {"model": "m.pt"}
+    assert ds.attrs["magseg_hpc"]["complete"] is True
+    labels, read_table = open_labels(path)
+    assert read_table == table and labels.dtype == np.uint8
+
+
+def test_label_store_is_an_ome_zarr_label_image(tmp_path, oracle_volume, caplog):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    like = xr.DataArray(oracle_volume, dims=("z", "y", "x"))
+    create_label_store(tmp_path / "o.zarr", like=like, class_table=ClassTable.default(),
+                       provenance={}, with_probabilities=True)
+    write_label_region(tmp_path / "o.zarr", (slice(0, 11), slice(None), slice(None)),
+                       np.full(oracle_volume.shape, 2, np.uint8),
+                       np.full((3, *oracle_volume.shape), 0.25))
+    with caplog.at_level(logging.ERROR):
+        nodes = list(Reader(parse_url(str(tmp_path / "o.zarr")))())
+    node = nodes[0]
+    assert any(isinstance(s, Label) for s in node.specs)
+    assert node.metadata["color"][2] == [1.0, 0.0, 0.0, 1.0]
+    assert node.data[0].shape == oracle_volume.shape
+    assert int(np.asarray(node.data[0]).max()) == 2
+    probs = xr.open_zarr(tmp_path / "o.zarr")["probabilities"]
+    assert probs.shape == (3, *oracle_volume.shape)
+    np.testing.assert_allclose(probs.values, 64 / 255)  # quantised to uint8
+
+
+def test_image_store_refuses_existing_and_keeps_it(tmp_path, oracle_volume):
+    from magseg_hpc.errors import MagsegError
+
+    write_image_store(tmp_path / "i.zarr", oracle_volume)
+    with pytest.raises(MagsegError, match="already exists"):
+        write_image_store(tmp_path / "i.zarr", oracle_volume[:2])
+    assert open_volume(tmp_path / "i.zarr").shape == oracle_volume.shape
