@@ -154,7 +154,19 @@ class _LazyFileArray:
 
             with h5py.File(self.path, "r") as f:
                 return f[self.key][index]
-        return np.load(self.path, mmap_mode="r")[index]
+        # Copy out of the memory map and drop it, so read pages do not stay resident.
+        mm = np.load(self.path, mmap_mode="r")
+        out = np.array(mm[index])
+        del mm
+        return out
+
+
+def slab_chunks(shape, itemsize: int, target_bytes: int = 64 * 2**20) -> tuple:
+    """Chunks of whole slices (~64 MiB each) for formats that have no chunking of their own."""
+    if len(shape) < 2:
+        return ("auto",) * len(shape)
+    slice_bytes = max(1, int(np.prod(shape[1:])) * itemsize)
+    return (max(1, target_bytes // slice_bytes), *shape[1:])
 
 
 def _open_hdf5(path: Path, var: str | None) -> xr.DataArray:
@@ -179,7 +191,7 @@ def _open_hdf5(path: Path, var: str | None) -> xr.DataArray:
         if var not in names:
             raise MagsegError(f"{path}: no dataset {var!r}; it has {', '.join(names)}")
         ds = f[var]
-        chunks = ds.chunks or "auto"
+        chunks = ds.chunks or slab_chunks(ds.shape, ds.dtype.itemsize)
         lazy = _LazyFileArray(str(path), var, ds.shape, ds.dtype, "hdf5")
         attrs = {k: _plain(v) for k, v in ds.attrs.items()}
     return xr.DataArray(da.from_array(lazy, chunks=chunks, asarray=True), attrs=attrs)
@@ -195,8 +207,7 @@ def _open_npy(path: Path) -> xr.DataArray:
     except (ValueError, OSError) as e:
         raise MagsegError(f"{path}: not a readable .npy file ({e})") from e
     lazy = _LazyFileArray(str(path), None, mm.shape, mm.dtype, "npy")
-    chunks = ("auto",) * mm.ndim if mm.ndim else ()
-    return xr.DataArray(da.from_array(lazy, chunks=chunks, asarray=True))
+    return xr.DataArray(da.from_array(lazy, chunks=slab_chunks(mm.shape, mm.itemsize)))
 
 
 def _read_tiff_page(path: str, page: int) -> np.ndarray:

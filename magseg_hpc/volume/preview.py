@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 AXES = ("z", "y", "x")
 DPI = 100
-HEADER_PX = 60  # room for the title above the slice
+HEADER_PX = 70  # title (two lines) and the legend row above the slice
+MARGIN_PX = (55, 15, 45)  # left, right, bottom: axis ticks and labels
 
 
 def select_slice(axis: str | None = None, index: int | None = None) -> tuple[str, int | None]:
@@ -40,7 +41,8 @@ def preview_size(slice_shape: tuple[int, int], width_px: int) -> tuple[int, int]
     """Pixel (width, height) of a preview of a slice of ``slice_shape`` (rows, cols)."""
     rows, cols = slice_shape
     aspect = min(max(rows / max(cols, 1), 0.25), 4.0)
-    return int(width_px), int(round(width_px * aspect)) + HEADER_PX
+    plot_width = width_px - MARGIN_PX[0] - MARGIN_PX[1]
+    return int(width_px), int(round(plot_width * aspect)) + HEADER_PX + MARGIN_PX[2]
 
 
 def render_preview(
@@ -80,7 +82,7 @@ def render_preview(
         raise MagsegError(f"{out}: is a folder; give a file name ending in .png")
     axis, index = select_slice(axis, index)
     volume = open_volume(path, var=var)
-    sizes = dict(zip(AXES, volume.shape))
+    sizes = dict(zip(AXES, volume.shape, strict=True))
     index = _resolve_index(axis, index, sizes[axis])
 
     label_slice = None
@@ -106,8 +108,11 @@ def render_preview(
     width, height = preview_size(image.shape, width_px)
     fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     try:
-        top = 1.0 - HEADER_PX / height
-        ax = fig.add_axes((0.06, 0.05, 0.9, top - 0.07))
+        left, right, bottom = MARGIN_PX
+        ax = fig.add_axes(
+            (left / width, bottom / height, 1 - (left + right) / width,
+             1 - (HEADER_PX + bottom) / height)
+        )
         ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
         rows_dim, cols_dim = [d for d in AXES if d != axis]
         ax.set_xlabel(cols_dim)
@@ -115,7 +120,8 @@ def render_preview(
         if label_slice is not None and class_table is not None:
             overlay = np.zeros((*label_slice.shape, 4), dtype=np.float32)
             handles = []
-            for value, (name, color) in enumerate(zip(class_table.names, class_table.colors)):
+            pairs = zip(class_table.names, class_table.colors, strict=True)
+            for value, (name, color) in enumerate(pairs):
                 hit = label_slice == value
                 overlay[hit] = (*(np.asarray(color) / 255.0), alpha)
                 handles.append(Patch(color=np.asarray(color) / 255.0, label=f"{value} {name}"))
@@ -123,7 +129,11 @@ def render_preview(
             if n_ignore:
                 handles.append(Patch(facecolor="none", edgecolor="grey", label="255 ignore"))
             ax.imshow(overlay, interpolation="nearest")
-            ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.8)
+            # One row in the header, so the legend never hides voxels.
+            fig.legend(
+                handles=handles, loc="upper center", ncol=len(handles), fontsize=8,
+                frameon=False, bbox_to_anchor=(0.5, 1.0 - 34 / height),
+            )
         name = f"{path}" + (f" [{var}]" if var else "")
         fig.suptitle(
             f"{name}\n{axis} = {index} (of 0..{sizes[axis] - 1}), "

@@ -241,8 +241,8 @@ def open_labels(path: str | Path, var: str = "labels") -> tuple[xr.DataArray, Cl
     from magseg_hpc.volume.io import open_volume
 
     labels = open_volume(path, var=var)
-    if labels.dtype != np.uint8:
-        raise MagsegError(f"{path}: {var!r} is {labels.dtype}, not a uint8 label volume")
+    if labels.dtype.kind not in "iu":  # other integer types (e.g. TIFF masks) are fine
+        raise MagsegError(f"{path}: {var!r} is {labels.dtype}, not an integer label volume")
     table = None
     with contextlib.suppress(Exception):
         table = open_group(path).attrs.get("class_table")
