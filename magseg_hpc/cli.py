@@ -14,6 +14,12 @@ from magseg_hpc.errors import MagsegError
 COMMAND_MODULES = [
     "magseg_hpc.commands.ingest",
     "magseg_hpc.commands.info",
+    "magseg_hpc.commands.evaluate",
+    "magseg_hpc.commands.make_phantom",
+    "magseg_hpc.commands.import_masks",
+    "magseg_hpc.commands.preview",
+    "magseg_hpc.commands.segment_volume",
+    "magseg_hpc.commands.train",
 ]
 
 

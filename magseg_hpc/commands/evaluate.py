@@ -44,23 +44,30 @@ def register(subparsers) -> None:
     p.add_argument("pred", help="predicted labels: a label store or any volume with labels")
     p.add_argument("truth", help="ground-truth labels (e.g. a phantom store)")
     p.add_argument(
-        "--ignore", type=_ignore, default=IGNORE_LABEL,
+        "--ignore",
+        type=_ignore,
+        default=IGNORE_LABEL,
         help=f"truth label left out of every score, or 'none' (default {IGNORE_LABEL})",
     )
     p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     p.add_argument("--figures", metavar="DIR", help="write slice and per-slice mIoU PNGs here")
     p.add_argument(
-        "--slices", type=_int_list, metavar="N,N,...",
+        "--slices",
+        type=_int_list,
+        metavar="N,N,...",
         help="z slices to draw (default: quartiles and the worst slice)",
     )
     p.add_argument("--pred-var", default="labels", help="variable in PRED (default labels)")
     p.add_argument("--truth-var", default="labels", help="variable in TRUTH (default labels)")
     p.add_argument(
-        "--image", metavar="PATH",
+        "--image",
+        metavar="PATH",
         help="intensity volume for the figures (default: TRUTH's 'image' variable if it has one)",
     )
     p.add_argument(
-        "--image-var", default=None, help="variable in --image (default image)",
+        "--image-var",
+        default=None,
+        help="variable in --image (default image)",
     )
     p.set_defaults(func=run)
 
@@ -110,8 +117,13 @@ def run(args) -> int:
     if args.report:
         write_report(
             args.report,
-            report_dict(ev, prediction=str(args.pred), truth=str(args.truth),
-                        pred_var=args.pred_var, truth_var=args.truth_var),
+            report_dict(
+                ev,
+                prediction=str(args.pred),
+                truth=str(args.truth),
+                pred_var=args.pred_var,
+                truth_var=args.truth_var,
+            ),
         )
         print(f"report: {args.report}")
     if args.figures:

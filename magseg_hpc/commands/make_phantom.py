@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("out", help="output zarr store")
     p.add_argument("--shape", type=int_triple, default=d["shape"], metavar="Z,Y,X",
-                   help="volume shape (default %s)" % ",".join(map(str, d["shape"])))
+                   help=f"volume shape (default {','.join(map(str, d['shape']))})")
     p.add_argument("--snr", type=float, default=d["snr"],
                    help="(mean plus-domain - mean minus-domain) / noise std; 0 for no noise "
                    "(default %(default)s)")
@@ -52,6 +52,10 @@ def register(subparsers) -> None:
                    help="vortex-like swirl strength in radians, 0 off (default %(default)s)")
     p.add_argument("--net-magnetization", type=float, default=d["net_magnetization"],
                    help="plus fraction minus minus fraction of the sample (default %(default)s)")
+    p.add_argument("--minus-level", type=float, default=d["minus_level"],
+                   help="brightness of minus domains relative to plus (default %(default)s)")
+    p.add_argument("--noise-correlation", type=float, default=d["noise_correlation"],
+                   help="noise smoothing sigma in voxels (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=run)
 
@@ -75,6 +79,8 @@ def run(args) -> int:
         edge_glow=args.edge_glow,
         swirl=args.swirl,
         net_magnetization=args.net_magnetization,
+        minus_level=args.minus_level,
+        noise_correlation=args.noise_correlation,
     )
     write_phantom(args.out, phantom, overwrite=args.overwrite)
     labels = phantom.labels

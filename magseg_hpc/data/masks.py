@@ -54,7 +54,9 @@ def load_colors(path: str | Path) -> ClassTable:
 
     path = Path(path)
     if not path.is_file():
-        raise MagsegError(f"{path}: colour file not found; give a YAML/JSON file like {COLORS_EXAMPLE}")
+        raise MagsegError(
+            f"{path}: colour file not found; give a YAML/JSON file like {COLORS_EXAMPLE}"
+        )
     try:
         data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -83,13 +85,20 @@ def colors_to_class_table(data, source: str = "colour table") -> ClassTable:
     elif isinstance(data, list) and data:
         colors = list(data)
         default = ClassTable.default().names
-        names = list(default) if len(colors) == len(default) else [f"class_{i}" for i in range(len(colors))]
+        if len(colors) == len(default):
+            names = list(default)
+        else:
+            names = [f"class_{i}" for i in range(len(colors))]
     else:
         raise MagsegError(
             f"{source}: expected a mapping of class name to [r, g, b] in class order, "
             f"like {COLORS_EXAMPLE}; got {type(data).__name__}"
         )
-    rgb = [_parse_color(c, name, source) for name, c in zip(names, colors)]
+    if len(names) != len(colors):
+        raise MagsegError(
+            f"{source}: {len(names)} names but {len(colors)} colours; give one colour per class"
+        )
+    rgb = [_parse_color(c, name, source) for name, c in zip(names, colors, strict=True)]
     if len(set(rgb)) != len(rgb):
         raise MagsegError(f"{source}: two classes share a colour ({rgb}); give each its own")
     return ClassTable(names=tuple(names), colors=tuple(rgb))
@@ -218,7 +227,7 @@ def import_masks(
             bad = labels == IGNORE_LABEL
             if bad.any():
                 colors, n = np.unique(_pack(rgb[bad]), return_counts=True)
-                for c, k in zip(colors.tolist(), n.tolist()):
+                for c, k in zip(colors.tolist(), n.tolist(), strict=True):
                     unknown_colors[c] = unknown_colors.get(c, 0) + k
             write_label_region(tmp, (slice(z0, z1), slice(None), slice(None)), labels)
         per_class = {n: int(counts[i]) for i, n in enumerate(class_table.names)}

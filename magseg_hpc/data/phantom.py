@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "swirl": 0.0,
     "net_magnetization": 0.0,
     "minus_level": 0.3,
-    "noise_correlation": 0.7,
+    "noise_correlation": 0.5,
 }
 
 
