@@ -23,8 +23,7 @@ from magseg_hpc.models.deeplab import BACKBONES, DeepLabV3Plus, load_pretrained_
 
 MODEL_NAMES = ("deeplabv3plus",)
 # Keys that define the architecture: a checkpoint is refused when these differ.
-ARCHITECTURE_KEYS = ("name", "backbone", "num_classes", "in_channels", "deep_stem",
-                     "output_stride")
+ARCHITECTURE_KEYS = ("name", "backbone", "num_classes", "in_channels", "deep_stem", "output_stride")
 _DEFAULTS = {
     "name": "deeplabv3plus",
     "backbone": "resnet101",
@@ -45,23 +44,17 @@ def resolve_model_config(model_cfg: dict) -> dict:
         raise MagsegError(f"model config must be a mapping, got {type(model_cfg).__name__}")
     unknown = sorted(set(model_cfg) - set(_DEFAULTS))
     if unknown:
-        raise MagsegError(
-            f"unknown model config key(s) {unknown}; valid keys: {sorted(_DEFAULTS)}"
-        )
+        raise MagsegError(f"unknown model config key(s) {unknown}; valid keys: {sorted(_DEFAULTS)}")
     cfg = {**_DEFAULTS, **model_cfg}
     if cfg["name"] not in MODEL_NAMES:
         raise MagsegError(f"model.name {cfg['name']!r} is not one of {list(MODEL_NAMES)}")
     if cfg["backbone"] not in BACKBONES:
-        raise MagsegError(
-            f"model.backbone {cfg['backbone']!r} is not one of {sorted(BACKBONES)}"
-        )
+        raise MagsegError(f"model.backbone {cfg['backbone']!r} is not one of {sorted(BACKBONES)}")
     for key in ("num_classes", "in_channels"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise MagsegError(f"model.{key} must be a positive integer, got {cfg[key]!r}")
     if cfg["output_stride"] != 16:
-        raise MagsegError(
-            f"model.output_stride {cfg['output_stride']!r} is not supported; use 16"
-        )
+        raise MagsegError(f"model.output_stride {cfg['output_stride']!r} is not supported; use 16")
     if cfg["deep_stem"] is None:
         cfg["deep_stem"] = cfg["backbone"] != "resnet18"
     for key in ("deep_stem", "zero_init_residual"):

@@ -97,8 +97,12 @@ def save_checkpoint(path: str | Path, ckpt: dict) -> None:
         pass
 
 
-def load_checkpoint(path: str | Path, *, expect_class_table: ClassTable | dict | None = None,
-                    expect_model: dict | None = None) -> dict:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    expect_class_table: ClassTable | dict | None = None,
+    expect_model: dict | None = None,
+) -> dict:
     """Read a checkpoint with ``weights_only=True`` onto the CPU and check it.
 
     Raises MagsegError for a missing, unreadable or foreign file, and when the class table
@@ -122,8 +126,9 @@ def load_checkpoint(path: str | Path, *, expect_class_table: ClassTable | dict |
                 "(not a magseg-hpc checkpoint, or from an untrusted source); use a "
                 "checkpoint written by `magseg-hpc train`"
             ) from e
+        first_line = text.splitlines()[0][:120] if text else ""
         raise MagsegError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {text.splitlines()[0][:120] if text else ''}); "
+            f"cannot read checkpoint {path} ({type(e).__name__}: {first_line}); "
             "the file is truncated or not a torch file; use another checkpoint (e.g. best.pt "
             "or checkpoint.pt) or retrain"
         ) from e
@@ -140,11 +145,16 @@ def load_checkpoint(path: str | Path, *, expect_class_table: ClassTable | dict |
         )
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise MagsegError(f"checkpoint {path} lacks {missing}; it is damaged, retrain or use another")
+        raise MagsegError(
+            f"checkpoint {path} lacks {missing}; it is damaged, retrain or use another"
+        )
 
     if expect_class_table is not None:
-        expected = (expect_class_table if isinstance(expect_class_table, ClassTable)
-                    else ClassTable.from_dict(expect_class_table))
+        expected = (
+            expect_class_table
+            if isinstance(expect_class_table, ClassTable)
+            else ClassTable.from_dict(expect_class_table)
+        )
         got = ClassTable.from_dict(ckpt["class_table"])
         if got.names != expected.names:
             raise MagsegError(
@@ -176,8 +186,9 @@ def checkpoint_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_inference_model(path: str | Path, device: str | torch.device = "cpu",
-                         which: str = "teacher") -> tuple[nn.Module, dict]:
+def load_inference_model(
+    path: str | Path, device: str | torch.device = "cpu", which: str = "teacher"
+) -> tuple[nn.Module, dict]:
     """Build the checkpoint's model, load its ``which`` weights ("teacher" or "student"),
     move it to ``device`` and put it in eval mode. Returns (model, ckpt)."""
     from magseg_hpc.models import build_model

@@ -99,8 +99,13 @@ class Bottleneck(nn.Module):
 class ResNetBackbone(nn.Module):
     """ResNet encoder at output stride 16; ``forward`` returns (layer1, layer4) features."""
 
-    def __init__(self, backbone: str, in_channels: int = 1, deep_stem: bool = True,
-                 zero_init_residual: bool = True):
+    def __init__(
+        self,
+        backbone: str,
+        in_channels: int = 1,
+        deep_stem: bool = True,
+        zero_init_residual: bool = True,
+    ):
         super().__init__()
         kind, layers = BACKBONES[backbone]
         block = BasicBlock if kind == "basic" else Bottleneck
@@ -125,8 +130,9 @@ class ResNetBackbone(nn.Module):
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilations=None)
         # replace_stride_with_dilation=[F, F, T] with multi-grid on layer4's blocks.
         grid = MULTI_GRID[: layers[3]]
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=1,
-                                       dilations=tuple(2 * g for g in grid))
+        self.layer4 = self._make_layer(
+            block, 512, layers[3], stride=1, dilations=tuple(2 * g for g in grid)
+        )
         self.low_level_channels = 64 * block.expansion
         self.high_level_channels = 512 * block.expansion
 
@@ -227,11 +233,14 @@ class DeepLabV3Plus(nn.Module):
         super().__init__()
         self.config = dict(config)
         self.backbone = ResNetBackbone(
-            config["backbone"], config["in_channels"], config["deep_stem"],
+            config["backbone"],
+            config["in_channels"],
+            config["deep_stem"],
             config["zero_init_residual"],
         )
         self.decoder = DeepLabV3PlusHead(
-            self.backbone.low_level_channels, self.backbone.high_level_channels,
+            self.backbone.low_level_channels,
+            self.backbone.high_level_channels,
             config["num_classes"],
         )
 
@@ -290,7 +299,11 @@ def load_pretrained_backbone(backbone: ResNetBackbone, path: str | Path) -> dict
     log.info(
         "pretrained %s: loaded %d of %d backbone tensors; skipped %d from the file "
         "(no match: %s); left at init: %s",
-        path, len(matched), len(own), len(skipped), ", ".join(skipped[:6]) or "none",
+        path,
+        len(matched),
+        len(own),
+        len(skipped),
+        ", ".join(skipped[:6]) or "none",
         ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "") if missing else "none",
     )
     if len(matched) < len(own) // 2:

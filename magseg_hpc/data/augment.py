@@ -1,0 +1,254 @@
+"""Weak (paired, geometric) and strong (intensity) augmentations for 2D grey slices.
+
+Every function draws only from the generator passed in (``torch.Generator`` or
+``numpy.random.Generator``, see ``magseg_hpc.data.rng``), never from a global RNG.
+Images are float slices in [0, 1] (``normalize.scale_to_unit`` output); ``standardize``
+comes after augmentation. Masks hold class ids with 255 = ignore.
+
+Weak augmentation (labelled and unlabelled images, AugSeg section 2), in this order:
+rescale by s ~ U[scale_range] (bilinear with antialiasing for images, nearest for masks),
+horizontal flip p=0.5, optional vertical flip p=0.5, optional rotation by k*90 degrees
+(k ~ U{0..3}), pad bottom/right up to the crop size (image with ``pad_value``, default the
+slice's own mean; mask with 255), random crop.
+
+Strong augmentation (unlabelled images only) is intensity-only, so the strong view stays
+pixel-aligned with the weak one. k ~ U{1..num_ops} operations (k = num_ops when
+``random_num_ops`` is off) are drawn with replacement from this pool; magnitudes are drawn
+uniformly at call time:
+
+| op | effect on x in [0, 1] | magnitude | source |
+|---|---|---|---|
+| identity | x | - | AugSeg |
+| autocontrast | (x - min) / (max - min) | - | AugSeg |
+| equalize | histogram equalisation on 256 levels | - | AugSeg |
+| blur | Gaussian blur | sigma ~ U[0.1, 2.0] px | AugSeg |
+| contrast | m + f (x - m), m = mean(x) | f ~ U[0.05, 0.95] | AugSeg |
+| contrast_up | m + f (x - m) | f ~ U[1.0, 1.8] | new: contrast above 1 |
+| brightness | f x | f ~ U[0.05, 0.95] | AugSeg |
+| sharpness | s + f (x - s), s = 3x3 PIL smooth | f ~ U[0.05, 0.95] | AugSeg |
+| posterize | keep the top b bits of round(255 x) | b ~ U{4..7} | AugSeg |
+| solarize | 1 - x where round(255 x) >= t | t ~ U{1..256} | AugSeg |
+| gamma | x ** g | g ~ U[0.5, 2.0] | new |
+| noise | x + sigma N(0, 1) | sigma ~ U[0.01, 0.1] | new |
+
+All results are clipped to [0, 1]. AugSeg's colour and hue operations are dropped: they do
+nothing on grey images (the reference notes about 4 of its 11 operations are no-ops there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from magseg_hpc.classes import IGNORE_LABEL
+from magseg_hpc.data.rng import Rng
+
+Generator = torch.Generator | np.random.Generator
+
+
+def _as_tensor(x, dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    if t.ndim != 2:
+        raise ValueError(f"expected a 2D slice, got shape {tuple(t.shape)}")
+    return t.to(dtype)
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int | np.integer) else tuple(map(int, size))
+
+
+def weak_augment(
+    image,
+    mask=None,
+    *,
+    crop_size: int | Sequence[int] | None,
+    generator: Generator,
+    scale_range: Sequence[float] = (0.5, 2.0),
+    hflip: bool = True,
+    vflip: bool = False,
+    rot90: bool = False,
+    pad_value: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Paired geometric augmentation of one slice.
+
+    image: (H, W) float numpy/torch in [0, 1]; mask: (H, W) integer class ids or None.
+    Returns (image float32 (h, w), mask int64 (h, w) or None) with (h, w) = crop_size
+    (the rescaled size when crop_size is None). Padding is 255 in the mask; to learn where
+    an unlabelled image was padded, pass ``mask=np.zeros(shape, np.uint8)``.
+    ``pad_value`` None pads the image with its own mean; pass normalization["mean"] to pad
+    with what ``standardize`` maps to 0 (AugSeg's ImageNet-mean padding).
+    """
+    rng = Rng(generator)
+    img = _as_tensor(image, torch.float32)[None, None]
+    msk = None if mask is None else _as_tensor(mask, torch.float32)[None, None]
+    if msk is not None and msk.shape != img.shape:
+        raise ValueError(f"image {tuple(img.shape[2:])} and mask {tuple(msk.shape[2:])} differ")
+
+    lo, hi = scale_range
+    s = rng.uniform(lo, hi)
+    h, w = img.shape[-2:]
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    if size != (h, w):
+        img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
+        if msk is not None:
+            msk = F.interpolate(msk, size=size, mode="nearest-exact")
+
+    flips = []
+    if hflip and rng.random() < 0.5:
+        flips.append(-1)
+    if vflip and rng.random() < 0.5:
+        flips.append(-2)
+    k = rng.integers(0, 4) if rot90 else 0
+    if flips:
+        img, msk = img.flip(flips), None if msk is None else msk.flip(flips)
+    if k:
+        img, msk = img.rot90(k, (-2, -1)), None if msk is None else msk.rot90(k, (-2, -1))
+
+    if crop_size is not None:
+        ch, cw = _pair(crop_size)
+        h, w = img.shape[-2:]
+        ph, pw = max(ch - h, 0), max(cw - w, 0)
+        if ph or pw:
+            fill = float(img.mean()) if pad_value is None else float(pad_value)
+            img = F.pad(img, (0, pw, 0, ph), value=fill)
+            if msk is not None:
+                msk = F.pad(msk, (0, pw, 0, ph), value=float(IGNORE_LABEL))
+        h, w = img.shape[-2:]
+        y0 = rng.integers(0, h - ch + 1)
+        x0 = rng.integers(0, w - cw + 1)
+        img = img[..., y0 : y0 + ch, x0 : x0 + cw]
+        if msk is not None:
+            msk = msk[..., y0 : y0 + ch, x0 : x0 + cw]
+
+    img = img[0, 0].contiguous()
+    return img, None if msk is None else msk[0, 0].round().to(torch.int64).contiguous()
+
+
+# ---- strong (intensity) operations: f(x, magnitude) on float (H, W) in [0, 1] -------------
+
+
+def _filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    kh, kw = kernel.shape
+    padded = F.pad(x[None, None], (kw // 2, kw // 2, kh // 2, kh // 2), mode="replicate")
+    return F.conv2d(padded, kernel[None, None].to(x.dtype))[0, 0]
+
+
+def op_identity(x, _=None):
+    return x
+
+
+def op_autocontrast(x, _=None):
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else x
+
+
+def op_equalize(x, _=None):
+    q = (x.clamp(0, 1) * 255).round().long()
+    cdf = torch.bincount(q.flatten(), minlength=256).cumsum(0)
+    n, cdf_min = cdf[-1], cdf[cdf > 0][0]
+    if n == cdf_min:  # a single grey level: nothing to spread
+        return x
+    lut = (cdf - cdf_min).to(x.dtype) / float(n - cdf_min)
+    return lut[q].clamp(0, 1)
+
+
+def op_blur(x, sigma):
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    return _filter(_filter(x, g[None, :]), g[:, None])
+
+
+def op_contrast(x, factor):
+    m = x.mean()
+    return (m + factor * (x - m)).clamp(0, 1)
+
+
+def op_brightness(x, factor):
+    return (x * factor).clamp(0, 1)
+
+
+_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+
+
+def op_sharpness(x, factor):
+    s = _filter(x, _SMOOTH)
+    return (s + factor * (x - s)).clamp(0, 1)
+
+
+def op_posterize(x, bits):
+    q = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    keep = (0xFF << (8 - int(bits))) & 0xFF
+    return (q & keep).to(x.dtype) / 255.0
+
+
+def op_solarize(x, threshold):
+    q = (x.clamp(0, 1) * 255).round()
+    return torch.where(q >= threshold, 1.0 - x, x)
+
+
+def op_gamma(x, g):
+    return x.clamp(0, 1) ** g
+
+
+def op_noise(x, sigma, noise=None):
+    return (x + sigma * noise).clamp(0, 1)
+
+
+# name -> (op, magnitude sampler)
+STRONG_POOL: dict[str, tuple[Callable, Callable[[Rng], float | None]]] = {
+    "identity": (op_identity, lambda r: None),
+    "autocontrast": (op_autocontrast, lambda r: None),
+    "equalize": (op_equalize, lambda r: None),
+    "blur": (op_blur, lambda r: r.uniform(0.1, 2.0)),
+    "contrast": (op_contrast, lambda r: r.uniform(0.05, 0.95)),
+    "contrast_up": (op_contrast, lambda r: r.uniform(1.0, 1.8)),
+    "brightness": (op_brightness, lambda r: r.uniform(0.05, 0.95)),
+    "sharpness": (op_sharpness, lambda r: r.uniform(0.05, 0.95)),
+    "posterize": (op_posterize, lambda r: r.integers(4, 8)),
+    "solarize": (op_solarize, lambda r: r.integers(1, 257)),
+    "gamma": (op_gamma, lambda r: r.uniform(0.5, 2.0)),
+    "noise": (op_noise, lambda r: r.uniform(0.01, 0.1)),
+}
+
+
+def strong_augment(
+    image01,
+    generator: Generator,
+    *,
+    num_ops: int = 3,
+    random_num_ops: bool = True,
+    pool: Sequence[str] | None = None,
+    return_ops: bool = False,
+):
+    """Intensity-only strong augmentation of one float slice in [0, 1] (numpy or torch,
+    (H, W) or (1, H, W)); returns a float32 tensor of the same shape, still in [0, 1].
+
+    With ``return_ops`` also returns the applied [(name, magnitude), ...] for logging.
+    """
+    rng = Rng(generator)
+    names = list(STRONG_POOL) if pool is None else list(pool)
+    unknown = [n for n in names if n not in STRONG_POOL]
+    if unknown:
+        raise ValueError(f"unknown strong ops {unknown}; choose from {list(STRONG_POOL)}")
+    x = torch.from_numpy(np.asarray(image01)) if isinstance(image01, np.ndarray) else image01
+    shape = x.shape
+    x = x.to(torch.float32).reshape(shape[-2:])
+    k = rng.integers(1, num_ops + 1) if random_num_ops else num_ops
+    applied = []
+    for _ in range(k):
+        name = names[rng.integers(0, len(names))]
+        op, sample = STRONG_POOL[name]
+        mag = sample(rng)
+        if name == "noise":
+            x = op(x, mag, rng.normal(tuple(x.shape)))
+        else:
+            x = op(x, mag)
+        applied.append((name, mag))
+    x = x.reshape(shape).contiguous()
+    return (x, applied) if return_ops else x

@@ -1,0 +1,109 @@
+"""Intensity normalisation: percentile clip to [0, 1], then standardise.
+
+The study min-max stretched each image separately; here one set of numbers is fitted per
+training volume and stored in the checkpoint, so inference on any slab scales identically:
+
+    x01 = clip((x - low) / (high - low), 0, 1)       # low/high: 0.5th/99.5th percentiles
+    x   = (x01 - mean) / std                         # mean/std of x01 over the sample
+
+Augmentations run on ``x01`` (``scale_to_unit``) and ``standardize`` follows them;
+``apply_normalization`` does both at once (inference).
+
+Large inputs (dask arrays, xarray DataArrays or numpy arrays over ``max_samples`` elements)
+are subsampled with a regular stride along every axis before the percentiles are computed,
+so fitting a terabyte volume reads a bounded, evenly spread sample; for smaller inputs the
+result is exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from magseg_hpc.errors import MagsegError
+
+DEFAULT_MAX_SAMPLES = 1 << 24  # about 16 M values
+
+
+def _strided_sample(values, max_samples: int) -> np.ndarray:
+    data = getattr(values, "data", values)  # xarray -> its (dask or numpy) array
+    if not hasattr(data, "shape"):
+        data = np.asarray(data)
+    size = math.prod(data.shape)
+    if size > max_samples:
+        # the same stride on every axis keeps the sample evenly spread
+        step = math.ceil((size / max_samples) ** (1.0 / max(data.ndim, 1)))
+        data = data[(slice(None, None, step),) * data.ndim]
+    if hasattr(data, "compute"):
+        data = data.compute()
+    return np.asarray(data, dtype=np.float64).ravel()
+
+
+def fit_normalization(
+    values, low_pct: float = 0.5, high_pct: float = 99.5, max_samples: int = DEFAULT_MAX_SAMPLES
+) -> dict:
+    """Fit {"low", "high", "mean", "std"} (plain floats) on a volume, slab or sample.
+
+    ``values``: numpy array, dask array or xarray DataArray of any shape. Non-finite values
+    are ignored. Raises MagsegError when the sample is empty or has no intensity spread.
+    """
+    if not 0 <= low_pct < high_pct <= 100:
+        raise MagsegError(
+            f"normalisation percentiles must satisfy 0 <= low < high <= 100, "
+            f"got low={low_pct}, high={high_pct}"
+        )
+    sample = _strided_sample(values, max_samples)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        raise MagsegError(
+            "no finite intensity values to fit the normalisation on; "
+            "check the volume (all NaN or empty?)"
+        )
+    low, high = np.percentile(sample, [low_pct, high_pct])
+    if not high > low:
+        raise MagsegError(
+            f"intensity percentiles {low_pct}/{high_pct} are both {low:g} (a constant "
+            "volume?); check the input or widen the percentiles"
+        )
+    scaled = np.clip((sample - low) / (high - low), 0.0, 1.0)
+    std = float(scaled.std())
+    return {
+        "low": float(low),
+        "high": float(high),
+        "mean": float(scaled.mean()),
+        "std": max(std, 1e-6),
+    }
+
+
+def _check(norm: dict) -> None:
+    missing = [k for k in ("low", "high", "mean", "std") if k not in norm]
+    if missing:
+        raise MagsegError(f"normalisation {norm!r} lacks {missing}; refit it")
+
+
+def scale_to_unit(x, norm: dict):
+    """Percentile step only: clip((x - low) / (high - low), 0, 1) as float32.
+    numpy in, numpy out; torch in, torch out."""
+    _check(norm)
+    span = norm["high"] - norm["low"]
+    if hasattr(x, "clamp"):  # torch tensor
+        return ((x.float() - norm["low"]) / span).clamp_(0.0, 1.0)
+    return np.clip(
+        (np.asarray(x, dtype=np.float32) - np.float32(norm["low"])) / np.float32(span), 0.0, 1.0
+    ).astype(np.float32, copy=False)
+
+
+def standardize(x01, norm: dict):
+    """(x01 - mean) / std, for values already scaled to [0, 1]; numpy or torch."""
+    _check(norm)
+    if hasattr(x01, "clamp"):
+        return (x01.float() - norm["mean"]) / norm["std"]
+    return (
+        (np.asarray(x01, dtype=np.float32) - np.float32(norm["mean"])) / np.float32(norm["std"])
+    ).astype(np.float32, copy=False)
+
+
+def apply_normalization(x, norm: dict):
+    """The model input for raw intensities ``x``: standardize(scale_to_unit(x)), float32."""
+    return standardize(scale_to_unit(x, norm), norm)

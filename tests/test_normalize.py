@@ -1,0 +1,56 @@
+"""Percentile normalisation on numpy and dask inputs."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+
+from magseg_hpc.data.normalize import (
+    apply_normalization,
+    fit_normalization,
+    scale_to_unit,
+    standardize,
+)
+from magseg_hpc.errors import MagsegError
+
+
+def test_fit_formula_exact_on_small_arrays():
+    rng = np.random.default_rng(0)
+    v = rng.gamma(2.0, 30.0, size=(8, 32, 32)).astype(np.float32)
+    norm = fit_normalization(v)
+    low, high = np.percentile(v.astype(np.float64), [0.5, 99.5])
+    assert norm["low"] == pytest.approx(low) and norm["high"] == pytest.approx(high)
+    x01 = np.clip((v - low) / (high - low), 0, 1)
+    assert norm["mean"] == pytest.approx(x01.mean(), rel=1e-5)
+    assert norm["std"] == pytest.approx(x01.std(), rel=1e-5)
+    out = apply_normalization(v, norm)
+    assert out.dtype == np.float32
+    assert out.mean() == pytest.approx(0, abs=1e-4) and out.std() == pytest.approx(1, rel=1e-3)
+    assert all(isinstance(norm[k], float) for k in norm)
+
+
+def test_dask_strided_sample_close_to_exact():
+    rng = np.random.default_rng(1)
+    v = rng.normal(100, 10, size=(20, 64, 64)).astype(np.float32)
+    exact = fit_normalization(v)
+    sampled = fit_normalization(da.from_array(v, chunks=(5, 32, 32)), max_samples=10_000)
+    for k in exact:
+        assert sampled[k] == pytest.approx(exact[k], rel=0.05)
+    same = fit_normalization(da.from_array(v, chunks=(5, 32, 32)))
+    assert same == pytest.approx(exact)
+
+
+def test_torch_and_numpy_agree_and_steps_compose():
+    norm = {"low": 10.0, "high": 20.0, "mean": 0.5, "std": 0.25}
+    x = np.array([0.0, 10.0, 15.0, 30.0], np.float32)
+    np.testing.assert_allclose(scale_to_unit(x, norm), [0, 0, 0.5, 1])
+    np.testing.assert_allclose(apply_normalization(x, norm), [-2, -2, 0, 2])
+    t = standardize(scale_to_unit(torch.from_numpy(x), norm), norm)
+    np.testing.assert_allclose(t.numpy(), [-2, -2, 0, 2])
+
+
+def test_constant_or_empty_volume_refused():
+    with pytest.raises(MagsegError, match="constant"):
+        fit_normalization(np.full((4, 4), 3.0))
+    with pytest.raises(MagsegError, match="finite"):
+        fit_normalization(np.full((4, 4), np.nan))
