@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "magseg_hpc.commands.preview",
     "magseg_hpc.commands.segment_volume",
     "magseg_hpc.commands.train",
+    "magseg_hpc.submit",
 ]
 
 

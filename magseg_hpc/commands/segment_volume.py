@@ -1,0 +1,89 @@
+"""magseg-hpc segment-volume IN OUT --model CKPT: segment a 3D volume on a Dask cluster."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+
+from magseg_hpc.segment.cluster import DEFAULT_DASHBOARD, open_cluster
+from magseg_hpc.segment.pipeline import SegmentOptions, prepare, segment_volume
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "segment-volume",
+        help="segment a 3D volume slice by slice on a Dask cluster into a labelled zarr store",
+        description="Stream IN through a trained model slab by slab on a Dask cluster and "
+        "write OUT, a labelled zarr store (labels, optional probabilities, class table, "
+        "provenance, OME-Zarr label metadata). Finished slabs are recorded: --resume continues "
+        "an interrupted run.",
+    )
+    p.add_argument("input", metavar="IN", help="input volume (zarr, TIFF, HDF5, NPY, ...)")
+    p.add_argument("output", metavar="OUT", help="output label store (zarr directory)")
+    p.add_argument("--model", metavar="CKPT", help="checkpoint written by `magseg-hpc train`")
+    p.add_argument("--method", choices=("model", "threshold"), default="model",
+                   help="model (default) or the classical threshold baseline (no checkpoint)")
+    p.add_argument("--var", default=None, help="variable of a zarr group / HDF5 dataset")
+    p.add_argument("--axes", default="z",
+                   help="slice along these axes: z (default), or z,y,x to fuse three planes")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per forward (default 8)")
+    p.add_argument("--slab-size", type=int, default=16,
+                   help="slices per task, rounded up to whole output chunks (default 16)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also store per-class probabilities (uint8, p x 255)")
+    p.add_argument("--tta", action="store_true",
+                   help="average horizontal, vertical and both flips (4x the compute)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    g = p.add_argument_group("cluster (default: a local cluster sized for this machine)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="local Dask workers (default: one per GPU, else cores // threads)")
+    g.add_argument("--threads-per-worker", type=int, default=None,
+                   help="torch threads per worker (default min(cores, 4); cores/GPUs on GPU)")
+    g.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="join an existing Dask scheduler (tcp://HOST:PORT)")
+    g.add_argument("--cluster", choices=("slurm",), default=None,
+                   help="start Dask workers as SLURM jobs (needs --job)")
+    g.add_argument("--job", metavar="PROFILE", default=None,
+                   help="job profile YAML for --cluster slurm (e.g. jobs/gpu.yaml)")
+    g.add_argument("--jobs", type=int, default=1, help="SLURM jobs to start (default 1)")
+    g.add_argument("--dashboard-address", default=DEFAULT_DASHBOARD,
+                   help=f"Dask dashboard HOST:PORT (default {DEFAULT_DASHBOARD}; :0 picks a port)")
+    g.add_argument("--in-process", action="store_true",
+                   help="run local workers as threads of this process (debugging)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same model and options")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    opts = SegmentOptions(
+        input=args.input, output=args.output, model=args.model, var=args.var, axes=args.axes,
+        batch_size=args.batch_size, probabilities=args.probabilities, tta=args.tta,
+        device=args.device, slab_size=args.slab_size, resume=args.resume,
+        overwrite=args.overwrite, method=args.method,
+        command_line=shlex.join(["magseg-hpc", *sys.argv[1:]]),
+    )
+    # Every check that can fail on bad input runs before any cluster or output exists.
+    prepared = prepare(opts)
+    with open_cluster(
+        scheduler=args.scheduler, cluster=args.cluster, job=args.job, jobs=args.jobs,
+        workers=args.workers, threads_per_worker=args.threads_per_worker, device=args.device,
+        dashboard_address=args.dashboard_address, processes=not args.in_process,
+    ) as handle:
+        prepared.job = _with_threads(prepared.job, handle.torch_threads)
+        print(f"{handle.description}", flush=True)
+        print(f"dashboard: {handle.dashboard_link}", flush=True)
+        print(f"{len(prepared.slabs)} slabs -> {prepared.job.output}", flush=True)
+        summary = segment_volume(prepared, handle.client)
+    print(summary.format())
+    return 0
+
+
+def _with_threads(job, threads):
+    from dataclasses import replace
+
+    return replace(job, torch_threads=threads)

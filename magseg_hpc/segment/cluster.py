@@ -1,0 +1,231 @@
+"""Where slab tasks run: a local Dask cluster, an existing scheduler, or SLURM jobs.
+
+``open_cluster`` is a context manager that yields a ``ClusterHandle`` (client, dashboard link,
+the torch threads each task should use) and always closes what it started, also on errors and
+Ctrl-C, so no SLURM job outlives the command.
+
+Local sizing (``local_cluster_size``): one Dask worker *process* per GPU when CUDA is used;
+on CPU, ``threads`` torch threads per worker (default min(cores, 4)) and ``cores // threads``
+workers. Each worker runs one slab at a time (one Dask thread): the model forward is the
+bottleneck and already uses all its torch threads, and one slab at a time bounds memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DASHBOARD = "127.0.0.1:8787"
+
+
+@dataclass
+class ClusterHandle:
+    client: object
+    kind: str  # "local", "scheduler", "slurm"
+    dashboard_link: str | None
+    torch_threads: int | None  # None: each worker derives it from its CPUs and Dask threads
+    description: str
+    cluster: object = None
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def local_cluster_size(
+    cores: int, gpus: int, workers: int | None, threads: int | None
+) -> tuple[int, int]:
+    """(Dask workers, torch threads per worker) for a local cluster. Pure, unit-tested."""
+    if gpus > 0:
+        n = workers or gpus
+        return n, threads or max(1, cores // n)
+    if threads is None:
+        threads = max(1, cores // workers) if workers else min(cores, 4)
+    return workers or max(1, cores // threads), threads
+
+
+def _cuda_devices(device: str) -> int:
+    if device == "cpu":
+        return 0
+    import torch
+
+    # device_count does not initialise CUDA here, so spawned workers can still use it.
+    n = torch.cuda.device_count()
+    if device.startswith("cuda") and n == 0:
+        raise MagsegError(f"--device {device}: no CUDA GPU visible; use --device cpu or auto")
+    return n
+
+
+@contextlib.contextmanager
+def open_cluster(
+    *,
+    scheduler: str | None = None,
+    cluster: str | None = None,
+    job: str | None = None,
+    jobs: int = 1,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    device: str = "auto",
+    dashboard_address: str = DEFAULT_DASHBOARD,
+    processes: bool = True,
+    connect_timeout: float = 5.0,
+    wait_timeout: float = 300.0,
+) -> Iterator[ClusterHandle]:
+    from distributed import Client
+
+    if scheduler and cluster:
+        raise MagsegError("--scheduler and --cluster exclude each other; pick one")
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=f"{connect_timeout}s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise MagsegError(
+                f"cannot reach the Dask scheduler at {scheduler} ({type(e).__name__}); check "
+                "the address (tcp://HOST:PORT) and that the scheduler is running"
+            ) from e
+        try:
+            n = len(client.scheduler_info().get("workers", {}))
+            yield ClusterHandle(client, "scheduler", client.dashboard_link, threads_per_worker,
+                                f"existing scheduler {scheduler} ({n} workers)")
+        finally:
+            client.close()
+        return
+    if cluster == "slurm":
+        with _slurm_cluster(job, jobs, device, dashboard_address, wait_timeout) as handle:
+            yield handle
+        return
+    if cluster not in (None, "local"):
+        raise MagsegError(f"--cluster {cluster}: choose slurm (or leave it out for local)")
+    from distributed import LocalCluster
+
+    gpus = _cuda_devices(device)
+    n, threads = local_cluster_size(available_cores(), gpus, workers, threads_per_worker)
+    local = LocalCluster(
+        n_workers=n, threads_per_worker=1, processes=processes,
+        dashboard_address=dashboard_address, resources={"GPU": 1} if gpus else None,
+        silence_logs=logging.ERROR,
+    )
+    client = Client(local)
+    try:
+        yield ClusterHandle(
+            client, "local", client.dashboard_link, threads,
+            f"local cluster: {n} worker{'s' * (n > 1)} x {threads} torch threads"
+            + (f", {gpus} GPUs" if gpus else ""), local,
+        )
+    finally:
+        client.close()
+        local.close()
+
+
+def load_job_profile(path: str | os.PathLike) -> dict:
+    """The Dask-worker view of a job profile YAML (partition, cpus, memory, time, gpus...).
+
+    Reads ``magseg_hpc.submit``'s loader when it exists, else the YAML itself.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MagsegError(f"job profile {p} not found; give a YAML under jobs/ (see jobs/*.yaml)")
+    try:
+        from magseg_hpc.submit import load_job_profile as submit_loader  # type: ignore
+    except ImportError:
+        submit_loader = None
+    if submit_loader is not None:
+        profile = submit_loader(p)
+        profile = profile if isinstance(profile, dict) else vars(profile)
+    else:
+        import yaml
+
+        try:
+            profile = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MagsegError(f"job profile {p} is not valid YAML ({e})") from e
+        if not isinstance(profile, dict):
+            raise MagsegError(f"job profile {p} must be a mapping of settings")
+    return profile
+
+
+def slurm_cluster_kwargs(profile: dict, dashboard_address: str) -> dict:
+    """SLURMCluster keyword arguments from a job profile (jobs/*.yaml). Pure, unit-tested.
+
+    One SLURM job is one node: one Dask worker process per GPU (``gpus_per_node``), each with
+    ``cpus_per_task`` cores and a ``GPU=1`` resource, so each GPU runs one slab at a time.
+    Without GPUs, one worker per job with ``cpus_per_task`` cores.
+    """
+    gpus = int(profile.get("gpus_per_node") or profile.get("gpus") or 0)
+    cpus = int(profile.get("cpus_per_task") or profile.get("cores") or 1)
+    processes = max(1, gpus)
+    memory = profile.get("memory") or f"{profile.get('mem_gb') or 4}GB"
+    minutes = int(profile.get("timeout_min") or 60)
+    extra = []
+    for key in ("qos", "constraint"):
+        if profile.get(key):
+            extra.append(f"--{key}={profile[key]}")
+    for key, value in (profile.get("sbatch_extra") or {}).items():
+        if value is True:
+            extra.append(f"--{key}")
+        elif value not in (None, False):
+            extra.append(f"--{key}={value}")
+    if gpus:
+        extra.append(f"--gres=gpu:{gpus}")
+    kwargs = {
+        "queue": profile.get("partition"),
+        "account": profile.get("account"),
+        "cores": cpus * processes,
+        "processes": processes,
+        "memory": str(memory),
+        "walltime": f"{minutes // 60:02d}:{minutes % 60:02d}:00",
+        "job_extra_directives": extra,
+        "job_script_prologue": [line for line in profile.get("setup") or []
+                                if not str(line).lstrip().startswith("#")],
+        "worker_extra_args": ["--resources", "GPU=1"] if gpus else [],
+        "scheduler_options": {"dashboard_address": dashboard_address},
+    }
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+@contextlib.contextmanager
+def _slurm_cluster(job, jobs, device, dashboard_address, wait_timeout):
+    if not job:
+        raise MagsegError("--cluster slurm needs --job jobs/PROFILE.yaml (partition, cpus...)")
+    if jobs < 1:
+        raise MagsegError("--jobs must be at least 1")
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as e:
+        raise MagsegError("--cluster slurm needs dask-jobqueue; pip install dask-jobqueue") from e
+    from distributed import Client
+
+    kwargs = slurm_cluster_kwargs(load_job_profile(job), dashboard_address)
+    log_dir = Path.cwd() / "runs" / "dask-slurm"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    slurm = SLURMCluster(**kwargs, log_directory=str(log_dir))
+    client = None
+    try:
+        slurm.scale(jobs=jobs)
+        client = Client(slurm)
+        log.info("waiting for SLURM workers (%d jobs)", jobs)
+        try:
+            client.wait_for_workers(1, timeout=wait_timeout)
+        except TimeoutError as e:
+            raise MagsegError(
+                f"no SLURM worker started within {wait_timeout:.0f} s; check squeue and "
+                f"the job logs in {log_dir}"
+            ) from e
+        yield ClusterHandle(client, "slurm", client.dashboard_link, None,
+                            f"SLURM: {jobs} jobs from {job}", slurm)
+    finally:
+        # Always cancel the jobs, whatever happened (volara #33: leaked GPU workers).
+        if client is not None:
+            client.close()
+        slurm.close()

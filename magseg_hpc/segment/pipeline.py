@@ -1,0 +1,435 @@
+"""segment-volume: plan slabs, submit one task per slab, mark them done, report.
+
+Flow: ``prepare`` validates everything (input, variable, checkpoint, axes, a finite-voxel
+sample, an existing output) without writing anything; ``segment_volume`` then creates (or
+reopens, with ``--resume``) the label store, submits slab tasks with ``client.submit`` (at most
+``max_in_flight`` at once, so neither the scheduler nor the workers hold more than that many
+slabs), marks each slab done when its future returns, and marks the store complete only when
+every slab succeeded.
+
+Orthoplane (``axes`` with several entries): each pass writes uint8-quantised class
+probabilities (C, z, y, x) to its own scratch array under ``OUT/.magseg/scratch.zarr``; once
+every pass slab is done, fusion slabs read z slabs of all scratch arrays, average them, take
+the argmax and write the output. Scratch is deleted when the output is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from magseg_hpc import __version__
+from magseg_hpc.classes import ClassTable
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.segment.blocks import (
+    AXES,
+    Slab,
+    output_chunks,
+    plan_passes,
+    scratch_chunks,
+)
+from magseg_hpc.segment.resume import (
+    DoneMarkers,
+    check_resumable,
+    read_run_record,
+    state_dir,
+    write_run_record,
+)
+from magseg_hpc.segment.worker import SlabJob, run_slab
+
+log = logging.getLogger(__name__)
+
+METHODS = ("model", "threshold")
+DEVICES = ("auto", "cpu", "cuda")
+PRECHECK_SLICES = 4  # finite-voxel pre-check reads this many evenly spaced z slices
+
+
+@dataclass
+class SegmentOptions:
+    input: str
+    output: str
+    model: str | None = None
+    var: str | None = None
+    axes: tuple[str, ...] = ("z",)
+    batch_size: int = 8
+    probabilities: bool = False
+    tta: bool = False
+    device: str = "auto"
+    slab_size: int = 16
+    resume: bool = False
+    overwrite: bool = False
+    method: str = "model"
+    torch_threads: int | None = None
+    command_line: str | None = None
+
+
+@dataclass
+class Prepared:
+    options: SegmentOptions
+    volume: object  # xr.DataArray, lazy
+    class_table: ClassTable
+    job: SlabJob
+    chunks: tuple[int, int, int]
+    slabs: list[Slab]
+    fields: dict  # the resume fingerprint's inputs
+    provenance: dict
+
+
+@dataclass
+class RunSummary:
+    output: str
+    shape: tuple[int, int, int]
+    axes: tuple[str, ...]
+    slabs_total: int
+    slabs_run: int = 0
+    slabs_skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    slices: int = 0
+    voxels: int = 0  # volume voxels segmented by this run (a pass slab counts 1/len(axes))
+    seconds: float = 0.0
+    per_worker: dict = field(default_factory=dict)
+
+    @property
+    def voxels_per_second(self) -> float:
+        return self.voxels / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        lines = [
+            f"segmented {self.output}: volume {'x'.join(map(str, self.shape))}, axes "
+            f"{','.join(self.axes)}; {self.slabs_run} slabs run, {self.slabs_skipped} already "
+            f"done, {len(self.failed)} failed",
+            f"{self.voxels:,} voxels, {self.slices} slices in {self.seconds:.1f} s: "
+            f"{self.voxels_per_second:,.0f} voxels/s",
+        ]
+        for name, w in sorted(self.per_worker.items()):
+            lines.append(
+                f"  worker {name}: {w['slabs']} slabs, {w['seconds']:.1f} s in tasks "
+                f"(read {w['read_s']:.1f}, compute {w['compute_s']:.1f}, write {w['write_s']:.1f})"
+            )
+        return "\n".join(lines)
+
+
+def parse_axes(text: str | tuple | list) -> tuple[str, ...]:
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    bad = [p for p in parts if p not in AXES]
+    if bad or not parts:
+        raise MagsegError(
+            f"--axes {text if isinstance(text, str) else ','.join(text)!s}: unknown axis "
+            f"{', '.join(map(repr, bad)) or '(none)'}; use axes from z, y, x "
+            "(e.g. --axes z, or --axes z,y,x for orthoplane fusion)"
+        )
+    if len(set(parts)) != len(parts):
+        raise MagsegError(f"--axes {text}: an axis is repeated; give each of z, y, x at most once")
+    return tuple(parts)
+
+
+def _check_options(opts: SegmentOptions) -> None:
+    if opts.method not in METHODS:
+        raise MagsegError(f"--method {opts.method}: choose one of {', '.join(METHODS)}")
+    if opts.device not in DEVICES and not opts.device.startswith("cuda:"):
+        raise MagsegError(f"--device {opts.device}: choose one of {', '.join(DEVICES)}")
+    if opts.batch_size < 1 or opts.slab_size < 1:
+        raise MagsegError("--batch-size and --slab-size must be positive integers")
+    if opts.resume and opts.overwrite:
+        raise MagsegError("--resume and --overwrite exclude each other; pick one")
+    if opts.method == "model" and not opts.model:
+        raise MagsegError("--model CKPT is required (or --method threshold for the baseline)")
+    if opts.method == "threshold" and (opts.tta or opts.probabilities or opts.axes != ("z",)):
+        raise MagsegError(
+            "--method threshold gives labels only: drop --tta, --probabilities and --axes"
+        )
+    inp, out = Path(opts.input.split(".h5:")[0]).resolve(), Path(opts.output).resolve()
+    if inp == out or out in inp.parents or inp in out.parents:
+        raise MagsegError(f"{opts.output}: output must not be (inside) the input {opts.input}")
+
+
+def _sample_slices(volume) -> np.ndarray:
+    nz = volume.shape[0]
+    idx = sorted({int(round(i)) for i in np.linspace(0, nz - 1, min(PRECHECK_SLICES, nz))})
+    return np.asarray(volume.data[idx].compute(scheduler="synchronous"))
+
+
+def prepare(opts: SegmentOptions) -> Prepared:
+    """Validate everything and plan the run; writes nothing."""
+    from magseg_hpc.volume.io import open_volume
+
+    opts.axes = parse_axes(opts.axes)
+    _check_options(opts)
+    volume = open_volume(opts.input, opts.var)
+    if min(volume.shape) < 1:
+        raise MagsegError(f"{opts.input}: volume is empty (shape {volume.shape})")
+    sample = _sample_slices(volume)
+    if sample.dtype.kind == "f" and not np.isfinite(sample).all():
+        raise MagsegError(
+            f"{opts.input}: NaN or inf voxels (found in a sample of z slices); replace them "
+            "(e.g. with 0) before segmenting"
+        )
+    model_path = str(Path(opts.model).resolve()) if opts.model else None
+    sha256, threshold, normalization = None, {}, None
+    if opts.method == "model":
+        from magseg_hpc.models.checkpoint import checkpoint_sha256, load_inference_model
+
+        # Build it once here (CPU) so a checkpoint whose weights do not fit fails now, with
+        # nothing written; workers load their own copy from the path.
+        _, ckpt = load_inference_model(model_path, device="cpu")
+        class_table = ClassTable.from_dict(ckpt["class_table"])
+        normalization = ckpt["normalization"]
+        sha256 = checkpoint_sha256(model_path)
+        model_cfg = ckpt["model"]
+        del ckpt
+    else:
+        from magseg_hpc.segment.threshold import fit_threshold_params
+
+        with dask.config.set(scheduler="synchronous"):
+            threshold = fit_threshold_params(volume.data)
+        class_table, model_cfg = ClassTable.default(), None
+    shape = tuple(int(n) for n in volume.shape)
+    chunks = output_chunks(shape, opts.axes, opts.slab_size)
+    pass_chunks = (
+        {a: chunks[AXES.index(a)] for a in opts.axes} if len(opts.axes) == 1
+        else {a: scratch_chunks(shape, a, opts.slab_size)[1 + AXES.index(a)] for a in opts.axes}
+    )
+    slabs = plan_passes(shape, opts.axes, pass_chunks, chunks[0], opts.slab_size)
+    job = SlabJob(
+        input=_abs_input(opts.input), var=opts.var, output=str(Path(opts.output).resolve()),
+        axes=opts.axes, num_classes=class_table.num_classes, method=opts.method,
+        model=model_path, model_sha256=sha256, threshold=threshold,
+        batch_size=opts.batch_size, tta=opts.tta, probabilities=opts.probabilities,
+        device=opts.device, torch_threads=opts.torch_threads,
+    )
+    fields = {
+        "method": opts.method, "model_sha256": sha256, "threshold": threshold,
+        "class_table": class_table.to_dict(), "normalization": normalization,
+        "axes": list(opts.axes), "tta": opts.tta, "probabilities": opts.probabilities,
+        "slab_size": opts.slab_size, "chunks": list(chunks), "var": opts.var,
+        "input_shape": list(shape), "input_dtype": str(volume.dtype),
+        "input_chunks": [int(c) for c in volume.data.chunksize],
+    }
+    provenance = {
+        "command": "segment-volume", "command_line": opts.command_line,
+        "input": job.input, "var": opts.var, "method": opts.method,
+        "model": model_path, "model_sha256": sha256, "model_config": model_cfg,
+        "threshold": threshold or None,
+        "options": {k: v for k, v in asdict(opts).items()
+                    if k not in ("input", "output", "model", "command_line")},
+        "software": f"magseg-hpc {__version__}",
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    provenance["options"]["axes"] = list(opts.axes)
+    if Path(opts.output).exists():
+        if opts.resume:
+            check_resumable(opts.output, fields)
+        elif not opts.overwrite:
+            raise MagsegError(
+                f"{opts.output} already exists; pass --resume to continue it or --overwrite "
+                "to replace it"
+            )
+    return Prepared(opts, volume, class_table, job, chunks, slabs, fields, provenance)
+
+
+def _abs_input(text: str) -> str:
+    for suffix in (".h5:", ".hdf5:", ".hdf:", ".nxs:"):
+        i = text.lower().find(suffix)
+        if i >= 0:
+            cut = i + len(suffix) - 1
+            return str(Path(text[:cut]).resolve()) + text[cut:]
+    return str(Path(text).resolve())
+
+
+def _open_output(prep: Prepared) -> None:
+    """Create the label store (or reuse it on resume) and the run record."""
+    from magseg_hpc.volume.store import create_label_store, open_group
+
+    opts, out = prep.options, prep.job.output
+    if opts.resume and read_run_record(out) is not None:
+        log.info("resuming %s: %d of %d slabs already done", out,
+                 len(DoneMarkers(out).done()), len(prep.slabs))
+    else:
+        create_label_store(
+            out, like=prep.volume, class_table=prep.class_table, provenance=prep.provenance,
+            chunks=prep.chunks, with_probabilities=opts.probabilities, overwrite=opts.overwrite,
+        )
+        write_run_record(out, prep.fields)
+    actual = tuple(open_group(out)["labels"].chunks)
+    if actual != tuple(prep.chunks):  # the plan's chunk alignment is what makes writes safe
+        raise MagsegError(
+            f"{out}: labels are chunked {actual}, expected {prep.chunks}; pass --overwrite"
+        )
+    if len(opts.axes) > 1:
+        _open_scratch(prep)
+
+
+def _open_scratch(prep: Prepared) -> None:
+    import zarr
+
+    shape = tuple(int(n) for n in prep.volume.shape)
+    path = Path(prep.job.scratch)
+    markers = DoneMarkers(prep.job.output)
+    if not path.exists():
+        # Pass results live only in scratch: without it, done pass slabs must run again.
+        markers.unmark([s.key for s in prep.slabs if s.stage != "fuse"])
+    group = zarr.open_group(str(path), mode="a", zarr_format=3)
+    for axis in prep.options.axes:
+        if axis not in group:
+            chunks = (prep.class_table.num_classes,
+                      *scratch_chunks(shape, axis, prep.options.slab_size)[1:])
+            group.create_array(axis, shape=(prep.class_table.num_classes, *shape),
+                               chunks=chunks, dtype="uint8", fill_value=0)
+            markers.unmark([s.key for s in prep.slabs if s.stage == axis])
+
+
+def warm_workers(prep: Prepared, client) -> float:
+    """Load the model on every current worker in parallel (one task each); returns seconds.
+
+    Optional: a worker loads it on its first slab anyway. Benchmarks use it to separate
+    start-up from steady-state throughput.
+    """
+    from distributed import wait
+
+    from magseg_hpc.segment.worker import warm_up
+
+    t0 = time.perf_counter()
+    futures = [client.submit(warm_up, prep.job, workers=[addr], allow_other_workers=False,
+                             pure=False, key=f"warm-up-{uuid.uuid4().hex[:8]}")
+               for addr in client.scheduler_info()["workers"]]
+    wait(futures)
+    for f in futures:
+        f.result()
+    return time.perf_counter() - t0
+
+
+def default_in_flight(client) -> int:
+    threads = sum(client.nthreads().values()) if client is not None else 1
+    return max(2, 2 * threads)
+
+
+def segment_volume(
+    opts: SegmentOptions | Prepared,
+    client,
+    *,
+    progress: bool | None = None,
+    max_in_flight: int | None = None,
+    on_result: Callable[[dict], None] | None = None,
+) -> RunSummary:
+    """Segment a volume on ``client``'s cluster. Raises MagsegError if any slab failed."""
+    from tqdm import tqdm
+
+    prep = opts if isinstance(opts, Prepared) else prepare(opts)
+    _open_output(prep)
+    out = prep.job.output
+    markers = DoneMarkers(out)
+    done = markers.done()
+    shape = tuple(int(n) for n in prep.volume.shape)
+    summary = RunSummary(out, shape, prep.options.axes, len(prep.slabs))
+    summary.slabs_skipped = sum(s.key in done for s in prep.slabs)
+    in_flight = max_in_flight or default_in_flight(client)
+    passes = [s for s in prep.slabs if s.stage != "fuse" and s.key not in done]
+    fuses = [s for s in prep.slabs if s.stage == "fuse" and s.key not in done]
+    resources = _gpu_resources(client, prep.options.device)
+    t0 = time.perf_counter()
+    failures: list[tuple[Slab, BaseException]] = []
+    with tqdm(total=len(passes) + len(fuses), unit="slab", desc="segment",
+              disable=(not progress) if progress is not None else None) as bar:
+        for stage in (passes, fuses):
+            if failures:  # fusion needs every pass slab
+                break
+            failures += _run_stage(client, prep.job, stage, markers, summary, bar,
+                                   in_flight, resources, on_result)
+    summary.seconds = time.perf_counter() - t0
+    summary.failed = [s.name for s, _ in failures]
+    if failures:
+        names = ", ".join(summary.failed[:8]) + (" ..." if len(failures) > 8 else "")
+        first = failures[0][1]
+        raise MagsegError(
+            f"{len(failures)} of {len(prep.slabs)} slabs failed ({names}): "
+            f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}; "
+            f"{out} is incomplete, fix the cause and rerun with --resume"
+        )
+    if len(prep.options.axes) > 1:
+        shutil.rmtree(prep.job.scratch, ignore_errors=True)
+    from magseg_hpc.volume.store import set_complete
+
+    set_complete(out, True, finished=_dt.datetime.now(_dt.timezone.utc).isoformat(
+        timespec="seconds"))
+    return summary
+
+
+def _gpu_resources(client, device: str) -> dict | None:
+    """Ask for a GPU slot only when every worker advertises one (else tasks would starve)."""
+    if device == "cpu" or client is None:
+        return None
+    workers = client.scheduler_info().get("workers", {}).values()
+    if workers and all(w.get("resources", {}).get("GPU") for w in workers):
+        return {"GPU": 1}
+    return None
+
+
+def _run_stage(client, job, slabs, markers, summary, bar, in_flight, resources, on_result):
+    from distributed import as_completed
+
+    if not slabs:
+        return []
+    token = uuid.uuid4().hex[:8]
+    pending = iter(slabs)
+    futures = {}
+
+    def submit_next(ac=None) -> None:
+        slab = next(pending, None)
+        if slab is None:
+            return
+        fut = client.submit(run_slab, job, slab, key=f"segment-{slab.stage}-{slab.start}-{token}",
+                            resources=resources, pure=False)
+        futures[fut] = slab
+        if ac is not None:
+            ac.add(fut)
+
+    for _ in range(min(in_flight, len(slabs))):
+        submit_next()
+    failures = []
+    ac = as_completed(list(futures))
+    try:
+        for fut in ac:
+            slab = futures.pop(fut)
+            try:
+                stats = fut.result()
+            except Exception as e:  # noqa: BLE001 - every failure is reported by slab name
+                log.error("slab %s failed: %s: %s", slab.name, type(e).__name__, e)
+                failures.append((slab, e))
+            else:
+                markers.mark(slab.key)  # only after the write returned
+                _account(summary, stats, len(job.axes))
+                if on_result is not None:
+                    on_result(stats)
+            bar.update(1)
+            submit_next(ac)
+    except BaseException:
+        client.cancel(list(futures))
+        raise
+    return failures
+
+
+def _account(summary: RunSummary, stats: dict, n_axes: int) -> None:
+    summary.slabs_run += 1
+    if stats["stage"] != "fuse":
+        summary.slices += stats["slices"]
+        summary.voxels += int(math.ceil(stats["voxels"] / n_axes))
+    w = summary.per_worker.setdefault(
+        stats["worker"], {"slabs": 0, "seconds": 0.0, "read_s": 0.0, "compute_s": 0.0,
+                          "write_s": 0.0})
+    w["slabs"] += 1
+    for k in ("seconds", "read_s", "compute_s", "write_s"):
+        w[k] += stats[k]
+
+
+__all__ = ["SegmentOptions", "Prepared", "RunSummary", "prepare", "segment_volume",
+           "parse_axes", "state_dir"]

@@ -1,0 +1,165 @@
+"""segment-volume through the CLI: bad inputs, a killed run resumed, the dashboard serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client, LocalCluster
+from segment_utils import is_complete, make_checkpoint, make_volume, read_labels, write_input
+
+from magseg_hpc.classes import ClassTable
+from magseg_hpc.cli import main
+from magseg_hpc.segment.pipeline import SegmentOptions, segment_volume
+from magseg_hpc.segment.resume import DoneMarkers
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    volume = make_volume((9, 21, 17))
+    nan = volume.copy()
+    nan[0, 2, 2] = np.inf
+    (d / "notes.txt").write_text("not a volume")
+    ckpt = make_checkpoint(d / "ckpt.pt")
+    data = ckpt.read_bytes()
+    (d / "corrupt.pt").write_bytes(data[: len(data) // 2])  # truncated by a crashed copy
+    torch.save({"weights": torch.zeros(3)}, d / "foreign.pt")
+    other = ClassTable(("background", "domain"), ((0, 0, 0), (255, 0, 0)))
+    return {
+        "dir": d, "input": write_input(d / "in.zarr", volume, (4, 8, 8)),
+        "nan": write_input(d / "nan.zarr", nan, (4, 8, 8)),
+        "ckpt": ckpt,
+        "other_classes": make_checkpoint(d / "other.pt", class_table=other),
+    }
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    rc = main(["segment-volume", *map(str, args)])
+    return rc, capsys.readouterr().err.strip()
+
+
+BAD = {
+    "missing input": (["{d}/nope.zarr"], "no such file"),
+    "not a volume": (["{d}/notes.txt"], "not a volume format"),
+    "missing checkpoint": (["{input}", "--model", "{d}/none.pt"], "checkpoint not found"),
+    "corrupt checkpoint": (["{input}", "--model", "{d}/corrupt.pt"],
+                           "cannot read checkpoint .*truncated"),
+    "foreign checkpoint": (["{input}", "--model", "{d}/foreign.pt"], "not a magseg-hpc"),
+    "unknown variable": (["{input}", "--var", "raw"], "no variable 'raw'; it has .*image"),
+    "inf voxels": (["{nan}"], "NaN or inf voxels"),
+    "unknown axis": (["{input}", "--axes", "z,w"], "unknown axis 'w'"),
+    "threshold with tta": (["{input}", "--method", "threshold", "--tta"], "labels only"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_exit_2_nothing_clobbered(files, capsys, tmp_path, case):
+    args, message = BAD[case]
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    (out / "precious").write_text("keep me")
+    fmt = {"d": files["dir"], "input": files["input"], "nan": files["nan"]}
+    args = [a.format(**fmt) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(files["ckpt"])]
+    rc, err = cli(capsys, args[0], out, *args[1:], "--overwrite", "--in-process",
+                  "--dashboard-address", ":0")
+    assert rc == 2
+    assert err.count("\n") == 0 and err.startswith("magseg-hpc: error:")
+    import re
+
+    assert re.search(message, err), err
+    assert (out / "precious").read_text() == "keep me"
+
+
+def test_unreachable_scheduler(files, capsys, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    rc, err = cli(capsys, files["input"], tmp_path / "out.zarr", "--model", files["ckpt"],
+                  "--scheduler", f"tcp://127.0.0.1:{port}")
+    assert rc == 2 and "cannot reach the Dask scheduler" in err
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_resume_with_checkpoint_for_other_classes_is_refused(files, capsys, tmp_path):
+    out = tmp_path / "out.zarr"
+    common = ["--in-process", "--dashboard-address", ":0", "--slab-size", "4"]
+    rc, _ = cli(capsys, files["input"], out, "--model", files["ckpt"], *common)
+    assert rc == 0 and is_complete(out)
+    before = read_labels(out)
+    rc, err = cli(capsys, files["input"], out, "--model", files["other_classes"], "--resume",
+                  *common)
+    assert rc == 2 and "class_table" in err
+    np.testing.assert_array_equal(read_labels(out), before)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_killed_run_resumes_to_identical_output_and_dashboard_serves(files, tmp_path):
+    volume = make_volume((40, 64, 64), seed=3)
+    inp = write_input(tmp_path / "in.zarr", volume, (16, 32, 32))
+    out, ref_out = tmp_path / "out.zarr", tmp_path / "ref.zarr"
+    port = free_port()
+    args = [sys.executable, "-m", "magseg_hpc.cli", "segment-volume", str(inp), str(out),
+            "--model", str(files["ckpt"]), "--slab-size", "2", "--tta", "--probabilities",
+            "--workers", "1", "--threads-per-worker", "1"]
+    proc = subprocess.Popen(args + ["--dashboard-address", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own group: kill it with its workers
+    try:
+        status = None
+        deadline = time.monotonic() + 120
+        while status != 200 and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/status",
+                                                timeout=2).status
+            except OSError:
+                time.sleep(0.2)
+        assert status == 200, "dashboard did not answer during the run"
+        markers = DoneMarkers(out)
+        while len(markers.done()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_at_kill = len(DoneMarkers(out).done())
+    assert 2 <= done_at_kill < 20 and not is_complete(out)
+    # Without --resume an existing output is refused; with it, the run finishes.
+    refused = subprocess.run(args + ["--dashboard-address", ":0"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run(args + ["--resume", "--dashboard-address", ":0"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{done_at_kill} already done" in resumed.stdout
+    assert "voxels/s" in resumed.stdout and "dashboard: http://127.0.0.1:" in resumed.stdout
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        segment_volume(SegmentOptions(str(inp), str(ref_out), model=str(files["ckpt"]),
+                                      slab_size=2, tta=True, probabilities=True,
+                                      torch_threads=1),  # bit-identical needs equal threads
+                       client, progress=False)
+    import zarr
+
+    a, b = zarr.open_group(str(out)), zarr.open_group(str(ref_out))
+    assert is_complete(out)
+    np.testing.assert_array_equal(a["labels"][:], b["labels"][:])
+    np.testing.assert_array_equal(a["probabilities"][:], b["probabilities"][:])
