@@ -69,8 +69,11 @@ class DataConfig:
     volume: str | None = None
     image_var: str = "image"
     label_var: str = "labels"
+    # A separate label store (e.g. from `magseg-hpc import-masks`); null: labels in ``volume``.
+    label_volume: str | None = None
     # A separate volume for validation; when null, n_val slices are held out of ``volume``.
     val_volume: str | None = None
+    val_label_volume: str | None = None
     folder: str | None = None
     image_dir: str = "images"  # sub-folders of ``folder``
     mask_dir: str = "masks"
@@ -109,10 +112,17 @@ class TrainConfig:
     sup_only_epochs: int = 0
     uns_weight: float = 1.0
     cutmix_prob: float = 1.0
+    # AugSeg's flag_extra_weak: the weak views join the student forward (BN statistics only)
+    extra_weak: bool = False
     num_strong_augs: int = 3
     random_num_augs: bool = True
     crop_size: int = 513
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    # Extra geometric augmentations (the study used horizontal flips only).
+    vflip: bool = False
+    rot90: bool = False
+    # CutMix box centres uniform over the image instead of the study's bottom-right bias.
+    uniform_cutmix_centre: bool = False
     checkpoint_every: int = 500
     eval_every: int = 0  # iterations; 0 evaluates at the end of every epoch
     log_every: int = 10
@@ -205,6 +215,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -231,7 +246,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     section = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
         raise MagsegError(
-            f"config section {section!r} must be a mapping, got {raw!r}; "
+            f"config section '{section}' must be a mapping, got {raw!r}; "
             f"valid keys: {_section_help(cls, prefix)}"
         )
     hints = typing.get_type_hints(cls)
@@ -239,7 +254,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key in raw:
         if key not in names:
             raise MagsegError(
-                f"unknown config key {prefix}{key!r}; valid keys in {section} (with defaults): "
+                f"unknown config key '{prefix}{key}'; valid keys in {section} (with defaults): "
                 f"{_section_help(cls, prefix)}"
             )
     kwargs = {}
@@ -354,7 +369,27 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     raw.setdefault("name", path.stem)
     for override in overrides:
         _apply_override(raw, override)
-    return config_from_dict(raw)
+    return _absolute_paths(config_from_dict(raw))
+
+
+def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Relative data and weight paths are taken from the working directory and stored
+    absolute, so the saved config and any job launched from it name the same files."""
+    d = cfg.data
+    for key in ("volume", "label_volume", "val_volume", "val_label_volume", "folder",
+                "labeled_split", "unlabeled_split", "val_split"):
+        value = getattr(d, key)
+        if value:
+            setattr(d, key, _absolute(value))
+    if cfg.model.pretrained and cfg.model.pretrained.lower() not in ("none", "null"):
+        cfg.model.pretrained = _absolute(cfg.model.pretrained)
+    return cfg
+
+
+def _absolute(path: str) -> str:
+    # keep an HDF5 "file.h5:/dataset" suffix intact
+    head, sep, tail = path.partition(".h5:")
+    return str(Path(head).expanduser().absolute()) + sep + tail
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:

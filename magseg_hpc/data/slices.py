@@ -1,0 +1,486 @@
+"""2D slice datasets for training: sources, explicit splits, and the per-epoch sampling plan.
+
+Two sources of slices:
+
+* a volume store (image + labels zarr group, e.g. from ``magseg-hpc make-phantom``); slices
+  are taken along ``data.axis`` and named by their index;
+* an image folder in the original study's layout: ``images/{id}.png``, ``masks/{id}.png``
+  (colour PNGs, colours from the class table, any other colour -> 255 ignore) and the lists
+  ``labeled.txt`` / ``unlabeled.txt`` / ``val.txt`` (one id or file name per line).
+
+Splits are plain text files (one slice index or image id per line, ``#`` comments) written
+to ``output_dir/splits/`` when a run starts and reused when it resumes. The unlabelled
+dataset never opens the labels.
+
+Sampling (identical on every rank, so the oversampled labelled list agrees across ranks):
+one epoch is one pass over the unlabelled list; the labelled list is repeated in fresh
+random orders up to that length. A global batch of ``batch_size * world_size`` is cut into
+per-rank batches. Each sample carries the key ``(epoch, position)``, its place in the epoch,
+and its augmentation generator is derived from ``(seed, stream, epoch, position)``: the data
+pipeline is a pure function of (seed, epoch, iteration, rank), so resuming needs no state and
+the number of DataLoader workers does not change the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from magseg_hpc.classes import IGNORE_LABEL, ClassTable
+from magseg_hpc.data.masks import colors_to_labels, read_mask
+from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SPLIT_NAMES",
+    "VolumeSlices",
+    "FolderSlices",
+    "make_splits",
+    "write_split",
+    "read_split",
+    "EpochPlan",
+    "epoch_plan",
+    "sample_rng",
+    "step_generator",
+    "LabeledSlices",
+    "UnlabeledSlices",
+    "ValSlices",
+    "AugmentSettings",
+    "iters_per_epoch",
+]
+
+SPLIT_NAMES = ("labeled", "unlabeled", "val")
+AXES = ("z", "y", "x")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+# Streams keep the random draws of different purposes independent.
+STREAM_SPLIT, STREAM_UNLABELED_ORDER, STREAM_LABELED_ORDER = 1, 2, 3
+STREAM_LABELED_AUG, STREAM_UNLABELED_AUG, STREAM_STEP = 4, 5, 6
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+class VolumeSlices:
+    """2D slices of a volume store along ``axis``. Opens the labels only when asked for them.
+
+    Volumes up to ``cache_mb`` are read into memory once (per process, on first use); larger
+    ones are read slice by slice through dask.
+    """
+
+    def __init__(self, path: str | Path, axis: str = "z", *, image_var: str = "image",
+                 label_var: str = "labels", label_path: str | Path | None = None,
+                 cache_mb: int = 1024):
+        if axis not in AXES:
+            raise MagsegError(f"data.axis must be one of {AXES}, got {axis!r}")
+        self.path, self.axis = str(path), axis
+        self.label_path = str(label_path) if label_path else self.path
+        self.image_var, self.label_var = image_var, label_var
+        self.cache_bytes = int(cache_mb) * 2**20
+        self.axis_index = AXES.index(axis)
+        self._image = None
+        self._labels = None
+        self._cache: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._image_array()  # fail early on a bad path
+
+    def _image_array(self):
+        if self._image is None:
+            from magseg_hpc.volume.io import open_volume
+
+            self._image = open_volume(self.path, var=self.image_var)
+        return self._image
+
+    def __len__(self) -> int:
+        return int(self._image_array().shape[self.axis_index])
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        shape = list(self._image_array().shape)
+        del shape[self.axis_index]
+        return tuple(shape)  # type: ignore[return-value]
+
+    def image_volume(self):
+        """The image volume as a dask-backed DataArray (for fitting the normalisation)."""
+        return self._image_array()
+
+    def _labels_array(self):
+        if self._labels is None:
+            from magseg_hpc.volume.io import open_volume
+
+            try:
+                self._labels = open_volume(self.label_path, var=self.label_var)
+            except MagsegError as e:
+                raise MagsegError(
+                    f"{self.label_path}: no label volume {self.label_var!r} for the labelled/"
+                    f"validation slices ({e}); set data.label_var or data.label_volume"
+                ) from None
+            image_shape = tuple(self._image_array().shape)
+            if tuple(self._labels.shape) != image_shape:
+                raise MagsegError(
+                    f"{self.label_path}: labels shape {tuple(self._labels.shape)} differs from "
+                    f"the image shape {image_shape} of {self.path}"
+                )
+        return self._labels
+
+    def _read(self, name: str, arr, index: int) -> np.ndarray:
+        if not 0 <= index < len(self):
+            raise MagsegError(
+                f"{self.path}: slice {index} along {self.axis} is out of range 0..{len(self) - 1}; "
+                "check the split files"
+            )
+        if arr.nbytes <= self.cache_bytes:
+            with self._lock:
+                if name not in self._cache:
+                    self._cache[name] = np.asarray(arr.values)
+            return np.take(self._cache[name], index, axis=self.axis_index)
+        return np.asarray(arr.isel({self.axis: index}).values)
+
+    def read_image(self, key: str) -> np.ndarray:
+        return self._read("image", self._image_array(), int(key)).astype(np.float32,
+                                                                           copy=False)
+
+    def read_labels(self, key: str) -> np.ndarray:
+        labels = self._read("labels", self._labels_array(), int(key))
+        return labels.astype(np.uint8, copy=False)
+
+    def __getstate__(self):
+        # DataLoader workers (spawned) reopen the store by path instead of unpickling arrays
+        state = self.__dict__.copy()
+        state["_image"], state["_labels"], state["_cache"], state["_lock"] = None, None, {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class FolderSlices:
+    """Images and colour masks in the original study's folder layout."""
+
+    def __init__(self, root: str | Path, class_table: ClassTable, *, image_dir: str = "images",
+                 mask_dir: str = "masks"):
+        self.root = Path(root)
+        self.image_dir, self.mask_dir = self.root / image_dir, self.root / mask_dir
+        self.class_table = class_table
+        if not self.image_dir.is_dir():
+            raise MagsegError(
+                f"{self.image_dir}: no image folder; data.folder must hold {image_dir}/ "
+                f"(and {mask_dir}/ with colour masks, labeled.txt, unlabeled.txt, val.txt)"
+            )
+
+    def list_path(self, name: str) -> Path:
+        return self.root / f"{name}.txt"
+
+    @staticmethod
+    def _find(folder: Path, key: str) -> Path:
+        direct = folder / key
+        if direct.suffix.lower() in IMAGE_SUFFIXES and direct.is_file():
+            return direct
+        stem = Path(key).stem if Path(key).suffix.lower() in IMAGE_SUFFIXES else key
+        for suffix in IMAGE_SUFFIXES:
+            p = folder / f"{stem}{suffix}"
+            if p.is_file():
+                return p
+        raise MagsegError(f"{folder}: no image named {key!r} (looked for {stem}.png etc.)")
+
+    def read_image(self, key: str) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self._find(self.image_dir, key)) as im:
+            arr = np.asarray(im)
+        if arr.ndim == 3:  # the study stored grey images replicated to RGB
+            arr = arr[..., 0]
+        return arr.astype(np.float32)
+
+    def read_labels(self, key: str) -> np.ndarray:
+        # Colours not in the class table become 255 (the study mapped them to class 0).
+        rgb = read_mask(self._find(self.mask_dir, key))
+        return colors_to_labels(rgb, self.class_table)
+
+    def normalization_sample(self, keys: Sequence[str], max_images: int = 64) -> np.ndarray:
+        """A stack of up to ``max_images`` evenly spread images (for fit_normalization)."""
+        if not keys:
+            raise MagsegError(f"{self.root}: no training images to fit the normalisation")
+        idx = np.unique(np.linspace(0, len(keys) - 1, min(max_images, len(keys))).astype(int))
+        return np.concatenate([self.read_image(keys[i]).ravel() for i in idx])
+
+
+# --- splits ----------------------------------------------------------------------------------
+
+
+def _even(indices: Sequence[int], n: int) -> list[int]:
+    """``n`` of ``indices`` spread evenly, ends included."""
+    if n >= len(indices):
+        return list(indices)
+    pos = np.round(np.linspace(0, len(indices) - 1, n)).astype(int)
+    return [indices[i] for i in pos]
+
+
+def make_splits(
+    n_slices: int,
+    *,
+    n_labeled: int,
+    n_val: int = 0,
+    labeled_selection: str = "even",
+    val_selection: str = "block",
+    seed: int = 0,
+    n_val_slices: int | None = None,
+) -> dict[str, list[int]]:
+    """Split the slice indices ``0..n_slices-1`` of a training volume.
+
+    Validation: with ``n_val_slices`` (the depth of a separate validation volume), ``n_val``
+    evenly spread slices of that volume (all of them when ``n_val`` is 0); otherwise
+    ``n_val`` slices held out of the training volume, as a contiguous block at the end of
+    the axis (``block``) or evenly spread (``even``). Of the remaining slices ``n_labeled``
+    are labelled (evenly spread, or a seeded random choice) and the rest unlabelled.
+    """
+    if n_slices < 1:
+        raise MagsegError("the training volume has no slices along data.axis")
+    all_idx = list(range(n_slices))
+    if n_val_slices is not None:
+        val = list(range(n_val_slices)) if n_val == 0 else _even(range(n_val_slices), n_val)
+        rest = all_idx
+    else:
+        if n_val >= n_slices:
+            raise MagsegError(
+                f"data.n_val={n_val} leaves no training slices of {n_slices}; lower it or give "
+                "data.val_volume"
+            )
+        if val_selection == "block":
+            val = all_idx[n_slices - n_val:]
+        elif val_selection == "even":
+            val = _even(all_idx, n_val)
+        else:
+            raise MagsegError(f"data.val_selection must be block or even, got {val_selection!r}")
+        held = set(val)
+        rest = [i for i in all_idx if i not in held]
+    if n_labeled > len(rest):
+        raise MagsegError(
+            f"data.n_labeled={n_labeled} but only {len(rest)} training slices remain "
+            f"(of {n_slices}, {len(all_idx) - len(rest)} held out for validation); lower it"
+        )
+    if labeled_selection == "even":
+        labeled = _even(rest, n_labeled)
+    elif labeled_selection == "random":
+        rng = np.random.default_rng([seed, STREAM_SPLIT])
+        labeled = sorted(rng.choice(rest, size=n_labeled, replace=False).tolist())
+    else:
+        raise MagsegError(
+            f"data.labeled_selection must be even or random, got {labeled_selection!r}"
+        )
+    chosen = set(labeled)
+    unlabeled = [i for i in rest if i not in chosen]
+    return {"labeled": labeled, "unlabeled": unlabeled, "val": val}
+
+
+def write_split(path: str | Path, keys: Sequence, header: str = "") -> None:
+    """One key per line, after ``#`` header lines; written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {line}" for line in header.splitlines() if line] + [str(k) for k in keys]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def read_split(path: str | Path) -> list[str]:
+    """Keys of a split file: the first whitespace-separated field of each non-comment line.
+
+    The study's lists sometimes hold "image_path mask_path" pairs; the id is the image
+    file's stem in that case.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise MagsegError(f"cannot read split file {path}: {e.strerror}") from None
+    keys = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key = Path(line.split()[0])
+        keys.append(key.stem if key.suffix.lower() in IMAGE_SUFFIXES else key.name)
+    return keys
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which samples each rank sees at each step of one epoch.
+
+    ``labeled[s]`` / ``unlabeled[s]`` are this rank's batches at step ``s``: lists of
+    ``(epoch, position, index)`` with ``index`` into the split list and ``position`` the
+    sample's place in the epoch-wide order (unique across ranks).
+    """
+
+    epoch: int
+    iters: int
+    labeled: list[list[tuple[int, int, int]]]
+    unlabeled: list[list[tuple[int, int, int]]]
+
+
+def iters_per_epoch(n_labeled: int, n_unlabeled: int, batch_size: int, world_size: int) -> int:
+    """Steps per epoch: one pass over the unlabelled list (the labelled one when longer)."""
+    epoch_len = max(n_unlabeled, n_labeled)
+    iters = epoch_len // (batch_size * world_size)
+    if iters < 1:
+        raise MagsegError(
+            f"an epoch of {epoch_len} slices is shorter than one global batch "
+            f"({batch_size} x {world_size} processes); lower train.batch_size or use more slices"
+        )
+    return iters
+
+
+def _oversampled(n: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """``length`` indices of ``0..n-1``: fresh random orders of the whole list, concatenated."""
+    reps = math.ceil(length / n)
+    return np.concatenate([rng.permutation(n) for _ in range(reps)])[:length]
+
+
+def epoch_plan(
+    epoch: int,
+    *,
+    n_labeled: int,
+    n_unlabeled: int,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EpochPlan:
+    """This rank's batches for ``epoch``; the orders depend only on (seed, epoch)."""
+    iters = iters_per_epoch(n_labeled, n_unlabeled, batch_size, world_size)
+    epoch_len = max(n_unlabeled, n_labeled)
+    lab_order = _oversampled(
+        n_labeled, epoch_len, np.random.default_rng([seed, STREAM_LABELED_ORDER, epoch])
+    )
+    unl_order = (
+        _oversampled(n_unlabeled, epoch_len,
+                     np.random.default_rng([seed, STREAM_UNLABELED_ORDER, epoch]))
+        if n_unlabeled else None
+    )
+    labeled, unlabeled = [], []
+    for step in range(iters):
+        start = (step * world_size + rank) * batch_size
+        positions = range(start, start + batch_size)
+        labeled.append([(epoch, p, int(lab_order[p])) for p in positions])
+        if unl_order is not None:
+            unlabeled.append([(epoch, p, int(unl_order[p])) for p in positions])
+    return EpochPlan(epoch, iters, labeled, unlabeled)
+
+
+def sample_rng(seed: int, stream: int, epoch: int, position: int) -> np.random.Generator:
+    """The augmentation generator of one sample."""
+    return np.random.default_rng([seed, stream, epoch, position])
+
+
+def step_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
+    """The generator of the batch-level draws (CutMix) of one step on one rank."""
+    state = np.random.SeedSequence([seed, STREAM_STEP, rank, iteration]).generate_state(2)
+    g = torch.Generator()
+    g.manual_seed(int(state[0]) << 32 | int(state[1]))
+    return g
+
+
+# --- datasets --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    crop_size: int
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    vflip: bool = False
+    rot90: bool = False
+    num_strong_augs: int = 3
+    random_num_augs: bool = True
+
+
+class LabeledSlices(Dataset):
+    """Weak-augmented labelled crops: item ``(epoch, position, index)`` ->
+    (image float32 (1, h, w) standardised, labels int64 (h, w) with 255 = ignore)."""
+
+    stream = STREAM_LABELED_AUG
+
+    def __init__(self, source, keys: Sequence[str], normalization: dict, aug: AugmentSettings,
+                 seed: int):
+        self.source, self.keys = source, list(keys)
+        self.norm, self.aug, self.seed = dict(normalization), aug, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _weak(self, image01, mask, rng):
+        from magseg_hpc.data.augment import weak_augment
+
+        return weak_augment(
+            image01, mask, crop_size=self.aug.crop_size, generator=rng,
+            scale_range=self.aug.scale_range, vflip=self.aug.vflip, rot90=self.aug.rot90,
+            pad_value=self.norm["mean"],  # standardises to 0, as AugSeg's mean padding
+        )
+
+    def __getitem__(self, item):
+        from magseg_hpc.data.normalize import scale_to_unit, standardize
+
+        epoch, position, index = item
+        key = self.keys[index]
+        rng = sample_rng(self.seed, self.stream, epoch, position)
+        image01 = scale_to_unit(self.source.read_image(key), self.norm)
+        image, labels = self._weak(image01, self.source.read_labels(key), rng)
+        return standardize(image, self.norm)[None], labels
+
+
+class UnlabeledSlices(LabeledSlices):
+    """Unlabelled crops: item -> (weak view (1, h, w), strong view (1, h, w), valid (h, w)).
+
+    Both views are standardised; the strong one is the weak one plus intensity operations,
+    so they stay pixel-aligned. ``valid`` is False on crop padding (left out of L_uns). The
+    labels of these slices are never opened.
+    """
+
+    stream = STREAM_UNLABELED_AUG
+
+    def __getitem__(self, item):
+        from magseg_hpc.data.augment import strong_augment
+        from magseg_hpc.data.normalize import scale_to_unit, standardize
+
+        epoch, position, index = item
+        key = self.keys[index]
+        rng = sample_rng(self.seed, self.stream, epoch, position)
+        image01 = scale_to_unit(self.source.read_image(key), self.norm)
+        weak, pad = self._weak(image01, np.zeros(image01.shape, np.uint8), rng)
+        strong = weak.clone()
+        if self.aug.num_strong_augs > 0:
+            strong = strong_augment(strong, rng, num_ops=self.aug.num_strong_augs,
+                                    random_num_ops=self.aug.random_num_augs)
+        return (standardize(weak, self.norm)[None], standardize(strong, self.norm)[None],
+                pad != IGNORE_LABEL)
+
+
+class ValSlices(Dataset):
+    """Whole validation slices, no augmentation: index -> (image (1, H, W), labels (H, W))."""
+
+    def __init__(self, source, keys: Sequence[str], normalization: dict):
+        self.source, self.keys, self.norm = source, list(keys), dict(normalization)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int):
+        from magseg_hpc.data.normalize import apply_normalization
+
+        key = self.keys[index]
+        image = apply_normalization(self.source.read_image(key), self.norm)
+        labels = self.source.read_labels(key).astype(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(labels)

@@ -1,0 +1,738 @@
+"""AugSeg semi-supervised training and the supervised baseline, read top to bottom.
+
+Order: output dir and splits -> data -> models and optimizer -> resume -> one AugSeg (or
+supervised) step -> evaluation -> checkpointing and metrics -> the loop (``run_training``).
+The step follows shared/reference/augseg.md section 3; its formulas live in
+``magseg_hpc.train.augseg``.
+
+Determinism: the model is initialised from ``seed`` (identical on every rank); every sample's
+augmentation and every step's CutMix draws come from generators derived from (seed, epoch,
+position) and (seed, rank, iteration) (see ``magseg_hpc.data.slices``). The training state is
+therefore the weights, optimizer state and iteration alone, and a run stopped after a
+checkpoint and resumed ends bit-identical on CPU to an uninterrupted one. The global RNG
+states are saved and restored as well, for any code that uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from magseg_hpc.classes import IGNORE_LABEL
+from magseg_hpc.config import (
+    RUNTIME_KEYS,
+    ExperimentConfig,
+    config_to_dict,
+    experiment_differences,
+    save_config,
+)
+from magseg_hpc.data.slices import (
+    AugmentSettings,
+    FolderSlices,
+    LabeledSlices,
+    UnlabeledSlices,
+    ValSlices,
+    VolumeSlices,
+    epoch_plan,
+    iters_per_epoch,
+    make_splits,
+    read_split,
+    step_generator,
+    write_split,
+)
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.train import distributed as dist_util
+from magseg_hpc.train.augseg import (
+    adaptive_mix,
+    ema_decay,
+    ema_update,
+    image_confidence,
+    poly_lr,
+    pseudo_label_ratio,
+    unsupervised_loss,
+)
+from magseg_hpc.train.distributed import DistEnv
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE = "config.yaml", "checkpoint.pt", "best.pt"
+METRICS_FILE, CURVES_FILE, SPLITS_DIR, LOGS_DIR = "metrics.jsonl", "curves.png", "splits", "logs"
+
+
+# --- output dir ------------------------------------------------------------------------------
+
+
+def check_output_dir(cfg: ExperimentConfig, output_dir: Path) -> None:
+    """Refuse an output dir that holds another experiment (runtime keys may differ)."""
+    old = None
+    config_path = output_dir / CONFIG_FILE
+    if config_path.is_file():
+        try:
+            old = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as e:
+            raise MagsegError(
+                f"{config_path} is not valid YAML ({e}); use a new --output-dir"
+            ) from None
+    elif (output_dir / CHECKPOINT_FILE).is_file():
+        # config.yaml lost: the checkpoint carries the config it was trained with
+        from magseg_hpc.models.checkpoint import load_checkpoint
+
+        old = load_checkpoint(output_dir / CHECKPOINT_FILE).get("config")
+    if not isinstance(old, dict) or not old:
+        return
+    diff = experiment_differences(old, config_to_dict(cfg))
+    if diff:
+        shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+        raise MagsegError(
+            f"{output_dir} holds another experiment (config differs in {shown}); use a new "
+            f"--output-dir, or the same config to resume (only {', '.join(sorted(RUNTIME_KEYS))} "
+            "may change)"
+        )
+
+
+@contextlib.contextmanager
+def rank_log(output_dir: Path, rank: int):
+    """Send this package's log records to output_dir/logs/rank{N}.log while training."""
+    path = output_dir / LOGS_DIR / f"rank{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+    pkg = logging.getLogger("magseg_hpc")
+    old_level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    try:
+        yield path
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(old_level)
+        handler.close()
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def _split_header(cfg: ExperimentConfig, name: str) -> str:
+    d = cfg.data
+    if d.folder:
+        return f"{name} images of {d.folder}"
+    source = d.val_volume if (name == "val" and d.val_volume) else d.volume
+    return f"{name} slice indices along {d.axis} of {source}"
+
+
+def resolve_splits(cfg: ExperimentConfig, output_dir: Path, env: DistEnv,
+                   n_slices: int | None, n_val_slices: int | None) -> dict[str, list[str]]:
+    """The run's splits: reused from output_dir/splits when present (resume), otherwise made
+    (or copied from the given split files) and written there by rank 0."""
+    d = cfg.data
+    split_dir = output_dir / SPLITS_DIR
+    paths = {name: split_dir / f"{name}.txt" for name in ("labeled", "unlabeled", "val")}
+    if env.is_main and not all(p.is_file() for p in paths.values()):
+        given = {"labeled": d.labeled_split, "unlabeled": d.unlabeled_split, "val": d.val_split}
+        if d.folder:
+            for name in given:
+                default = Path(d.folder) / f"{name}.txt"
+                if given[name] is None and default.is_file():
+                    given[name] = str(default)
+        splits: dict[str, list] = {}
+        if given["labeled"]:
+            splits = {name: read_split(p) if p else [] for name, p in given.items()}
+        elif d.folder:
+            raise MagsegError(f"{d.folder}: no labeled.txt; give data.labeled_split")
+        else:
+            splits = make_splits(
+                n_slices, n_labeled=d.n_labeled, n_val=d.n_val,
+                labeled_selection=d.labeled_selection, val_selection=d.val_selection,
+                seed=cfg.seed, n_val_slices=n_val_slices,
+            )
+        for name, path in paths.items():
+            write_split(path, splits[name], _split_header(cfg, name))
+        log.info("splits written to %s: %d labelled, %d unlabelled, %d validation", split_dir,
+                 len(splits["labeled"]), len(splits["unlabeled"]), len(splits["val"]))
+    dist_util.barrier(env)
+    splits = {name: read_split(path) for name, path in paths.items()}
+    if not splits["labeled"]:
+        raise MagsegError(f"{paths['labeled']} lists no labelled slices; training needs some")
+    if cfg.train.method == "augseg" and not splits["unlabeled"]:
+        raise MagsegError(
+            f"{paths['unlabeled']} lists no unlabelled slices; AugSeg needs them "
+            "(or use train.method=supervised)"
+        )
+    return splits
+
+
+@dataclass
+class TrainData:
+    splits: dict[str, list[str]]
+    source: object  # VolumeSlices or FolderSlices
+    val_source: object
+    normalization: dict | None = None
+
+
+def open_data(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> TrainData:
+    d = cfg.data
+    if bool(d.volume) == bool(d.folder):
+        raise MagsegError(
+            "give exactly one of data.volume (an image + labels zarr store) or data.folder "
+            "(images/, masks/, labeled.txt ...)"
+        )
+    if d.folder:
+        source = FolderSlices(d.folder, cfg.class_table, image_dir=d.image_dir,
+                              mask_dir=d.mask_dir)
+        splits = resolve_splits(cfg, output_dir, env, None, None)
+        return TrainData(splits, source, source)
+    kw = {"image_var": d.image_var, "label_var": d.label_var, "cache_mb": d.cache_mb}
+    source = VolumeSlices(d.volume, d.axis, label_path=d.label_volume, **kw)
+    val_source = (VolumeSlices(d.val_volume, d.axis, label_path=d.val_label_volume, **kw)
+                  if d.val_volume else source)
+    splits = resolve_splits(cfg, output_dir, env, len(source),
+                            len(val_source) if d.val_volume else None)
+    return TrainData(splits, source, val_source)
+
+
+def fit_data_normalization(data: TrainData) -> dict:
+    """Fitted once, on the training images (labelled + unlabelled, never validation)."""
+    from magseg_hpc.data.normalize import fit_normalization
+
+    train_keys = data.splits["labeled"] + data.splits["unlabeled"]
+    if isinstance(data.source, VolumeSlices):
+        axis = data.source.axis
+        idx = sorted(int(k) for k in train_keys)
+        return fit_normalization(data.source.image_volume().isel({axis: idx}))
+    return fit_normalization(data.source.normalization_sample(train_keys))
+
+
+class StepBatches:
+    """This rank's ``which`` batches for iterations [start, stop), epoch after epoch.
+
+    The DataLoader batch sampler of a whole run: the role of DistributedSampler plus
+    ``set_epoch``, with the orders a function of (seed, epoch) only, so a resumed run starts
+    at any iteration without replaying the ones before.
+    """
+
+    def __init__(self, which: str, start: int, stop: int, iters_per_epoch: int, plan_kw: dict):
+        self.which, self.start, self.stop = which, start, stop
+        self.ipe, self.plan_kw = iters_per_epoch, plan_kw
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        plan = None
+        for it in range(self.start, self.stop):
+            epoch, step = divmod(it, self.ipe)
+            if plan is None or plan.epoch != epoch:
+                plan = epoch_plan(epoch, **self.plan_kw)
+            yield getattr(plan, self.which)[step]
+
+
+def make_loader(dataset, batches: StepBatches, cfg: ExperimentConfig,
+                env: DistEnv) -> DataLoader:
+    workers = cfg.data.num_workers
+    # Spawned, not forked: zarr 3 runs its I/O on an event-loop thread, and a forked child
+    # inherits the loop without the thread and hangs on its first read.
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                      pin_memory=env.device.type == "cuda",
+                      multiprocessing_context="spawn" if workers else None,
+                      prefetch_factor=2 if workers else None)
+
+
+# --- models and optimizer --------------------------------------------------------------------
+
+
+def build_models(cfg: ExperimentConfig, env: DistEnv) -> tuple[nn.Module, nn.Module]:
+    """(student, teacher): the same initial weights on every rank (seeded), teacher frozen."""
+    from magseg_hpc.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.model_dict())
+    if env.distributed and env.device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    student.to(env.device).train()
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.eval()
+    return student, teacher
+
+
+def effective_lr(cfg: ExperimentConfig, world_size: int) -> float:
+    """train.lr, scaled linearly by the total labelled batch when lr_reference_batch is set."""
+    t = cfg.train
+    if t.lr_reference_batch is None:
+        return t.lr
+    return t.lr * t.batch_size * world_size / t.lr_reference_batch
+
+
+def build_optimizer(cfg: ExperimentConfig, student: nn.Module, lr: float):
+    from magseg_hpc.models import param_groups
+
+    t = cfg.train
+    return torch.optim.SGD(param_groups(student, lr, t.head_lr_mult), lr=lr,
+                           momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def set_lr(optimizer, iteration: int, total_iters: int, power: float) -> float:
+    """Poly schedule on the optimizer that steps (not a copy of its groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = poly_lr(group["base_lr"], iteration, total_iters, power)
+    return optimizer.param_groups[0]["lr"]
+
+
+# --- RNG state (saved for resume as tensors and plain values: weights_only loads it) --------
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):  # another GPU count: nothing depends on it
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- one training step -----------------------------------------------------------------------
+
+
+def autocast(env: DistEnv, cfg: ExperimentConfig):
+    """bf16 autocast on GPUs when train.amp; full precision on CPU."""
+    if cfg.train.amp and env.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: ExperimentConfig,
+                env: DistEnv, epoch: int, generator: torch.Generator) -> dict:
+    """One AugSeg step (spec section 3); returns the loss terms and the pseudo-label ratio."""
+    t = cfg.train
+    dev = env.device
+    x_l, y_l = (v.to(dev, non_blocking=True) for v in batch_l)
+    x_w, x_s, valid = (v.to(dev, non_blocking=True) for v in batch_u)
+    b = x_l.shape[0]
+
+    with torch.no_grad(), autocast(env, cfg):
+        teacher.eval()
+        probs = teacher(x_w).float().softmax(dim=1)
+    conf, pseudo = probs.max(dim=1)
+    pseudo[~valid] = IGNORE_LABEL  # crop padding never enters L_uns
+    img_conf = image_confidence(probs)
+
+    if epoch < t.sup_only_epochs:
+        with autocast(env, cfg):
+            logits_l = student(x_l).float()
+        loss_sup = F.cross_entropy(logits_l, y_l, ignore_index=IGNORE_LABEL)
+        loss_uns = torch.zeros((), device=dev)
+        ratio = 0.0
+    else:
+        # the CPU generator decides the gate and the mixing: the same draws on any device
+        if float(torch.rand((), generator=generator)) < t.cutmix_prob:
+            x_s, pseudo, conf = adaptive_mix(
+                x_s, pseudo, conf, x_l, y_l, img_conf.cpu(), generator,
+                uniform_centre=t.uniform_cutmix_centre,
+            )
+        # one forward over labelled + strong, so BN sees both (as the study); with
+        # extra_weak the weak views join too and only move the BN statistics
+        views = [x_l, x_w, x_s] if t.extra_weak else [x_l, x_s]
+        with autocast(env, cfg):
+            logits = student(torch.cat(views)).float()
+        logits_l, logits_s = logits[:b], logits[-b:]
+        loss_sup = F.cross_entropy(logits_l, y_l, ignore_index=IGNORE_LABEL)
+        loss_uns = unsupervised_loss(logits_s, pseudo, conf, t.threshold)
+        ratio = pseudo_label_ratio(conf, t.threshold, pseudo)
+    loss = loss_sup + t.uns_weight * loss_uns
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_uns": loss_uns.item(),
+            "pseudo_ratio": ratio}
+
+
+def supervised_step(student, optimizer, batch_l, *, cfg: ExperimentConfig, env: DistEnv) -> dict:
+    """The baseline: cross-entropy on the labelled batch only, same model and schedule."""
+    x_l, y_l = (v.to(env.device, non_blocking=True) for v in batch_l)
+    with autocast(env, cfg):
+        logits = student(x_l).float()
+    loss = F.cross_entropy(logits, y_l, ignore_index=IGNORE_LABEL)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.item(), "loss_sup": loss.item(), "loss_uns": 0.0, "pseudo_ratio": 0.0}
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, cfg: ExperimentConfig, env: DistEnv) -> dict:
+    """Dataset-level scores on whole validation slices, confusion matrix summed over ranks.
+
+    Each rank takes every world_size-th slice (no padding, so no slice counts twice).
+    """
+    from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
+
+    num_classes = cfg.class_table.num_classes
+    was_training = model.training
+    model.eval()
+    cm = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=env.device)
+    for i in range(env.rank, len(dataset), env.world_size):
+        image, labels = dataset[i]
+        with autocast(env, cfg):
+            logits = model(image[None].to(env.device))
+        pred = logits.argmax(dim=1)[0]
+        cm += confusion_matrix(pred, labels.to(env.device), num_classes, ignore=IGNORE_LABEL)
+    dist_util.all_reduce_sum(env, cm)
+    model.train(was_training)
+    scores = scores_from_confusion(cm)
+    scores["confusion"] = cm.cpu().tolist()
+    return scores
+
+
+# --- checkpoints and metrics -----------------------------------------------------------------
+
+
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 over the state dict (names and bytes): equal digests mean equal weights."""
+    h = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                 if value.dim() else value.detach().cpu().reshape(1).view(torch.uint8)
+                 .numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cpu_state(module: nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _finite(value):
+    """NaN (an absent class) as null, so metrics.jsonl stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def append_metrics(output_dir: Path, record: dict) -> None:
+    with open(output_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(_finite(record)) + "\n")
+
+
+def truncate_metrics(output_dir: Path, iteration: int) -> None:
+    """Drop records logged after the checkpoint we resume from (they will be redone)."""
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line).get("iteration", 0) <= iteration:
+                kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+
+
+def plot_curves(output_dir: Path) -> None:
+    """curves.png: losses, lr and pseudo-label ratio, and teacher/student mIoU per iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, evals = [], []
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        (evals if "teacher_miou" in rec else steps).append(rec)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if steps:
+        it = [r["iteration"] for r in steps]
+        for key in ("loss", "loss_sup", "loss_uns"):
+            axes[0].plot(it, [r[key] for r in steps], label=key)
+        axes[1].plot(it, [r["pseudo_ratio"] for r in steps], label="pseudo-label ratio")
+        ax_lr = axes[1].twinx()
+        ax_lr.plot(it, [r["lr"] for r in steps], color="grey", linestyle="--", label="lr")
+        ax_lr.set_ylabel("lr")
+    if evals:
+        it = [r["iteration"] for r in evals]
+        for who in ("teacher", "student"):
+            values = [r[f"{who}_miou"] for r in evals]
+            axes[2].plot(it, [np.nan if v is None else v for v in values], marker="o", label=who)
+    titles = ("loss", "pseudo-label ratio (lr dashed)", "validation mIoU")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(loc="best")
+    fig.tight_layout()
+    tmp = output_dir / f".{CURVES_FILE}.tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(output_dir / CURVES_FILE)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def run_training(cfg: ExperimentConfig, output_dir: str | Path) -> dict:
+    """Train (or resume) the experiment ``cfg`` in ``output_dir``; returns a summary dict.
+
+    Runs as one process, under torchrun or as a submitit task: the world comes from the
+    environment (``magseg_hpc.train.distributed``). Resumes from output_dir/checkpoint.pt
+    whenever it exists, so calling it again after preemption continues the run. Only rank 0
+    writes config, splits, checkpoints and metrics; every rank logs to logs/rank{N}.log.
+    """
+    output_dir = Path(output_dir).absolute()
+    check_output_dir(cfg, output_dir)
+    env = dist_util.init_distributed(cfg.train.device)
+    try:
+        with rank_log(output_dir, env.rank):
+            return _train(cfg, output_dir, env)
+    finally:
+        dist_util.shutdown(env)
+
+
+def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
+    t = cfg.train
+    started = time.perf_counter()
+    if env.device.type == "cpu":
+        # several processes on one CPU node share its cores instead of oversubscribing them
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        threads = t.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+        torch.set_num_threads(threads)
+    if env.is_main:
+        save_config(cfg, output_dir / CONFIG_FILE)
+    log.info("experiment %s: method %s, rank %d of %d on %s, output %s", cfg.name, t.method,
+             env.rank, env.world_size, env.device, output_dir)
+
+    # data
+    data = open_data(cfg, output_dir, env)
+    checkpoint_path = output_dir / CHECKPOINT_FILE
+    ckpt = None
+    if checkpoint_path.is_file():
+        from magseg_hpc.models.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint_path, expect_class_table=cfg.class_table,
+                               expect_model=cfg.model_dict())
+        data.normalization = dict(ckpt["normalization"])
+    else:
+        data.normalization = dist_util.broadcast_object(
+            env, fit_data_normalization(data) if env.is_main else None)
+    norm = data.normalization
+    aug = AugmentSettings(
+        crop_size=t.crop_size, scale_range=tuple(t.scale_range), vflip=t.vflip, rot90=t.rot90,
+        num_strong_augs=t.num_strong_augs, random_num_augs=t.random_num_augs,
+    )
+    labeled = LabeledSlices(data.source, data.splits["labeled"], norm, aug, cfg.seed)
+    semi = t.method == "augseg"
+    unlabeled = (UnlabeledSlices(data.source, data.splits["unlabeled"], norm, aug, cfg.seed)
+                 if semi else None)
+    val = ValSlices(data.val_source, data.splits["val"], norm) if data.splits["val"] else None
+    n_unlabeled = len(data.splits["unlabeled"])  # sets the epoch length for both methods
+    ipe = iters_per_epoch(len(labeled), n_unlabeled, t.batch_size, env.world_size)
+    total_iters = t.epochs * ipe
+    stop = min(total_iters, t.max_iters) if t.max_iters else total_iters
+
+    # models and optimizer
+    student, teacher = build_models(cfg, env)
+    lr = effective_lr(cfg, env.world_size)
+    optimizer = build_optimizer(cfg, student, lr)
+    iteration, best = 0, {"teacher_miou": None, "iteration": None}
+    if ckpt is not None:
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        ts = ckpt["train_state"]
+        optimizer.load_state_dict(ts["optimizer"])
+        iteration = int(ts["iteration"])
+        best = dict(ckpt["metrics"].get("best", best))
+        if ts.get("world_size", env.world_size) != env.world_size:
+            log.warning("resuming a run of %d processes with %d: the epoch length and the "
+                        "data order change from here on", ts["world_size"], env.world_size)
+        set_rng_state(ts["rng"])
+        if env.is_main:
+            truncate_metrics(output_dir, iteration)
+        log.info("resumed from %s at iteration %d of %d", checkpoint_path, iteration, stop)
+    ddp_student = student
+    if env.distributed:
+        ddp_student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            broadcast_buffers=False,  # buffers are synced after each step instead
+        )
+    sync_buffers = env.distributed and env.device.type != "cuda"  # no SyncBN on CPU
+    log.info("%d labelled, %d unlabelled, %d validation slices; %d iterations/epoch, "
+             "%d in total, this run stops at %d; lr %.3g (head x%g), batch %d x %d processes",
+             len(labeled), n_unlabeled, len(val) if val else 0, ipe, total_iters, stop, lr,
+             t.head_lr_mult, t.batch_size, env.world_size)
+
+    def checkpoint_dict(with_train_state: bool) -> dict:
+        return {
+            "model": student.config if hasattr(student, "config") else cfg.model_dict(),
+            "class_table": cfg.class_table.to_dict(),
+            "normalization": dict(norm),
+            "student": _cpu_state(student),
+            "teacher": _cpu_state(teacher),
+            "train_state": {
+                "iteration": iteration, "epoch": iteration // ipe,
+                "iters_per_epoch": ipe, "total_iters": total_iters,
+                "world_size": env.world_size,
+                "optimizer": optimizer.state_dict(), "rng": rng_state(),
+            } if with_train_state else {},
+            "config": config_to_dict(cfg),
+            "metrics": {"best": dict(best), "last_eval": dict(last_eval)},
+        }
+
+    def run_eval() -> None:
+        nonlocal best, last_eval
+        if val is None:
+            return
+        scores = {who: evaluate(m, val, cfg, env) for who, m in (("teacher", teacher),
+                                                                ("student", student))}
+        names = cfg.class_table.names
+        record = {"iteration": iteration, "epoch": iteration // ipe}
+        for who, s in scores.items():
+            record[f"{who}_miou"] = s["miou"]
+            record[f"{who}_iou"] = dict(zip(names, s["iou"], strict=True))
+        record["teacher_confusion"] = scores["teacher"]["confusion"]
+        last_eval = {"iteration": iteration, "teacher_miou": scores["teacher"]["miou"],
+                     "student_miou": scores["student"]["miou"]}
+        log.info("iteration %d: mIoU teacher %.4f, student %.4f", iteration,
+                 scores["teacher"]["miou"], scores["student"]["miou"])
+        miou = scores["teacher"]["miou"]
+        improved = math.isfinite(miou) and (best["teacher_miou"] is None
+                                            or miou > best["teacher_miou"])
+        if improved:
+            best = {"teacher_miou": miou, "iteration": iteration}
+        if env.is_main:
+            append_metrics(output_dir, record)
+            if improved:
+                from magseg_hpc.models.checkpoint import save_checkpoint
+
+                save_checkpoint(output_dir / BEST_FILE, checkpoint_dict(False))
+            plot_curves(output_dir)
+
+    def save() -> None:
+        if env.is_main:
+            from magseg_hpc.models.checkpoint import save_checkpoint
+
+            save_checkpoint(checkpoint_path, checkpoint_dict(True))
+            log.info("checkpoint at iteration %d written to %s", iteration, checkpoint_path)
+        dist_util.barrier(env)
+
+    last_eval: dict = dict(ckpt["metrics"].get("last_eval", {})) if ckpt is not None else {}
+    window: list[dict] = []
+    window_start = time.perf_counter()
+    start_iteration = iteration
+    plan_kw = {"n_labeled": len(labeled), "n_unlabeled": n_unlabeled,
+               "batch_size": t.batch_size, "seed": cfg.seed, "rank": env.rank,
+               "world_size": env.world_size}
+    lab_loader = make_loader(labeled, StepBatches("labeled", iteration, stop, ipe, plan_kw),
+                             cfg, env)
+    unl_loader = (make_loader(unlabeled, StepBatches("unlabeled", iteration, stop, ipe, plan_kw),
+                              cfg, env) if semi else [None] * (stop - iteration))
+    for batch_l, batch_u in zip(lab_loader, unl_loader, strict=True):
+        epoch = iteration // ipe
+        lr_now = set_lr(optimizer, iteration, total_iters, t.poly_power)
+        if semi:
+            stats = augseg_step(ddp_student, teacher, optimizer, batch_l, batch_u, cfg=cfg,
+                                env=env, epoch=epoch,
+                                generator=step_generator(cfg.seed, env.rank, iteration))
+        else:
+            stats = supervised_step(ddp_student, optimizer, batch_l, cfg=cfg, env=env)
+        if sync_buffers:
+            dist_util.broadcast_buffers(env, student)
+        decay = ema_decay(iteration, ipe, t.sup_only_epochs, t.ema_decay)
+        ema_update(teacher, student, decay)
+        iteration += 1
+        window.append({**stats, "lr": lr_now, "ema_decay": decay})
+
+        if iteration % t.log_every == 0 or iteration == stop:
+            keys = ("loss", "loss_sup", "loss_uns", "pseudo_ratio")
+            sums = torch.tensor([[sum(w[k] for w in window) for k in keys]],
+                                dtype=torch.float64, device=env.device)
+            dist_util.all_reduce_sum(env, sums)
+            n = len(window) * env.world_size
+            seconds = time.perf_counter() - window_start
+            record = {"iteration": iteration, "epoch": epoch,
+                      **{k: float(v) / n for k, v in zip(keys, sums[0].tolist(), strict=True)},
+                      "lr": lr_now, "ema_decay": decay,
+                      "seconds_per_iter": seconds / len(window),
+                      "images_per_s": len(window) * t.batch_size * env.world_size
+                      * (2 if semi else 1) / seconds}
+            log.info("it %d/%d ep %d loss %.4f (sup %.4f uns %.4f) pseudo %.3f lr %.3g "
+                     "%.2f s/it", iteration, stop, epoch, record["loss"], record["loss_sup"],
+                     record["loss_uns"], record["pseudo_ratio"], lr_now,
+                     record["seconds_per_iter"])
+            if env.is_main:
+                append_metrics(output_dir, record)
+            window, window_start = [], time.perf_counter()
+        epoch_end = iteration % ipe == 0
+        if (t.eval_every and iteration % t.eval_every == 0) or (
+                not t.eval_every and epoch_end) or iteration == stop:
+            run_eval()
+        if iteration % t.checkpoint_every == 0 or iteration == stop:
+            save()
+    if iteration == start_iteration:
+        log.info("nothing to do: %s is already at iteration %d of %d", output_dir, iteration,
+                 stop)
+    elapsed = time.perf_counter() - started
+    summary = {
+        "output_dir": str(output_dir),
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "iterations": iteration,
+        "total_iterations": total_iters,
+        "iterations_per_epoch": ipe,
+        "iterations_this_run": iteration - start_iteration,
+        "seconds": elapsed,
+        "best_teacher_miou": best["teacher_miou"],
+        "best_iteration": best["iteration"],
+        "last_eval": last_eval,
+        "checkpoint": str(checkpoint_path),
+        "best": str(output_dir / BEST_FILE) if (output_dir / BEST_FILE).is_file() else None,
+        "config": str(output_dir / CONFIG_FILE),
+        "metrics": str(output_dir / METRICS_FILE),
+        "student_digest": state_digest(student),
+        "teacher_digest": state_digest(teacher),
+    }
+    if env.is_main and (output_dir / METRICS_FILE).is_file():
+        plot_curves(output_dir)
+    return summary
