@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "magseg_hpc.commands.preview",
     "magseg_hpc.commands.segment_volume",
     "magseg_hpc.commands.train",
+    "magseg_hpc.commands.demo",
     "magseg_hpc.submit",
 ]
 
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
     )
+    if not args.verbose:
+        # Dask's cluster chatter (workers starting, comms closing) is not for users.
+        for name in ("distributed", "dask_jobqueue", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except MagsegError as e:

@@ -218,6 +218,12 @@ class DeepLabV3PlusHead(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # Kaiming on a 3-channel output gives logits with std ~8: from random init every pixel
+        # would pass the 0.95 confidence threshold and pseudo-labels collapse to one class.
+        # Start the predictor near uniform probabilities instead.
+        predictor = self.classifier[-1]
+        nn.init.normal_(predictor.weight, std=0.01)
+        nn.init.zeros_(predictor.bias)
 
     def forward(self, low, high):
         high = self.aspp(high)
