@@ -55,6 +55,12 @@ class ModelConfig:
     deep_stem: bool | None = None  # null: the AugSeg deep stem for resnet50/101, not resnet18
     output_stride: int = 16
     zero_init_residual: bool = True
+    # SAM models (name sam_vit_b|sam_vit_l|sam_vit_h|sam_tiny, magseg_hpc/models/sam.py):
+    # the official weights file (e.g. sam_vit_b_01ec64.pth) or null; input size; box jitter
+    # in pixels (training only). null: the model's default (1024, 20 px).
+    checkpoint: str | None = None
+    image_size: int | None = None
+    box_jitter: float | None = None
 
 
 @dataclass
@@ -104,8 +110,12 @@ class TrainConfig:
     lr: float = 1.0e-3
     lr_reference_batch: int | None = None
     head_lr_mult: float = 1.0
-    momentum: float = 0.9
+    # auto: AdamW for SAM models (the study's SAM fine-tune), SGD with momentum otherwise
+    optimizer: Literal["auto", "sgd", "adamw"] = "auto"
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 1.0e-4
+    # supervised loss = cross-entropy + dice_weight x soft Dice; null: 1.0 for SAM, else 0
+    dice_weight: float | None = None
     poly_power: float = 0.9
     threshold: float = 0.95
     ema_decay: float = 0.999
@@ -148,7 +158,25 @@ class ExperimentConfig:
         """The model section as build_model takes it, with num_classes from the class table."""
         d = dataclasses.asdict(self.model)
         d["num_classes"] = self.class_table.num_classes
+        for key in ("checkpoint", "image_size", "box_jitter"):  # SAM-only keys, when unset
+            if d[key] is None:
+                del d[key]
         return d
+
+    def is_sam(self) -> bool:
+        return self.model.name.startswith("sam_")
+
+    def optimizer_name(self) -> str:
+        """train.optimizer with "auto" resolved: AdamW for SAM (the study), else SGD."""
+        if self.train.optimizer == "auto":
+            return "adamw" if self.is_sam() else "sgd"
+        return self.train.optimizer
+
+    def dice_weight(self) -> float:
+        """train.dice_weight with null resolved: 1.0 for SAM (the study's Dice), else 0."""
+        if self.train.dice_weight is None:
+            return 1.0 if self.is_sam() else 0.0
+        return self.train.dice_weight
 
 
 # Keys that change how a run is executed, not what it computes: an output dir may be resumed
@@ -305,6 +333,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
         "train.weight_decay": t.weight_decay,
         "train.momentum": t.momentum,
         "train.uns_weight": t.uns_weight,
+        "train.dice_weight": cfg.dice_weight(),
     }.items():
         if value < 0:
             raise MagsegError(f"{key} must be >= 0, got {value}")
@@ -381,8 +410,10 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         value = getattr(d, key)
         if value:
             setattr(d, key, _absolute(value))
-    if cfg.model.pretrained and cfg.model.pretrained.lower() not in ("none", "null"):
-        cfg.model.pretrained = _absolute(cfg.model.pretrained)
+    for key in ("pretrained", "checkpoint"):
+        value = getattr(cfg.model, key)
+        if value and value.lower() not in ("none", "null"):
+            setattr(cfg.model, key, _absolute(value))
     return cfg
 
 

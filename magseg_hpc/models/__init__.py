@@ -4,7 +4,7 @@ Model config keys (``resolve_model_config`` fills defaults and rejects anything 
 
 | key | default | meaning |
 |---|---|---|
-| name | "deeplabv3plus" | architecture (only DeepLabV3+ for now) |
+| name | "deeplabv3plus" | "deeplabv3plus", or SAM: sam_vit_b, sam_vit_l, sam_vit_h, sam_tiny |
 | backbone | "resnet101" | resnet18, resnet50 or resnet101 |
 | num_classes | 3 | output channels |
 | in_channels | 1 | input channels (grey volumes: 1) |
@@ -12,6 +12,12 @@ Model config keys (``resolve_model_config`` fills defaults and rejects anything 
 | deep_stem | True for resnet50/101, False for resnet18 | ResNet-C stem (AugSeg) |
 | output_stride | 16 | only 16 (the study's setting) |
 | zero_init_residual | True | zero last BN gamma per block (AugSeg); pretrained overwrites it |
+
+SAM models (``magseg_hpc.models.sam``) take name, num_classes, in_channels (1),
+``checkpoint`` (alias ``pretrained``: the official ``sam_vit_b_01ec64.pth`` or null),
+``image_size`` (1024), ``box_jitter`` (20 px, training only) and the architecture overrides
+listed in ``sam.SAM_DEFAULTS`` (the variant presets fill them). The DeepLab-only keys above
+are accepted for SAM only at their defaults (the experiment config always sends them).
 """
 
 from __future__ import annotations
@@ -20,10 +26,15 @@ from torch import nn
 
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.models.deeplab import BACKBONES, DeepLabV3Plus, load_pretrained_backbone
+from magseg_hpc.models.sam import SAM_ARCHITECTURE_KEYS, SAM_NAMES
 
-MODEL_NAMES = ("deeplabv3plus",)
-# Keys that define the architecture: a checkpoint is refused when these differ.
-ARCHITECTURE_KEYS = ("name", "backbone", "num_classes", "in_channels", "deep_stem", "output_stride")
+MODEL_NAMES = ("deeplabv3plus", *SAM_NAMES)
+# Keys that define the architecture: a checkpoint is refused when these differ (a key a model
+# family lacks compares as None).
+ARCHITECTURE_KEYS = (
+    "name", "backbone", "num_classes", "in_channels", "deep_stem", "output_stride",
+    *SAM_ARCHITECTURE_KEYS,
+)
 _DEFAULTS = {
     "name": "deeplabv3plus",
     "backbone": "resnet101",
@@ -42,12 +53,20 @@ def resolve_model_config(model_cfg: dict) -> dict:
     """Return a complete, validated model config (defaults filled in)."""
     if not isinstance(model_cfg, dict):
         raise MagsegError(f"model config must be a mapping, got {type(model_cfg).__name__}")
+    name = model_cfg.get("name", _DEFAULTS["name"])
+    if name not in MODEL_NAMES:
+        raise MagsegError(f"model.name {name!r} is not one of {list(MODEL_NAMES)}")
+    if name in SAM_NAMES:
+        from magseg_hpc.models.sam import resolve_sam_config
+
+        return resolve_sam_config(model_cfg, _DEFAULTS)
     unknown = sorted(set(model_cfg) - set(_DEFAULTS))
     if unknown:
-        raise MagsegError(f"unknown model config key(s) {unknown}; valid keys: {sorted(_DEFAULTS)}")
+        raise MagsegError(
+            f"unknown model config key(s) {unknown} for {name}; valid keys: {sorted(_DEFAULTS)} "
+            f"(SAM models take others: see magseg_hpc.models.sam)"
+        )
     cfg = {**_DEFAULTS, **model_cfg}
-    if cfg["name"] not in MODEL_NAMES:
-        raise MagsegError(f"model.name {cfg['name']!r} is not one of {list(MODEL_NAMES)}")
     if cfg["backbone"] not in BACKBONES:
         raise MagsegError(f"model.backbone {cfg['backbone']!r} is not one of {sorted(BACKBONES)}")
     for key in ("num_classes", "in_channels"):
@@ -72,6 +91,13 @@ def build_model(model_cfg: dict) -> nn.Module:
     """Build the model for ``model_cfg``; input (B, in_channels, H, W) float32 normalised,
     output logits (B, num_classes, H, W). ``model.config`` holds the resolved config."""
     cfg = resolve_model_config(model_cfg)
+    if cfg["name"] in SAM_NAMES:
+        from magseg_hpc.models.sam import SamSemantic, load_sam_weights
+
+        model = SamSemantic(cfg)
+        if cfg["pretrained"]:
+            load_sam_weights(model, cfg["pretrained"])
+        return model
     model = DeepLabV3Plus(cfg)
     if cfg["pretrained"]:
         load_pretrained_backbone(model.backbone, cfg["pretrained"])
@@ -79,7 +105,10 @@ def build_model(model_cfg: dict) -> nn.Module:
 
 
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
-    """SGD parameter groups: backbone at ``lr``, decoder at ``lr * head_lr_mult``.
+    """Parameter groups: backbone at ``lr``, decoder at ``lr * head_lr_mult``.
+
+    For SAM the "backbone" is the image encoder and the "head" the mask decoder (the frozen
+    prompt encoder and IoU head are left out).
 
     Each group carries "base_lr" (its lr before the poly schedule) and "name".
 
@@ -87,8 +116,9 @@ def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]
     the head 10x for every dataset by mistake).
     """
     model = getattr(model, "module", model)
-    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    encoder = model.image_encoder if hasattr(model, "image_encoder") else model.backbone
+    backbone = [p for p in encoder.parameters() if p.requires_grad]
+    backbone_ids = {id(p) for p in encoder.parameters()}
     head = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
     return [
         {"params": backbone, "lr": lr, "base_lr": lr, "name": "backbone"},

@@ -167,9 +167,9 @@ def load_checkpoint(
     if expect_model is not None:
         want = resolve_model_config(expect_model)
         have = resolve_model_config(ckpt["model"])
-        diff = [k for k in ARCHITECTURE_KEYS if want[k] != have[k]]
+        diff = [k for k in ARCHITECTURE_KEYS if want.get(k) != have.get(k)]
         if diff:
-            pairs = ", ".join(f"{k}: {have[k]!r} (expected {want[k]!r})" for k in diff)
+            pairs = ", ".join(f"{k}: {have.get(k)!r} (expected {want.get(k)!r})" for k in diff)
             raise MagsegError(
                 f"checkpoint {path} is for another architecture ({pairs}); set model.* to "
                 "match the checkpoint or start from a matching checkpoint"

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
@@ -68,6 +67,7 @@ from magseg_hpc.train.augseg import (
     unsupervised_loss,
 )
 from magseg_hpc.train.distributed import DistEnv
+from magseg_hpc.train.losses import supervised_loss
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,10 @@ def build_optimizer(cfg: ExperimentConfig, student: nn.Module, lr: float):
     from magseg_hpc.models import param_groups
 
     t = cfg.train
-    return torch.optim.SGD(param_groups(student, lr, t.head_lr_mult), lr=lr,
-                           momentum=t.momentum, weight_decay=t.weight_decay)
+    groups = param_groups(student, lr, t.head_lr_mult)
+    if cfg.optimizer_name() == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 def set_lr(optimizer, iteration: int, total_iters: int, power: float) -> float:
@@ -354,7 +356,7 @@ def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: Experimen
     if epoch < t.sup_only_epochs:
         with autocast(env, cfg):
             logits_l = student(x_l).float()
-        loss_sup = F.cross_entropy(logits_l, y_l, ignore_index=IGNORE_LABEL)
+        loss_sup = supervised_loss(logits_l, y_l, cfg.dice_weight())
         loss_uns = torch.zeros((), device=dev)
         ratio = 0.0
     else:
@@ -370,7 +372,7 @@ def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: Experimen
         with autocast(env, cfg):
             logits = student(torch.cat(views)).float()
         logits_l, logits_s = logits[:b], logits[-b:]
-        loss_sup = F.cross_entropy(logits_l, y_l, ignore_index=IGNORE_LABEL)
+        loss_sup = supervised_loss(logits_l, y_l, cfg.dice_weight())
         loss_uns = unsupervised_loss(logits_s, pseudo, conf, t.threshold)
         ratio = pseudo_label_ratio(conf, t.threshold, pseudo)
     loss = loss_sup + t.uns_weight * loss_uns
@@ -386,7 +388,7 @@ def supervised_step(student, optimizer, batch_l, *, cfg: ExperimentConfig, env: 
     x_l, y_l = (v.to(env.device, non_blocking=True) for v in batch_l)
     with autocast(env, cfg):
         logits = student(x_l).float()
-    loss = F.cross_entropy(logits, y_l, ignore_index=IGNORE_LABEL)
+    loss = supervised_loss(logits, y_l, cfg.dice_weight())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
