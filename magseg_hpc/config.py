@@ -449,6 +449,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def experiment_differences(a: dict, b: dict) -> list[str]:
     """Dotted keys whose values differ between two resolved configs, runtime keys excepted."""
-    fa, fb = _flatten(a), _flatten(b)
+    # A key missing on one side (a config saved before the key existed) counts as its default.
+    defaults = _flatten(config_to_dict(ExperimentConfig()))
+    fa, fb = {**defaults, **_flatten(a)}, {**defaults, **_flatten(b)}
     keys = sorted(set(fa) | set(fb))
-    return [k for k in keys if k not in RUNTIME_KEYS and fa.get(k, None) != fb.get(k, None)]
+    return [k for k in keys if k not in RUNTIME_KEYS and fa.get(k) != fb.get(k)]

@@ -218,12 +218,10 @@ class DeepLabV3PlusHead(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        # Kaiming on a 3-channel output gives logits with std ~8: from random init every pixel
-        # would pass the 0.95 confidence threshold and pseudo-labels collapse to one class.
-        # Start the predictor near uniform probabilities instead.
-        predictor = self.classifier[-1]
-        nn.init.normal_(predictor.weight, std=0.01)
-        nn.init.zeros_(predictor.bias)
+        # Kaiming fan-out on a 3-channel output gives logits with std ~8: from random init
+        # every pixel would pass the 0.95 confidence threshold and pseudo-labels collapse to
+        # one class. PyTorch's default (fan-in) init keeps the first predictions soft.
+        self.classifier[-1].reset_parameters()
 
     def forward(self, low, high):
         high = self.aspp(high)
