@@ -47,7 +47,8 @@ class ClassTable:
             colors = tuple(tuple(int(v) for v in c) for c in d["colors"])
         except (KeyError, TypeError, ValueError) as e:
             raise MagsegError(
-                f"invalid class table {d!r}: expected {{'names': [...], 'colors': [[r, g, b], ...]}}"
+                f"invalid class table {d!r}; expected "
+                "{{'names': [...], 'colors': [[r, g, b], ...]}}"
             ) from e
         if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
             raise MagsegError(f"class colours must be [r, g, b] in 0..255, got {d['colors']!r}")

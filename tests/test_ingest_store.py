@@ -41,7 +41,9 @@ def test_ingest_refuses_existing_output_and_keeps_it(tmp_path, oracle_volume, cl
     np.save(tmp_path / "w.npy", oracle_volume[:5])
     r = cli("ingest", tmp_path / "w.npy", tmp_path / "v.zarr")
     assert r.returncode == 2
-    assert r.stderr.strip() == f"magseg-hpc: error: {tmp_path / 'v.zarr'} already exists; pass --overwrite to replace it"
+    assert r.stderr.strip() == (
+        f"magseg-hpc: error: {tmp_path / 'v.zarr'} already exists; pass --overwrite to replace it"
+    )
     assert sorted(p.name for p in (tmp_path / "v.zarr").rglob("*")) == before
     assert cli("ingest", tmp_path / "w.npy", tmp_path / "v.zarr", "--overwrite").returncode == 0
     assert open_volume(tmp_path / "v.zarr").shape == (5, 37, 29)

@@ -79,11 +79,36 @@ def test_snr_as_requested(snr):
 
 
 def test_artifacts_and_blur_can_be_switched_off():
-    p = make_phantom(ODD, snr=None, n_angles=0, blur_sigma=0.0, edge_glow=0.0, seed=1)
+    p = make_phantom(ODD, snr=None, n_angles=0, blur_sigma=0.0, edge_glow=0.0, shading=0.0,
+                     seed=1)
     # Without image formation effects the outside is exactly zero.
     assert (p.image[p.labels == 0] == 0).all()
     q = make_phantom(ODD, snr=None, seed=1)
     assert np.abs(q.image[p.labels == 0]).max() > 0  # streaks reach outside the sample
+
+
+def test_shading_is_low_frequency_and_seeded():
+    kw = {"snr": None, "n_angles": 0, "blur_sigma": 0.0, "edge_glow": 0.0, "seed": 6}
+    flat = make_phantom((12, 48, 48), shading=0.0, tilt_deg=0.0, **kw)
+    shaded = make_phantom((12, 48, 48), shading=0.5, tilt_deg=0.0, **kw)
+    assert np.array_equal(flat.labels, shaded.labels)  # shading never touches the truth
+    assert shaded.params["shading"] == 0.5 and flat.params["shading"] == 0.0
+    again = make_phantom((12, 48, 48), shading=0.5, tilt_deg=0.0, **kw)
+    assert shaded.image.tobytes() == again.image.tobytes()
+    # Per-slice offsets: the (unshaded: exactly zero) outside now differs between slices.
+    outside = [float(shaded.image[z][flat.labels[z] == 0].mean()) for z in range(12)]
+    assert np.std(outside) > 0.02
+    # Cupping: plus domains near the axis are darker than plus domains near the rim.
+    yy, xx = np.mgrid[:48, :48] - 23.5
+    r = np.broadcast_to(np.sqrt(yy**2 + xx**2), flat.labels.shape)
+    plus = flat.labels == 2
+    ratio = shaded.image / np.where(flat.image == 0, 1, flat.image)
+    centre, rim = ratio[plus & (r < 6)].mean(), ratio[plus & (r > 14)].mean()
+    assert rim - centre > 0.15
+    # Default phantoms (shading on) keep the old image when shading is switched off.
+    old = make_phantom(ODD, seed=2, shading=0.0)
+    assert old.params["shading"] == 0.0
+    assert not np.array_equal(old.image, make_phantom(ODD, seed=2).image)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +120,7 @@ def test_artifacts_and_blur_can_be_switched_off():
         ({"anisotropy": 0.5}, "anisotropy"),
         ({"snr": -1.0}, "snr"),
         ({"missing_wedge_deg": 179.0}, "missing_wedge_deg"),
+        ({"shading": 1.5}, "shading"),
     ],
 )
 def test_bad_parameters_are_one_line_errors(kwargs, words):

@@ -17,13 +17,15 @@ def register(subparsers) -> None:
         "ingest", help="convert a TIFF/HDF5/NPY/GIF/PNG/zarr volume to a compressed zarr store",
         description="Stream a volume into a zarr store with an `image` variable (dims z, y, x).",
     )
-    p.add_argument("src", help="volume: zarr, .tif/.tiff or folder, file.h5:/dataset, .npy, .gif, PNG folder")
+    p.add_argument("src", help="volume: zarr, .tif/.tiff or folder, file.h5:/dataset, .npy, "
+                   ".gif, PNG folder")
     p.add_argument("out", help="output zarr store")
     p.add_argument("--chunks", type=int_triple, default=None, metavar="Z,Y,X",
                    help="output chunks (default 32,256,256 clipped to the shape)")
     p.add_argument("--dataset", "--var", dest="var", default=None,
                    help="variable of a zarr group or dataset of an HDF5 file")
-    p.add_argument("--codec", default="zstd", choices=list(CODECS), help="compression (default zstd)")
+    p.add_argument("--codec", default="zstd", choices=list(CODECS),
+                   help="compression (default zstd)")
     p.add_argument("--fill-nonfinite", type=float, default=None, metavar="VALUE",
                    help="replace NaN/inf voxels with VALUE instead of refusing the volume")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

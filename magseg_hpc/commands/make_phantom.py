@@ -17,8 +17,8 @@ def register(subparsers) -> None:
         "make-phantom",
         help="write a synthetic magnetization-tomography volume (image + ground-truth labels)",
         description="Generate a seeded phantom: domains in a sample support, seen through blur, "
-        "limited-angle tomography artifacts, edge glow and noise. Writes `image` (float32) and "
-        "`labels` (0 outside, 1 domain_minus, 2 domain_plus).",
+        "limited-angle tomography artifacts, edge glow, low-frequency shading and noise. "
+        "Writes `image` (float32) and `labels` (0 outside, 1 domain_minus, 2 domain_plus).",
     )
     p.add_argument("out", help="output zarr store")
     p.add_argument("--shape", type=int_triple, default=d["shape"], metavar="Z,Y,X",
@@ -56,6 +56,10 @@ def register(subparsers) -> None:
                    help="brightness of minus domains relative to plus (default %(default)s)")
     p.add_argument("--noise-correlation", type=float, default=d["noise_correlation"],
                    help="noise smoothing sigma in voxels (default %(default)s)")
+    p.add_argument("--shading", type=float, default=d["shading"],
+                   help="low-frequency intensity errors (radial cupping, smooth 3D drift, "
+                   "per-slice offsets) relative to the domain contrast, 0 off "
+                   "(default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=run)
 
@@ -81,6 +85,7 @@ def run(args) -> int:
         net_magnetization=args.net_magnetization,
         minus_level=args.minus_level,
         noise_correlation=args.noise_correlation,
+        shading=args.shading,
     )
     write_phantom(args.out, phantom, overwrite=args.overwrite)
     labels = phantom.labels

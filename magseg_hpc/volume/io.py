@@ -84,7 +84,8 @@ def _as_zyx(arr: xr.DataArray, path: Path) -> xr.DataArray:
         singletons = [d for d, n in zip(arr.dims, arr.shape) if n == 1]
         keep = arr.ndim - 3
         if len(singletons) >= keep:
-            log.warning("%s: squeezed singleton axes %s to get a 3D volume", path, singletons[:keep])
+            log.warning("%s: squeezed singleton axes %s to get a 3D volume",
+                        path, singletons[:keep])
             arr = arr.isel({d: 0 for d in singletons[:keep]})
     if arr.ndim != 3:
         raise MagsegError(
