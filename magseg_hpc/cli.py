@@ -38,17 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def setup_logging(verbose: bool, level: int = logging.INFO) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+        level=logging.DEBUG if verbose else level,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
     )
-    if not args.verbose:
+    if not verbose:
         # Dask's cluster chatter (workers starting, comms closing) is not for users.
         for name in ("distributed", "dask_jobqueue", "bokeh", "tornado"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_command(args) -> int:
+    """Run a parsed subcommand; user errors become one line on stderr and exit status 2."""
     try:
         return int(args.func(args) or 0)
     except MagsegError as e:
@@ -58,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print("magseg-hpc: interrupted", file=sys.stderr)
         return 130
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run_command(args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -629,17 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from magseg_hpc.cli import run_command, setup_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except MagsegError as e:
-        print(f"magseg-hpc: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("magseg-hpc: interrupted", file=sys.stderr)
-        return 130
+    setup_logging(args.verbose, level=logging.WARNING)
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,29 @@ def _check_plain(obj, where: str) -> None:
     )
 
 
+def read_weights(path: str | Path, *, missing: str, unreadable: str, fix: str):
+    """``torch.load(path, weights_only=True)`` on the CPU with one-line errors.
+
+    ``missing`` is the message for an absent file; ``unreadable`` and ``fix`` frame the
+    message for a file torch cannot read. Files holding pickled objects are always refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MagsegError(missing)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text:
+            raise MagsegError(
+                f"refusing to load {path}: it holds pickled Python objects, not only tensors "
+                "(a file from an unknown or untrusted source); use a file that holds tensors "
+                "only (torch.save of a state dict)"
+            ) from e
+        first_line = text.splitlines()[0][:120] if text else ""
+        raise MagsegError(f"{unreadable} ({type(e).__name__}: {first_line}); {fix}") from e
+
+
 def save_checkpoint(path: str | Path, ckpt: dict) -> None:
     """Write ``ckpt`` to ``path`` atomically: a temporary file in the same directory, fsync,
     then ``os.replace``, so a crash leaves either the old file or the new one, never half.
@@ -111,27 +134,14 @@ def load_checkpoint(
     from magseg_hpc.models import ARCHITECTURE_KEYS, resolve_model_config
 
     path = Path(path)
-    if not path.is_file():
-        raise MagsegError(
-            f"checkpoint not found: {path}; give the path of a checkpoint.pt or best.pt "
-            "written by `magseg-hpc train`"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = str(e)
-        if "weights_only" in text or "Unsupported global" in text:
-            raise MagsegError(
-                f"refusing to load {path}: it holds pickled Python objects, not only tensors "
-                "(not a magseg-hpc checkpoint, or from an untrusted source); use a "
-                "checkpoint written by `magseg-hpc train`"
-            ) from e
-        first_line = text.splitlines()[0][:120] if text else ""
-        raise MagsegError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {first_line}); "
-            "the file is truncated or not a torch file; use another checkpoint (e.g. best.pt "
-            "or checkpoint.pt) or retrain"
-        ) from e
+    ckpt = read_weights(
+        path,
+        missing=f"checkpoint not found: {path}; give the path of a checkpoint.pt or best.pt "
+        "written by `magseg-hpc train`",
+        unreadable=f"cannot read checkpoint {path}",
+        fix="the file is truncated or not a torch file; use another checkpoint (e.g. best.pt "
+        "or checkpoint.pt) or retrain",
+    )
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt is None:
         raise MagsegError(

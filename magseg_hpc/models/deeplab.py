@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.models.checkpoint import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -272,19 +273,13 @@ def load_pretrained_backbone(backbone: ResNetBackbone, path: str | Path) -> dict
     and logs a one-line summary (with a deep stem, torchvision's 7x7 conv1 and the first
     layer1 block's input convs do not match and stay randomly initialised).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MagsegError(
-            f"pretrained weights not found: {path}; give model.pretrained the path of a local "
-            "torchvision ImageNet ResNet state_dict (.pth), or null for random init"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MagsegError(
-            f"cannot read pretrained weights {path} ({type(e).__name__}); it must be a "
-            "torchvision ResNet state_dict saved with torch.save"
-        ) from e
+    state = read_weights(
+        path,
+        missing=f"pretrained weights not found: {path}; give model.pretrained the path of a "
+        "local torchvision ImageNet ResNet state_dict (.pth), or null for random init",
+        unreadable=f"cannot read pretrained weights {path}",
+        fix="it must be a torchvision ResNet state_dict saved with torch.save",
+    )
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

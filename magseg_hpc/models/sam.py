@@ -395,21 +395,16 @@ def load_sam_weights(model: SamSemantic, path: str) -> dict:
     """Load an official SAM checkpoint (e.g. ``sam_vit_b_01ec64.pth``: a plain state dict
     with keys ``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``) into ``model``,
     adapting what our class count and image size change; logs and returns the report."""
-    from pathlib import Path
 
-    p = Path(path)
-    if not p.is_file():
-        raise MagsegError(
-            f"SAM weights not found: {p}; download sam_vit_b_01ec64.pth (or _l/_h) from the "
-            "segment-anything release page to that path, or set model.checkpoint: null"
-        )
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MagsegError(
-            f"cannot read SAM weights {p} ({type(e).__name__}); it must be the official "
-            "state dict file (sam_vit_b_01ec64.pth or similar)"
-        ) from e
+    from magseg_hpc.models.checkpoint import read_weights
+
+    state = read_weights(
+        path,
+        missing=f"SAM weights not found: {path}; download sam_vit_b_01ec64.pth (or _l/_h) from "
+        "the segment-anything release page to that path, or set model.checkpoint: null",
+        unreadable=f"cannot read SAM weights {path}",
+        fix="it must be the official state dict file (sam_vit_b_01ec64.pth or similar)",
+    )
     if isinstance(state, dict) and isinstance(state.get("model"), dict) and "format" not in state:
         state = state["model"]  # some fine-tuning repos wrap the state dict
     if not isinstance(state, dict) or not any(
@@ -419,7 +414,7 @@ def load_sam_weights(model: SamSemantic, path: str) -> dict:
                 "training from it, not as model.checkpoint)"
                 if isinstance(state, dict) and "format" in state else "")
         raise MagsegError(
-            f"{p} is not a SAM state dict (no image_encoder.* keys){hint}; give the official "
+            f"{path} is not a SAM state dict (no image_encoder.* keys){hint}; give the official "
             "sam_vit_b_01ec64.pth"
         )
     new, report = adapt_sam_state_dict(model, state)
@@ -427,13 +422,13 @@ def load_sam_weights(model: SamSemantic, path: str) -> dict:
     enc_total = sum(k.startswith("image_encoder.") for k in new)
     if enc_loaded < enc_total:
         raise MagsegError(
-            f"{p} does not fit {model.config['name']}: only {enc_loaded}/{enc_total} image "
+            f"{path} does not fit {model.config['name']}: only {enc_loaded}/{enc_total} image "
             "encoder tensors match (a ViT-L/H file for a ViT-B model?); use the file of the "
             "same variant"
         )
     model.load_state_dict(new)
     log.info("SAM weights %s: %d tensors loaded, %d adapted (%s), %d initialised (%s), "
-             "%d ignored", p, len(report["loaded"]), len(report["adapted"]),
+             "%d ignored", path, len(report["loaded"]), len(report["adapted"]),
              ", ".join(report["adapted"]) or "-", len(report["initialised"]),
              ", ".join(report["initialised"]) or "-", len(report["ignored"]))
     return report
