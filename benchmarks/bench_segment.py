@@ -124,9 +124,12 @@ def main() -> None:
     # 1. efficiency
     vol = make_volume((small_z, side, side), seed=0)
     inp = write_input(work / "small.zarr", vol, (8, 64, 64))
-    e2e, _, _, startup, fwd = run_pipeline(r18, inp, work / "o1.zarr", 1, threads, slab,
-                                           batch, repeats=3)
-    rows.append(("efficiency (resnet18)", f"{small_z}x{side}x{side}", f"1x{threads}",
+    # With segment-volume's default slab and batch sizes, as users run it.
+    defaults = SegmentOptions("", "")
+    e2e, _, _, startup, fwd = run_pipeline(r18, inp, work / "o1.zarr", 1, threads,
+                                           defaults.slab_size, defaults.batch_size, repeats=3)
+    rows.append((f"efficiency (resnet18, slab {defaults.slab_size}, batch {defaults.batch_size})",
+                 f"{small_z}x{side}x{side}", f"1x{threads}",
                  f"pipeline {e2e:.2f} s (+{startup:.1f} s worker start-up), forward {fwd:.2f} s",
                  f"**{fwd / e2e:.2f}** ({fwd / (e2e + startup):.2f} with start-up)"))
 
@@ -152,7 +155,7 @@ def main() -> None:
                          f"{secs:.2f} s", f"**{np.prod(shape) / secs:,.0f} voxels/s**"))
 
     print(f"\nsegment-volume benchmark on {cores} CPU cores (shared machine), torch "
-          f"{torch.__version__}, slab {slab}, batch {batch}\n")
+          f"{torch.__version__}; memory and throughput rows: slab {slab}, batch {batch}\n")
     print("| measure | volume | workers x threads | measured | result |")
     print("|---|---|---|---|---|")
     for r in rows:
