@@ -19,9 +19,9 @@ Preemption and time limits: SLURM sends USR2 ``signal_delay_s`` before the limit
 requeues a fresh task. State lives on disk: every start resumes from ``checkpoint.pt`` when it
 exists, which also covers a plain ``scontrol requeue`` that bypasses ``checkpoint()``.
 
-Adding ``submit segment`` / ``submit evaluate``: write a task class like :class:`TrainTask`
-and a ``_run_<kind>`` that builds it and calls :func:`submit_callable`; the job profiles,
-parameters, dry-run and error handling are shared.
+``submit segment`` / ``submit evaluate`` run ``magseg-hpc segment-volume`` / ``evaluate`` as
+one task on one node through :class:`CommandTask` (the argument list after the submit flags);
+the job profiles, parameters, dry-run and error handling are those of ``submit train``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ import importlib
 import io
 import json
 import logging
+import os
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -67,6 +69,7 @@ __all__ = [
     "executor_parameters",
     "sbatch_script",
     "TrainTask",
+    "CommandTask",
     "check_output_dir",
     "submit_callable",
     "register",
@@ -398,6 +401,49 @@ class TrainTask:
         return submitit.helpers.DelayedSubmission(fresh)
 
 
+class CommandTask:
+    """The callable a ``submit segment`` / ``submit evaluate`` job runs: one ``magseg-hpc``
+    command (``argv`` as after ``magseg-hpc``), in the directory it was submitted from.
+
+    A non-zero exit raises, so the job fails visibly. On preemption or time limit
+    ``checkpoint()`` requeues the same command, with ``--resume`` added for segment-volume
+    (it continues from its done markers); other commands simply rerun.
+    """
+
+    def __init__(self, argv: Sequence[str], cwd: str, run_dir: str) -> None:
+        self.argv = list(argv)
+        self.cwd = cwd
+        self.run_dir = run_dir  # may contain %j: replaced by the job id inside the job
+
+    def __call__(self) -> dict:
+        from magseg_hpc import cli
+
+        env = submitit.JobEnvironment()
+        run_dir = Path(self.run_dir.replace("%j", str(env.job_id)))
+        _setup_rank_logging(run_dir, 0)
+        os.chdir(self.cwd)  # relative paths mean what they meant at submission
+        command = shlex.join(["magseg-hpc", *self.argv])
+        log.info("job %s on %s: %s (in %s)", env.job_id, env.hostname, command, self.cwd)
+        saved_argv = sys.argv
+        sys.argv = ["magseg-hpc", *self.argv]  # provenance records the command line
+        try:
+            status = cli.main(self.argv)
+        finally:
+            sys.argv = saved_argv
+        if status != 0:
+            raise MagsegError(f"{command} exited with status {status}; "
+                              f"see {run_dir / 'logs' / 'rank0.log'}")
+        log.info("finished: %s", command)
+        return {"command": command, "exit_status": status}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        argv = list(self.argv)
+        if argv[:1] == ["segment-volume"] and "--resume" not in argv:
+            argv = [a for a in argv if a != "--overwrite"] + ["--resume"]
+        log.info("requeue requested: rerunning %s", shlex.join(["magseg-hpc", *argv]))
+        return submitit.helpers.DelayedSubmission(CommandTask(argv, self.cwd, self.run_dir))
+
+
 # --- submission -----------------------------------------------------------------------------
 
 
@@ -497,21 +543,29 @@ def _job_failure_line(error: Exception) -> str:
 # --- command line ---------------------------------------------------------------------------
 
 
-def _add_resource_arguments(p: argparse.ArgumentParser) -> None:
+def _add_resource_arguments(p: argparse.ArgumentParser, single_task: bool = False) -> None:
     p.add_argument("--job", metavar="PROFILE",
                    help="job profile YAML (jobs/*.yaml, or a name in jobs/): where and with what "
                         "resources; default: one process, cluster defaults")
-    p.add_argument("--nodes", type=int, help="number of nodes (overrides the profile)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node; one process per GPU")
-    p.add_argument("--tasks-per-node", type=int,
-                   help="DDP processes per node on CPU-only nodes (gpus_per_node 0)")
+    if single_task:
+        p.add_argument("--nodes", type=int, default=1,
+                       help="must be 1: this job is one task on one node")
+        p.add_argument("--gpus-per-node", type=int,
+                       help="GPUs for the one task (default: 1 if the profile has GPUs)")
+    else:
+        p.add_argument("--nodes", type=int, help="number of nodes (overrides the profile)")
+        p.add_argument("--gpus-per-node", type=int, help="GPUs per node; one process per GPU")
+        p.add_argument("--tasks-per-node", type=int,
+                       help="DDP processes per node on CPU-only nodes (gpus_per_node 0)")
     p.add_argument("--cluster", choices=("auto", *CLUSTERS), default="auto",
                    help="slurm, local (processes on this machine) or debug (in this process); "
                         "auto: slurm when sbatch is on PATH, else local")
-    p.add_argument("--name", help="run name: runs/<name>/<job id>/ (default: the config's name)")
+    p.add_argument("--name", help="run name: runs/<name>/<job id>/ (default: "
+                   + ("the command, segment or evaluate)" if single_task else "the config's name)"))
     p.add_argument("--output-dir", metavar="DIR",
-                   help="use exactly this run dir instead of runs/<name>/<job id>/ "
-                        "(an existing one with the same experiment is resumed)")
+                   help="use exactly this run dir instead of runs/<name>/<job id>/"
+                        + ("" if single_task else
+                           " (an existing one with the same experiment is resumed)"))
     p.add_argument("--runs-root", default="runs", metavar="DIR",
                    help="where runs/<name>/<job id>/ go (default: ./runs)")
     p.add_argument("--dry-run", action="store_true",
@@ -540,6 +594,20 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. train.max_iters=100")
     train.set_defaults(func=_run_train)
+    for kind, command, what in (
+        ("segment", "segment-volume", "IN OUT --model CKPT [segment-volume options]"),
+        ("evaluate", "evaluate", "PRED TRUTH [evaluate options]"),
+    ):
+        p = kinds.add_parser(
+            kind, help=f"`magseg-hpc {command}` as a one-task job",
+            description=f"Submit `magseg-hpc {command} ...` as one task on one node. Submit "
+                        f"flags come first, then the {command} arguments, after `--`.",
+            usage=f"python -m magseg_hpc.submit {kind} [submit flags] -- {what}",
+        )
+        _add_resource_arguments(p, single_task=True)
+        p.add_argument("command_args", nargs=argparse.REMAINDER, metavar=what,
+                       help=f"the arguments of `magseg-hpc {command}`")
+        p.set_defaults(func=_run_command, command=command)
 
 
 def _print_submission(sub: Submission, kind: str) -> None:
@@ -581,17 +649,42 @@ def _wait(sub: Submission, kind: str) -> int:
     return 0
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # bad keys fail here, before submission
-    config = config_to_dict(cfg)
-    profile = load_job_profile(args.job)
+def _cluster_and_name(args: argparse.Namespace, default_name: str) -> tuple[str, str]:
     if args.dry_run and args.cluster in ("auto", "slurm"):
         cluster = "slurm"  # rendering the batch script needs no SLURM on this machine
     else:
         cluster = resolve_cluster(args.cluster)
-    name = args.name or cfg.name
+    name = args.name or default_name
     if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
         raise MagsegError(f"run name {name!r} may only use letters, digits and ._+-")
+    return cluster, name
+
+
+def _dry_run(cluster: str, params: dict[str, Any], folder: str) -> int:
+    if cluster == "slurm":
+        sys.stdout.write(sbatch_script(params, folder))
+    else:
+        print(f"# {cluster} executor, folder {folder}")
+        print(yaml.safe_dump(params, sort_keys=True), end="")
+    return 0
+
+
+def _submit_and_report(kind: str, task: Callable[[], Any], args: argparse.Namespace,
+                       cluster: str, folder: str, params: dict[str, Any],
+                       profile: JobProfile) -> int:
+    sub = submit_callable(kind, task, cluster=cluster, folder=folder, params=params,
+                          max_num_timeout=profile.max_num_timeout)
+    _print_submission(sub, kind)
+    if args.wait or cluster == "debug":  # a debug job only runs when its result is asked for
+        return _wait(sub, kind)
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # bad keys fail here, before submission
+    config = config_to_dict(cfg)
+    profile = load_job_profile(args.job)
+    cluster, name = _cluster_and_name(args, cfg.name)
     params = executor_parameters(
         profile, cluster=cluster, name=name, nodes=args.nodes,
         gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
@@ -603,19 +696,79 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         folder = str(Path(args.runs_root).absolute() / name / "%j")
     if args.dry_run:
-        if cluster == "slurm":
-            sys.stdout.write(sbatch_script(params, folder))
-        else:
-            print(f"# {cluster} executor, folder {folder}")
-            print(yaml.safe_dump(params, sort_keys=True), end="")
-        return 0
+        return _dry_run(cluster, params, folder)
     task = TrainTask(config, folder, uuid.uuid4().hex, resume_any=bool(args.output_dir))
-    sub = submit_callable("train", task, cluster=cluster, folder=folder, params=params,
-                          max_num_timeout=profile.max_num_timeout)
-    _print_submission(sub, "train")
-    if args.wait or cluster == "debug":  # a debug job only runs when its result is asked for
-        return _wait(sub, "train")
-    return 0
+    return _submit_and_report("train", task, args, cluster, folder, params, profile)
+
+
+def _input_path(spec: str) -> Path:
+    """The file behind an input argument (``file.h5:/dataset`` names ``file.h5``)."""
+    path = Path(spec)
+    if not path.exists() and ":" in spec:
+        path = Path(spec.split(":", 1)[0])
+    return path
+
+
+def check_command_args(command: str, argv: Sequence[str]) -> list[str]:
+    """Parse ``magseg-hpc <command> argv`` as the job will, and check that its inputs exist,
+    so bad input fails at submission in one line. Returns the job's full argv."""
+    from magseg_hpc import cli
+
+    full = [command, *argv]
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            parsed = cli.build_parser().parse_args(full)
+    except SystemExit:
+        lines = [ln for ln in captured.getvalue().splitlines() if "error:" in ln]
+        reason = lines[-1].split("error:", 1)[1].strip() if lines else "bad arguments"
+        raise MagsegError(f"magseg-hpc {command}: {reason}; see `magseg-hpc {command} -h` "
+                          "(its arguments go after the submit flags and `--`)") from None
+    if command == "segment-volume":
+        inputs = {"input volume": parsed.input, "--model checkpoint": parsed.model}
+    else:
+        inputs = {"PRED": parsed.pred, "TRUTH": parsed.truth}
+    for what, spec in inputs.items():
+        if spec is not None and not _input_path(spec).exists():
+            raise MagsegError(f"{what} {spec} does not exist (relative to {Path.cwd()}); "
+                              "fix the path and resubmit")
+    return full
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    kind, command = args.kind, args.command
+    command_args = list(args.command_args)
+    if command_args[:1] == ["--"]:
+        command_args = command_args[1:]
+    if not command_args:
+        raise MagsegError(f"no {command} arguments: give them after the submit flags, e.g. "
+                          f"`python -m magseg_hpc.submit {kind} --job jobs/local.yaml -- ...`")
+    argv = check_command_args(command, command_args)
+    if args.nodes != 1:
+        raise MagsegError(f"submit {kind} runs one task on one node, got --nodes {args.nodes}; "
+                          "for many nodes use segment-volume's own --cluster slurm --jobs N")
+    profile = load_job_profile(args.job)
+    cluster, name = _cluster_and_name(args, kind)
+    gpus = args.gpus_per_node
+    if gpus is None:
+        gpus = min(profile.gpus_per_node, 1) if kind == "segment" else 0
+    # One task whatever the GPUs: executor_parameters ties tasks to GPUs for DDP training.
+    params = executor_parameters(profile, cluster=cluster, name=name, nodes=1,
+                                 gpus_per_node=gpus, tasks_per_node=None if gpus else 1)
+    params["tasks_per_node"] = 1
+    if cluster == "slurm":  # the command, readable in the batch script in the run dir
+        params["slurm_setup"] = [f"# magseg-hpc job: {shlex.join(['magseg-hpc', *argv])}",
+                                 *params.get("slurm_setup", [])]
+    if args.output_dir:
+        folder = str(Path(args.output_dir).absolute())
+    else:
+        folder = str(Path(args.runs_root).absolute() / name / "%j")
+    if args.dry_run:
+        if cluster != "slurm":
+            print(f"# magseg-hpc job: {shlex.join(['magseg-hpc', *argv])}")
+        return _dry_run(cluster, params, folder)
+    task = CommandTask(argv, str(Path.cwd()), folder)
+    return _submit_and_report(kind, task, args, cluster, folder, params, profile)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -637,8 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run main from the imported module, not from __main__: TrainTask must pickle as
-    # magseg_hpc.submit.TrainTask for the job to find it.
+    # Run main from the imported module, not from __main__: TrainTask/CommandTask must pickle
+    # as magseg_hpc.submit.<class> for the job to find them.
     from magseg_hpc.submit import main as _main
 
     sys.exit(_main())

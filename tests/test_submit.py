@@ -16,6 +16,7 @@ import yaml
 from magseg_hpc.config import config_to_dict, load_config
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.submit import (
+    CommandTask,
     JobProfile,
     check_output_dir,
     executor_parameters,
@@ -165,6 +166,77 @@ def test_dry_run_flags_reach_the_script(tmp_path, capsys, monkeypatch):
     assert "#SBATCH --nodes=3\n" in out and "#SBATCH --ntasks-per-node=4\n" in out
     assert "#SBATCH --gpus-per-node=4\n" in out and "#SBATCH --job-name=big\n" in out
     assert f"--output={tmp_path / 'out'}/%j_0_log.out" in out  # --output-dir used exactly
+
+
+# --- submit segment / submit evaluate (pure and dry-run parts) --------------------------------
+
+
+@pytest.fixture
+def seg_inputs(tmp_path):
+    """Paths that exist (the dry run checks existence only, not contents)."""
+    (tmp_path / "in.zarr").mkdir()
+    (tmp_path / "model.pt").write_bytes(b"")
+    return tmp_path / "in.zarr", tmp_path / "out.zarr", tmp_path / "model.pt"
+
+
+def test_segment_dry_run_script_holds_the_command(tmp_path, capsys, monkeypatch, seg_inputs):
+    monkeypatch.chdir(REPO)
+    vol, out, ckpt = seg_inputs
+    runs = tmp_path / "runs"
+    code = main(["segment", "--job", "jobs/cluster_2gpu.yaml", "--runs-root", str(runs),
+                 "--dry-run", "--", str(vol), str(out), "--model", str(ckpt), "--tta"])
+    script = capsys.readouterr().out
+    assert code == 0
+    assert f"# magseg-hpc job: magseg-hpc segment-volume {vol} {out} --model {ckpt} --tta\n" \
+        in script
+    # One task on one node with one GPU, whatever the profile says (2 nodes x 2 GPUs).
+    assert "#SBATCH --nodes=1\n" in script and "#SBATCH --ntasks-per-node=1\n" in script
+    assert "#SBATCH --gpus-per-node=1\n" in script and "#SBATCH --partition=gpu\n" in script
+    assert "#SBATCH --job-name=segment\n" in script
+    assert f"--output={runs}/segment/%j/%j_0_log.out" in script
+    assert not runs.exists()
+
+
+def test_evaluate_dry_run_uses_no_gpu(tmp_path, capsys, monkeypatch, seg_inputs):
+    monkeypatch.chdir(REPO)
+    vol = seg_inputs[0]
+    code = main(["evaluate", "--job", "local", "--name", "ev", "--output-dir",
+                 str(tmp_path / "ev"), "--dry-run", "--", str(vol), str(vol), "--report",
+                 "r.json"])
+    script = capsys.readouterr().out
+    assert code == 0
+    assert f"# magseg-hpc job: magseg-hpc evaluate {vol} {vol} --report r.json\n" in script
+    assert "#SBATCH --gpus-per-node=0\n" in script and "#SBATCH --ntasks-per-node=1\n" in script
+    assert f"--output={tmp_path / 'ev'}/%j_0_log.out" in script
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["segment", "--dry-run", "--", "{d}/missing.zarr", "{d}/o.zarr", "--model", "{d}/model.pt"],
+     "input volume {d}/missing.zarr does not exist"),
+    (["segment", "--dry-run", "--", "{d}/in.zarr", "{d}/o.zarr", "--model", "{d}/nope.pt"],
+     "--model checkpoint {d}/nope.pt does not exist"),
+    (["evaluate", "--dry-run", "--", "{d}/in.zarr", "{d}/truth.zarr"],
+     "TRUTH {d}/truth.zarr does not exist"),
+    (["evaluate", "--dry-run", "--", "{d}/in.zarr", "{d}/in.zarr", "--bogus"],
+     "magseg-hpc evaluate: unrecognized arguments: --bogus"),
+    (["segment", "--dry-run", "--"], "no segment-volume arguments"),
+    (["segment", "--dry-run", "--nodes", "2", "--", "{d}/in.zarr", "{d}/o.zarr"],
+     "runs one task on one node, got --nodes 2"),
+])
+def test_bad_command_input_fails_at_submit_time(tmp_path, capsys, seg_inputs, argv, message):
+    code = main([a.format(d=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert message.format(d=tmp_path) in err[0]
+
+
+def test_command_task_requeue_resumes_segment_and_reruns_evaluate():
+    seg = CommandTask(["segment-volume", "in", "out", "--overwrite"], "/tmp", "runs/x/%j")
+    again = seg.checkpoint().function
+    assert again.argv == ["segment-volume", "in", "out", "--resume"]
+    assert again.checkpoint().function.argv == again.argv  # --resume only once
+    ev = CommandTask(["evaluate", "p", "t"], "/tmp", "runs/x/%j")
+    assert ev.checkpoint().function.argv == ["evaluate", "p", "t"]
 
 
 # --- bad input at submit time (no job is submitted) ------------------------------------------

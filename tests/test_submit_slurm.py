@@ -255,3 +255,40 @@ def test_bad_submissions_fail_before_sbatch(slurm_cluster, tmp_path):
     assert no_slurm.returncode == 2
     assert "--cluster slurm but sbatch and srun not found on PATH" in no_slurm.stderr
     assert not any(tmp_path.glob("cpu_tiny/*"))
+
+
+def test_submit_segment_and_evaluate_on_slurm(slurm_cluster, tmp_path, jobs):
+    """segment-volume as a SLURM job gives the labels of a direct run; evaluate on them
+    writes a report (the direct run as truth, so mIoU is 1)."""
+    from magseg_hpc.cli import main as cli_main
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from segment_utils import make_checkpoint, make_volume, read_labels, write_input
+
+    ckpt = make_checkpoint(tmp_path / "model.pt")
+    vol = write_input(tmp_path / "in.zarr", make_volume((6, 24, 20)), chunks=(3, 24, 20))
+    direct = tmp_path / "direct.zarr"
+    assert cli_main(["segment-volume", str(vol), str(direct), "--model", str(ckpt),
+                     "--in-process", "--device", "cpu", "--dashboard-address", ":0"]) == 0
+    runs, out, report = tmp_path / "runs", tmp_path / "job.zarr", tmp_path / "report.json"
+
+    def submit_kind(kind: str, *command_args) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "magseg_hpc.submit", kind, "--job", "jobs/local.yaml",
+             "--runs-root", str(runs), "--wait", "--", *map(str, command_args)],
+            capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    seg = submit_kind("segment", vol, out, "--model", ckpt, "--in-process", "--device", "cpu",
+                      "--dashboard-address", ":0")
+    assert seg.returncode == 0, seg.stdout + seg.stderr
+    job_id = re.search(r"^submitted segment job (\d+) \(slurm: 1 node\(s\) x 1 task\(s\), "
+                       r"1 GPU\(s\) per node\)", seg.stdout, re.M).group(1)
+    jobs.append(job_id)
+    assert (read_labels(out) == read_labels(direct)).all()
+    log = (runs / "segment" / job_id / "logs" / "rank0.log").read_text()
+    assert f"magseg-hpc segment-volume {vol} {out}" in log
+
+    ev = submit_kind("evaluate", out, direct, "--report", report)
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    jobs.append(re.search(r"^submitted evaluate job (\d+) ", ev.stdout, re.M).group(1))
+    assert json.loads(report.read_text())["miou"] == 1.0
