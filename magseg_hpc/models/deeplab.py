@@ -52,6 +52,16 @@ def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
+def _init_conv_bn(module: nn.Module) -> None:
+    """torchvision's ResNet init: Kaiming fan-out convolutions, unit-scale BatchNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class BasicBlock(nn.Module):
     """torchvision's BasicBlock, but dilation > 1 is allowed (needed for OS16 on ResNet-18)."""
 
@@ -137,12 +147,7 @@ class ResNetBackbone(nn.Module):
         self.low_level_channels = 64 * block.expansion
         self.high_level_channels = 512 * block.expansion
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_conv_bn(self)
         if zero_init_residual:  # as AugSeg; pretrained weights overwrite it
             for m in self.modules():
                 if isinstance(m, Bottleneck):
@@ -213,12 +218,7 @@ class DeepLabV3PlusHead(nn.Module):
             _conv_bn_relu(DECODER_CHANNELS, DECODER_CHANNELS, 3),
             nn.Conv2d(DECODER_CHANNELS, num_classes, 1),
         )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_conv_bn(self)
         # Kaiming fan-out on a 3-channel output gives logits with std ~8: from random init
         # every pixel would pass the 0.95 confidence threshold and pseudo-labels collapse to
         # one class. PyTorch's default (fan-in) init keeps the first predictions soft.
