@@ -59,6 +59,7 @@ from magseg_hpc.config import (
     load_config,
 )
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.volume.io import volume_file
 
 log = logging.getLogger(__name__)
 
@@ -701,14 +702,6 @@ def _run_train(args: argparse.Namespace) -> int:
     return _submit_and_report("train", task, args, cluster, folder, params, profile)
 
 
-def _input_path(spec: str) -> Path:
-    """The file behind an input argument (``file.h5:/dataset`` names ``file.h5``)."""
-    path = Path(spec)
-    if not path.exists() and ":" in spec:
-        path = Path(spec.split(":", 1)[0])
-    return path
-
-
 def check_command_args(command: str, argv: Sequence[str]) -> list[str]:
     """Parse ``magseg-hpc <command> argv`` as the job will, and check that its inputs exist,
     so bad input fails at submission in one line. Returns the job's full argv."""
@@ -729,7 +722,7 @@ def check_command_args(command: str, argv: Sequence[str]) -> list[str]:
     else:
         inputs = {"PRED": parsed.pred, "TRUTH": parsed.truth}
     for what, spec in inputs.items():
-        if spec is not None and not _input_path(spec).exists():
+        if spec is not None and not volume_file(spec).exists():
             raise MagsegError(f"{what} {spec} does not exist (relative to {Path.cwd()}); "
                               "fix the path and resubmit")
     return full

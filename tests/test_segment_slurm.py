@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import shutil
 import subprocess
 import sys
 
@@ -28,10 +27,7 @@ def my_jobs() -> list[str]:
 
 
 @pytest.fixture
-def slurm():
-    if shutil.which("squeue") is None or subprocess.run(
-            ["sinfo"], capture_output=True).returncode != 0:
-        pytest.skip("no SLURM cluster here: run `sudo bash slurm/start.sh` first")
+def slurm(slurm_cluster):
     before = my_jobs()
     if before:
         pytest.skip(f"dask-worker jobs already queued: {before}")

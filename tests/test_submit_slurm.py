@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -25,26 +24,6 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> None:
-    problem = None
-    if shutil.which("sinfo") is None:
-        problem = "sinfo not found"
-    else:
-        probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-        if probe.returncode != 0:
-            problem = f"sinfo failed: {probe.stderr.strip()}"
-        elif shutil.which("sacct") is None or subprocess.run(
-                ["sacctmgr", "-n", "show", "cluster"], capture_output=True).returncode != 0:
-            problem = "no SLURM accounting (slurmdbd), which submitit needs for job states"
-    if problem:
-        message = f"no local SLURM cluster ({problem}): run `bash slurm/install.sh && " \
-                  "bash slurm/start.sh` as root"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="module")

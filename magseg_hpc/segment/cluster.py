@@ -129,30 +129,10 @@ def open_cluster(
 
 
 def load_job_profile(path: str | os.PathLike) -> dict:
-    """The Dask-worker view of a job profile YAML (partition, cpus, memory, time, gpus...).
+    """The job profile YAML (jobs/*.yaml) as a dict, validated by the submit command's loader."""
+    from magseg_hpc.submit import load_job_profile as load  # the one schema for job profiles
 
-    Reads ``magseg_hpc.submit``'s loader when it exists, else the YAML itself.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise MagsegError(f"job profile {p} not found; give a YAML under jobs/ (see jobs/*.yaml)")
-    try:
-        from magseg_hpc.submit import load_job_profile as submit_loader  # type: ignore
-    except ImportError:
-        submit_loader = None
-    if submit_loader is not None:
-        profile = submit_loader(p)
-        profile = profile if isinstance(profile, dict) else vars(profile)
-    else:
-        import yaml
-
-        try:
-            profile = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise MagsegError(f"job profile {p} is not valid YAML ({e})") from e
-        if not isinstance(profile, dict):
-            raise MagsegError(f"job profile {p} must be a mapping of settings")
-    return profile
+    return vars(load(path))
 
 
 def slurm_cluster_kwargs(profile: dict, dashboard_address: str) -> dict:

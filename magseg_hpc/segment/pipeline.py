@@ -46,6 +46,7 @@ from magseg_hpc.segment.resume import (
     write_run_record,
 )
 from magseg_hpc.segment.worker import SlabJob, run_slab
+from magseg_hpc.volume.io import volume_file
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def _check_options(opts: SegmentOptions) -> None:
         raise MagsegError(
             "--method threshold gives labels only: drop --tta, --probabilities and --axes"
         )
-    inp, out = Path(opts.input.split(".h5:")[0]).resolve(), Path(opts.output).resolve()
+    inp, out = volume_file(opts.input).resolve(), Path(opts.output).resolve()
     if inp == out or out in inp.parents or inp in out.parents:
         raise MagsegError(f"{opts.output}: output must not be (inside) the input {opts.input}")
 

@@ -9,7 +9,7 @@ import dask.array as da
 import numpy as np
 
 from magseg_hpc.classes import ClassTable
-from magseg_hpc.volume.io import open_volume
+from magseg_hpc.volume.io import open_volume, volume_file
 from magseg_hpc.volume.store import open_group
 
 
@@ -37,7 +37,7 @@ def _zarr_details(path: Path, var: str) -> tuple[str | None, dict, ClassTable | 
 
 def describe(path: str | os.PathLike, var: str | None = None, count_classes: bool = True) -> dict:
     volume = open_volume(path, var=var)
-    p = Path(str(path).split(".h5:")[0])
+    p = volume_file(path)
     var = var or ("labels" if volume.dtype == np.uint8 and volume.name == "labels" else volume.name)
     codec, attrs, table, names = _zarr_details(p, str(var))
     info = {

@@ -63,6 +63,12 @@ def open_volume(path: str | os.PathLike, var: str | None = None) -> xr.DataArray
     return _as_zyx(arr, p)
 
 
+def volume_file(spec: str | os.PathLike) -> Path:
+    """The file or folder behind a volume argument (``file.h5:/dataset`` names ``file.h5``)."""
+    h5_path, _ = _split_hdf5_path(str(spec))
+    return Path(h5_path if h5_path is not None else spec)
+
+
 def _split_hdf5_path(text: str) -> tuple[str | None, str | None]:
     for suffix in HDF5_SUFFIXES:
         marker = suffix + ":"
