@@ -50,6 +50,9 @@ class ModelConfig:
     name: str = "deeplabv3plus"
     backbone: Literal["resnet18", "resnet50", "resnet101"] = "resnet101"
     in_channels: int = 1
+    # 2.5D: the slice and (context_slices - 1) / 2 neighbours on each side along the slicing
+    # axis as input channels (odd; 1 = plain 2D). segment-volume reads the same context.
+    context_slices: int = 1
     # Local path to a torchvision ImageNet ResNet state_dict, or null for random init.
     pretrained: str | None = None
     deep_stem: bool | None = None  # null: the AugSeg deep stem for resnet50/101, not resnet18
@@ -84,6 +87,10 @@ class DataConfig:
     image_dir: str = "images"  # sub-folders of ``folder``
     mask_dir: str = "masks"
     axis: Literal["z", "y", "x"] = "z"
+    # Train on slices along these axes (e.g. [z, y, x]) so orthoplane fusion (segment-volume
+    # --axes z,y,x) uses a model that has seen every plane; labelled slices stay along
+    # ``axis``, and slices along the others carry the lines where they cross them.
+    axes: list[str] | None = None
     n_labeled: int = 128
     labeled_selection: Literal["even", "random"] = "even"
     n_val: int = 22
@@ -127,6 +134,10 @@ class TrainConfig:
     num_strong_augs: int = 3
     random_num_augs: bool = True
     crop_size: int = 513
+    # Share of crops placed to hold the sample (a labelled non-background pixel; for
+    # unlabelled slices of a masked reconstruction, a non-masked pixel), as nnU-Net
+    # oversamples foreground: a small sample in a large field of view is otherwise rarely seen.
+    foreground_crop: float = 0.0
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     # Extra geometric augmentations (the study used horizontal flips only).
     vflip: bool = False
@@ -341,6 +352,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         raise MagsegError(f"train.lr must be > 0, got {t.lr}")
     if not 0 <= t.ema_decay < 1:
         raise MagsegError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not 0 <= t.foreground_crop <= 1:
+        raise MagsegError(f"train.foreground_crop must be in [0, 1], got {t.foreground_crop}")
     if not 0 <= t.cutmix_prob <= 1:
         raise MagsegError(f"train.cutmix_prob must be in [0, 1], got {t.cutmix_prob}")
     if len(t.scale_range) != 2 or not 0 < t.scale_range[0] <= t.scale_range[1]:

@@ -44,6 +44,7 @@ def client():
 
 
 def run(work, client, out, **kw):
+    kw.setdefault("normalization", "checkpoint")  # what the oracle applies
     opts = SegmentOptions(input=str(kw.pop("input", work["input"])), output=str(out),
                           model=str(work["ckpt"]), **kw)
     return segment_volume(opts, client, progress=False)

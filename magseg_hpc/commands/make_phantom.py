@@ -5,10 +5,54 @@ from __future__ import annotations
 import logging
 
 from magseg_hpc.commands.common import int_triple
-from magseg_hpc.data.phantom import DEFAULTS, PATTERNS, SUPPORTS, make_phantom, write_phantom
+from magseg_hpc.data.phantom import (
+    DEFAULTS,
+    PATTERNS,
+    PRESETS,
+    SUPPORTS,
+    make_phantom,
+    preset_params,
+    write_phantom,
+)
+from magseg_hpc.errors import MagsegError
 from magseg_hpc.volume.store import refuse_existing
 
 log = logging.getLogger(__name__)
+
+# (flag, type, help): every make_phantom parameter as a flag; None means "the preset's value".
+FLAGS = [
+    ("shape", int_triple, "volume shape Z,Y,X"),
+    ("snr", float, "(mean plus-domain - mean minus-domain) / noise std; 0 for no noise"),
+    ("seed", int, "random seed"),
+    ("support", str, "sample shape"),
+    ("pattern", str, "domain pattern"),
+    ("tilt-deg", float, "support tilt about x in degrees"),
+    ("support-radius", float, "support radius (short semi-axis) / smaller in-plane side"),
+    ("ellipticity", float, ">= 1: the support's cross-section this many times longer along x"),
+    ("domain-period", float, "domain period in voxels"),
+    ("anisotropy", float, ">= 1: domains elongated along z by this factor"),
+    ("elongation", float, ">= 1: domains elongated in the plane by this factor"),
+    ("elongation-deg", float, "direction of the in-plane elongation, degrees from x"),
+    ("wall-width", float, "domain wall width in voxels"),
+    ("blur-sigma", float, "resolution blur sigma in voxels"),
+    ("n-angles", int, "projection angles per slice, 0 for no tomography artifacts"),
+    ("missing-wedge-deg", float, "missing angular range in degrees"),
+    ("edge-glow", float, "brightness of the rim at the sample boundary"),
+    ("rings", float, "ring-artifact amplitude relative to the domain contrast, 0 off"),
+    ("swirl", float, "vortex-like swirl strength in radians, 0 off"),
+    ("net-magnetization", float, "plus fraction minus minus fraction of the sample"),
+    ("minus-level", float, "brightness of minus domains relative to plus"),
+    ("noise-correlation", float, "noise smoothing sigma in voxels"),
+    ("shading", float, "low-frequency intensity errors (radial cupping, smooth 3D drift, "
+     "per-slice offsets) relative to the domain contrast, 0 off"),
+    ("mask-margin", int, "mask the reconstruction: exactly 0 beyond this many voxels outside "
+     "the sample; -1 off"),
+    ("bit-depth", int, "0: float32 image; 8: uint8 with the minus/plus domain means at "
+     "--dark-level/--bright-level"),
+    ("dark-level", float, "8-bit grey level of the minus domains"),
+    ("bright-level", float, "8-bit grey level of the plus domains"),
+]
+CHOICES = {"support": SUPPORTS, "pattern": PATTERNS, "bit-depth": (0, 8)}
 
 
 def register(subparsers) -> None:
@@ -21,45 +65,17 @@ def register(subparsers) -> None:
         "Writes `image` (float32) and `labels` (0 outside, 1 domain_minus, 2 domain_plus).",
     )
     p.add_argument("out", help="output zarr store")
-    p.add_argument("--shape", type=int_triple, default=d["shape"], metavar="Z,Y,X",
-                   help=f"volume shape (default {','.join(map(str, d['shape']))})")
-    p.add_argument("--snr", type=float, default=d["snr"],
-                   help="(mean plus-domain - mean minus-domain) / noise std; 0 for no noise "
-                   "(default %(default)s)")
-    p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default %(default)s)")
-    p.add_argument("--support", choices=SUPPORTS, default=d["support"],
-                   help="sample shape (default %(default)s)")
-    p.add_argument("--pattern", choices=PATTERNS, default=d["pattern"],
-                   help="domain pattern (default %(default)s)")
-    p.add_argument("--tilt-deg", type=float, default=d["tilt_deg"],
-                   help="support tilt about x in degrees (default %(default)s)")
-    p.add_argument("--domain-period", type=float, default=d["domain_period"],
-                   help="domain period in voxels (default %(default)s)")
-    p.add_argument("--anisotropy", type=float, default=d["anisotropy"],
-                   help=">= 1: domains elongated along z by this factor (default %(default)s)")
-    p.add_argument("--wall-width", type=float, default=d["wall_width"],
-                   help="domain wall width in voxels (default %(default)s)")
-    p.add_argument("--blur-sigma", type=float, default=d["blur_sigma"],
-                   help="resolution blur sigma in voxels (default %(default)s)")
-    p.add_argument("--n-angles", type=int, default=d["n_angles"],
-                   help="projection angles per slice, 0 for no tomography artifacts "
-                   "(default %(default)s)")
-    p.add_argument("--missing-wedge-deg", type=float, default=d["missing_wedge_deg"],
-                   help="missing angular range in degrees (default %(default)s)")
-    p.add_argument("--edge-glow", type=float, default=d["edge_glow"],
-                   help="brightness of the rim at the sample boundary (default %(default)s)")
-    p.add_argument("--swirl", type=float, default=d["swirl"],
-                   help="vortex-like swirl strength in radians, 0 off (default %(default)s)")
-    p.add_argument("--net-magnetization", type=float, default=d["net_magnetization"],
-                   help="plus fraction minus minus fraction of the sample (default %(default)s)")
-    p.add_argument("--minus-level", type=float, default=d["minus_level"],
-                   help="brightness of minus domains relative to plus (default %(default)s)")
-    p.add_argument("--noise-correlation", type=float, default=d["noise_correlation"],
-                   help="noise smoothing sigma in voxels (default %(default)s)")
-    p.add_argument("--shading", type=float, default=d["shading"],
-                   help="low-frequency intensity errors (radial cupping, smooth 3D drift, "
-                   "per-slice offsets) relative to the domain contrast, 0 off "
-                   "(default %(default)s)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                   help="named parameter set: default (a pillar filling the field of view, "
+                   "float) or sweep (like a published 8-bit reconstruction: a small tilted "
+                   "elliptic pillar in a large field of view, masked exact-zero background, "
+                   "dark domains near it, rings, 8-bit); flags below override it")
+    for flag, kind, help_text in FLAGS:
+        default = d[flag.replace("-", "_")]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        p.add_argument(f"--{flag}", type=kind, default=None,
+                       choices=CHOICES.get(flag),
+                       help=f"{help_text} (default {shown}, or the preset's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=run)
 
@@ -67,26 +83,14 @@ def register(subparsers) -> None:
 def run(args) -> int:
     # Refuse an existing output before spending seconds on the volume.
     refuse_existing(args.out, args.overwrite)
-    phantom = make_phantom(
-        args.shape,
-        snr=args.snr if args.snr != 0 else None,
-        seed=args.seed,
-        support=args.support,
-        pattern=args.pattern,
-        tilt_deg=args.tilt_deg,
-        domain_period=args.domain_period,
-        anisotropy=args.anisotropy,
-        wall_width=args.wall_width,
-        blur_sigma=args.blur_sigma,
-        n_angles=args.n_angles,
-        missing_wedge_deg=args.missing_wedge_deg,
-        edge_glow=args.edge_glow,
-        swirl=args.swirl,
-        net_magnetization=args.net_magnetization,
-        minus_level=args.minus_level,
-        noise_correlation=args.noise_correlation,
-        shading=args.shading,
-    )
+    params = preset_params(args.preset, **{flag.replace("-", "_"): getattr(
+        args, flag.replace("-", "_")) for flag, _, _ in FLAGS})
+    if params["snr"] is not None and params["snr"] < 0:
+        raise MagsegError(f"--snr must be > 0 (or 0 for no noise), got {params['snr']}")
+    if params["snr"] == 0:
+        params["snr"] = None
+    shape = params.pop("shape")
+    phantom = make_phantom(shape, **params)
     write_phantom(args.out, phantom, overwrite=args.overwrite)
     labels = phantom.labels
     n = labels.size
@@ -95,7 +99,8 @@ def run(args) -> int:
         for i, name in enumerate(("background", "domain_minus", "domain_plus"))
     )
     log.info(
-        "wrote %s: image %s float32, labels (%s), snr %s, seed %d",
-        args.out, "x".join(map(str, labels.shape)), fractions, phantom.params["snr"], args.seed,
+        "wrote %s: image %s %s, labels (%s), snr %s, seed %d",
+        args.out, "x".join(map(str, labels.shape)), phantom.image.dtype, fractions,
+        phantom.params["snr"], phantom.params["seed"],
     )
     return 0

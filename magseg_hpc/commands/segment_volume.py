@@ -36,6 +36,10 @@ def register(subparsers) -> None:
                    help="also store per-class probabilities (uint8, p x 255)")
     p.add_argument("--tta", action="store_true",
                    help="average horizontal, vertical and both flips (4x the compute)")
+    p.add_argument("--normalization", choices=("input", "checkpoint"), default="input",
+                   help="intensity statistics: fitted on IN the way training fitted them "
+                   "(default; robust to another intensity scale, e.g. 8-bit vs float) or the "
+                   "training volume's, stored in the checkpoint")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     g = p.add_argument_group("cluster (default: a local cluster sized for this machine)")
     g.add_argument("--workers", type=int, default=None,
@@ -64,7 +68,7 @@ def run(args) -> int:
         input=args.input, output=args.output, model=args.model, var=args.var, axes=args.axes,
         batch_size=args.batch_size, probabilities=args.probabilities, tta=args.tta,
         device=args.device, slab_size=args.slab_size, resume=args.resume,
-        overwrite=args.overwrite, method=args.method,
+        overwrite=args.overwrite, method=args.method, normalization=args.normalization,
         command_line=shlex.join(["magseg-hpc", *sys.argv[1:]]),
     )
     # Every check that can fail on bad input runs before any cluster or output exists.

@@ -50,9 +50,9 @@ from magseg_hpc.data.rng import Rng
 Generator = torch.Generator | np.random.Generator
 
 
-def _as_tensor(x, dtype) -> torch.Tensor:
+def _as_tensor(x, dtype, channels: bool = False) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
-    if t.ndim != 2:
+    if t.ndim != 2 and not (channels and t.ndim == 3):
         raise ValueError(f"expected a 2D slice, got shape {tuple(t.shape)}")
     return t.to(dtype)
 
@@ -72,21 +72,36 @@ def weak_augment(
     vflip: bool = False,
     rot90: bool = False,
     pad_value: float | None = None,
+    focus=None,
+    focus_prob: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Paired geometric augmentation of one slice.
 
-    image: (H, W) float numpy/torch in [0, 1]; mask: (H, W) integer class ids or None.
-    Returns (image float32 (h, w), mask int64 (h, w) or None) with (h, w) = crop_size
-    (the rescaled size when crop_size is None). Padding is 255 in the mask; to learn where
-    an unlabelled image was padded, pass ``mask=np.zeros(shape, np.uint8)``.
+    image: (H, W) or (C, H, W) (a slice and its neighbours) float numpy/torch in [0, 1];
+    mask: (H, W) integer class ids or None.
+    Returns (image float32 (h, w) or (C, h, w), mask int64 (h, w) or None) with (h, w) =
+    crop_size (the rescaled size when crop_size is None). ``focus`` (H, W) bool: with
+    probability ``focus_prob`` the crop is placed so that it holds a random focus pixel
+    (foreground oversampling, as nnU-Net does: a small sample in a large field of view is
+    then seen in most crops); otherwise, or when no focus pixel survives, uniformly.
+    Padding is 255 in the mask; to learn where an unlabelled image was padded, pass
+    ``mask=np.zeros(shape, np.uint8)``.
     ``pad_value`` None pads the image with its own mean; pass normalization["mean"] to pad
     with what ``standardize`` maps to 0 (AugSeg's ImageNet-mean padding).
     """
     rng = Rng(generator)
-    img = _as_tensor(image, torch.float32)[None, None]
+    img = _as_tensor(image, torch.float32, channels=True)
+    plain = img.ndim == 2
+    img = img[None, None] if plain else img[None]
     msk = None if mask is None else _as_tensor(mask, torch.float32)[None, None]
-    if msk is not None and msk.shape != img.shape:
+    if msk is not None and msk.shape[-2:] != img.shape[-2:]:
         raise ValueError(f"image {tuple(img.shape[2:])} and mask {tuple(msk.shape[2:])} differ")
+    # Drawn first whenever focus is on, so the other draws do not depend on the focus mask.
+    use_focus = focus_prob > 0 and rng.random() < focus_prob
+    foc = None
+    if focus is not None and use_focus:
+        foc = _as_tensor(np.asarray(focus, np.float32) if isinstance(focus, np.ndarray)
+                         else focus, torch.float32)[None, None]
 
     lo, hi = scale_range
     s = rng.uniform(lo, hi)
@@ -96,6 +111,8 @@ def weak_augment(
         img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
         if msk is not None:
             msk = F.interpolate(msk, size=size, mode="nearest-exact")
+        if foc is not None:
+            foc = F.interpolate(foc, size=size, mode="nearest-exact")
 
     flips = []
     if hflip and rng.random() < 0.5:
@@ -105,8 +122,10 @@ def weak_augment(
     k = rng.integers(0, 4) if rot90 else 0
     if flips:
         img, msk = img.flip(flips), None if msk is None else msk.flip(flips)
+        foc = None if foc is None else foc.flip(flips)
     if k:
         img, msk = img.rot90(k, (-2, -1)), None if msk is None else msk.rot90(k, (-2, -1))
+        foc = None if foc is None else foc.rot90(k, (-2, -1))
 
     if crop_size is not None:
         ch, cw = _pair(crop_size)
@@ -120,11 +139,18 @@ def weak_augment(
         h, w = img.shape[-2:]
         y0 = rng.integers(0, h - ch + 1)
         x0 = rng.integers(0, w - cw + 1)
+        if foc is not None:
+            points = torch.nonzero(foc[0, 0] > 0.5)
+            if len(points):
+                py, px = (int(v) for v in points[rng.integers(0, len(points))])
+                # a uniform crop among those that hold (py, px)
+                y0 = min(max(py - ch + 1 + int(y0 * ch / max(h - ch + 1, 1)), 0), h - ch)
+                x0 = min(max(px - cw + 1 + int(x0 * cw / max(w - cw + 1, 1)), 0), w - cw)
         img = img[..., y0 : y0 + ch, x0 : x0 + cw]
         if msk is not None:
             msk = msk[..., y0 : y0 + ch, x0 : x0 + cw]
 
-    img = img[0, 0].contiguous()
+    img = (img[0, 0] if plain else img[0]).contiguous()
     return img, None if msk is None else msk[0, 0].round().to(torch.int64).contiguous()
 
 
@@ -132,9 +158,11 @@ def weak_augment(
 
 
 def _filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """2D filter of (H, W) or of each channel of (C, H, W)."""
     kh, kw = kernel.shape
-    padded = F.pad(x[None, None], (kw // 2, kw // 2, kh // 2, kh // 2), mode="replicate")
-    return F.conv2d(padded, kernel[None, None].to(x.dtype))[0, 0]
+    planes = x.reshape(-1, 1, *x.shape[-2:])
+    padded = F.pad(planes, (kw // 2, kw // 2, kh // 2, kh // 2), mode="replicate")
+    return F.conv2d(padded, kernel[None, None].to(x.dtype)).reshape(x.shape)
 
 
 def op_identity(x, _=None):
@@ -227,7 +255,8 @@ def strong_augment(
     return_ops: bool = False,
 ):
     """Intensity-only strong augmentation of one float slice in [0, 1] (numpy or torch,
-    (H, W) or (1, H, W)); returns a float32 tensor of the same shape, still in [0, 1].
+    (H, W), or (C, H, W) for a slice and its neighbours, which all get the same operations);
+    returns a float32 tensor of the same shape, still in [0, 1].
 
     With ``return_ops`` also returns the applied [(name, magnitude), ...] for logging.
     """
@@ -238,7 +267,8 @@ def strong_augment(
         raise ValueError(f"unknown strong ops {unknown}; choose from {list(STRONG_POOL)}")
     x = torch.from_numpy(np.asarray(image01)) if isinstance(image01, np.ndarray) else image01
     shape = x.shape
-    x = x.to(torch.float32).reshape(shape[-2:])
+    x = x.to(torch.float32)
+    x = x.reshape(shape[-2:]) if x.ndim < 3 or shape[0] == 1 else x
     k = rng.integers(1, num_ops + 1) if random_num_ops else num_ops
     applied = []
     for _ in range(k):

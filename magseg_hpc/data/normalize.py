@@ -9,6 +9,13 @@ training volume and stored in the checkpoint, so inference on any slab scales id
 Augmentations run on ``x01`` (``scale_to_unit``) and ``standardize`` follows them;
 ``apply_normalization`` does both at once (inference).
 
+Statistics come from the sample, not the background: a published reconstruction is often
+masked (every voxel outside the sample exactly 0, 90 % of a large field of view). When one
+value is both the minimum and at least ``MASKED_FRACTION`` of the voxels, it is taken as that
+masked background (``masked_value``): it is left out of the percentiles, mean and std, so the
+numbers describe the sample whatever the field of view, and segment-volume can use the
+non-masked region as the sample support.
+
 Large inputs (dask arrays, xarray DataArrays or numpy arrays over ``max_samples`` elements)
 are subsampled with a regular stride along every axis before the percentiles are computed,
 so fitting a terabyte volume reads a bounded, evenly spread sample; for smaller inputs the
@@ -20,10 +27,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import ndimage
 
 from magseg_hpc.errors import MagsegError
 
 DEFAULT_MAX_SAMPLES = 1 << 24  # about 16 M values
+# A single minimum value this common is a masked background, not data.
+MASKED_FRACTION = 0.15
 
 
 def _strided_sample(values, max_samples: int) -> np.ndarray:
@@ -60,6 +70,9 @@ def fit_normalization(
             "no finite intensity values to fit the normalisation on; "
             "check the volume (all NaN or empty?)"
         )
+    masked_value = detect_masked_value(sample)
+    if masked_value is not None:
+        sample = sample[sample != masked_value]
     low, high = np.percentile(sample, [low_pct, high_pct])
     if not high > low:
         raise MagsegError(
@@ -73,7 +86,20 @@ def fit_normalization(
         "high": float(high),
         "mean": float(scaled.mean()),
         "std": max(std, 1e-6),
+        "masked_value": masked_value,
     }
+
+
+def detect_masked_value(sample: np.ndarray) -> float | None:
+    """The exact background value of a masked reconstruction, or None (module docstring)."""
+    if sample.size == 0:
+        return None
+    low = sample.min()
+    at_low = np.count_nonzero(sample == low)
+    # the floor must be common, and not the whole volume
+    if MASKED_FRACTION * sample.size <= at_low < sample.size:
+        return float(low)
+    return None
 
 
 def _check(norm: dict) -> None:
@@ -107,3 +133,20 @@ def standardize(x01, norm: dict):
 def apply_normalization(x, norm: dict):
     """The model input for raw intensities ``x``: standardize(scale_to_unit(x)), float32."""
     return standardize(scale_to_unit(x, norm), norm)
+
+
+SUPPORT_CLOSING = 3  # px; bridges masked-valued noise pixels at the sample's edge
+
+
+def masked_support(plane: np.ndarray, masked_value: float) -> np.ndarray:
+    """The sample support of one slice of a masked reconstruction: its non-masked pixels,
+    closed over small gaps, holes filled (dark domains can hold pixels at the masked value;
+    they stay inside)."""
+    inside = np.asarray(plane) != masked_value
+    if not inside.any():
+        return inside
+    r = SUPPORT_CLOSING
+    disk = np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
+    # pad so that closing does not erode a sample touching the slice's edge
+    closed = ndimage.binary_closing(np.pad(inside, r), disk)[r:-r, r:-r]
+    return ndimage.binary_fill_holes(closed | inside)

@@ -87,6 +87,44 @@ DEFAULTS: dict[str, Any] = {
     "minus_level": 0.3,
     "noise_correlation": 0.5,
     "shading": 0.3,
+    "support_radius": 0.38,
+    "ellipticity": 1.0,
+    "elongation": 1.0,
+    "elongation_deg": 0.0,
+    "rings": 0.0,
+    "mask_margin": -1,
+    "bit_depth": 0,
+    "dark_level": 9.0,
+    "bright_level": 120.0,
+}
+
+# Named parameter sets; explicit arguments override a preset's values.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A whole pillar in a tight field of view, float intensities: the original phantom.
+    "default": {},
+    # Like a published 8-bit sweep (shared/DESIGN.md): a tilted elliptic pillar filling ~12 %
+    # of a large field of view, exactly 0 outside the masked reconstruction, the dark domains
+    # a few grey levels above that background, stripes elongated in the plane, edge glow,
+    # streaks and rings, quantised to 8 bits.
+    "sweep": {
+        "shape": (48, 256, 256),
+        "tilt_deg": 25.0,
+        "support_radius": 0.125,
+        "ellipticity": 2.4,
+        "pattern": "labyrinth",
+        "domain_period": 22.0,
+        "elongation": 2.5,
+        "elongation_deg": 30.0,
+        "anisotropy": 1.5,
+        "minus_level": 0.05,
+        "edge_glow": 0.6,
+        "rings": 0.3,
+        "mask_margin": 2,
+        "bit_depth": 8,
+        "dark_level": 6.0,
+        "snr": 4.0,
+        "shading": 0.2,
+    },
 }
 
 
@@ -119,6 +157,15 @@ def make_phantom(
     minus_level: float = DEFAULTS["minus_level"],
     noise_correlation: float = DEFAULTS["noise_correlation"],
     shading: float = DEFAULTS["shading"],
+    support_radius: float = DEFAULTS["support_radius"],
+    ellipticity: float = DEFAULTS["ellipticity"],
+    elongation: float = DEFAULTS["elongation"],
+    elongation_deg: float = DEFAULTS["elongation_deg"],
+    rings: float = DEFAULTS["rings"],
+    mask_margin: int = DEFAULTS["mask_margin"],
+    bit_depth: int = DEFAULTS["bit_depth"],
+    dark_level: float = DEFAULTS["dark_level"],
+    bright_level: float = DEFAULTS["bright_level"],
 ) -> Phantom:
     """Generate a phantom volume and its ground-truth labels.
 
@@ -148,6 +195,19 @@ def make_phantom(
         noise_correlation: Gaussian sigma (voxels) correlating the noise; 0 gives white noise.
         shading: strength of the low-frequency intensity errors (radial cupping, smooth 3D
             drift, per-slice offsets; module docstring), in [0, 0.9]; 0 disables.
+        support_radius: pillar/cylinder radius (the ellipse's short semi-axis) as a fraction
+            of the smaller in-plane side.
+        ellipticity: >= 1; the support's cross-section is an ellipse this many times longer
+            along x than along y (a tilted pillar seen in a slice).
+        elongation, elongation_deg: >= 1; domains this many times longer along the in-plane
+            direction at ``elongation_deg`` degrees from x (anisotropic band-passed domains).
+        rings: ring-artifact amplitude (concentric rings about the rotation axis, constant
+            along z, as from miscalibrated detector pixels) relative to the domain contrast.
+        mask_margin: >= 0 masks the reconstruction: every voxel farther than this many voxels
+            outside the support is exactly 0 (as published reconstructions are); -1 keeps the
+            reconstruction's own background.
+        bit_depth: 0 keeps float32; 8 quantises to uint8 with the noise-free minus and plus
+            domain means at ``dark_level`` and ``bright_level`` (values below 0 clip to 0).
     """
     shape = _check_shape(shape)
     _check_choice("support", support, SUPPORTS)
@@ -164,6 +224,15 @@ def make_phantom(
     _check_range("minus_level", minus_level, 0.0, 0.99)
     _check_range("noise_correlation", noise_correlation, 0.0, None)
     _check_range("shading", shading, 0.0, 0.9)
+    _check_range("support_radius", support_radius, 0.02, 0.5)
+    _check_range("ellipticity", ellipticity, 1.0, 10.0)
+    _check_range("elongation", elongation, 1.0, 10.0)
+    _check_range("elongation_deg", elongation_deg, -360.0, 360.0)
+    _check_range("rings", rings, 0.0, None)
+    _check_range("mask_margin", mask_margin, -1, None)
+    _check_choice("bit_depth", bit_depth, (0, 8))
+    _check_range("dark_level", dark_level, 0.0, 255.0)
+    _check_range("bright_level", bright_level, dark_level + 1.0, 255.0)
     if snr is not None and not (snr > 0):
         raise MagsegError(f"snr must be > 0 (or None for no noise), got {snr}")
     if seed is None or int(seed) < 0:
@@ -176,11 +245,12 @@ def make_phantom(
     )
     tilt = math.radians(tilt_deg)
 
-    support_mask = _support(shape, support, tilt)
+    support_mask = _support(shape, support, tilt, support_radius, ellipticity)
     if not support_mask.any():
         raise MagsegError(f"shape {shape} is too small for a {support} support; use >= 8 voxels")
 
-    domain_field = _domain_field(shape, rng_field, domain_period, pattern, anisotropy, tilt)
+    domain_field = _domain_field(shape, rng_field, domain_period, pattern, anisotropy, tilt,
+                                 elongation, math.radians(elongation_deg))
     if swirl > 0:
         domain_field = _swirl(domain_field, rng_swirl, swirl, domain_period)
     # Threshold at the in-support quantile so the class balance is what was asked for.
@@ -201,8 +271,10 @@ def make_phantom(
     if n_angles > 0:
         signal = _limited_angle_reconstruction(signal, n_angles, missing_wedge_deg)
 
+    contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
+    if rings > 0:
+        signal += rings * abs(contrast) * _rings(shape[1:], rng_shading)[None]
     if shading > 0:
-        contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
         signal = _shade(signal, rng_shading, shading, contrast)
 
     contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
@@ -213,6 +285,16 @@ def make_phantom(
             shape, rng_noise, noise_correlation, n_angles, missing_wedge_deg
         )
 
+    if mask_margin >= 0:
+        outside = ~ndimage.binary_dilation(support_mask, iterations=int(mask_margin)) \
+            if mask_margin > 0 else ~support_mask
+        signal[outside] = 0.0
+    if bit_depth == 8:
+        dark = float(signal[labels == 1].mean())
+        gain = (bright_level - dark_level) / max(abs(contrast), 1e-12)
+        inside = signal != 0.0 if mask_margin >= 0 else np.ones(shape, bool)
+        quantised = np.clip(np.rint((signal - dark) * gain + dark_level), 0, 255)
+        signal = np.where(inside, quantised, 0.0)
     params = {
         "generator": "magseg_hpc.data.phantom.make_phantom",
         "shape": list(shape),
@@ -233,12 +315,30 @@ def make_phantom(
         "minus_level": float(minus_level),
         "noise_correlation": float(noise_correlation),
         "shading": float(shading),
+        "support_radius": float(support_radius),
+        "ellipticity": float(ellipticity),
+        "elongation": float(elongation),
+        "elongation_deg": float(elongation_deg),
+        "rings": float(rings),
+        "mask_margin": int(mask_margin),
+        "bit_depth": int(bit_depth),
+        "dark_level": float(dark_level),
+        "bright_level": float(bright_level),
         "contrast": contrast,
         "noise_std": float(noise_std),
         "snr_definition": "(mean of noise-free image over label 2 - over label 1) / noise std",
     }
     log.debug("phantom %s: contrast %.3f, noise std %.3f", shape, contrast, noise_std)
-    return Phantom(image=signal.astype(np.float32), labels=labels, params=params)
+    image = signal.astype(np.uint8 if bit_depth == 8 else np.float32)
+    return Phantom(image=image, labels=labels, params=params)
+
+
+def preset_params(preset: str, **overrides: Any) -> dict[str, Any]:
+    """make_phantom keyword arguments: the preset's values, then ``overrides`` (not None)."""
+    _check_choice("preset", preset, tuple(PRESETS))
+    params = {**DEFAULTS, **PRESETS[preset]}
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    return params
 
 
 def write_phantom(path: str | Path, phantom: Phantom, overwrite: bool = False) -> None:
@@ -295,14 +395,16 @@ def _tilted_coords(shape: tuple[int, int, int], tilt: float) -> tuple[np.ndarray
     return c * z + s * y, c * y - s * z, x
 
 
-def _support(shape: tuple[int, int, int], support: str, tilt: float) -> np.ndarray:
+def _support(shape: tuple[int, int, int], support: str, tilt: float, radius: float = 0.38,
+             ellipticity: float = 1.0) -> np.ndarray:
     nz, ny, nx = shape
     zt, yt, x = _tilted_coords(shape, tilt)
+    x = x / ellipticity
     if support == "pillar":
-        radius = 0.38 * min(ny, nx)
+        radius = radius * min(ny, nx)
         mask = yt**2 + x**2 <= radius**2
     elif support == "cylinder":
-        radius = 0.44 * min(ny, nx)
+        radius = radius / 0.38 * 0.44 * min(ny, nx)
         mask = (yt**2 + x**2 <= radius**2) & (np.abs(zt) <= 0.4 * nz)
     else:  # slab: a film of finite lateral extent, normal along y
         mask = (np.abs(yt) <= 0.22 * ny) & (np.abs(x) <= 0.45 * nx) & (np.abs(zt) <= 0.5 * nz)
@@ -329,6 +431,8 @@ def _domain_field(
     pattern: str,
     anisotropy: float,
     tilt: float,
+    elongation: float = 1.0,
+    elongation_angle: float = 0.0,
 ) -> np.ndarray:
     """Band-passed Gaussian random field with unit standard deviation (float64)."""
     nz, ny, nx = shape
@@ -340,7 +444,12 @@ def _domain_field(
     # Rotate wave vectors with the support so domains follow the tilted axis.
     c, s = math.cos(tilt), math.sin(tilt)
     kzt, kyt = c * kz + s * ky, c * ky - s * kz
-    k_plane = np.sqrt(kyt**2 + kx**2)
+    # Elongated along the in-plane direction (cos a, sin a) in (x, y): its wave-vector
+    # component is stretched, so features are longer that way.
+    ca, sa = math.cos(elongation_angle), math.sin(elongation_angle)
+    k_along = elongation * (kx * ca + kyt * sa)
+    k_across = -kx * sa + kyt * ca
+    k_plane = np.sqrt(k_along**2 + k_across**2)
     k_eff = np.sqrt(k_plane**2 + (anisotropy * kzt) ** 2)
     k0 = 1.0 / period
     bandwidth = 0.18 * k0
@@ -392,6 +501,20 @@ def _walls(domain_field: np.ndarray, wall_width: float) -> np.ndarray:
     grad = np.sqrt(sum(g**2 for g in np.gradient(domain_field)))
     scale = float(np.median(grad)) * wall_width / 2.0
     return np.tanh(domain_field / max(scale, 1e-12))
+
+
+def _rings(plane: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Ring artifacts: thin concentric rings of random sign about the rotation axis, peak 1."""
+    ny, nx = plane
+    y = (np.arange(ny) - (ny - 1) / 2.0)[:, None]
+    x = (np.arange(nx) - (nx - 1) / 2.0)[None, :]
+    r = np.sqrt(y**2 + x**2)
+    out = np.zeros(plane)
+    for _ in range(max(3, min(ny, nx) // 16)):
+        radius = rng.uniform(2.0, 0.5 * min(ny, nx))
+        out += rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 1.0) * np.exp(
+            -0.5 * ((r - radius) / 0.7) ** 2)
+    return out / max(float(np.abs(out).max()), 1e-12)
 
 
 # --- image formation ------------------------------------------------------------------------

@@ -145,9 +145,17 @@ class VolumeSlices:
             return np.take(self._cache[name], index, axis=self.axis_index)
         return np.asarray(arr.isel({self.axis: index}).values)
 
-    def read_image(self, key: str) -> np.ndarray:
-        return self._read("image", self._image_array(), int(key)).astype(np.float32,
-                                                                           copy=False)
+    def read_image(self, key: str, context: int = 1) -> np.ndarray:
+        """Slice ``key`` (H, W), or with ``context`` > 1 the slice and its neighbours
+        (context, H, W), repeating the end slices at the volume's faces."""
+        index = int(key)
+        if context == 1:
+            return self._read("image", self._image_array(), index).astype(np.float32,
+                                                                            copy=False)
+        half = context // 2
+        idx = np.clip(np.arange(index - half, index + half + 1), 0, len(self) - 1)
+        return np.stack([self._read("image", self._image_array(), int(i)) for i in idx]
+                        ).astype(np.float32, copy=False)
 
     def read_labels(self, key: str) -> np.ndarray:
         labels = self._read("labels", self._labels_array(), int(key))
@@ -162,6 +170,75 @@ class VolumeSlices:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+class MultiAxisSlices:
+    """One volume sliced along several axes (``data.axes``), so that a model used for
+    orthoplane fusion has seen every plane.
+
+    Keys: ``"12"`` is slice 12 along the primary axis (``data.axis``, as split files always
+    held), ``"y:40"`` slice 40 along y. A slice along another axis crosses the labelled
+    primary slices in lines: those lines carry their labels, every other pixel is 255.
+    """
+
+    def __init__(self, primary: VolumeSlices, axes: Sequence[str], labeled_primary: Sequence):
+        self.primary, self.axis = primary, primary.axis
+        self.by_axis = {primary.axis: primary}
+        for axis in axes:
+            if axis not in self.by_axis:
+                other = VolumeSlices(primary.path, axis, image_var=primary.image_var,
+                                     label_var=primary.label_var, label_path=primary.label_path,
+                                     cache_mb=primary.cache_bytes // 2**20)
+                other._cache, other._lock = primary._cache, primary._lock  # one copy in memory
+                self.by_axis[axis] = other
+        self.labeled = sorted(int(k) for k in labeled_primary)
+
+    def __len__(self) -> int:
+        return len(self.primary)
+
+    def image_volume(self):
+        return self.primary.image_volume()
+
+    def _split(self, key: str) -> tuple[str, str]:
+        axis, _, index = str(key).rpartition(":")
+        return axis or self.axis, index
+
+    def read_image(self, key: str, context: int = 1) -> np.ndarray:
+        axis, index = self._split(key)
+        return self.by_axis[axis].read_image(index, context)
+
+    def read_labels(self, key: str) -> np.ndarray:
+        axis, index = self._split(key)
+        labels = self.by_axis[axis].read_labels(index)
+        if axis == self.axis:
+            return labels
+        pos = [a for a in AXES if a != axis].index(self.axis)  # primary axis in this slice
+        keep = np.zeros(labels.shape[pos], bool)
+        keep[self.labeled] = True
+        out = np.full_like(labels, IGNORE_LABEL)
+        where = (keep, slice(None)) if pos == 0 else (slice(None), keep)
+        out[where] = labels[where]
+        return out
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+
+def other_axis_keys(primary: VolumeSlices, axes: Sequence[str],
+                    n_labeled: int) -> tuple[list[str], list[str]]:
+    """(labelled, unlabelled) keys along the axes other than the primary one: every slice is
+    unlabelled; ``n_labeled`` evenly spread slices per axis are labelled (each carries the
+    lines where it crosses the labelled primary slices), so each axis has as many labelled
+    slices as the primary one."""
+    labeled, unlabeled = [], []
+    shape = tuple(primary.image_volume().shape)
+    for axis in axes:
+        if axis == primary.axis:
+            continue
+        n = shape[AXES.index(axis)]
+        unlabeled += [f"{axis}:{i}" for i in range(n)]
+        labeled += [f"{axis}:{i}" for i in _even(list(range(n)), n_labeled)]
+    return labeled, unlabeled
 
 
 class FolderSlices:
@@ -193,9 +270,12 @@ class FolderSlices:
                 return p
         raise MagsegError(f"{folder}: no image named {key!r} (looked for {stem}.png etc.)")
 
-    def read_image(self, key: str) -> np.ndarray:
+    def read_image(self, key: str, context: int = 1) -> np.ndarray:
         from PIL import Image
 
+        if context != 1:
+            raise MagsegError("model.context_slices > 1 needs a volume (data.volume): the "
+                              "images of data.folder have no neighbouring slices")
         with Image.open(self._find(self.image_dir, key)) as im:
             arr = np.asarray(im)
         if arr.ndim == 3:  # the study stored grey images replicated to RGB
@@ -405,6 +485,8 @@ class AugmentSettings:
     rot90: bool = False
     num_strong_augs: int = 3
     random_num_augs: bool = True
+    context: int = 1  # model.context_slices: neighbouring slices as channels
+    foreground: float = 0.0  # share of crops placed on the sample (train.foreground_crop)
 
 
 class LabeledSlices(Dataset):
@@ -421,24 +503,35 @@ class LabeledSlices(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def _weak(self, image01, mask, rng):
+    def _weak(self, image01, mask, rng, focus=None):
         from magseg_hpc.data.augment import weak_augment
 
         return weak_augment(
             image01, mask, crop_size=self.aug.crop_size, generator=rng,
             scale_range=self.aug.scale_range, vflip=self.aug.vflip, rot90=self.aug.rot90,
             pad_value=self.norm["mean"],  # standardises to 0, as AugSeg's mean padding
+            focus=focus, focus_prob=self.aug.foreground,
         )
 
+    def _read(self, key):
+        """(raw image (H, W) or (context, H, W), its values in [0, 1])."""
+        from magseg_hpc.data.normalize import scale_to_unit
+
+        raw = self.source.read_image(key, self.aug.context)
+        return raw, scale_to_unit(raw, self.norm)
+
     def __getitem__(self, item):
-        from magseg_hpc.data.normalize import scale_to_unit, standardize
+        from magseg_hpc.data.normalize import standardize
 
         epoch, position, index = item
         key = self.keys[index]
         rng = sample_rng(self.seed, self.stream, epoch, position)
-        image01 = scale_to_unit(self.source.read_image(key), self.norm)
-        image, labels = self._weak(image01, self.source.read_labels(key), rng)
-        return standardize(image, self.norm)[None], labels
+        _, image01 = self._read(key)
+        mask = self.source.read_labels(key)
+        # the sample: labelled pixels other than background
+        focus = (mask != 0) & (mask != IGNORE_LABEL) if self.aug.foreground else None
+        image, labels = self._weak(image01, mask, rng, focus)
+        return _channels(standardize(image, self.norm)), labels
 
 
 class UnlabeledSlices(LabeledSlices):
@@ -453,26 +546,31 @@ class UnlabeledSlices(LabeledSlices):
 
     def __getitem__(self, item):
         from magseg_hpc.data.augment import strong_augment
-        from magseg_hpc.data.normalize import scale_to_unit, standardize
+        from magseg_hpc.data.normalize import standardize
 
         epoch, position, index = item
         key = self.keys[index]
         rng = sample_rng(self.seed, self.stream, epoch, position)
-        image01 = scale_to_unit(self.source.read_image(key), self.norm)
-        weak, pad = self._weak(image01, np.zeros(image01.shape, np.uint8), rng)
+        raw, image01 = self._read(key)
+        centre = raw if raw.ndim == 2 else raw[len(raw) // 2]
+        # no labels here: on a masked reconstruction the sample is what is not masked
+        masked = self.norm.get("masked_value")
+        focus = centre != masked if (self.aug.foreground and masked is not None) else None
+        weak, pad = self._weak(image01, np.zeros(centre.shape, np.uint8), rng, focus)
         strong = weak.clone()
         if self.aug.num_strong_augs > 0:
             strong = strong_augment(strong, rng, num_ops=self.aug.num_strong_augs,
                                     random_num_ops=self.aug.random_num_augs)
-        return (standardize(weak, self.norm)[None], standardize(strong, self.norm)[None],
-                pad != IGNORE_LABEL)
+        return (_channels(standardize(weak, self.norm)),
+                _channels(standardize(strong, self.norm)), pad != IGNORE_LABEL)
 
 
 class ValSlices(Dataset):
     """Whole validation slices, no augmentation: index -> (image (1, H, W), labels (H, W))."""
 
-    def __init__(self, source, keys: Sequence[str], normalization: dict):
+    def __init__(self, source, keys: Sequence[str], normalization: dict, context: int = 1):
         self.source, self.keys, self.norm = source, list(keys), dict(normalization)
+        self.context = context
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -481,6 +579,11 @@ class ValSlices(Dataset):
         from magseg_hpc.data.normalize import apply_normalization
 
         key = self.keys[index]
-        image = apply_normalization(self.source.read_image(key), self.norm)
+        image = apply_normalization(self.source.read_image(key, self.context), self.norm)
         labels = self.source.read_labels(key).astype(np.int64)
-        return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(labels)
+        return _channels(torch.from_numpy(np.ascontiguousarray(image))), torch.from_numpy(labels)
+
+
+def _channels(image: torch.Tensor) -> torch.Tensor:
+    """(H, W) -> (1, H, W); (context, H, W) stays."""
+    return image[None] if image.ndim == 2 else image

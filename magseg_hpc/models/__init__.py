@@ -7,7 +7,8 @@ Model config keys (``resolve_model_config`` fills defaults and rejects anything 
 | name | "deeplabv3plus" | "deeplabv3plus", or SAM: sam_vit_b, sam_vit_l, sam_vit_h, sam_tiny |
 | backbone | "resnet101" | resnet18, resnet50 or resnet101 |
 | num_classes | 3 | output channels |
-| in_channels | 1 | input channels (grey volumes: 1) |
+| in_channels | 1 | input channels per slice (grey volumes: 1) |
+| context_slices | 1 | odd; the slice and its neighbours along the slicing axis as channels (2.5D) |
 | pretrained | None | local path of a torchvision ImageNet ResNet state_dict, or None |
 | deep_stem | True for resnet50/101, False for resnet18 | ResNet-C stem (AugSeg) |
 | output_stride | 16 | only 16 (the study's setting) |
@@ -32,14 +33,15 @@ MODEL_NAMES = ("deeplabv3plus", *SAM_NAMES)
 # Keys that define the architecture: a checkpoint is refused when these differ (a key a model
 # family lacks compares as None).
 ARCHITECTURE_KEYS = (
-    "name", "backbone", "num_classes", "in_channels", "deep_stem", "output_stride",
-    *SAM_ARCHITECTURE_KEYS,
+    "name", "backbone", "num_classes", "in_channels", "context_slices", "deep_stem",
+    "output_stride", *SAM_ARCHITECTURE_KEYS,
 )
 _DEFAULTS = {
     "name": "deeplabv3plus",
     "backbone": "resnet101",
     "num_classes": 3,
     "in_channels": 1,
+    "context_slices": 1,
     "pretrained": None,
     "deep_stem": None,  # resolved per backbone
     "output_stride": 16,
@@ -69,9 +71,12 @@ def resolve_model_config(model_cfg: dict) -> dict:
     cfg = {**_DEFAULTS, **model_cfg}
     if cfg["backbone"] not in BACKBONES:
         raise MagsegError(f"model.backbone {cfg['backbone']!r} is not one of {sorted(BACKBONES)}")
-    for key in ("num_classes", "in_channels"):
+    for key in ("num_classes", "in_channels", "context_slices"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise MagsegError(f"model.{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg["context_slices"] % 2 == 0:
+        raise MagsegError(f"model.context_slices must be odd (the slice in the middle), got "
+                          f"{cfg['context_slices']}")
     if cfg["output_stride"] != 16:
         raise MagsegError(f"model.output_stride {cfg['output_stride']!r} is not supported; use 16")
     if cfg["deep_stem"] is None:

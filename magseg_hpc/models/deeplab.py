@@ -239,7 +239,7 @@ class DeepLabV3Plus(nn.Module):
         self.config = dict(config)
         self.backbone = ResNetBackbone(
             config["backbone"],
-            config["in_channels"],
+            config["in_channels"] * config.get("context_slices", 1),
             config["deep_stem"],
             config["zero_init_residual"],
         )

@@ -5,6 +5,15 @@ runs the model over batches of slices, turns logits into class probabilities (so
 optionally averages flipped passes (test-time augmentation) in probability space, and returns
 uint8 labels (argmax of the float probabilities) and, when asked, uint8-quantised probabilities
 (``round(p * 255)``). The Dask wrapper in ``worker.py`` only reads, calls this, and writes.
+
+2.5D models (``context_slices`` k > 1) see each slice with its k // 2 neighbours on each side
+as channels: the caller passes the slab with that many halo slices (fewer at the volume's
+faces, where the end slice is repeated, as in training).
+
+On a masked reconstruction (the normalisation found a ``masked_value``: everything outside
+the sample exactly one value), voxels outside the sample's support are background whatever
+the model says: the support of each slice is its non-masked pixels, closed over small gaps
+and with holes filled (dark domains can hold masked-valued pixels; they stay inside).
 """
 
 from __future__ import annotations
@@ -47,23 +56,38 @@ def segment_slab(
     tta: bool = False,
     device: str | torch.device = "cpu",
     with_probabilities: bool = False,
+    context: int = 1,
+    before: int = 0,
+    count: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Segment ``slices`` (n, H, W) of raw intensities.
+    """Segment ``count`` slices of raw intensities starting at ``slices[before]``;
+    ``slices`` (N, H, W) holds them plus the halo a 2.5D model needs (module docstring).
 
     Returns ``labels`` uint8 (n, H, W) and ``probabilities`` uint8 (C, n, H, W) or None.
     Memory: the raw slab, the uint8 results and one batch of activations.
     """
-    from magseg_hpc.data.normalize import apply_normalization
+    from magseg_hpc.data.normalize import apply_normalization, masked_support
 
-    n, h, w = slices.shape
+    total, h, w = slices.shape
+    n = total - before if count is None else count
+    half = context // 2
+    masked = normalization.get("masked_value")
     labels = np.empty((n, h, w), np.uint8)
     probabilities = np.empty((num_classes, n, h, w), np.uint8) if with_probabilities else None
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            batch = apply_normalization(np.asarray(slices[start:stop]), normalization)
-            x = torch.from_numpy(np.ascontiguousarray(batch, np.float32))[:, None].to(device)
+            centres = np.arange(start, stop) + before
+            idx = np.clip(centres[:, None] + np.arange(-half, half + 1)[None], 0, total - 1)
+            batch = apply_normalization(np.asarray(slices)[idx], normalization)
+            x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(device)
             probs = predict_probabilities(model, x, tta)
+            if masked is not None:
+                outside = ~np.stack([masked_support(slices[c], masked) for c in centres])
+                outside = torch.from_numpy(outside).to(probs.device)[:, None]
+                background = torch.zeros((1, probs.shape[1], 1, 1), device=probs.device)
+                background[0, 0] = 1.0
+                probs = torch.where(outside, background, probs)
             labels[start:stop] = probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
             if probabilities is not None:
                 probabilities[:, start:stop] = quantize(probs).cpu().numpy().transpose(1, 0, 2, 3)

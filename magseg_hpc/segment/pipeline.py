@@ -51,6 +51,7 @@ from magseg_hpc.volume.io import volume_file
 log = logging.getLogger(__name__)
 
 METHODS = ("model", "threshold")
+NORMALIZATIONS = ("input", "checkpoint")
 DEVICES = ("auto", "cpu", "cuda")
 PRECHECK_SLICES = 4  # finite-voxel pre-check reads this many evenly spaced z slices
 
@@ -70,6 +71,11 @@ class SegmentOptions:
     resume: bool = False
     overwrite: bool = False
     method: str = "model"
+    # Intensity statistics: "input" fits them on IN the way training fitted them on its
+    # volume (percentiles of the sample, masked background left out), so a model moves
+    # between volumes of other intensity scales (float vs 8-bit); "checkpoint" reuses the
+    # training volume's numbers (bit-identical to validation during training).
+    normalization: str = "input"
     torch_threads: int | None = None
     command_line: str | None = None
 
@@ -135,6 +141,9 @@ def parse_axes(text: str | tuple | list) -> tuple[str, ...]:
 
 
 def _check_options(opts: SegmentOptions) -> None:
+    if opts.normalization not in NORMALIZATIONS:
+        raise MagsegError(f"--normalization {opts.normalization}: choose one of "
+                          f"{', '.join(NORMALIZATIONS)}")
     if opts.method not in METHODS:
         raise MagsegError(f"--method {opts.method}: choose one of {', '.join(METHODS)}")
     if opts.device not in DEVICES and not opts.device.startswith("cuda:"):
@@ -176,7 +185,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
             "(e.g. with 0) before segmenting"
         )
     model_path = str(Path(opts.model).resolve()) if opts.model else None
-    sha256, threshold, normalization = None, {}, None
+    sha256, threshold, normalization, context = None, {}, None, 1
     if opts.method == "model":
         from magseg_hpc.models.checkpoint import checkpoint_sha256, load_inference_model
 
@@ -184,7 +193,16 @@ def prepare(opts: SegmentOptions) -> Prepared:
         # nothing written; workers load their own copy from the path.
         _, ckpt = load_inference_model(model_path, device="cpu")
         class_table = ClassTable.from_dict(ckpt["class_table"])
-        normalization = ckpt["normalization"]
+        from magseg_hpc.data.normalize import fit_normalization
+
+        with dask.config.set(scheduler="synchronous"):
+            normalization = fit_normalization(volume.data)
+        if opts.normalization == "checkpoint":
+            # whether the background is masked is a property of this input, either way
+            normalization = {**ckpt["normalization"],
+                             "masked_value": normalization["masked_value"]}
+        context = int(ckpt["model"].get("context_slices", 1))
+        _warn_untrained_axes(ckpt, opts.axes)
         sha256 = checkpoint_sha256(model_path)
         model_cfg = ckpt["model"]
         del ckpt
@@ -207,6 +225,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
         model=model_path, model_sha256=sha256, threshold=threshold,
         batch_size=opts.batch_size, tta=opts.tta, probabilities=opts.probabilities,
         device=opts.device, torch_threads=opts.torch_threads,
+        normalization=normalization, context=context,
     )
     fields = {
         "method": opts.method, "model_sha256": sha256, "threshold": threshold,
@@ -236,6 +255,18 @@ def prepare(opts: SegmentOptions) -> Prepared:
                 "to replace it"
             )
     return Prepared(opts, volume, class_table, job, chunks, slabs, fields, provenance)
+
+
+def _warn_untrained_axes(ckpt: dict, axes: tuple[str, ...]) -> None:
+    """A model sees planes as it was trained: warn about planes it never saw."""
+    data = (ckpt.get("config") or {}).get("data") or {}
+    trained = data.get("axes") or [data.get("axis") or "z"]
+    untrained = [a for a in axes if a not in trained]
+    if untrained and data.get("volume"):
+        log.warning("--axes %s: the model was trained on %s slices only, not %s; orthoplane "
+                    "fusion is then usually worse than --axes %s (train with data.axes: "
+                    "[z, y, x])", ",".join(axes), ",".join(trained), ",".join(untrained),
+                    trained[0])
 
 
 def _abs_input(text: str) -> str:

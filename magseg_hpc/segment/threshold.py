@@ -7,6 +7,12 @@
 2. Domains: smooth lightly (``domain_sigma``) to tame noise, threshold with Otsu computed only
    inside the support: below -> 1 (``domain_minus``), above -> 2 (``domain_plus``).
 
+Masked reconstructions (everything outside the sample exactly one value, see
+``normalize.detect_masked_value``): the support is each slice's non-masked region, closed and
+hole-filled, instead of a threshold (a dark domain can be as dark as that background), and the
+light smoothing averages over the support only, so the sample's edge is not pulled towards the
+background value.
+
 Labels follow ``ClassTable.default()``: 0 background, 1 domain_minus, 2 domain_plus.
 
 Thresholds are fitted once on a sample of the whole volume (:func:`fit_threshold_params`)
@@ -150,7 +156,7 @@ def fit_threshold_params(volume_sample: Any, options: dict[str, Any] | None = No
     Returns a JSON-serialisable dict for :func:`apply_threshold`.
     """
     opts = _options(options)
-    data = getattr(volume_sample, "data", volume_sample)
+    data = _array(volume_sample)
     if len(getattr(data, "shape", ())) != 3:
         raise MagsegError(
             f"threshold fitting needs a (z, y, x) volume, got shape {getattr(data, 'shape', None)}"
@@ -165,6 +171,9 @@ def fit_threshold_params(volume_sample: Any, options: dict[str, Any] | None = No
         domain_samples.append(domain[:, ::stride, ::stride].ravel())
     support_values = np.concatenate(support_samples)
     domain_values = np.concatenate(domain_samples)
+    masked_value = _masked_value(data, stride)
+    if masked_value is not None:
+        return _fit_masked(data, opts, stride, masked_value)
     if support_values.min() == support_values.max():
         raise MagsegError("the volume is constant: there is nothing to threshold")
     support_threshold = float(threshold_otsu(support_values))
@@ -195,6 +204,50 @@ def fit_threshold_params(volume_sample: Any, options: dict[str, Any] | None = No
     return params
 
 
+def _array(volume: Any):
+    """The (numpy or dask) array of a DataArray; numpy arrays as they are (their .data is a
+    memoryview)."""
+    return volume if isinstance(volume, np.ndarray) else getattr(volume, "data", volume)
+
+
+def _masked_value(data, stride: int) -> float | None:
+    from magseg_hpc.data.normalize import detect_masked_value
+
+    nz = data.shape[0]
+    idx = np.unique(np.linspace(0, nz - 1, min(nz, 16)).astype(int))
+    sample = np.asarray(data[idx][:, ::stride, ::stride]).astype(np.float64).ravel()
+    return detect_masked_value(sample[np.isfinite(sample)])
+
+
+def _masked_features(arr: np.ndarray, opts: dict[str, Any], masked_value: float):
+    """(support, domain feature) of a masked slab: smoothing normalised over the support."""
+    from magseg_hpc.data.normalize import masked_support
+
+    support = np.stack([masked_support(plane, masked_value) for plane in arr])
+    sigma = float(opts["domain_sigma"])
+    weight = ndimage.gaussian_filter(support.astype(np.float32), sigma, mode="nearest")
+    domain = ndimage.gaussian_filter(np.where(support, arr, 0).astype(np.float32), sigma,
+                                     mode="nearest") / np.maximum(weight, 1e-6)
+    return support, domain
+
+
+def _fit_masked(data, opts: dict[str, Any], stride: int, masked_value: float) -> dict:
+    values = []
+    for start in _slab_starts(data.shape[0], _FIT_SLABS, _FIT_SLAB_DEPTH):
+        slab = _check_slab(np.asarray(data[start : start + _FIT_SLAB_DEPTH]))
+        support, domain = _masked_features(slab, opts, masked_value)
+        values.append(domain[:, ::stride, ::stride][support[:, ::stride, ::stride]])
+    inside = np.concatenate(values)
+    if inside.size < 2 or inside.min() == inside.max():
+        raise MagsegError("threshold fitting found no contrast inside the masked sample")
+    params = {"format": FORMAT, **opts, "support_threshold": None,
+              "domain_threshold": float(threshold_otsu(inside)), "typical_support_area": None,
+              "fit_stride_yx": stride, "masked_value": masked_value}
+    log.info("threshold baseline: masked background %g, domains split at %.4g", masked_value,
+             params["domain_threshold"])
+    return params
+
+
 def apply_threshold(slab: Any, params: dict[str, Any]) -> np.ndarray:
     """Label a (z, y, x) slab with fitted params: uint8, 0 background, 1 minus, 2 plus.
 
@@ -208,6 +261,11 @@ def apply_threshold(slab: Any, params: dict[str, Any]) -> np.ndarray:
         )
     opts = _options({k: params[k] for k in DEFAULT_OPTIONS})
     arr = _check_slab(slab)
+    if params.get("masked_value") is not None:
+        support, domain = _masked_features(arr, opts, params["masked_value"])
+        labels = np.zeros(arr.shape, dtype=np.uint8)
+        labels[support] = np.where(domain[support] > params["domain_threshold"], 2, 1)
+        return labels
     support_feature, domain = _features(arr, opts)
     min_area = float(opts["min_area_fraction"]) * float(params["typical_support_area"])
     support = _clean_support(support_feature > params["support_threshold"], opts, min_area)
@@ -233,7 +291,7 @@ def threshold_segment_volume(
     ``volume``: xr.DataArray (dims z, y, x), dask or numpy array. Returns uint8 labels in
     memory, so the labels (not the image) must fit in memory.
     """
-    data = getattr(volume, "data", volume)
+    data = _array(volume)
     if params is None:
         params = fit_threshold_params(data, options)
     nz = data.shape[0]

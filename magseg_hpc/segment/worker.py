@@ -45,6 +45,8 @@ class SlabJob:
     probabilities: bool = False
     device: str = "auto"
     torch_threads: int | None = None
+    normalization: dict | None = None  # None: the checkpoint's
+    context: int = 1  # model.context_slices: halo slices read = context // 2 on each side
 
     @property
     def scratch(self) -> str:
@@ -177,15 +179,16 @@ def run_slab(job: SlabJob, slab: Slab) -> dict:
     else:
         from magseg_hpc.segment.kernel import segment_slab
 
-        data, _ = read_slab(job, slab)
+        data, before = read_slab(job, slab, job.context // 2)
         t_read = time.perf_counter()
         device = resolve_device(job.device)
         model, ckpt = get_model(job.model, job.model_sha256, device)
         axis = AXES.index(slab.axis)
         labels, probs = segment_slab(
-            model, np.moveaxis(data, axis, 0), ckpt["normalization"],
+            model, np.moveaxis(data, axis, 0), job.normalization or ckpt["normalization"],
             num_classes=job.num_classes, batch_size=job.batch_size, tta=job.tta,
             device=device, with_probabilities=job.probabilities or len(job.axes) > 1,
+            context=job.context, before=before, count=slab.num_slices(),
         )
         labels = np.moveaxis(labels, 0, axis)
         probs = None if probs is None else np.moveaxis(probs, 1, axis + 1)
@@ -200,7 +203,7 @@ def run_slab(job: SlabJob, slab: Slab) -> dict:
 
         write_label_region(job.output, region, labels, probs if job.probabilities else None)
     t_write = time.perf_counter()
-    return _stats(slab, data.size, data.shape[AXES.index(slab.axis)], t0, t_read, t_compute,
+    return _stats(slab, labels.size, labels.shape[AXES.index(slab.axis)], t0, t_read, t_compute,
                   t_write)
 
 
@@ -247,5 +250,5 @@ def warm_up(job: SlabJob) -> str:
         model, _ = get_model(job.model, job.model_sha256, device)
         n = min(job.batch_size, volume.shape[0])
         with torch.inference_mode():
-            model(torch.zeros((n, 1, *volume.shape[1:]), device=device))
+            model(torch.zeros((n, job.context, *volume.shape[1:]), device=device))
     return worker_name()

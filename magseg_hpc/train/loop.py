@@ -45,12 +45,14 @@ from magseg_hpc.data.slices import (
     AugmentSettings,
     FolderSlices,
     LabeledSlices,
+    MultiAxisSlices,
     UnlabeledSlices,
     ValSlices,
     VolumeSlices,
     epoch_plan,
     iters_per_epoch,
     make_splits,
+    other_axis_keys,
     read_split,
     step_generator,
     write_split,
@@ -140,9 +142,12 @@ def _split_header(cfg: ExperimentConfig, name: str) -> str:
 
 
 def resolve_splits(cfg: ExperimentConfig, output_dir: Path, env: DistEnv,
-                   n_slices: int | None, n_val_slices: int | None) -> dict[str, list[str]]:
+                   n_slices: int | None, n_val_slices: int | None,
+                   multi_axis: VolumeSlices | None = None) -> dict[str, list[str]]:
     """The run's splits: reused from output_dir/splits when present (resume), otherwise made
-    (or copied from the given split files) and written there by rank 0."""
+    (or copied from the given split files) and written there by rank 0. With ``multi_axis``
+    (the primary-axis source of a data.axes run) the slices along the other axes are added
+    (``slices.other_axis_keys``)."""
     d = cfg.data
     split_dir = output_dir / SPLITS_DIR
     paths = {name: split_dir / f"{name}.txt" for name in ("labeled", "unlabeled", "val")}
@@ -164,6 +169,11 @@ def resolve_splits(cfg: ExperimentConfig, output_dir: Path, env: DistEnv,
                 labeled_selection=d.labeled_selection, val_selection=d.val_selection,
                 seed=cfg.seed, n_val_slices=n_val_slices,
             )
+        if multi_axis is not None:
+            labeled, unlabeled = other_axis_keys(multi_axis, train_axes(cfg),
+                                                 len(splits["labeled"]))
+            splits["labeled"] = [*map(str, splits["labeled"]), *labeled]
+            splits["unlabeled"] = [*map(str, splits["unlabeled"]), *unlabeled]
         for name, path in paths.items():
             write_split(path, splits[name], _split_header(cfg, name))
         log.info("splits written to %s: %d labelled, %d unlabelled, %d validation", split_dir,
@@ -204,9 +214,30 @@ def open_data(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> TrainDat
     source = VolumeSlices(d.volume, d.axis, label_path=d.label_volume, **kw)
     val_source = (VolumeSlices(d.val_volume, d.axis, label_path=d.val_label_volume, **kw)
                   if d.val_volume else source)
+    axes = train_axes(cfg)
+    multi = len(axes) > 1
     splits = resolve_splits(cfg, output_dir, env, len(source),
-                            len(val_source) if d.val_volume else None)
+                            len(val_source) if d.val_volume else None,
+                            multi_axis=source if multi else None)
+    if multi:
+        primary = [k for k in splits["labeled"] if ":" not in k]
+        source = MultiAxisSlices(source, axes, primary)
+        if not d.val_volume:
+            val_source = source
     return TrainData(splits, source, val_source)
+
+
+def train_axes(cfg: ExperimentConfig) -> list[str]:
+    """data.axes, or the one data.axis; the primary axis (data.axis) first."""
+    axes = list(cfg.data.axes or [cfg.data.axis])
+    if cfg.data.axis not in axes:
+        raise MagsegError(f"data.axes {axes} must include data.axis ({cfg.data.axis}), the axis "
+                          "of the labelled slices")
+    if len(set(axes)) != len(axes) or not set(axes) <= {"z", "y", "x"}:
+        raise MagsegError(f"data.axes must be distinct axes among z, y, x; got {axes}")
+    if len(axes) > 1 and cfg.data.folder:
+        raise MagsegError("data.axes needs a volume (data.volume), not data.folder")
+    return [cfg.data.axis] + [a for a in axes if a != cfg.data.axis]
 
 
 def fit_data_normalization(data: TrainData) -> dict:
@@ -214,9 +245,9 @@ def fit_data_normalization(data: TrainData) -> dict:
     from magseg_hpc.data.normalize import fit_normalization
 
     train_keys = data.splits["labeled"] + data.splits["unlabeled"]
-    if isinstance(data.source, VolumeSlices):
+    if isinstance(data.source, VolumeSlices | MultiAxisSlices):
         axis = data.source.axis
-        idx = sorted(int(k) for k in train_keys)
+        idx = sorted({int(k) for k in train_keys if ":" not in k})
         return fit_normalization(data.source.image_volume().isel({axis: idx}))
     return fit_normalization(data.source.normalization_sample(train_keys))
 
@@ -563,12 +594,14 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     aug = AugmentSettings(
         crop_size=t.crop_size, scale_range=tuple(t.scale_range), vflip=t.vflip, rot90=t.rot90,
         num_strong_augs=t.num_strong_augs, random_num_augs=t.random_num_augs,
+        context=cfg.model.context_slices, foreground=t.foreground_crop,
     )
     labeled = LabeledSlices(data.source, data.splits["labeled"], norm, aug, cfg.seed)
     semi = t.method == "augseg"
     unlabeled = (UnlabeledSlices(data.source, data.splits["unlabeled"], norm, aug, cfg.seed)
                  if semi else None)
-    val = ValSlices(data.val_source, data.splits["val"], norm) if data.splits["val"] else None
+    val = (ValSlices(data.val_source, data.splits["val"], norm, cfg.model.context_slices)
+           if data.splits["val"] else None)
     n_unlabeled = len(data.splits["unlabeled"])  # sets the epoch length for both methods
     ipe = iters_per_epoch(len(labeled), n_unlabeled, t.batch_size, env.world_size)
     total_iters = t.epochs * ipe

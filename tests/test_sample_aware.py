@@ -1,0 +1,235 @@
+"""What makes models work on data like published reconstructions: the 8-bit masked `sweep`
+phantom, normalisation fitted on the sample, the masked-background support, foreground crops,
+2.5D context slices (training and segment-volume) and multi-axis training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client, LocalCluster
+from segment_utils import MODEL_CFG, make_volume, read_labels, write_input
+
+from magseg_hpc.data.augment import strong_augment, weak_augment
+from magseg_hpc.data.normalize import (
+    apply_normalization,
+    detect_masked_value,
+    fit_normalization,
+    masked_support,
+)
+from magseg_hpc.data.phantom import make_phantom, preset_params, write_phantom
+from magseg_hpc.data.slices import MultiAxisSlices, VolumeSlices, other_axis_keys
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
+from magseg_hpc.segment.pipeline import SegmentOptions, segment_volume
+from magseg_hpc.segment.threshold import threshold_segment_volume
+
+
+def _miou(pred, truth):
+    return scores_from_confusion(confusion_matrix(pred, truth, 3))["miou"]
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    params = preset_params("sweep", shape=(12, 96, 96), seed=2)
+    return make_phantom(params.pop("shape"), **params)
+
+
+# --- the sweep preset -------------------------------------------------------------------------
+
+def test_sweep_preset_looks_like_a_published_8bit_reconstruction(sweep):
+    image, labels = sweep.image, sweep.labels
+    assert image.dtype == np.uint8
+    sample = labels > 0
+    assert 0.08 < sample.mean() < 0.2  # a small sample in a large field of view
+    outside = ~np.stack([np.pad(s, 3)[3:-3, 3:-3] for s in sample])
+    far = outside & (np.stack([np.roll(s, 4, 0) | np.roll(s, -4, 0) | np.roll(s, 4, 1)
+                               | np.roll(s, -4, 1) for s in sample]) == 0)
+    assert (image[far] == 0).all()  # masked: exactly 0 away from the sample
+    dark, bright = image[labels == 1].mean(), image[labels == 2].mean()
+    assert dark < 30 < 80 < bright  # the dark domains sit just above the background
+    assert (image[labels == 1] == 0).mean() > 0.1  # ... often exactly on it
+
+
+def test_presets_are_overridable_and_unknown_ones_refused():
+    params = preset_params("sweep", snr=1.5, bit_depth=0)
+    assert params["snr"] == 1.5 and params["bit_depth"] == 0 and params["ellipticity"] > 1
+    assert preset_params("default")["bit_depth"] == 0
+    with pytest.raises(MagsegError, match="preset"):
+        preset_params("nope")
+
+
+def test_cli_preset_writes_uint8(tmp_path, cli):
+    out = tmp_path / "s.zarr"
+    r = cli("make-phantom", out, "--preset", "sweep", "--shape", "8,64,64", "--rings", "0")
+    assert r.returncode == 0, r.stderr
+    import zarr
+
+    g = zarr.open_group(str(out), mode="r")
+    assert g["image"].dtype == np.uint8 and g.attrs["phantom"]["rings"] == 0.0
+
+
+# --- normalisation and support ----------------------------------------------------------------
+
+def test_normalisation_ignores_a_masked_background(sweep):
+    norm = fit_normalization(sweep.image)
+    assert norm["masked_value"] == 0.0
+    inside = sweep.image[sweep.image != 0].astype(np.float64)
+    assert norm["low"] == pytest.approx(np.percentile(inside, 0.5))
+    assert norm["high"] == pytest.approx(np.percentile(inside, 99.5))
+    # a float field of view with no masked floor keeps every voxel
+    assert fit_normalization(make_volume((4, 16, 16)))["masked_value"] is None
+    assert detect_masked_value(np.zeros(10)) is None  # constant: not a mask, just empty
+
+
+def test_scale_invariant_input_statistics(sweep):
+    """The same volume at another intensity scale gives the same model input."""
+    image = sweep.image.astype(np.float32)
+    a = apply_normalization(image, fit_normalization(image))
+    b = apply_normalization(image * 7.5 + 0.0, fit_normalization(image * 7.5))
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_masked_support_keeps_dark_domains_inside(sweep):
+    support = np.stack([masked_support(s, 0.0) for s in sweep.image])
+    truth = sweep.labels > 0
+    assert (support & truth).sum() / truth.sum() > 0.98  # zero-valued dark pixels stay inside
+    # the rest is the masked reconstruction's 2 px margin around the sample (the model's call)
+    from scipy import ndimage
+
+    margin = np.stack([ndimage.binary_dilation(t, iterations=3) for t in truth])
+    assert (support & ~margin).sum() == 0
+
+
+def test_threshold_baseline_uses_the_mask_on_masked_volumes(sweep):
+    import xarray as xr
+
+    labels = threshold_segment_volume(xr.DataArray(sweep.image, dims=("z", "y", "x")))
+    truth = sweep.labels
+    iou_dark = scores_from_confusion(confusion_matrix(labels, truth, 3))["iou"][1]
+    assert iou_dark > 0.6  # the plain intensity support called most dark domains background
+    assert _miou(labels, truth) > 0.75
+
+
+# --- augmentation -----------------------------------------------------------------------------
+
+def test_foreground_crops_hold_the_sample():
+    image = np.zeros((200, 200), np.float32)
+    mask = np.zeros((200, 200), np.uint8)
+    mask[150:160, 20:30] = 1  # a small sample in a corner
+    image[mask > 0] = 1.0
+    hits = {0.0: 0, 1.0: 0}
+    for prob in hits:
+        for seed in range(40):
+            _, m = weak_augment(image, mask, crop_size=32, scale_range=(1.0, 1.0),
+                                generator=np.random.default_rng(seed), focus=mask > 0,
+                                focus_prob=prob)
+            hits[prob] += int((m == 1).any())
+    assert hits[1.0] == 40 and hits[0.0] < 10
+
+
+def test_context_stacks_share_geometry_and_intensity_ops():
+    rng = np.random.default_rng(0)
+    stack = rng.random((5, 40, 40)).astype(np.float32)
+    stack[2] = stack[0]  # centre equals the first neighbour
+    mask = (stack[2] > 0.5).astype(np.uint8)
+    img, msk = weak_augment(stack, mask, crop_size=24, generator=np.random.default_rng(1),
+                            scale_range=(0.8, 1.2), vflip=True, rot90=True)
+    assert img.shape == (5, 24, 24) and msk.shape == (24, 24)
+    torch.testing.assert_close(img[2], img[0])  # one geometry for every channel
+    strong = strong_augment(img, np.random.default_rng(3), num_ops=3, random_num_ops=False,
+                            pool=["contrast", "blur", "gamma"])
+    assert strong.shape == img.shape
+    torch.testing.assert_close(strong[2], strong[0])  # the same operations on every channel
+
+
+# --- multi-axis slices ------------------------------------------------------------------------
+
+def test_other_axis_slices_carry_the_labelled_lines(tmp_path):
+    phantom = make_phantom((10, 24, 20), seed=1, n_angles=0)
+    path = tmp_path / "p.zarr"
+    write_phantom(path, phantom)
+    primary = VolumeSlices(path, "z")
+    labeled_z = [2, 7]
+    labeled, unlabeled = other_axis_keys(primary, ["z", "y", "x"], len(labeled_z))
+    assert len(labeled) == 4 and len(unlabeled) == 24 + 20
+    multi = MultiAxisSlices(primary, ["z", "y", "x"], labeled_z)
+    y = multi.read_labels("y:5")
+    assert y.shape == (10, 20)
+    np.testing.assert_array_equal(y[labeled_z], phantom.labels[labeled_z, 5, :])
+    assert (np.delete(y, labeled_z, axis=0) == 255).all()
+    x = multi.read_labels("x:3")
+    np.testing.assert_array_equal(x[labeled_z], phantom.labels[labeled_z, :, 3])
+    assert multi.read_image("x:3", 3).shape == (3, 10, 24)
+    np.testing.assert_array_equal(multi.read_labels("7"), phantom.labels[7])
+
+
+# --- 2.5D through segment-volume --------------------------------------------------------------
+
+def _context_checkpoint(path, context):
+    from magseg_hpc.classes import ClassTable
+    from magseg_hpc.models import build_model
+    from magseg_hpc.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = {**MODEL_CFG, "context_slices": context}
+    model = build_model(cfg)
+    state = model.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    for k, v in state.items():
+        if k.endswith("running_mean"):
+            state[k] = torch.randn(v.shape, generator=gen) * 0.1
+    save_checkpoint(path, {
+        "model": cfg, "class_table": ClassTable.default().to_dict(),
+        "normalization": {"low": -2.0, "high": 2.0, "mean": 0.5, "std": 0.25},
+        "student": state, "teacher": state,
+    })
+    return path
+
+
+def _context_reference(ckpt, volume, norm, context, axis="z"):
+    from magseg_hpc.models.checkpoint import load_inference_model
+
+    model, _ = load_inference_model(ckpt)
+    ax = "zyx".index(axis)
+    vol = np.moveaxis(volume, ax, 0)
+    n, half = vol.shape[0], context // 2
+    out = np.empty(vol.shape, np.uint8)
+    with torch.no_grad():
+        for i in range(n):
+            idx = np.clip(np.arange(i - half, i + half + 1), 0, n - 1)
+            x = torch.from_numpy(apply_normalization(vol[idx], norm))[None]
+            out[i] = model(x).argmax(1)[0].numpy()
+    return np.moveaxis(out, 0, ax)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.mark.parametrize("axis, chunks, slab", [("z", (4, 16, 16), 3), ("y", (13, 7, 29), 5)])
+def test_context_model_slabs_match_whole_volume_reference(tmp_path, client, axis, chunks, slab):
+    volume = make_volume((13, 37, 29))
+    ckpt = _context_checkpoint(tmp_path / "c5.pt", 5)
+    inp = write_input(tmp_path / "in.zarr", volume, chunks)
+    out = tmp_path / "out.zarr"
+    segment_volume(SegmentOptions(str(inp), str(out), model=str(ckpt), slab_size=slab,
+                                  batch_size=3, axes=(axis,)), client, progress=False)
+    expected = _context_reference(ckpt, volume, fit_normalization(volume), 5, axis)
+    assert len(np.unique(expected)) > 1
+    np.testing.assert_array_equal(read_labels(out), expected)
+
+
+def test_masked_background_is_background_whatever_the_model_says(tmp_path, client, sweep):
+    ckpt = _context_checkpoint(tmp_path / "c1.pt", 1)
+    inp = write_input(tmp_path / "in.zarr", sweep.image, (4, 96, 96))
+    out = tmp_path / "out.zarr"
+    segment_volume(SegmentOptions(str(inp), str(out), model=str(ckpt), slab_size=4),
+                   client, progress=False)
+    labels = read_labels(out)
+    support = np.stack([masked_support(s, 0.0) for s in sweep.image])
+    assert (labels[~support] == 0).all()
+    assert (labels[support] != 0).any()  # inside, the model decides
