@@ -1,34 +1,29 @@
-"""Phantom benchmark: the threshold baseline, supervised-only, AugSeg and orthoplane fusion.
+"""Phantom benchmark: the threshold baseline against supervised-only and AugSeg, per preset.
 
-For each SNR and each seed ``s``:
+For each phantom preset and each seed ``s``:
 
-1. a training phantom (``--seed s``) and a test phantom of ANOTHER seed (``1000 + s``), both
-   with the same shading and SNR; models never see the test volume (their validation slices,
-   used to pick ``best.pt``, are the last ``n_val`` slices of the training volume);
-2. ``magseg-hpc train`` with ``configs/cpu_tiny_supervised.yaml`` (labelled slices only) and
-   with ``configs/cpu_tiny.yaml`` (AugSeg: the same labelled slices plus the unlabelled rest),
-   same ``seed=s``, same splits, same iterations;
-3. ``magseg-hpc segment-volume`` on the test phantom: threshold baseline, each model along z,
-   and the AugSeg model with orthoplane fusion (``--axes z,y,x``);
+1. a training phantom (``--seed s``) and a test phantom of ANOTHER seed (``1000 + s``), same
+   preset; models never see the test volume (``best.pt`` is picked on the last ``n_val``
+   slices of the training volume);
+2. ``magseg-hpc train`` with ``configs/cpu_best_supervised.yaml`` (labelled slices only) and
+   ``configs/cpu_best.yaml`` (AugSeg: the same labelled slices plus every unlabelled one),
+   same seed, splits and schedule (the recommended CPU recipe: 2.5D context, slices along
+   z, y and x, foreground crops);
+3. ``magseg-hpc segment-volume`` of the test phantom: the threshold baseline, each model
+   along z, and the AugSeg model with orthoplane fusion (``--axes z,y,x``);
 4. ``magseg-hpc evaluate`` of each against the test phantom's truth (mIoU).
 
-Also the threshold baseline on the same test phantoms without shading (``shading=0``), to show
-what shading costs it. Every step is the CLI subcommand a user would type (run in-process
-through ``magseg_hpc.cli.main``); the commands are printed and written to the results file.
-Finished steps are skipped when the script is run again on the same ``--workdir``, and the
-table is rewritten after every evaluation, so an interrupted run still leaves results.
+``--ablations`` adds, on the first seed, AugSeg without the recipe's parts (plain 2D, z only)
+and with 2.5D but z only; ``--ceiling`` adds, on the first seed, a supervised model trained on
+every training slice labelled, twice as long: the headroom above the 8-slice models.
 
-CPU defaults (2 cores; about 15 minutes when the cores are quiet, 3 SNRs x 3 seeds):
+Every step is the CLI subcommand a user would type (run in-process through
+``magseg_hpc.cli.main``); commands are printed and written to the results file. Finished
+steps are skipped when the script runs again on the same ``--workdir``, and the table is
+rewritten after every evaluation, so an interrupted run still leaves results.
 
-    .venv/bin/python benchmarks/bench_phantom.py
-
-The original study's settings on a GPU (128 labelled slices, a full-size phantom, more
-iterations), for example:
-
-    .venv/bin/python benchmarks/bench_phantom.py --shape 256,256,256 --n-labeled 128 \\
-        --n-val 16 --iters 6000 --seeds 0,1,2 --workdir runs/bench_phantom_gpu \\
-        --out benchmarks/results/phantom_gpu.md \\
-        --train-override model.backbone=resnet101 --train-override train.crop_size=256
+    .venv/bin/python benchmarks/bench_phantom.py                 # presets x 3 seeds
+    .venv/bin/python benchmarks/bench_phantom.py --seeds 0 --ablations --ceiling
 """
 
 from __future__ import annotations
@@ -38,6 +33,7 @@ import json
 import math
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,31 +41,34 @@ from pathlib import Path
 from magseg_hpc.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = (
-    ("threshold", "threshold baseline"),
-    ("supervised", "supervised-only"),
-    ("augseg", "AugSeg"),
-    ("augseg_fused", "AugSeg + orthoplane fusion (z,y,x)"),
-    ("threshold_noshade", "threshold, test volume without shading"),
-)
 TEST_SEED_OFFSET = 1000
+# column -> heading, in table order
+COLUMNS = {
+    "threshold": "threshold baseline",
+    "supervised": "supervised-only (cpu_best_supervised)",
+    "augseg": "AugSeg (cpu_best)",
+    "augseg_fused": "AugSeg + orthoplane z,y,x",
+    "augseg_2d": "AugSeg, plain 2D, z only",
+    "augseg_25d_z": "AugSeg, 2.5D, z only",
+    "ceiling": "ceiling: all slices labelled",
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--snrs", default="4,2,1", help="comma-separated SNRs (default 4,2,1)")
+    p.add_argument("--presets", default="elongated,sweep",
+                   help="make-phantom presets (default elongated,sweep)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds; test phantoms use "
                    f"seed + {TEST_SEED_OFFSET} (default 0,1,2)")
-    p.add_argument("--iters", type=int, default=240, help="training iterations (default 240)")
-    p.add_argument("--shape", default="48,96,96", help="phantom shape Z,Y,X (default 48,96,96)")
-    p.add_argument("--shading", type=float, default=0.3, help="phantom shading (default 0.3)")
+    p.add_argument("--snr", default=None, help="override the presets' SNR")
     p.add_argument("--n-labeled", type=int, default=8, help="labelled slices (default 8)")
-    p.add_argument("--n-val", type=int, default=8,
-                   help="validation slices at the end of the training volume (default 8)")
-    p.add_argument("--augseg-config", default="configs/cpu_tiny.yaml")
-    p.add_argument("--supervised-config", default="configs/cpu_tiny_supervised.yaml")
+    p.add_argument("--augseg-config", default="configs/cpu_best.yaml")
+    p.add_argument("--supervised-config", default="configs/cpu_best_supervised.yaml")
     p.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for both trainings (repeatable)")
+                   help="extra config override for every training (repeatable)")
+    p.add_argument("--ablations", action="store_true", help="2D and z-only AugSeg, first seed")
+    p.add_argument("--ceiling", action="store_true",
+                   help="supervised on every slice labelled, first seed")
     p.add_argument("--workdir", default="runs/bench_phantom")
     p.add_argument("--out", default="benchmarks/results/phantom.md")
     return p.parse_args(argv)
@@ -102,28 +101,41 @@ def summarise(values: list[float]) -> str:
     return f"{mean:.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
 
 
-def last_iteration(run_dir: Path) -> int:
-    """Iterations the run really did: train.max_iters caps train.epochs x iterations/epoch."""
-    last = 0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        last = max(last, int(json.loads(line).get("iteration", 0)))
-    return last
+def commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "magseg_hpc", "configs"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
-def write_table(args, results: dict, commands: list[str], timings: dict,
-                iterations: set[int]) -> str:
-    snrs = [s for s in args.snrs.split(",")]
-    head = "| SNR | " + " | ".join(name for _, name in METHODS) + " |"
-    rows = [head, "|" + "---|" * (len(METHODS) + 1)]
-    for snr in snrs:
-        cells = [summarise(results.get((snr, m), [])) for m, _ in METHODS]
-        rows.append(f"| {snr} | " + " | ".join(cells) + " |")
-    per_seed = ["| SNR | seed | " + " | ".join(m for m, _ in METHODS) + " |",
-                "|" + "---|" * (len(METHODS) + 2)]
-    for snr in snrs:
+def write_table(args, results: dict, commands: list[str], timings: dict) -> str:
+    presets = args.presets.split(",")
+    columns = [c for c in COLUMNS if any((p, c) in results for p in presets)]
+    rows = ["| preset | " + " | ".join(COLUMNS[c] for c in columns) + " |",
+            "|" + "---|" * (len(columns) + 1)]
+    for preset in presets:
+        cells = [summarise(results.get((preset, c), [])) for c in columns]
+        rows.append(f"| {preset} | " + " | ".join(cells) + " |")
+    margins = []
+    for preset in presets:
+        for a, b in (("augseg", "threshold"), ("augseg", "supervised"),
+                     ("augseg_fused", "augseg")):
+            diffs = [results[(preset, a, s)] - results[(preset, b, s)]
+                     for s in args.seeds.split(",")
+                     if (preset, a, s) in results and (preset, b, s) in results]
+            if diffs:
+                margins.append(f"| {preset} | {COLUMNS[a]} - {COLUMNS[b]} | "
+                               f"{summarise(diffs)} | {min(diffs):+.3f} |")
+    per_seed = ["| preset | seed | " + " | ".join(columns) + " |",
+                "|" + "---|" * (len(columns) + 2)]
+    for preset in presets:
         for seed in args.seeds.split(","):
-            cells = [results.get((snr, m, seed)) for m, _ in METHODS]
-            per_seed.append(f"| {snr} | {seed} | " + " | ".join(
+            cells = [results.get((preset, c, seed)) for c in columns]
+            per_seed.append(f"| {preset} | {seed} | " + " | ".join(
                 "-" if c is None else f"{c:.3f}" for c in cells) + " |")
     md = [
         "# Phantom benchmark",
@@ -131,28 +143,30 @@ def write_table(args, results: dict, commands: list[str], timings: dict,
         f"mIoU on held-out test phantoms (seed + {TEST_SEED_OFFSET}; never a training volume), "
         "mean ± sample standard deviation over training seeds.",
         "",
-        f"Settings: shape {args.shape}, shading {args.shading}, {args.n_labeled} labelled "
-        f"slices, {args.n_val} validation slices (end of the training volume), "
-        f"train.max_iters {args.iters} (iterations run: "
-        f"{', '.join(map(str, sorted(iterations))) or 'none yet'}), seeds {args.seeds}, "
-        f"configs {args.supervised_config} and "
-        f"{args.augseg_config}, overrides {args.train_override or 'none'}.",
+        f"Commit {commit()}. Presets {args.presets}, seeds {args.seeds}, SNR "
+        f"{args.snr or 'of the preset'}, {args.n_labeled} labelled slices, configs "
+        f"{args.augseg_config} and {args.supervised_config}, overrides "
+        f"{args.train_override or 'none'}.",
         "",
         *rows,
+        "",
+        "Margins, paired by seed (mean ± sd, and the worst seed):",
+        "",
+        "| preset | difference | mean | worst |",
+        "|---|---|---|---|",
+        *margins,
         "",
         "Per seed:",
         "",
         *per_seed,
         "",
-        "Training wall time of this invocation (s; a run finished earlier only costs its "
-        "start-up): "
+        "Training wall time (s; a run finished earlier only costs its start-up): "
         + ", ".join(f"{k} {v:.0f}" for k, v in sorted(timings.items())),
         "",
         "Reproduce: `" + shlex.join([".venv/bin/python", "benchmarks/bench_phantom.py",
                                      *sys.argv[1:]]) + "`",
         "",
-        "Commands (in order; a step whose output already existed in the work dir was skipped, "
-        "and `train` on a finished run returns at once):",
+        "Commands (in order; a step whose output already existed in the work dir was skipped):",
         "",
         "```",
         *commands,
@@ -166,6 +180,25 @@ def write_table(args, results: dict, commands: list[str], timings: dict,
     return text
 
 
+def ceiling_overrides(config: str, train_vol: Path) -> list[str]:
+    """Every training slice labelled, and twice the recipe's iterations."""
+    from magseg_hpc.config import load_config
+    from magseg_hpc.data.slices import iters_per_epoch
+    from magseg_hpc.volume.io import open_volume
+
+    cfg = load_config(ROOT / config, [f"data.volume={train_vol}"])
+    t, d = cfg.train, cfg.data
+    n_slices = open_volume(str(train_vol), "image").shape[0]
+    recipe = t.epochs * iters_per_epoch(d.n_labeled, n_slices - d.n_val - d.n_labeled,
+                                        t.batch_size, 1)
+    if t.max_iters:
+        recipe = min(recipe, t.max_iters)
+    n_labeled = n_slices - d.n_val
+    epochs = math.ceil(2 * recipe / iters_per_epoch(n_labeled, 0, t.batch_size, 1))
+    return [f"data.n_labeled={n_labeled}", f"train.epochs={epochs}", "train.max_iters=null",
+            "data.axes=[z]"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(args.workdir)
@@ -173,60 +206,62 @@ def main(argv=None) -> int:
     commands: list[str] = []
     results: dict = {}
     timings: dict = {}
-    results_jsonl = work / "results.jsonl"
-    iterations: set[int] = set()
+    first_seed = args.seeds.split(",")[0]
 
-    def record(snr: str, method: str, seed: str, miou: float) -> None:
-        results.setdefault((snr, method), []).append(miou)
-        results[(snr, method, seed)] = miou
-        with results_jsonl.open("a") as f:
-            f.write(json.dumps({"snr": snr, "method": method, "seed": seed, "miou": miou,
-                                "time": time.time()}) + "\n")
-        write_table(args, results, commands, timings, iterations)
+    def record(preset: str, column: str, seed: str, miou: float) -> None:
+        results.setdefault((preset, column), []).append(miou)
+        results[(preset, column, seed)] = miou
+        with (work / "results.jsonl").open("a") as f:
+            f.write(json.dumps({"preset": preset, "column": column, "seed": seed,
+                                "miou": miou, "time": time.time()}) + "\n")
+        write_table(args, results, commands, timings)
 
-    phantom_opts = ["--shape", args.shape, "--shading", str(args.shading)]
-    for snr in args.snrs.split(","):
+    for preset in args.presets.split(","):
         for seed in args.seeds.split(","):
-            d = work / f"snr{snr}_seed{seed}"
+            d = work / f"{preset}_seed{seed}"
             d.mkdir(exist_ok=True)
             train_vol, test_vol = d / "train.zarr", d / "test.zarr"
-            flat_vol = d / "test_noshade.zarr"
-            test_seed = str(int(seed) + TEST_SEED_OFFSET)
-            for path, s, shade in ((train_vol, seed, phantom_opts),
-                                   (test_vol, test_seed, phantom_opts),
-                                   (flat_vol, test_seed, ["--shape", args.shape,
-                                                          "--shading", "0"])):
-                run_cli(["make-phantom", path, "--seed", s, "--snr", snr, *shade], commands,
-                        done=path.exists())
+            snr = ["--snr", args.snr] if args.snr else []
+            for path, s in ((train_vol, seed), (test_vol, str(int(seed) + TEST_SEED_OFFSET))):
+                run_cli(["make-phantom", path, "--preset", preset, "--seed", s, *snr],
+                        commands, done=path.exists())
+            seg = d / "threshold.zarr"
+            run_cli(["segment-volume", test_vol, seg, "--method", "threshold", "--in-process"],
+                    commands, done=seg.exists())
+            record(preset, "threshold", seed, evaluate(seg, test_vol, d / "eval_threshold.json",
+                                                       commands))
 
-            for vol, method in ((test_vol, "threshold"), (flat_vol, "threshold_noshade")):
-                seg = d / f"{method}.zarr"
-                run_cli(["segment-volume", vol, seg, "--method", "threshold", "--in-process"],
-                        commands, done=seg.exists())
-                record(snr, method, seed, evaluate(seg, vol, d / f"eval_{method}.json",
-                                                   commands))
-
-            for method, config in (("supervised", args.supervised_config),
-                                   ("augseg", args.augseg_config)):
-                run_dir = d / f"train_{method}"
-                best = run_dir / "best.pt"
-                # always called: a finished run returns at once, an interrupted one resumes
+            # (column, config, overrides, [(column, axes), ...] to segment)
+            runs = [
+                ("supervised", args.supervised_config, [], [("supervised", "z")]),
+                ("augseg", args.augseg_config, [],
+                 [("augseg", "z"), ("augseg_fused", "z,y,x")]),
+            ]
+            if args.ablations and seed == first_seed:
+                runs += [
+                    ("augseg_2d", args.augseg_config,
+                     ["model.context_slices=1", "data.axes=[z]"], [("augseg_2d", "z")]),
+                    ("augseg_25d_z", args.augseg_config, ["data.axes=[z]"],
+                     [("augseg_25d_z", "z")]),
+                ]
+            if args.ceiling and seed == first_seed:
+                runs.append(("ceiling", args.supervised_config, ceiling_overrides(
+                    args.supervised_config, train_vol), [("ceiling", "z")]))
+            for name, config, overrides, segments in runs:
+                run_dir = d / f"train_{name}"
+                extra = [] if name == "ceiling" else [f"data.n_labeled={args.n_labeled}"]
                 t0 = time.perf_counter()
                 run_cli(["train", "--config", config, "--output-dir", run_dir,
-                         f"seed={seed}", f"data.volume={train_vol}",
-                         f"data.n_labeled={args.n_labeled}", f"data.n_val={args.n_val}",
-                         f"train.max_iters={args.iters}", *args.train_override], commands)
-                timings[f"{method}/snr{snr}/seed{seed}"] = time.perf_counter() - t0
-                iterations.add(last_iteration(run_dir))
-                variants = [(method, "z")] + ([("augseg_fused", "z,y,x")]
-                                              if method == "augseg" else [])
-                for name, axes in variants:
-                    seg = d / f"{name}.zarr"
-                    run_cli(["segment-volume", test_vol, seg, "--model", best, "--axes", axes,
-                             "--in-process"], commands, done=seg.exists())
-                    record(snr, name, seed, evaluate(seg, test_vol, d / f"eval_{name}.json",
-                                                     commands))
-    text = write_table(args, results, commands, timings, iterations)
+                         f"seed={seed}", f"data.volume={train_vol}", *extra, *overrides,
+                         *args.train_override], commands)
+                timings[f"{name}/{preset}/seed{seed}"] = time.perf_counter() - t0
+                for column, axes in segments:
+                    seg = d / f"{column}.zarr"
+                    run_cli(["segment-volume", test_vol, seg, "--model", run_dir / "best.pt",
+                             "--axes", axes, "--in-process"], commands, done=seg.exists())
+                    record(preset, column, seed, evaluate(seg, test_vol,
+                                                          d / f"eval_{column}.json", commands))
+    text = write_table(args, results, commands, timings)
     print("\n" + text.split("\nPer seed:")[0])
     bad = [k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)]
     return 1 if bad else 0

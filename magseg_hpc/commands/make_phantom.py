@@ -67,7 +67,8 @@ def register(subparsers) -> None:
     p.add_argument("out", help="output zarr store")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default",
                    help="named parameter set: default (a pillar filling the field of view, "
-                   "float) or sweep (like a published 8-bit reconstruction: a small tilted "
+                   "float), elongated (a tilted elliptic pillar, domains elongated in the "
+                   "plane, rings) or sweep (like a published 8-bit reconstruction: a small tilted "
                    "elliptic pillar in a large field of view, masked exact-zero background, "
                    "dark domains near it, rings, 8-bit); flags below override it")
     for flag, kind, help_text in FLAGS:

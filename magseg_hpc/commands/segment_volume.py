@@ -27,8 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=("model", "threshold"), default="model",
                    help="model (default) or the classical threshold baseline (no checkpoint)")
     p.add_argument("--var", default=None, help="variable of a zarr group / HDF5 dataset")
-    p.add_argument("--axes", default="z",
-                   help="slice along these axes: z (default), or z,y,x to fuse three planes")
+    p.add_argument("--axes", default="auto",
+                   help="slice along these axes: z, or z,y,x to fuse three planes; auto "
+                   "(default): the planes the model was trained on (data.axes), z for the "
+                   "threshold baseline")
     p.add_argument("--batch-size", type=int, default=8, help="slices per forward (default 8)")
     p.add_argument("--slab-size", type=int, default=16,
                    help="slices per task, rounded up to whole output chunks (default 16)")

@@ -102,6 +102,15 @@ DEFAULTS: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     # A whole pillar in a tight field of view, float intensities: the original phantom.
     "default": {},
+    # A tilted elliptic pillar with domains elongated in the plane, streaks and rings: the
+    # kind of volume an independent generator makes (the held-out phantoms).
+    "elongated": {
+        "tilt_deg": 10.0,
+        "ellipticity": 1.3,
+        "elongation": 2.5,
+        "elongation_deg": 30.0,
+        "rings": 0.3,
+    },
     # Like a published 8-bit sweep (shared/DESIGN.md): a tilted elliptic pillar filling ~12 %
     # of a large field of view, exactly 0 outside the masked reconstruction, the dark domains
     # a few grey levels above that background, stripes elongated in the plane, edge glow,

@@ -439,10 +439,15 @@ def epoch_plan(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    iters: int | None = None,
 ) -> EpochPlan:
-    """This rank's batches for ``epoch``; the orders depend only on (seed, epoch)."""
-    iters = iters_per_epoch(n_labeled, n_unlabeled, batch_size, world_size)
-    epoch_len = max(n_unlabeled, n_labeled)
+    """This rank's batches for ``epoch``; the orders depend only on (seed, epoch).
+
+    ``iters`` fixes the epoch's length in steps (train.iters_per_epoch) instead of one pass
+    over the unlabelled list: shorter epochs see part of it, longer ones repeat it."""
+    natural = iters_per_epoch(n_labeled, n_unlabeled, batch_size, world_size)
+    iters = iters or natural
+    epoch_len = max(n_unlabeled, n_labeled, iters * batch_size * world_size)
     lab_order = _oversampled(
         n_labeled, epoch_len, np.random.default_rng([seed, STREAM_LABELED_ORDER, epoch])
     )

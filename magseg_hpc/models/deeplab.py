@@ -209,14 +209,15 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3PlusHead(nn.Module):
-    def __init__(self, low_channels: int, high_channels: int, num_classes: int):
+    def __init__(self, low_channels: int, high_channels: int, num_classes: int,
+                 channels: int = DECODER_CHANNELS):
         super().__init__()
-        self.aspp = ASPP(high_channels)
+        self.aspp = ASPP(high_channels, channels=channels)
         self.low_proj = _conv_bn_relu(low_channels, LOW_LEVEL_CHANNELS, 1, bias=True)
         self.classifier = nn.Sequential(
-            _conv_bn_relu(DECODER_CHANNELS + LOW_LEVEL_CHANNELS, DECODER_CHANNELS, 3),
-            _conv_bn_relu(DECODER_CHANNELS, DECODER_CHANNELS, 3),
-            nn.Conv2d(DECODER_CHANNELS, num_classes, 1),
+            _conv_bn_relu(channels + LOW_LEVEL_CHANNELS, channels, 3),
+            _conv_bn_relu(channels, channels, 3),
+            nn.Conv2d(channels, num_classes, 1),
         )
         _init_conv_bn(self)
         # Kaiming fan-out on a 3-channel output gives logits with std ~8: from random init
@@ -247,6 +248,7 @@ class DeepLabV3Plus(nn.Module):
             self.backbone.low_level_channels,
             self.backbone.high_level_channels,
             config["num_classes"],
+            config.get("decoder_channels", DECODER_CHANNELS),
         )
 
     def forward(self, x):

@@ -173,7 +173,8 @@ def prepare(opts: SegmentOptions) -> Prepared:
     """Validate everything and plan the run; writes nothing."""
     from magseg_hpc.volume.io import open_volume
 
-    opts.axes = parse_axes(opts.axes)
+    auto_axes = opts.axes == "auto"
+    opts.axes = ("z",) if auto_axes else parse_axes(opts.axes)
     _check_options(opts)
     volume = open_volume(opts.input, opts.var)
     if min(volume.shape) < 1:
@@ -202,6 +203,8 @@ def prepare(opts: SegmentOptions) -> Prepared:
             normalization = {**ckpt["normalization"],
                              "masked_value": normalization["masked_value"]}
         context = int(ckpt["model"].get("context_slices", 1))
+        if auto_axes:
+            opts.axes = trained_axes(ckpt)
         _warn_untrained_axes(ckpt, opts.axes)
         sha256 = checkpoint_sha256(model_path)
         model_cfg = ckpt["model"]
@@ -257,10 +260,17 @@ def prepare(opts: SegmentOptions) -> Prepared:
     return Prepared(opts, volume, class_table, job, chunks, slabs, fields, provenance)
 
 
+def trained_axes(ckpt: dict) -> tuple[str, ...]:
+    """The planes a checkpoint's model was trained on, in z, y, x order (z when unknown)."""
+    data = (ckpt.get("config") or {}).get("data") or {}
+    trained = data.get("axes") or [data.get("axis") or "z"]
+    return tuple(a for a in AXES if a in trained)
+
+
 def _warn_untrained_axes(ckpt: dict, axes: tuple[str, ...]) -> None:
     """A model sees planes as it was trained: warn about planes it never saw."""
     data = (ckpt.get("config") or {}).get("data") or {}
-    trained = data.get("axes") or [data.get("axis") or "z"]
+    trained = trained_axes(ckpt)
     untrained = [a for a in axes if a not in trained]
     if untrained and data.get("volume"):
         log.warning("--axes %s: the model was trained on %s slices only, not %s; orthoplane "

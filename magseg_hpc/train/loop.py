@@ -603,7 +603,8 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     val = (ValSlices(data.val_source, data.splits["val"], norm, cfg.model.context_slices)
            if data.splits["val"] else None)
     n_unlabeled = len(data.splits["unlabeled"])  # sets the epoch length for both methods
-    ipe = iters_per_epoch(len(labeled), n_unlabeled, t.batch_size, env.world_size)
+    ipe = t.iters_per_epoch or iters_per_epoch(len(labeled), n_unlabeled, t.batch_size,
+                                               env.world_size)
     total_iters = t.epochs * ipe
     stop = min(total_iters, t.max_iters) if t.max_iters else total_iters
 
@@ -698,7 +699,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     start_iteration = iteration
     plan_kw = {"n_labeled": len(labeled), "n_unlabeled": n_unlabeled,
                "batch_size": t.batch_size, "seed": cfg.seed, "rank": env.rank,
-               "world_size": env.world_size}
+               "world_size": env.world_size, "iters": t.iters_per_epoch}
     lab_loader = make_loader(labeled, StepBatches("labeled", iteration, stop, ipe, plan_kw),
                              cfg, env)
     unl_loader = (make_loader(unlabeled, StepBatches("unlabeled", iteration, stop, ipe, plan_kw),
