@@ -236,13 +236,18 @@ def set_complete(path: str | Path, complete: bool = True, **summary) -> None:
     consolidate(path)
 
 
-def open_labels(path: str | Path, var: str = "labels") -> tuple[xr.DataArray, ClassTable]:
-    """Open a label volume and its class table (the default table when the store has none)."""
-    from magseg_hpc.volume.io import open_volume
+def open_labels(path: str | Path, var: str | None = None) -> tuple[xr.DataArray, ClassTable]:
+    """Open a label volume and its class table (the default table when the store has none).
 
-    labels = open_volume(path, var=var)
+    Without ``var``: a store's ``labels`` variable, else its only array (a plain zarr array,
+    TIFF, NPY or HDF5 file as labelling tools save them).
+    """
+    from magseg_hpc.volume.io import open_volume, soft_var
+
+    labels = open_volume(path, **soft_var(var, "labels"))
     if labels.dtype.kind not in "iu":  # other integer types (e.g. TIFF masks) are fine
-        raise MagsegError(f"{path}: {var!r} is {labels.dtype}, not an integer label volume")
+        name = repr(var) if var else "the label volume"
+        raise MagsegError(f"{path}: {name} is {labels.dtype}, not an integer label volume")
     table = None
     with contextlib.suppress(Exception):
         table = open_group(path).attrs.get("class_table")
