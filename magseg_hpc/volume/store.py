@@ -172,8 +172,10 @@ def create_label_store(
     chunks: tuple[int, int, int] | None = None,
     with_probabilities: bool = False,
     overwrite: bool = False,
+    fill_value: int = 0,
 ) -> None:
-    """Create an empty label store shaped like ``like`` (a volume with dims z, y, x)."""
+    """Create an empty label store shaped like ``like`` (a volume with dims z, y, x);
+    unwritten voxels read as ``fill_value`` (255 for sparse hand labels)."""
     refuse_existing(path, overwrite)
     shape = tuple(int(n) for n in like.shape)
     chunks = default_chunks(shape, chunks)
@@ -181,7 +183,7 @@ def create_label_store(
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.create_array(
-        "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
+        "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=fill_value,
         compressors=codec("zstd"), dimension_names=list(DIMS),
         attributes={"long_name": "class label", "flag_values": list(range(class_table.num_classes)),
                     "flag_meanings": " ".join(class_table.names)},
