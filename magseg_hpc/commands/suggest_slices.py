@@ -53,11 +53,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from dataclasses import replace
+
     from magseg_hpc.data.labelling import write_slice_list
     from magseg_hpc.errors import MagsegError
     from magseg_hpc.segment.cluster import open_cluster
     from magseg_hpc.segment.pipeline import SegmentOptions
-    from magseg_hpc.segment.suggest import suggest_slices
+    from magseg_hpc.segment.suggest import plan_suggestions, suggest_slices
     from magseg_hpc.volume.store import refuse_existing
 
     out = Path(args.output)
@@ -69,14 +71,15 @@ def run(args) -> int:
         batch_size=args.batch_size, device=args.device,
         command_line=shlex.join(["magseg-hpc", *sys.argv[1:]]),
     )
+    # Every check that can fail on bad input runs before any cluster or output exists.
+    plan = plan_suggestions(opts, n=args.n, score=args.score, labels=args.labels,
+                            min_gap=args.min_gap, scratch_dir=out.resolve().parent)
     with open_cluster(scheduler=args.scheduler, workers=args.workers,
                       threads_per_worker=args.threads_per_worker, device=args.device,
                       dashboard_address=args.dashboard_address,
                       processes=not args.in_process) as handle:
-        opts.torch_threads = handle.torch_threads
-        result = suggest_slices(opts, handle.client, n=args.n, score=args.score,
-                                labels=args.labels, min_gap=args.min_gap,
-                                scratch_dir=out.resolve().parent)
+        plan.prepared.job = replace(plan.prepared.job, torch_threads=handle.torch_threads)
+        result = suggest_slices(plan, handle.client)
     header = (f"magseg-hpc suggest-slices: {args.n} slices to label next, best first\n"
               f"volume: {args.volume}\nmodel: {args.model}\nscore: mean {args.score} over "
               f"predicted sample pixels; min gap {result.min_gap}")

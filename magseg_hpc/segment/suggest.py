@@ -109,14 +109,24 @@ def labelled_along(labels_path: str, axis: str, shape: tuple) -> list[int]:
     return np.flatnonzero(carries).tolist()
 
 
-def suggest_slices(opts, client, *, n: int, score: str = "entropy", labels: str | None = None,
-                   min_gap: int | None = None, scratch_dir: str | Path | None = None,
-                   progress: bool | None = None) -> Suggestion:
-    """Segment ``opts.input`` (a ``SegmentOptions`` whose ``output`` is ignored) with
-    probabilities along ``opts.axes[0]`` on ``client`` and pick ``n`` slices to label."""
+@dataclass
+class SuggestPlan:
+    prepared: object  # pipeline.Prepared for the scratch store
+    axis: str
+    n: int
+    score: str
+    labelled: list[int]
+    min_gap: int
+
+
+def plan_suggestions(opts, *, n: int, score: str = "entropy", labels: str | None = None,
+                     min_gap: int | None = None,
+                     scratch_dir: str | Path | None = None) -> SuggestPlan:
+    """Check everything (volume, model, labels, n) and plan; writes nothing. ``opts`` is a
+    ``SegmentOptions`` with one axis; its ``output`` is replaced by a scratch store."""
     from dataclasses import replace
 
-    from magseg_hpc.segment.pipeline import prepare, segment_volume
+    from magseg_hpc.segment.pipeline import prepare
 
     if score not in SCORES:
         raise MagsegError(f"--score {score}: choose one of {', '.join(SCORES)}")
@@ -124,29 +134,39 @@ def suggest_slices(opts, client, *, n: int, score: str = "entropy", labels: str 
         raise MagsegError(f"--n {n}: ask for at least one slice")
     if len(opts.axes) != 1 or opts.axes[0] not in AXES:
         raise MagsegError("suggest-slices scores the slices of one axis: z, y or x")
+    if min_gap is not None and min_gap < 1:
+        raise MagsegError(f"--min-gap {min_gap}: give a positive number of slices")
     axis = opts.axes[0]
-    where = Path(scratch_dir or ".")
-    scratch = where / f".magseg-suggest-{time.time_ns()}.zarr"
+    scratch = Path(scratch_dir or ".") / f".magseg-suggest-{time.time_ns()}.zarr"
     opts = replace(opts, output=str(scratch), probabilities=True, method="model",
                    resume=False, overwrite=False)
-    prepared = prepare(opts)  # every check (input, model, ...) before any work
+    prepared = prepare(opts)
     shape = tuple(int(s) for s in prepared.volume.shape)
     size = shape[AXES.index(axis)]
     done = labelled_along(labels, axis, shape) if labels else []
-    available = size - len(done)
-    if n > available:
-        raise MagsegError(f"--n {n}: only {available} of {size} {axis} slices are not labelled")
+    if n > size - len(done):
+        raise MagsegError(f"--n {n}: only {size - len(done)} of {size} {axis} slices are not "
+                          "labelled")
     if min_gap is None:
         min_gap = max(1, int(size / (2 * (n + len(done)))))
+    return SuggestPlan(prepared, axis, n, score, done, min_gap)
+
+
+def suggest_slices(plan: SuggestPlan, client, *, progress: bool | None = None) -> Suggestion:
+    """Segment with probabilities on ``client``'s cluster, score the slices, pick."""
+    from magseg_hpc.segment.pipeline import segment_volume
+
+    scratch = plan.prepared.job.output
     try:
-        segment_volume(prepared, client, progress=progress)
-        scores = slice_scores(scratch, axis, score)
+        segment_volume(plan.prepared, client, progress=progress)
+        scores = slice_scores(scratch, plan.axis, plan.score)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    picked = pick_spread(scores, n, exclude=done, min_gap=min_gap)
-    if len(picked) < n:
+    picked = pick_spread(scores, plan.n, exclude=plan.labelled, min_gap=plan.min_gap)
+    if len(picked) < plan.n:
         raise MagsegError(
-            f"only {len(picked)} {axis} slices show enough of the sample to score; the model "
-            "finds almost no sample in the others (ask for fewer or check the model)"
+            f"only {len(picked)} {plan.axis} slices show enough of the sample to score; the "
+            "model finds almost no sample in the others (ask for fewer or check the model)"
         )
-    return Suggestion(axis, picked, [float(scores[i]) for i in picked], min_gap, scores)
+    return Suggestion(plan.axis, picked, [float(scores[i]) for i in picked], plan.min_gap,
+                      scores)
