@@ -10,7 +10,9 @@ Score of a slice: the mean over its predicted non-background pixels (the sample)
 normalised entropy ``H(p) / log C`` (or ``1 - (p1 - p2)``, one minus the margin between the
 two most likely classes). Slices with almost no sample are not candidates. Picks are greedy
 by score with a minimum gap along the axis to each other and to already labelled slices,
-so suggestions spread out; the gap is relaxed only when too few slices are left.
+so suggestions spread out; the gap is relaxed only when too few slices are left. When the
+model finds the sample in too few slices (a weak first model), the rest are ranked by the
+mean uncertainty over whole slices, with a warning.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ class Suggestion:
     slice_scores: np.ndarray  # every slice's score (NaN: not a candidate)
 
 
-def slice_scores(store: str | Path, axis: str, score: str = "entropy") -> np.ndarray:
+def slice_scores(store: str | Path, axis: str,
+                 score: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
     """Per-slice mean uncertainty over predicted non-background pixels (NaN when a slice
-    shows less than MIN_SAMPLE_FRACTION of sample). Reads the store chunk by chunk."""
+    shows less than MIN_SAMPLE_FRACTION of sample), and over all its pixels. Reads the store
+    chunk by chunk."""
     import dask
     import dask.array as da
 
@@ -64,12 +68,13 @@ def slice_scores(store: str | Path, axis: str, score: str = "entropy") -> np.nda
     inside = da.from_zarr(group["labels"]) != 0  # class 0: outside the sample
     others = tuple(k for k in range(3) if k != AXES.index(axis))
     with dask.config.set(scheduler="threads"):
-        total, count = dask.compute((u * inside).sum(axis=others), inside.sum(axis=others))
+        total, count, whole = dask.compute((u * inside).sum(axis=others),
+                                           inside.sum(axis=others), u.sum(axis=others))
     area = np.prod([probs.shape[1 + k] for k in others])
     out = np.full(total.shape, np.nan)
     ok = count >= max(1, MIN_SAMPLE_FRACTION * area)
     out[ok] = total[ok] / count[ok]
-    return out
+    return out, whole / area
 
 
 def pick_spread(scores: np.ndarray, n: int, *, exclude=(), min_gap: int = 1) -> list[int]:
@@ -159,14 +164,17 @@ def suggest_slices(plan: SuggestPlan, client, *, progress: bool | None = None) -
     scratch = plan.prepared.job.output
     try:
         segment_volume(plan.prepared, client, progress=progress)
-        scores = slice_scores(scratch, plan.axis, plan.score)
+        scores, whole = slice_scores(scratch, plan.axis, plan.score)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     picked = pick_spread(scores, plan.n, exclude=plan.labelled, min_gap=plan.min_gap)
+    values = [float(scores[i]) for i in picked]
     if len(picked) < plan.n:
-        raise MagsegError(
-            f"only {len(picked)} {plan.axis} slices show enough of the sample to score; the "
-            "model finds almost no sample in the others (ask for fewer or check the model)"
-        )
-    return Suggestion(plan.axis, picked, [float(scores[i]) for i in picked], plan.min_gap,
-                      scores)
+        # A weak first model may find (almost) no sample: rank the rest by whole slices.
+        log.warning("the model finds the sample in only %d unlabelled %s slices; the other "
+                    "%d suggestions are ranked by the uncertainty of whole slices",
+                    len(picked), plan.axis, plan.n - len(picked))
+        more = pick_spread(whole, plan.n - len(picked), exclude=[*plan.labelled, *picked],
+                           min_gap=plan.min_gap)
+        picked, values = picked + more, values + [float(whole[i]) for i in more]
+    return Suggestion(plan.axis, picked, values, plan.min_gap, scores)
