@@ -67,6 +67,21 @@ def _is_png_folder(path: Path) -> bool:
         f.suffix.lower() in (".tif", ".tiff") for f in path.iterdir())
 
 
+def _warn_if_sparse(folder: Path) -> None:
+    """Masks named by slice index (z00042.png) but not 0..N-1 were probably meant sparse."""
+    from magseg_hpc.data.labelling import index_from_name
+
+    try:
+        names = sorted(f for f in folder.iterdir() if f.suffix.lower() == ".png")
+        indices = [index_from_name(f)[1] for f in names]
+    except (OSError, MagsegError):
+        return
+    if indices and sorted(indices) != list(range(len(indices))):
+        log.warning("%s: the mask names carry slice indices (%s ...) but are imported as z "
+                    "slices 0..%d in name order; pass --like VOLUME to import them as those "
+                    "slices", folder, ", ".join(map(str, sorted(indices)[:4])), len(indices) - 1)
+
+
 def run(args) -> int:
     from magseg_hpc.classes import ClassTable
     from magseg_hpc.data.labelling import import_label_volume, import_sparse_masks
@@ -88,6 +103,7 @@ def run(args) -> int:
         else:
             if args.axis not in (None, "z"):
                 raise MagsegError("--axis needs --like VOLUME (masks matched by slice index)")
+            _warn_if_sparse(src)
             result = import_masks(args.masks_dir, args.out, class_table,
                                   overwrite=args.overwrite)
     else:
