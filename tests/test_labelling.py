@@ -354,3 +354,30 @@ def test_suggest_refuses_bad_inputs_before_any_work(phantoms, tmp_path, capsys):
                        "127.0.0.1:0")
     assert code == 2 and "none.pt" in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_slice_scores_inside_the_sample(tmp_path):
+    import dask.array as da
+
+    from magseg_hpc.segment.suggest import slice_scores
+    from magseg_hpc.volume.store import create_label_store, write_label_region
+
+    shape = (3, 10, 10)
+    like = xr.DataArray(da.zeros(shape, chunks=shape), dims=("z", "y", "x"))
+    store = tmp_path / "p.zarr"
+    create_label_store(store, like=like, class_table=TABLE, provenance={},
+                       with_probabilities=True)
+    labels = np.zeros(shape, np.uint8)
+    probs = np.zeros((3, *shape), np.float32)
+    probs[0] = 1.0  # background, certain, everywhere ...
+    labels[:2, :5] = 1  # ... except half of slices 0 and 1: domain_minus
+    probs[:, 0, :5] = np.array([0.0, 0.9, 0.1])[:, None, None]  # slice 0: fairly sure
+    probs[:, 1, :5] = np.array([0.1, 0.5, 0.4])[:, None, None]  # slice 1: unsure
+    write_label_region(store, (slice(None),) * 3, labels, probs)
+    ent, whole = slice_scores(store, "z", "entropy")
+    assert np.isnan(ent[2]) and ent[1] > ent[0] > 0  # slice 2: no sample, no candidate
+    assert whole[1] == pytest.approx(ent[1] / 2, rel=0.02)  # half the slice is sure background
+    margin, _ = slice_scores(store, "z", "margin")
+    assert margin[0] == pytest.approx(1 - (230 - 26) / 255, abs=0.01)  # quantised 0.9, 0.1
+    assert margin[1] > margin[0]
+    assert slice_scores(store, "y", "entropy")[0].shape == (10,)
