@@ -265,6 +265,23 @@ def test_evaluate_preview_and_training_read_plain_zarr_arrays(phantoms, tmp_path
     assert code == 0, err
     code, _, err = run(capsys, "preview", image, "--labels", labels, "-o", tmp_path / "p.png")
     assert code == 0, err
+    # HDF5 with one dataset and NPY need no name either
+    import h5py
+
+    with h5py.File(tmp_path / "truth.h5", "w") as f:
+        f.create_dataset("exchange/data", data=ds["labels"].values)
+    np.save(tmp_path / "pred.npy", ds["labels"].values)
+    code, out, err = run(capsys, "evaluate", tmp_path / "pred.npy", tmp_path / "truth.h5")
+    assert code == 0 and "1.000" in out, err
+    # segment-volume reads a plain array too
+    from segment_utils import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    code, _, err = run(capsys, "segment-volume", image, tmp_path / "seg.zarr", "--model", ckpt,
+                       "--in-process", "--workers", 1, "--threads-per-worker", 1,
+                       "--dashboard-address", "127.0.0.1:0")
+    assert code == 0, err
+    assert xr.open_zarr(tmp_path / "seg.zarr")["labels"].shape == SHAPE
 
     cfg = config_from_dict(tiny(image, label_volume=str(labels), val_volume=str(val_vol)))
     summary = run_training(cfg, tmp_path / "run")
