@@ -159,7 +159,7 @@ def write_table(args, results: dict, slices: dict, commands: list[str], timings:
         "",
         f"Settings: shape {args.shape}, SNR {args.snr}, config {args.config}, "
         f"train.max_iters {args.iters}, overrides {args.train_override or 'none'}.",
-        f"Commit {commit()}.",
+        f"Commit {args.commit} (when the benchmark started).",
         "",
         *rows,
         "",
@@ -252,6 +252,7 @@ def run_seed(args, seed: str, work: Path, commands: list, results: dict, slices:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.commit = commit()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     commands: list[str] = []
