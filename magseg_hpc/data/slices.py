@@ -45,6 +45,7 @@ __all__ = [
     "VolumeSlices",
     "FolderSlices",
     "make_splits",
+    "sparse_label_slices",
     "write_split",
     "read_split",
     "EpochPlan",
@@ -340,6 +341,19 @@ def _sparse_splits(n_slices: int, labelled: Sequence[int], n_val: int,
     held = set(labelled) | (set(val) if n_val_slices is None else set())
     unlabeled = [i for i in range(n_slices) if i not in held]
     return {"labeled": labelled, "unlabeled": unlabeled, "val": val}
+
+
+def sparse_label_slices(d) -> dict:
+    """``make_splits`` keywords for a config's ``data`` section: the slices that carry labels
+    in the training (and validation) label volume, None where every slice does."""
+    kw = {"image_var": d.image_var, "label_var": d.label_var, "cache_mb": 0}
+    found = {"labelled": VolumeSlices(d.volume, d.axis, label_path=d.label_volume,
+                                      **kw).labelled_slices()}
+    if d.val_volume:
+        found["val_labelled"] = VolumeSlices(d.val_volume, d.axis,
+                                             label_path=d.val_label_volume,
+                                             **kw).labelled_slices()
+    return found
 
 
 def write_split(path: str | Path, keys: Sequence, header: str = "") -> None:

@@ -52,6 +52,7 @@ from magseg_hpc.data.slices import (
     iters_per_epoch,
     make_splits,
     read_split,
+    sparse_label_slices,
     step_generator,
     write_split,
 )
@@ -140,8 +141,7 @@ def _split_header(cfg: ExperimentConfig, name: str) -> str:
 
 
 def resolve_splits(cfg: ExperimentConfig, output_dir: Path, env: DistEnv,
-                   n_slices: int | None, n_val_slices: int | None,
-                   sources: tuple = (None, None)) -> dict[str, list[str]]:
+                   n_slices: int | None, n_val_slices: int | None) -> dict[str, list[str]]:
     """The run's splits: reused from output_dir/splits when present (resume), otherwise made
     (or copied from the given split files) and written there by rank 0."""
     d = cfg.data
@@ -163,11 +163,7 @@ def resolve_splits(cfg: ExperimentConfig, output_dir: Path, env: DistEnv,
             splits = make_splits(
                 n_slices, n_labeled=d.n_labeled, n_val=d.n_val,
                 labeled_selection=d.labeled_selection, val_selection=d.val_selection,
-                seed=cfg.seed, n_val_slices=n_val_slices,
-                # sparse label volumes: the slices that carry labels (None: all of them)
-                labelled=sources[0].labelled_slices() if sources[0] is not None else None,
-                val_labelled=(sources[1].labelled_slices() if sources[1] is not None
-                              else None),
+                seed=cfg.seed, n_val_slices=n_val_slices, **sparse_label_slices(d),
             )
         for name, path in paths.items():
             write_split(path, splits[name], _split_header(cfg, name))
@@ -210,8 +206,7 @@ def open_data(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> TrainDat
     val_source = (VolumeSlices(d.val_volume, d.axis, label_path=d.val_label_volume, **kw)
                   if d.val_volume else source)
     splits = resolve_splits(cfg, output_dir, env, len(source),
-                            len(val_source) if d.val_volume else None,
-                            (source, val_source if d.val_volume else None))
+                            len(val_source) if d.val_volume else None)
     return TrainData(splits, source, val_source)
 
 
