@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "magseg_hpc.commands.evaluate",
     "magseg_hpc.commands.make_phantom",
     "magseg_hpc.commands.import_masks",
+    "magseg_hpc.commands.export_slices",
+    "magseg_hpc.commands.suggest_slices",
     "magseg_hpc.commands.preview",
     "magseg_hpc.commands.segment_volume",
     "magseg_hpc.commands.train",

@@ -57,8 +57,10 @@ def register(subparsers) -> None:
         metavar="N,N,...",
         help="z slices to draw (default: quartiles and the worst slice)",
     )
-    p.add_argument("--pred-var", default="labels", help="variable in PRED (default labels)")
-    p.add_argument("--truth-var", default="labels", help="variable in TRUTH (default labels)")
+    p.add_argument("--pred-var", default="labels",
+                   help="variable in PRED (default labels, or its only array)")
+    p.add_argument("--truth-var", default="labels",
+                   help="variable in TRUTH (default labels, or its only array)")
     p.add_argument(
         "--image",
         metavar="PATH",

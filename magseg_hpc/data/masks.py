@@ -39,6 +39,8 @@ class MaskImport:
     counts: dict[str, int]
     unknown: int
     unknown_colors: list[tuple[tuple[int, int, int], int]] = field(default_factory=list)
+    axis: str = "z"
+    labelled: list[int] | None = None  # slices that carry labels (None: every slice)
 
     @property
     def total(self) -> int:
@@ -69,6 +71,8 @@ def colors_to_class_table(data, source: str = "colour table") -> ClassTable:
     """Turn the accepted colour-table forms (see module docstring) into a ClassTable."""
     names: list[str]
     colors: list
+    if isinstance(data, dict) and isinstance(data.get("class_table"), dict):
+        data = data["class_table"]  # an export-slices manifest.json
     if isinstance(data, dict) and set(data) == {"names", "colors"}:
         names, colors = list(data["names"]), list(data["colors"])
     elif isinstance(data, dict) and data:

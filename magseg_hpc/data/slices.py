@@ -45,6 +45,7 @@ __all__ = [
     "VolumeSlices",
     "FolderSlices",
     "make_splits",
+    "sparse_label_slices",
     "write_split",
     "read_split",
     "EpochPlan",
@@ -95,9 +96,9 @@ class VolumeSlices:
 
     def _image_array(self):
         if self._image is None:
-            from magseg_hpc.volume.io import open_volume
+            from magseg_hpc.volume.io import open_volume, soft_var
 
-            self._image = open_volume(self.path, var=self.image_var)
+            self._image = open_volume(self.path, **soft_var(self.image_var, "image"))
         return self._image
 
     def __len__(self) -> int:
@@ -115,10 +116,14 @@ class VolumeSlices:
 
     def _labels_array(self):
         if self._labels is None:
-            from magseg_hpc.volume.io import open_volume
+            from magseg_hpc.volume.io import open_volume, soft_var
 
+            # A separate label volume may be a plain array; labels inside the image store
+            # must be named (its only array is the image).
+            kw = (soft_var(self.label_var, "labels") if self.label_path != self.path
+                  else {"var": self.label_var})
             try:
-                self._labels = open_volume(self.label_path, var=self.label_var)
+                self._labels = open_volume(self.label_path, **kw)
             except MagsegError as e:
                 raise MagsegError(
                     f"{self.label_path}: no label volume {self.label_var!r} for the labelled/"
@@ -131,6 +136,17 @@ class VolumeSlices:
                     f"the image shape {image_shape} of {self.path}"
                 )
         return self._labels
+
+    def labelled_slices(self) -> list[int] | None:
+        """Indices of the slices along ``axis`` that carry labels (any voxel not 255), or
+        None when every slice does (a dense label volume). Streams the labels through dask."""
+        import dask
+
+        labels = self._labels_array()
+        others = [d for d in AXES if d != self.axis]
+        with dask.config.set(scheduler="threads"):
+            carries = np.asarray((labels != IGNORE_LABEL).any(dim=others).values)
+        return None if carries.all() else np.flatnonzero(carries).tolist()
 
     def _read(self, name: str, arr, index: int) -> np.ndarray:
         if not 0 <= index < len(self):
@@ -315,6 +331,8 @@ def make_splits(
     val_selection: str = "block",
     seed: int = 0,
     n_val_slices: int | None = None,
+    labelled: Sequence[int] | None = None,
+    val_labelled: Sequence[int] | None = None,
 ) -> dict[str, list[int]]:
     """Split the slice indices ``0..n_slices-1`` of a training volume.
 
@@ -323,12 +341,24 @@ def make_splits(
     ``n_val`` slices held out of the training volume, as a contiguous block at the end of
     the axis (``block``) or evenly spread (``even``). Of the remaining slices ``n_labeled``
     are labelled (evenly spread, or a seeded random choice) and the rest unlabelled.
+
+    Sparse labels: ``labelled`` lists the slices of the training volume that carry labels
+    (``val_labelled`` those of the validation volume). Then every one of them is labelled and
+    ``n_labeled`` is not used; validation is ``n_val`` of the labelled slices held out (the
+    last ones for ``block``, evenly spread for ``even``) or, with a validation volume, its
+    labelled slices (``n_val`` of them evenly spread, all when 0).
     """
     if n_slices < 1:
         raise MagsegError("the training volume has no slices along data.axis")
+    if labelled is not None:
+        return _sparse_splits(n_slices, labelled, n_val, val_selection, n_val_slices,
+                              val_labelled)
     all_idx = list(range(n_slices))
     if n_val_slices is not None:
-        val = list(range(n_val_slices)) if n_val == 0 else _even(range(n_val_slices), n_val)
+        pool = list(range(n_val_slices)) if val_labelled is None else list(val_labelled)
+        if not pool:
+            raise MagsegError("the validation label volume (data.val_volume) carries no labels")
+        val = pool if n_val == 0 else _even(pool, n_val)
         rest = all_idx
     else:
         if n_val >= n_slices:
@@ -361,6 +391,49 @@ def make_splits(
     chosen = set(labeled)
     unlabeled = [i for i in rest if i not in chosen]
     return {"labeled": labeled, "unlabeled": unlabeled, "val": val}
+
+
+def _sparse_splits(n_slices: int, labelled: Sequence[int], n_val: int,
+                   val_selection: str, n_val_slices: int | None,
+                   val_labelled: Sequence[int] | None) -> dict[str, list[int]]:
+    """``make_splits`` for label volumes whose labels cover only some slices."""
+    labelled = sorted(int(i) for i in labelled)
+    if not labelled:
+        raise MagsegError(
+            "the label volume carries no labels (every voxel is 255, unlabelled); import "
+            "masks of a few slices with `magseg-hpc import-masks --like VOLUME`"
+        )
+    if n_val_slices is not None:
+        val = make_splits(n_val_slices, n_labeled=1, n_val=n_val, n_val_slices=n_val_slices,
+                          val_labelled=val_labelled)["val"]
+    elif val_selection not in ("block", "even"):
+        raise MagsegError(f"data.val_selection must be block or even, got {val_selection!r}")
+    else:
+        if n_val >= len(labelled):
+            raise MagsegError(
+                f"only {len(labelled)} slices carry labels and data.n_val={n_val} of them are "
+                "held out for validation, leaving none to train on; label more slices, lower "
+                "data.n_val or give a separate data.val_volume"
+            )
+        val = (labelled[len(labelled) - n_val:] if val_selection == "block"
+               else _even(labelled, n_val)) if n_val else []
+        labelled = [i for i in labelled if i not in set(val)]
+    held = set(labelled) | (set(val) if n_val_slices is None else set())
+    unlabeled = [i for i in range(n_slices) if i not in held]
+    return {"labeled": labelled, "unlabeled": unlabeled, "val": val}
+
+
+def sparse_label_slices(d) -> dict:
+    """``make_splits`` keywords for a config's ``data`` section: the slices that carry labels
+    in the training (and validation) label volume, None where every slice does."""
+    kw = {"image_var": d.image_var, "label_var": d.label_var, "cache_mb": 0}
+    found = {"labelled": VolumeSlices(d.volume, d.axis, label_path=d.label_volume,
+                                      **kw).labelled_slices()}
+    if d.val_volume:
+        found["val_labelled"] = VolumeSlices(d.val_volume, d.axis,
+                                             label_path=d.val_label_volume,
+                                             **kw).labelled_slices()
+    return found
 
 
 def write_split(path: str | Path, keys: Sequence, header: str = "") -> None:

@@ -54,6 +54,7 @@ from magseg_hpc.data.slices import (
     make_splits,
     other_axis_keys,
     read_split,
+    sparse_label_slices,
     step_generator,
     write_split,
 )
@@ -167,7 +168,7 @@ def resolve_splits(cfg: ExperimentConfig, output_dir: Path, env: DistEnv,
             splits = make_splits(
                 n_slices, n_labeled=d.n_labeled, n_val=d.n_val,
                 labeled_selection=d.labeled_selection, val_selection=d.val_selection,
-                seed=cfg.seed, n_val_slices=n_val_slices,
+                seed=cfg.seed, n_val_slices=n_val_slices, **sparse_label_slices(d),
             )
         if multi_axis is not None:
             labeled, unlabeled = other_axis_keys(multi_axis, train_axes(cfg),

@@ -32,11 +32,15 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
 SUPPORTED = "zarr, TIFF (file or folder), HDF5 (file.h5:/dataset), NPY, GIF or a folder of PNGs"
 
 
-def open_volume(path: str | os.PathLike, var: str | None = None) -> xr.DataArray:
+def open_volume(
+    path: str | os.PathLike, var: str | None = None, *, prefer: str | None = None
+) -> xr.DataArray:
     """Open ``path`` as a 3D DataArray with dims (z, y, x), backed by dask.
 
     ``var`` names the variable of a zarr group (default ``image``, else its only array) or the
-    dataset of an HDF5 file.
+    dataset of an HDF5 file; it must exist. ``prefer`` is a soft default instead: the variable
+    read when the store has it, otherwise the store's only 3D array (a plain zarr array, NPY,
+    TIFF or an HDF5 file with one 3D dataset needs no name).
     """
     text = str(path)
     h5_path, h5_var = _split_hdf5_path(text)
@@ -47,13 +51,13 @@ def open_volume(path: str | os.PathLike, var: str | None = None) -> xr.DataArray
         raise MagsegError(f"{p}: no such file or directory; check the path")
     suffix = p.suffix.lower()
     if p.is_dir() and any((p / m).exists() for m in ZARR_MARKERS):
-        arr = _open_zarr(p, var)
+        arr = _open_zarr(p, var, prefer)
     elif p.is_dir():
         arr = _open_slice_folder(p)
     elif suffix in TIFF_SUFFIXES:
         arr = _open_tiff_file(p)
     elif suffix in HDF5_SUFFIXES:
-        arr = _open_hdf5(p, var)
+        arr = _open_hdf5(p, var, prefer)
     elif suffix == ".npy":
         arr = _open_npy(p)
     elif suffix in (".gif", ".png"):
@@ -107,7 +111,13 @@ def _as_zyx(arr: xr.DataArray, path: Path) -> xr.DataArray:
     return arr
 
 
-def _open_zarr(path: Path, var: str | None) -> xr.DataArray:
+def soft_var(var: str | None, default: str) -> dict:
+    """``open_volume`` keywords for a config value whose default name is only a preference:
+    the default (e.g. ``labels``) is read when present, else the store's only array."""
+    return {"prefer": default} if var in (None, default) else {"var": var}
+
+
+def _open_zarr(path: Path, var: str | None, prefer: str | None = None) -> xr.DataArray:
     try:
         node = zarr.open(store=str(path), mode="r")
     except Exception as e:  # zarr raises many types for broken metadata
@@ -118,6 +128,14 @@ def _open_zarr(path: Path, var: str | None) -> xr.DataArray:
         return _wrap_zarr_array(node)
     # 1-D arrays are coordinates, not variables.
     arrays = sorted(name for name, a in node.arrays() if a.ndim > 1)
+    if var is None and prefer is not None:
+        big = [a for a in arrays if node[a].ndim == 3]
+        var = prefer if prefer in arrays else (big[0] if len(big) == 1 else None)
+        if var is None:
+            raise MagsegError(
+                f"{path}: no variable {prefer!r} and not a single array; choose the variable "
+                f"with --var; it has {', '.join(arrays) or 'no arrays'}"
+            )
     if var is None:
         big = [a for a in arrays if node[a].ndim == 3]
         preferred = [a for a in ("image", "labels") if a in big]
@@ -176,7 +194,7 @@ def slab_chunks(shape, itemsize: int, target_bytes: int = 64 * 2**20) -> tuple:
     return (max(1, target_bytes // slice_bytes), *shape[1:])
 
 
-def _open_hdf5(path: Path, var: str | None) -> xr.DataArray:
+def _open_hdf5(path: Path, var: str | None, prefer: str | None = None) -> xr.DataArray:
     import h5py
 
     try:
@@ -186,6 +204,8 @@ def _open_hdf5(path: Path, var: str | None) -> xr.DataArray:
     with f:
         names: list[str] = []
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        if var is None and prefer in names:
+            var = prefer
         if var is None:
             big = [n for n in names if f[n].ndim >= 3]
             if len(big) != 1:

@@ -172,8 +172,10 @@ def create_label_store(
     chunks: tuple[int, int, int] | None = None,
     with_probabilities: bool = False,
     overwrite: bool = False,
+    fill_value: int = 0,
 ) -> None:
-    """Create an empty label store shaped like ``like`` (a volume with dims z, y, x)."""
+    """Create an empty label store shaped like ``like`` (a volume with dims z, y, x);
+    unwritten voxels read as ``fill_value`` (255 for sparse hand labels)."""
     refuse_existing(path, overwrite)
     shape = tuple(int(n) for n in like.shape)
     chunks = default_chunks(shape, chunks)
@@ -181,7 +183,7 @@ def create_label_store(
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.create_array(
-        "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
+        "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=fill_value,
         compressors=codec("zstd"), dimension_names=list(DIMS),
         attributes={"long_name": "class label", "flag_values": list(range(class_table.num_classes)),
                     "flag_meanings": " ".join(class_table.names)},
@@ -236,13 +238,18 @@ def set_complete(path: str | Path, complete: bool = True, **summary) -> None:
     consolidate(path)
 
 
-def open_labels(path: str | Path, var: str = "labels") -> tuple[xr.DataArray, ClassTable]:
-    """Open a label volume and its class table (the default table when the store has none)."""
-    from magseg_hpc.volume.io import open_volume
+def open_labels(path: str | Path, var: str | None = None) -> tuple[xr.DataArray, ClassTable]:
+    """Open a label volume and its class table (the default table when the store has none).
 
-    labels = open_volume(path, var=var)
+    Without ``var``: a store's ``labels`` variable, else its only array (a plain zarr array,
+    TIFF, NPY or HDF5 file as labelling tools save them).
+    """
+    from magseg_hpc.volume.io import open_volume, soft_var
+
+    labels = open_volume(path, **soft_var(var, "labels"))
     if labels.dtype.kind not in "iu":  # other integer types (e.g. TIFF masks) are fine
-        raise MagsegError(f"{path}: {var!r} is {labels.dtype}, not an integer label volume")
+        name = repr(var) if var else "the label volume"
+        raise MagsegError(f"{path}: {name} is {labels.dtype}, not an integer label volume")
     table = None
     with contextlib.suppress(Exception):
         table = open_group(path).attrs.get("class_table")

@@ -1,0 +1,384 @@
+"""The labelling loop: export slices to paint, import the masks of just those slices.
+
+* ``export_slices`` writes chosen slices of a volume as 8-bit pictures named by axis and
+  index (``z00042.png``) with one intensity window for all of them, plus ``manifest.json``
+  (volume, shape, axis, indices, window and the colour table to paint with).
+* ``import_sparse_masks`` reads colour masks of any subset of slices, matched by the index in
+  the file name, into a label store shaped like the volume; slices without a mask are 255.
+* ``import_label_volume`` reads a label array as labelling tools save it (zarr, TIFF, NPY,
+  HDF5), mapping its "unlabelled" value to 255.
+* Slice lists (``suggest-slices`` writes them, ``export-slices --suggestions`` reads them):
+  one index a line, optionally followed by a score; ``# axis: z`` names the axis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+from magseg_hpc.classes import IGNORE_LABEL, ClassTable
+from magseg_hpc.data.masks import MaskImport, _pack, colors_to_labels, mask_files, read_mask
+from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
+
+AXES = ("z", "y", "x")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "magseg-hpc/slices/1"
+FORMATS = {"png": ".png", "tiff": ".tif"}
+PERCENTILES = (1.0, 99.5)
+# A volume whose slices are at least this fraction exact zeros is masked outside the sample:
+# the zeros are left out of the window's percentiles.
+MASKED_ZERO_FRACTION = 0.1
+WINDOW_SAMPLES = 2**21
+
+
+def slice_name(axis: str, index: int) -> str:
+    return f"{axis}{index:05d}"
+
+
+def _region(axis: str, index: int) -> tuple:
+    region = [slice(None)] * 3
+    region[AXES.index(axis)] = slice(index, index + 1)
+    return tuple(region)
+
+
+def _check_axis(axis: str) -> str:
+    if axis not in AXES:
+        raise MagsegError(f"axis {axis!r}: choose one of z, y, x")
+    return axis
+
+
+# --- slice lists -----------------------------------------------------------------------------
+
+
+def write_slice_list(path: str | Path, indices, *, axis: str, scores=None,
+                     header: str = "") -> None:
+    """One index a line (and its score), after ``#`` lines; written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {line}" for line in header.splitlines() if line] + [f"# axis: {axis}"]
+    for k, i in enumerate(indices):
+        lines.append(f"{int(i)}" if scores is None else f"{int(i)}\t{float(scores[k]):.6f}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def read_slice_list(path: str | Path) -> tuple[list[int], str | None]:
+    """(indices, axis or None) of a slice list."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MagsegError(f"{path}: cannot read the slice list ({type(e).__name__})") from None
+    indices, axis = [], None
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line.startswith("#"):
+            m = re.match(r"#\s*axis\s*[:=]\s*([zyx])\s*$", line)
+            axis = m.group(1) if m else axis
+            continue
+        if not line:
+            continue
+        try:
+            indices.append(int(line.split()[0].rstrip(",")))
+        except ValueError:
+            raise MagsegError(
+                f"{path}:{n}: {line!r} is not a slice index; give one integer a line"
+            ) from None
+    if not indices:
+        raise MagsegError(f"{path}: lists no slices")
+    return indices, axis
+
+
+def choose_indices(size: int, *, n: int | None = None, slices: list[int] | None = None,
+                   axis: str = "z") -> list[int]:
+    """``n`` evenly spread indices of ``0..size-1`` (ends excluded), or ``slices`` checked."""
+    if n is not None:
+        if not 1 <= n <= size:
+            raise MagsegError(f"--n {n}: choose 1 to {size} slices (the volume has {size} "
+                              f"along {axis})")
+        # the centres of n equal parts: spread out, away from the faces
+        return sorted({int((k + 0.5) * size / n) for k in range(n)})
+    bad = [i for i in slices or [] if not 0 <= i < size]
+    if bad:
+        raise MagsegError(f"slice {bad[0]} along {axis} is out of range 0..{size - 1}")
+    if not slices:
+        raise MagsegError("no slices chosen; give --n, --slices or --suggestions")
+    return sorted(set(slices))
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def intensity_window(samples: np.ndarray, percentiles=PERCENTILES) -> dict:
+    """The grey window of an export: percentiles of the finite samples, leaving out exact
+    zeros when they are a masked background (a large share of the slice)."""
+    values = samples[np.isfinite(samples)]
+    if values.size == 0:
+        raise MagsegError("the chosen slices hold no finite intensities")
+    zeros = float(np.mean(values == 0))
+    exclude = zeros >= MASKED_ZERO_FRACTION and zeros < 1.0
+    if exclude:
+        values = values[values != 0]
+    lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    if hi <= lo:
+        hi = lo + 1.0
+    return {"low": lo, "high": hi, "percentiles": list(percentiles),
+            "zeros_excluded": bool(exclude), "zero_fraction": round(zeros, 4)}
+
+
+def to_uint8(image: np.ndarray, window: dict) -> np.ndarray:
+    scaled = (np.asarray(image, np.float64) - window["low"]) / (window["high"] - window["low"])
+    return np.rint(np.clip(np.nan_to_num(scaled), 0, 1) * 255).astype(np.uint8)
+
+
+def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, axis: str = "z",
+                  var: str | None = None, fmt: str = "png", overwrite: bool = False,
+                  class_table: ClassTable | None = None) -> dict:
+    """Write the slices ``indices`` along ``axis`` as 8-bit pictures and a manifest; returns
+    the manifest. Slices are read twice (window, then pictures), one at a time."""
+    from PIL import Image
+
+    from magseg_hpc.volume.io import open_volume, volume_file
+    from magseg_hpc.volume.store import refuse_existing, staged_output
+
+    refuse_existing(out_dir, overwrite)
+    _check_axis(axis)
+    if fmt not in FORMATS:
+        raise MagsegError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    volume = open_volume(volume_path, var=var)
+    size = int(volume.sizes[axis])
+    indices = choose_indices(size, slices=indices, axis=axis)
+    per_slice = max(1, WINDOW_SAMPLES // len(indices))
+    samples = []
+    for i in indices:
+        flat = np.asarray(volume.isel({axis: i}).values).ravel()
+        samples.append(flat[:: max(1, flat.size // per_slice)])
+    window = intensity_window(np.concatenate(samples).astype(np.float64))
+    table = class_table or ClassTable.default()
+    names = [slice_name(axis, i) + FORMATS[fmt] for i in indices]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "volume": str(volume_file(volume_path).resolve()),
+        "var": var,
+        "shape": [int(n) for n in volume.shape],
+        "axis": axis,
+        "indices": indices,
+        "files": names,
+        "window": window,
+        "colors": {n: list(c) for n, c in zip(table.names, table.colors, strict=True)},
+        "class_table": table.to_dict(),
+        "ignore_label": IGNORE_LABEL,
+        "paint": "paint every pixel of a slice in one of `colors` and save the mask as PNG "
+                 "named like the slice (e.g. " + names[0].rsplit(".", 1)[0] + ".png); then "
+                 "magseg-hpc import-masks MASKS_DIR LABELS.zarr --colors manifest.json "
+                 "--like VOLUME",
+    }
+    with staged_output(out_dir, overwrite) as tmp:
+        tmp.mkdir(parents=True)
+        for i, name in zip(indices, names, strict=True):
+            pixels = to_uint8(volume.isel({axis: i}).values, window)
+            if fmt == "png":
+                Image.fromarray(pixels).save(tmp / name)
+            else:
+                import tifffile
+
+                tifffile.imwrite(tmp / name, pixels)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# --- sparse import ---------------------------------------------------------------------------
+
+
+def index_from_name(path: Path) -> tuple[str | None, int]:
+    """(axis letter or None, index) from a file name like ``z00042.png`` or ``slice_42.png``."""
+    stem = path.stem
+    m = re.search(r"(?<![a-zA-Z])([zyxZYX])_?(\d+)", stem)
+    if m:
+        return m.group(1).lower(), int(m.group(2))
+    digits = re.findall(r"\d+", stem)
+    if not digits:
+        raise MagsegError(
+            f"{path}: no slice index in the file name; name masks like the exported slices "
+            "(e.g. z00042.png)"
+        )
+    return None, int(digits[-1])
+
+
+def _report(result: MaskImport) -> MaskImport:
+    if result.unknown:
+        shown = ", ".join(f"{list(c)} x{k}" for c, k in result.unknown_colors)
+        log.warning(
+            "%d pixels of the labelled slices have colours (or values) not in the class table "
+            "and were set to %d (ignore)%s", result.unknown, IGNORE_LABEL,
+            f"; most common: {shown}" if shown else "",
+        )
+    return result
+
+
+def import_sparse_masks(masks_dir: str | Path, out: str | Path, class_table: ClassTable,
+                        like: str, *, axis: str | None = None, var: str | None = None,
+                        overwrite: bool = False,
+                        chunks: tuple[int, int, int] | None = None) -> MaskImport:
+    """Colour masks of some slices of the volume ``like`` -> a label store shaped like it.
+
+    Each mask's slice is the index in its file name (``z00042.png``: z slice 42); slices
+    without a mask are 255 (unlabelled). Everything is checked before anything is written.
+    """
+    from magseg_hpc.volume.io import open_volume
+    from magseg_hpc.volume.store import (
+        create_label_store,
+        refuse_existing,
+        set_complete,
+        staged_output,
+        write_label_region,
+    )
+
+    refuse_existing(out, overwrite)
+    files = mask_files(masks_dir)
+    named = [(f, *index_from_name(f)) for f in files]
+    letters = {a for _, a, _ in named if a}
+    if axis is None:
+        if len(letters) > 1:
+            raise MagsegError(f"{masks_dir}: masks name several axes "
+                              f"({', '.join(sorted(letters))}); import one axis at a time")
+        axis = letters.pop() if letters else "z"
+    _check_axis(axis)
+    other = [f for f, a, _ in named if a and a != axis]
+    if other:
+        raise MagsegError(f"{other[0]}: names another axis than --axis {axis}")
+    volume = open_volume(like, var=var)
+    size = int(volume.sizes[axis])
+    slice_shape = tuple(n for d, n in zip(AXES, volume.shape, strict=True) if d != axis)
+    seen: dict[int, Path] = {}
+    for f, _, i in named:
+        if not 0 <= i < size:
+            raise MagsegError(f"{f}: slice {i} is out of range 0..{size - 1} along {axis} of "
+                              f"{like}")
+        if i in seen:
+            raise MagsegError(f"{seen[i].name} and {f.name} are both masks of {axis} slice {i}; "
+                              "keep one")
+        seen[i] = f
+    from PIL import Image
+
+    with Image.open(files[0]) as im:
+        size_hw = (im.height, im.width)
+    if size_hw != slice_shape:
+        raise MagsegError(
+            f"{files[0]}: mask is {size_hw[0]}x{size_hw[1]} but {axis} slices of {like} are "
+            f"{slice_shape[0]}x{slice_shape[1]}; export and paint slices of this volume"
+        )
+    counts = np.zeros(IGNORE_LABEL + 1, dtype=np.int64)
+    unknown_colors: dict[int, int] = {}
+    indices = sorted(seen)
+    provenance = {
+        "source": str(Path(masks_dir).resolve()), "kind": "imported colour masks (sparse)",
+        "like": str(like), "axis": axis,
+        "files": {str(i): seen[i].name for i in indices}, "colors": class_table.to_dict(),
+    }
+    with staged_output(out, overwrite) as tmp:
+        create_label_store(tmp, like=volume, class_table=class_table, provenance=provenance,
+                           chunks=chunks, fill_value=IGNORE_LABEL)
+        for i in indices:
+            rgb = read_mask(seen[i])
+            labels = colors_to_labels(rgb, class_table)
+            counts += np.bincount(labels.ravel(), minlength=IGNORE_LABEL + 1)
+            bad = labels == IGNORE_LABEL
+            if bad.any():
+                colors, n = np.unique(_pack(rgb[bad]), return_counts=True)
+                for c, k in zip(colors.tolist(), n.tolist(), strict=True):
+                    unknown_colors[c] = unknown_colors.get(c, 0) + k
+            write_label_region(tmp, _region(axis, i), np.expand_dims(labels, AXES.index(axis)))
+        per_class = {n: int(counts[k]) for k, n in enumerate(class_table.names)}
+        set_complete(tmp, unknown=int(counts[IGNORE_LABEL]), counts=per_class,
+                     labelled={"axis": axis, "indices": indices})
+    top = sorted(unknown_colors.items(), key=lambda kv: -kv[1])[:5]
+    return _report(MaskImport(
+        shape=tuple(int(n) for n in volume.shape), class_table=class_table, counts=per_class,
+        unknown=int(counts[IGNORE_LABEL]),
+        unknown_colors=[(((c >> 16) & 255, (c >> 8) & 255, c & 255), k) for c, k in top],
+        axis=axis, labelled=indices,
+    ))
+
+
+def import_label_volume(src: str, out: str | Path, class_table: ClassTable, *,
+                        like: str | None = None, var: str | None = None, axis: str = "z",
+                        unlabelled_value: int | None = None,
+                        class_values: list[int] | None = None, overwrite: bool = False,
+                        chunks: tuple[int, int, int] | None = None) -> MaskImport:
+    """A label array (zarr, TIFF, NPY, HDF5) -> a label store. ``class_values[k]`` is the
+    value that means class ``k`` (default ``k``); ``unlabelled_value`` and any other value
+    become 255 (others are counted in a warning). Streams z slabs."""
+    from magseg_hpc.volume.io import open_volume, soft_var
+    from magseg_hpc.volume.store import (
+        create_label_store,
+        default_chunks,
+        refuse_existing,
+        set_complete,
+        staged_output,
+        write_label_region,
+    )
+
+    refuse_existing(out, overwrite)
+    _check_axis(axis)
+    labels = open_volume(src, **soft_var(var, "labels"))
+    if labels.dtype.kind not in "iu":
+        raise MagsegError(f"{src}: holds {labels.dtype} values, not integer labels")
+    values = list(range(class_table.num_classes)) if class_values is None else list(class_values)
+    if len(values) != class_table.num_classes or len(set(values)) != len(values):
+        raise MagsegError(f"--class-values {','.join(map(str, values))}: give one distinct value "
+                          f"per class ({', '.join(class_table.names)})")
+    if unlabelled_value is not None and unlabelled_value in values:
+        k = values.index(unlabelled_value)
+        raise MagsegError(
+            f"--unlabelled-value {unlabelled_value} is also the value of class "
+            f"{class_table.names[k]}; give the class values with --class-values (e.g. "
+            f"{','.join(str(v + 1) for v in range(len(values)))})"
+        )
+    shape = tuple(int(n) for n in labels.shape)
+    target = labels
+    if like is not None:
+        target = open_volume(like)
+        if tuple(target.shape) != shape:
+            raise MagsegError(f"{src}: labels have shape {'x'.join(map(str, shape))} but {like} "
+                              f"has {'x'.join(map(str, target.shape))}")
+    chunks = default_chunks(shape, chunks)
+    counts = np.zeros(IGNORE_LABEL + 1, dtype=np.int64)
+    unknown = 0
+    carries = np.zeros(shape[AXES.index(axis)], bool)
+    others = tuple(k for k in range(3) if k != AXES.index(axis))
+    provenance = {"source": str(src), "kind": "imported label volume",
+                  "unlabelled_value": unlabelled_value, "class_values": values}
+    with staged_output(out, overwrite) as tmp:
+        create_label_store(tmp, like=target, class_table=class_table, provenance=provenance,
+                           chunks=chunks, fill_value=IGNORE_LABEL)
+        for z0 in range(0, shape[0], chunks[0]):
+            z1 = min(z0 + chunks[0], shape[0])
+            block = np.asarray(labels.data[z0:z1].compute(scheduler="synchronous"))
+            mapped = np.full(block.shape, IGNORE_LABEL, np.uint8)
+            for k, v in enumerate(values):
+                mapped[block == v] = k
+            stray = (mapped == IGNORE_LABEL) & (block != IGNORE_LABEL)
+            if unlabelled_value is not None:
+                stray &= block != unlabelled_value
+            unknown += int(stray.sum())
+            counts += np.bincount(mapped.ravel(), minlength=IGNORE_LABEL + 1)
+            some = (mapped != IGNORE_LABEL).any(axis=others)
+            if axis == "z":
+                carries[z0:z1] |= some
+            else:
+                carries |= some
+            write_label_region(tmp, (slice(z0, z1), slice(None), slice(None)), mapped)
+        per_class = {n: int(counts[k]) for k, n in enumerate(class_table.names)}
+        indices = np.flatnonzero(carries).tolist()
+        set_complete(tmp, unknown=unknown, counts=per_class,
+                     labelled={"axis": axis, "indices": indices})
+    return _report(MaskImport(shape=shape, class_table=class_table, counts=per_class,
+                              unknown=unknown, axis=axis, labelled=indices))
