@@ -331,6 +331,22 @@ def _setup_rank_logging(output_dir: Path, rank: int) -> None:
     root.setLevel(logging.INFO)
 
 
+def one_gpu_per_process(local_rank: int, local_world_size: int) -> str | None:
+    """Give this process one GPU of its node: the ``local_rank``-th of the devices SLURM (or
+    the local executor) made visible to the node's tasks, when there is one per task.
+
+    Sets ``CUDA_VISIBLE_DEVICES`` to that one index and ``MAGSEG_GPU_PER_PROCESS=1`` (the
+    training then uses ``cuda:0``); returns the index, or None when nothing was changed (no
+    GPUs, or SLURM already bound one GPU per task).
+    """
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if len(visible) < 2 or len(visible) != local_world_size:
+        return None
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank].strip()
+    os.environ["MAGSEG_GPU_PER_PROCESS"] = "1"
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
 class TrainTask:
     """The callable a training job runs: one instance per task (rank).
 
@@ -372,17 +388,22 @@ class TrainTask:
 
     def __call__(self) -> dict:
         env = submitit.JobEnvironment()
-        # Keep CUDA_VISIBLE_DEVICES as SLURM set it: the training uses cuda:LOCAL_RANK.
         # overwrite: sbatch passes the submitting shell's MASTER_ADDR/RANK... on.
+        # CUDA_VISIBLE_DEVICES: set below from what SLURM gave the node (submitit would set
+        # it to the local rank, which is wrong when SLURM hands out e.g. GPUs 2,3).
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True
         )
+        gpu = one_gpu_per_process(dist_env.local_rank, dist_env.local_world_size)
         output_dir = self.resolve_output_dir(env.job_id)
         output_dir.mkdir(parents=True, exist_ok=True)
         _setup_rank_logging(output_dir, dist_env.rank)
-        log.info("job %s on %s: rank %d of %d (local rank %d), master %s:%s, output %s",
+        log.info("job %s on %s: rank %d of %d (local rank %d of %d, node %d of %d), "
+                 "CUDA_VISIBLE_DEVICES=%s, master %s:%s, output %s",
                  env.job_id, env.hostname, dist_env.rank, dist_env.world_size,
-                 dist_env.local_rank, dist_env.master_addr, dist_env.master_port, output_dir)
+                 dist_env.local_rank, dist_env.local_world_size, env.node, env.num_nodes,
+                 gpu if gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
+                 dist_env.master_addr, dist_env.master_port, output_dir)
         self._claim_output_dir(output_dir, env.job_id, dist_env.rank)
         module, _, function = self.entry_point.partition(":")
         run_training = getattr(importlib.import_module(module), function)
@@ -639,7 +660,7 @@ def _wait(sub: Submission, kind: str) -> int:
     print(f"waiting for job {sub.job_id} ...", flush=True)
     try:
         results = sub.job.results()
-    except submitit.core.utils.UncompletedJobError as e:
+    except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as e:
         print(f"magseg-hpc: error: {kind} job {sub.job_id} failed ({_job_state(sub.job)}): "
               f"{_job_failure_line(e)}; logs: {sub.run_dir}", file=sys.stderr)
         return 1
