@@ -661,8 +661,12 @@ def _wait(sub: Submission, kind: str) -> int:
     try:
         results = sub.job.results()
     except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as e:
+        line = _job_failure_line(e)
+        if re.search(r"by peer|Connection (reset|closed|refused)|timed? ?out", line, re.I):
+            line += (" (a peer rank died or its node was lost: see every rank's "
+                     f"{sub.job_id}_<rank>_log.err)")
         print(f"magseg-hpc: error: {kind} job {sub.job_id} failed ({_job_state(sub.job)}): "
-              f"{_job_failure_line(e)}; logs: {sub.run_dir}", file=sys.stderr)
+              f"{line}; logs: {sub.run_dir}", file=sys.stderr)
         return 1
     summary = results[0] if results else None
     # Every task has returned; SLURM may still show the job RUNNING for a moment (epilogue).

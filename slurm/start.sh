@@ -97,6 +97,8 @@ if [ "$MODE" = multi ]; then
     fi
     ip addr replace "$BRIDGE_ADDR/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
+    root_addrs=$(ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 \
+        | grep -vx "$BRIDGE_ADDR" || true)
     for i in "${!NODE_NAMES[@]}"; do
         node=${NODE_NAMES[$i]} ns=$NS_PREFIX${NODE_NAMES[$i]} veth=$VETH_PREFIX${NODE_NAMES[$i]}
         addr=$(node_addr $((i + 1)))
@@ -117,7 +119,15 @@ start the one-node cluster instead: bash slurm/start.sh --single-node"
         ip -n "$ns" link set lo up
         ip -n "$ns" addr replace "$addr/24" dev eth0
         ip -n "$ns" link set eth0 up
-        ip -n "$ns" route replace default via "$BRIDGE_ADDR"
+        # No default route: what is not on this machine is unreachable at once. (With one,
+        # DNS queries for names not in /etc/hosts, e.g. the reverse lookups of v4-mapped
+        # addresses that torch.distributed makes, wait 10 s each for a server that cannot
+        # be reached.) Only this machine's own addresses are routed, through the bridge:
+        # e.g. a Dask scheduler started in the root namespace listens on one of them.
+        ip -n "$ns" route del default 2>/dev/null || true
+        for host_addr in $root_addrs; do
+            ip -n "$ns" route replace "$host_addr/32" via "$BRIDGE_ADDR"
+        done
     done
 else
     CTLD_ADDR=127.0.0.1
