@@ -10,6 +10,7 @@ the limit (and ``scancel --signal=USR2`` preempts); submitit then calls the task
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import logging
@@ -144,7 +145,14 @@ class TrainTask:
         self._claim_output_dir(output_dir, env.job_id, dist_env.rank)
         module, _, function = self.entry_point.partition(":")
         run_training = getattr(importlib.import_module(module), function)
-        result = run_training(config_from_dict(self.config), output_dir)
+        from magseg_hpc.train.distributed import process_cpus  # torch: inside the job only
+
+        config = copy.deepcopy(self.config)
+        if not config.get("train", {}).get("threads"):
+            # torch threads from this task's allocation, not the node's core count
+            config.setdefault("train", {})["threads"] = process_cpus(dist_env.local_world_size)
+        log.info("torch threads on CPU: %s", config["train"]["threads"])
+        result = run_training(config_from_dict(config), output_dir)
         log.info("rank %d finished: %s", dist_env.rank, json.dumps(result, default=str))
         return result
 
