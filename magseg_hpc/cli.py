@@ -23,7 +23,7 @@ COMMAND_MODULES = [
     "magseg_hpc.commands.segment_volume",
     "magseg_hpc.commands.train",
     "magseg_hpc.commands.demo",
-    "magseg_hpc.submit",
+    "magseg_hpc.commands.submit",
 ]
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Install the Debian packages for the single-node development SLURM cluster.
+# Install the Debian packages for the development SLURM cluster (slurm/start.sh).
 # Safe to run repeatedly: does nothing when everything is already installed.
 # Needs root (or sudo) and a Debian/Ubuntu machine; no init system is used.
 set -euo pipefail
 
-PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+# iproute2: the bridge, veth pairs and network namespaces of the two-node cluster.
+PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2)
 
 t0=${EPOCHREALTIME/./}
 step() {

@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Start a single-node SLURM cluster on this machine (munge, MariaDB, slurmdbd, slurmctld,
-# slurmd) with two fake GPUs, for development and CI. Idempotent: daemons that are running
-# with an unchanged configuration are left alone. Needs root and slurm/install.sh first.
-# No systemd: daemons are started directly and stopped by slurm/stop.sh through pid files.
+# Start the development SLURM cluster on this machine (munge, MariaDB, slurmdbd, slurmctld and
+# the slurmd "nodes"), each node with two fake GPUs, for development and CI. Needs root and
+# slurm/install.sh first. No systemd: daemons are started directly and stopped by
+# slurm/stop.sh through pid files.
+#
+#   bash slurm/start.sh                 two nodes, n1 and n2, each slurmd in its own network
+#                                       and UTS namespace on a bridge this script creates
+#   bash slurm/start.sh --single-node   one node: this host on 127.0.0.1 (for a machine
+#                                       without network-namespace rights); also
+#                                       MAGSEG_SLURM_NODES=1
+#
+# Idempotent: daemons running with an unchanged configuration are left alone.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -15,7 +23,7 @@ dump_logs() {
     [ "$rc" -eq 0 ] && return 0
     echo "slurm/start.sh failed (exit $rc); log tails follow" >&2
     for f in "$MUNGE_LOG" "$MYSQL_LOG" "$LOG_DIR/slurmdbd.log" "$LOG_DIR/slurmctld.log" \
-        "$LOG_DIR/slurmd.log"; do
+        "$LOG_DIR"/slurmd-*.log "$LOG_DIR"/slurmd-*.out; do
         if [ -r "$f" ]; then
             echo "----- tail -n 25 $f" >&2
             tail -n 25 "$f" >&2
@@ -26,6 +34,17 @@ dump_logs() {
 trap dump_logs EXIT
 
 fail() { echo "slurm/start.sh: $*" >&2; exit 1; }
+
+MODE=multi
+[ "${MAGSEG_SLURM_NODES:-2}" = 1 ] && MODE=single
+for arg in "$@"; do
+    case "$arg" in
+        --single-node) MODE=single ;;
+        --two-nodes) MODE=multi ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        *) fail "unknown argument $arg (valid: --single-node, --two-nodes)" ;;
+    esac
+done
 
 # wait_for SECONDS WHAT COMMAND...: poll COMMAND every 0.2 s until it succeeds.
 wait_for() {
@@ -49,9 +68,77 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 # --- host name: slurm, srun and torch.distributed (MASTER_ADDR) must resolve it
 HOST=$(hostname -s)
-if ! getent hosts "$HOST" >/dev/null; then
-    echo "127.0.0.1 $HOST" >>/etc/hosts
-    step "added '127.0.0.1 $HOST' to /etc/hosts"
+hosts_lines=()
+# Resolvable outside our own /etc/hosts block (which is rewritten below)?
+if ! awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" -v h="$HOST" '
+        $0 == b {skip = 1; next} $0 == e {skip = 0; next}
+        !skip && !/^[[:space:]]*#/ {for (i = 2; i <= NF; i++) if ($i == h) found = 1}
+        END {exit !found}' /etc/hosts && ! getent hosts "$HOST" >/dev/null; then
+    hosts_lines+=("127.0.0.1 $HOST")
+fi
+
+# --- the nodes: one network + UTS namespace per slurmd (two-node mode)
+if [ "$MODE" = multi ]; then
+    CTLD_ADDR=$BRIDGE_ADDR
+    NODES="n[1-${#NODE_NAMES[@]}]"
+    addrs=()
+    for i in "${!NODE_NAMES[@]}"; do
+        addrs+=("$(node_addr $((i + 1)))")
+        hosts_lines+=("$(node_addr $((i + 1))) ${NODE_NAMES[$i]}")
+    done
+    NODE_ADDRS=$(IFS=,; echo "${addrs[*]}")
+    # A namespace we cannot create is a reason to stop, printed, never a silent fallback.
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        if ! why=$(ip link add "$BRIDGE" type bridge 2>&1); then
+            fail "cannot create the bridge $BRIDGE for the two-node cluster: $why
+(no network-namespace rights here?) start the one-node cluster instead: bash slurm/start.sh --single-node"
+        fi
+        step "created bridge $BRIDGE"
+    fi
+    ip addr replace "$BRIDGE_ADDR/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    root_addrs=$(ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 \
+        | grep -vx "$BRIDGE_ADDR" || true)
+    for i in "${!NODE_NAMES[@]}"; do
+        node=${NODE_NAMES[$i]} ns=$NS_PREFIX${NODE_NAMES[$i]} veth=$VETH_PREFIX${NODE_NAMES[$i]}
+        addr=$(node_addr $((i + 1)))
+        if [ ! -e "/run/netns/$ns" ]; then
+            if ! why=$(ip netns add "$ns" 2>&1); then
+                fail "cannot create network namespace $ns: $why
+start the one-node cluster instead: bash slurm/start.sh --single-node"
+            fi
+        fi
+        if ! ip link show "$veth" >/dev/null 2>&1; then
+            ip -n "$ns" link delete eth0 2>/dev/null || true
+            ip link add "$veth" type veth peer name "${veth}p"
+            ip link set "${veth}p" netns "$ns"
+            ip -n "$ns" link set "${veth}p" name eth0
+            step "created $ns ($node, $addr) with veth $veth on $BRIDGE"
+        fi
+        ip link set "$veth" master "$BRIDGE" up
+        ip -n "$ns" link set lo up
+        ip -n "$ns" addr replace "$addr/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        # No default route: what is not on this machine is unreachable at once. (With one,
+        # DNS queries for names not in /etc/hosts, e.g. the reverse lookups of v4-mapped
+        # addresses that torch.distributed makes, wait 10 s each for a server that cannot
+        # be reached.) Only this machine's own addresses are routed, through the bridge:
+        # e.g. a Dask scheduler started in the root namespace listens on one of them.
+        ip -n "$ns" route del default 2>/dev/null || true
+        for host_addr in $root_addrs; do
+            ip -n "$ns" route replace "$host_addr/32" via "$BRIDGE_ADDR"
+        done
+    done
+else
+    CTLD_ADDR=127.0.0.1
+    NODES=$HOST
+    NODE_ADDRS=127.0.0.1
+    teardown_nodes   # left by an earlier two-node start
+fi
+if [ ${#hosts_lines[@]} -gt 0 ]; then
+    hosts_block_write "${hosts_lines[@]}" && step "/etc/hosts: ${hosts_lines[*]}"
+else
+    hosts_block_remove
 fi
 
 # --- directories and fake GPUs (slurmd insists on character devices: link to /dev/null)
@@ -65,7 +152,8 @@ done
 mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
 memory_mb=$((mem_kb * 9 / 10 / 1024))
 render() {
-    sed -e "s/@HOST@/$HOST/g" -e "s/@CPUS@/$NODE_CPUS/g" -e "s/@MEMORY_MB@/$memory_mb/g" \
+    sed -e "s/@HOST@/$HOST/g" -e "s/@CTLD_ADDR@/$CTLD_ADDR/g" -e "s/@NODES@/$NODES/g" \
+        -e "s/@NODE_ADDRS@/$NODE_ADDRS/g" -e "s/@CPUS@/$NODE_CPUS/g" -e "s/@MEMORY_MB@/$memory_mb/g" \
         -e "s/@CLUSTER@/$CLUSTER_NAME/g" -e "s/@GPUS@/$NUM_GPUS/g" \
         -e "s|@GPU_DIR@|$GPU_DIR|g" -e "s/@LAST_GPU@/$last_gpu/g" "$HERE/$1.in"
 }
@@ -119,8 +207,9 @@ wait_for 30 "MariaDB on $MYSQL_SOCKET" mariadb-admin --socket="$MYSQL_SOCKET" pi
 
 # --- SLURM daemons: restart them only when the configuration changed
 if [ "$restart_slurm" -eq 1 ]; then
+    stop_slurmds
     stopped=""
-    for d in slurmd slurmctld slurmdbd; do
+    for d in slurmctld slurmdbd; do
         if pid_alive "$RUN_DIR/$d.pid" "$d"; then
             stop_by_pidfile "$RUN_DIR/$d.pid" "$d"
             stopped="$stopped $d"
@@ -150,25 +239,58 @@ else
 fi
 wait_for 30 "slurmctld to answer" scontrol ping
 
-if pid_alive "$RUN_DIR/slurmd.pid" slurmd; then
-    step "slurmd already running"
+# --- one slurmd per node
+# Two-node mode: `nsenter --net` (not `ip netns exec`, which remounts /sys so that slurmd finds
+# no /sys/fs/cgroup and refuses to start) and `unshare --uts` give each slurmd, and every job
+# step it starts, the node's own address and host name. -D: it stays in the foreground of
+# the background process whose pid is recorded (nsenter and unshare exec, they do not fork).
+if [ "$MODE" = multi ]; then
+    node_list=("${NODE_NAMES[@]}")
 else
-    slurmd
-    step "started slurmd"
+    node_list=("$HOST")
 fi
+for node in "${node_list[@]}"; do
+    pidfile="$RUN_DIR/slurmd-$node.pid"
+    if pid_alive "$pidfile" slurmd; then
+        step "slurmd $node already running"
+        continue
+    fi
+    mkdir -p "/var/spool/slurmd/$node"
+    if [ "$MODE" = multi ]; then
+        setsid nsenter --net="/run/netns/$NS_PREFIX$node" unshare --uts \
+            sh -c "hostname $node && exec slurmd -D -N $node" \
+            </dev/null >>"$LOG_DIR/slurmd-$node.out" 2>&1 &
+        echo $! >"$pidfile"
+    else
+        slurmd -N "$node"   # daemonises; writes $pidfile (SlurmdPidFile=slurmd-%n.pid)
+    fi
+    step "started slurmd $node"
+done
 echo "$config_hash" >"$STARTED_HASH"
+echo "$MODE" >"$MODE_FILE"
 
-# --- the node must be idle (or busy with jobs) before anyone submits
-node_ready() {
-    local state
-    state=$(sinfo -h -N -n "$HOST" -o %T 2>/dev/null | head -n1)
-    case "$state" in
-        idle|mixed|allocated|completing) return 0 ;;
-        down*|drain*|inval*) scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 ;;
-    esac
-    return 1
+# --- every node must be idle (or busy with jobs) before anyone submits
+nodes_ready() {
+    local node state ready=0
+    for node in "${node_list[@]}"; do
+        state=$(sinfo -h -N -n "$node" -o %T 2>/dev/null | head -n1)
+        case "$state" in
+            idle|mixed|allocated|completing) ;;
+            down*|drain*|inval*)
+                scontrol update nodename="$node" state=resume >/dev/null 2>&1; ready=1 ;;
+            *) ready=1 ;;
+        esac
+    done
+    return $ready
 }
-wait_for 60 "node $HOST to become idle" node_ready
+for node in "${node_list[@]}"; do
+    pid_alive "$RUN_DIR/slurmd-$node.pid" slurmd || {
+        sleep 0.5
+        pid_alive "$RUN_DIR/slurmd-$node.pid" slurmd || fail "slurmd $node exited at start"
+    }
+done
+wait_for 60 "nodes ${node_list[*]} to become idle" nodes_ready
 wait_for 30 "cluster $CLUSTER_NAME in sacctmgr" \
     bash -c "sacctmgr -n -P show cluster format=cluster | grep -qx $CLUSTER_NAME"
-step "cluster $CLUSTER_NAME ready: node $HOST $(sinfo -h -N -n "$HOST" -o '%T CPUs=%c Gres=%G')"
+step "cluster $CLUSTER_NAME ready ($MODE): $(sinfo -h -N -o '%N %T CPUs=%c Gres=%G' | sort -u \
+    | paste -sd ';' | sed 's/;/; /g')"

@@ -53,3 +53,20 @@ def slurm_cluster() -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def two_nodes(slurm_cluster) -> list[str]:
+    """The two-node cluster of slurm/start.sh (n1, n2); fewer nodes fail in CI, else skip."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True,
+                         text=True).stdout
+    usable = sorted({line.split()[0] for line in out.splitlines()
+                     if line.split()[1].rstrip("*~#$@") in
+                     ("idle", "mixed", "allocated", "completing")})
+    if len(usable) < 2:
+        message = (f"the SLURM cluster has {len(usable)} usable node(s) ({out.strip()!r}); "
+                   "multi-node tests need two: `bash slurm/start.sh` without --single-node")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return usable

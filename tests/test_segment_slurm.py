@@ -33,16 +33,27 @@ def slurm(slurm_cluster):
         pytest.skip(f"dask-worker jobs already queued: {before}")
 
 
-def test_slurm_workers_segment_and_leave_no_jobs(slurm, tmp_path):
+def worker_jobs_nodes() -> dict[str, str]:
+    """Job id -> node list of every dask-worker job SLURM accounting knows (today)."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName,NodeList"],
+                         capture_output=True, text=True, check=True).stdout
+    return {f[0]: f[2] for f in (line.split("|") for line in out.splitlines())
+            if len(f) == 3 and f[1] == "dask-worker"}
+
+
+def test_slurm_workers_segment_and_leave_no_jobs(slurm, two_nodes, tmp_path):
     volume = make_volume((9, 33, 25))
     inp = write_input(tmp_path / "in.zarr", volume, (4, 16, 16))
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     out = tmp_path / "out.zarr"
     # Like jobs/local.yaml, with memory for a torch worker (about 0.8 GB resident) and one
     # fake GPU per job, so the gres and GPU-resource path is exercised (the model runs on CPU).
+    # exclusive: one worker job per node, so the two jobs run on the two nodes (n1, n2) and
+    # their workers reach the scheduler, in the root namespace, across the bridge.
     profile = tmp_path / "dask_workers.yaml"
     profile.write_text("partition: debug\nnodes: 1\ngpus_per_node: 1\ncpus_per_task: 1\n"
-                       "mem_gb: 3\ntimeout_min: 10\n")
+                       "mem_gb: 3\ntimeout_min: 10\nsbatch_extra: {exclusive: true}\n")
+    before = worker_jobs_nodes()
     result = subprocess.run(
         [sys.executable, "-m", "magseg_hpc.cli", "segment-volume", str(inp), str(out),
          "--model", str(ckpt), "--slab-size", "4", "--cluster", "slurm",
@@ -56,3 +67,6 @@ def test_slurm_workers_segment_and_leave_no_jobs(slurm, tmp_path):
                                   reference_probabilities(ckpt, volume).argmax(0))
     assert is_complete(out)
     assert my_jobs() == []  # every worker job was cancelled
+    new = {job: nodes for job, nodes in worker_jobs_nodes().items() if job not in before}
+    assert len(new) == 2, new
+    assert sorted(new.values()) == two_nodes[:2], new  # one worker job on each node

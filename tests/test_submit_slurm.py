@@ -205,7 +205,7 @@ def test_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, phantom, tmp
 
 @pytest.mark.parametrize("flags, reason", [
     (["--gpus-per-node", "3"], "Requested node configuration is not available"),
-    (["--nodes", "2"], "Node count specification invalid"),
+    (["--nodes", "3"], "Node count specification invalid"),  # the partition has 2
 ])
 def test_slurm_refusal_is_one_readable_line(slurm_cluster, tmp_path, flags, reason):
     result = submit("--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml", *flags,

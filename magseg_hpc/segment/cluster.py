@@ -20,6 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.launch.profile import (
+    JobProfile,
+    dask_jobqueue_kwargs,
+    job_profile_from_dict,
+    load_job_profile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,50 +134,11 @@ def open_cluster(
         local.close()
 
 
-def load_job_profile(path: str | os.PathLike) -> dict:
-    """The job profile YAML (jobs/*.yaml) as a dict, validated by the submit command's loader."""
-    from magseg_hpc.submit import load_job_profile as load  # the one schema for job profiles
-
-    return vars(load(path))
-
-
-def slurm_cluster_kwargs(profile: dict, dashboard_address: str) -> dict:
-    """SLURMCluster keyword arguments from a job profile (jobs/*.yaml). Pure, unit-tested.
-
-    One SLURM job is one node: one Dask worker process per GPU (``gpus_per_node``), each with
-    ``cpus_per_task`` cores and a ``GPU=1`` resource, so each GPU runs one slab at a time.
-    Without GPUs, one worker per job with ``cpus_per_task`` cores.
-    """
-    gpus = int(profile.get("gpus_per_node") or profile.get("gpus") or 0)
-    cpus = int(profile.get("cpus_per_task") or profile.get("cores") or 1)
-    processes = max(1, gpus)
-    memory = profile.get("memory") or f"{profile.get('mem_gb') or 4}GB"
-    minutes = int(profile.get("timeout_min") or 60)
-    extra = []
-    for key in ("qos", "constraint"):
-        if profile.get(key):
-            extra.append(f"--{key}={profile[key]}")
-    for key, value in (profile.get("sbatch_extra") or {}).items():
-        if value is True:
-            extra.append(f"--{key}")
-        elif value not in (None, False):
-            extra.append(f"--{key}={value}")
-    if gpus:
-        extra.append(f"--gres=gpu:{gpus}")
-    kwargs = {
-        "queue": profile.get("partition"),
-        "account": profile.get("account"),
-        "cores": cpus * processes,
-        "processes": processes,
-        "memory": str(memory),
-        "walltime": f"{minutes // 60:02d}:{minutes % 60:02d}:00",
-        "job_extra_directives": extra,
-        "job_script_prologue": [line for line in profile.get("setup") or []
-                                if not str(line).lstrip().startswith("#")],
-        "worker_extra_args": ["--resources", "GPU=1"] if gpus else [],
-        "scheduler_options": {"dashboard_address": dashboard_address},
-    }
-    return {k: v for k, v in kwargs.items() if v is not None}
+def slurm_cluster_kwargs(profile: JobProfile | dict, dashboard_address: str) -> dict:
+    """SLURMCluster keyword arguments from a job profile (or its mapping, validated)."""
+    if not isinstance(profile, JobProfile):
+        profile = job_profile_from_dict(profile)
+    return dask_jobqueue_kwargs(profile, dashboard_address)
 
 
 @contextlib.contextmanager
@@ -186,7 +153,7 @@ def _slurm_cluster(job, jobs, device, dashboard_address, wait_timeout):
         raise MagsegError("--cluster slurm needs dask-jobqueue; pip install dask-jobqueue") from e
     from distributed import Client
 
-    kwargs = slurm_cluster_kwargs(load_job_profile(job), dashboard_address)
+    kwargs = dask_jobqueue_kwargs(load_job_profile(job), dashboard_address)
     log_dir = Path.cwd() / "runs" / "dask-slurm"
     log_dir.mkdir(parents=True, exist_ok=True)
     slurm = SLURMCluster(**kwargs, log_directory=str(log_dir))

@@ -4,13 +4,23 @@ The world comes from the environment that torchrun and submitit's
 ``TorchDistributedEnvironment`` export: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``. With ``WORLD_SIZE`` unset or 1 nothing is initialised and
 every collective below is a no-op. On GPUs the backend is NCCL and each process uses
-``cuda:LOCAL_RANK``; on CPU it is gloo.
+``cuda:LOCAL_RANK`` (or ``cuda:0`` when a launcher gave each process its own GPU through
+``CUDA_VISIBLE_DEVICES`` and set ``MAGSEG_GPU_PER_PROCESS=1``); on CPU it is gloo.
+
+Multi-node: gloo binds to the address this host's name resolves to. When that is a loopback
+address but ``MASTER_ADDR`` is not (a node whose /etc/hosts maps its own name to 127.0.0.1),
+``GLOO_SOCKET_IFNAME`` is set to the interface that routes to ``MASTER_ADDR``. Rendezvous and
+collectives time out after ``MAGSEG_DIST_TIMEOUT_S`` seconds (default 600): a lost node fails
+the job instead of hanging it until its time limit.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DistEnv",
     "read_world",
+    "process_cpus",
     "resolve_device",
     "init_distributed",
     "shutdown",
@@ -84,11 +95,80 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     if not torch.cuda.is_available():
         raise MagsegError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu")
     n = torch.cuda.device_count()
+    if os.environ.get("MAGSEG_GPU_PER_PROCESS") == "1" and n == 1:
+        return torch.device("cuda", 0)  # the launcher masked this process to its one GPU
     if local_rank >= n:
         raise MagsegError(
             f"LOCAL_RANK={local_rank} but only {n} GPU(s) are visible; start one process per GPU"
         )
     return torch.device("cuda", local_rank)
+
+
+def process_cpus(local_world_size: int = 1) -> int:
+    """CPUs this process may use: ``SLURM_CPUS_PER_TASK`` (capped by the affinity mask) under
+    SLURM, else the affinity mask shared by the node's ``local_world_size`` processes. Not
+    ``os.cpu_count()``: on a 128-core node with 8 allocated CPUs that oversubscribes 16x."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        affinity = os.cpu_count() or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        return max(1, min(int(per_task), affinity))
+    return max(1, affinity // max(1, local_world_size))
+
+
+def timeout_seconds() -> float:
+    """Rendezvous and collective timeout: ``MAGSEG_DIST_TIMEOUT_S`` (default 600 s)."""
+    text = os.environ.get("MAGSEG_DIST_TIMEOUT_S", "600")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise MagsegError(f"MAGSEG_DIST_TIMEOUT_S={text!r} must be a positive number of seconds")
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _interface_towards(addr: str) -> tuple[str, str] | None:
+    """(interface name, local address) of the route to ``addr``; None if unknown."""
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(addr), 9))  # UDP: no packet is sent
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
+            return name, local
+    return None
+
+
+def gloo_binding() -> str:
+    """Where gloo will bind; sets GLOO_SOCKET_IFNAME when the host name means loopback but the
+    master is on another host. Returns a description for the rank log."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return f"interface {os.environ['GLOO_SOCKET_IFNAME']} (GLOO_SOCKET_IFNAME)"
+    host = socket.gethostname()
+    master = os.environ.get("MASTER_ADDR", "")
+    if _is_loopback(host) and master and not _is_loopback(master):
+        found = _interface_towards(master)
+        if found:
+            os.environ["GLOO_SOCKET_IFNAME"] = found[0]
+            return f"interface {found[0]} ({found[1]}, the route to {master})"
+    try:
+        return f"{socket.gethostbyname(host)} ({host})"
+    except OSError:
+        return f"{host} (unresolved)"
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
@@ -109,9 +189,13 @@ def init_distributed(device: str = "auto") -> DistEnv:
             raise MagsegError(
                 f"WORLD_SIZE={world_size} but {name} is not set; launch with torchrun or submit"
             )
-    log.info("joining process group: rank %d of %d, backend %s, device %s",
-             rank, world_size, backend, dev)
+    timeout = timeout_seconds()
+    binding = gloo_binding() if backend == "gloo" else "nccl"
+    log.info("joining process group: rank %d of %d, backend %s, device %s, master %s:%s, "
+             "bind %s, timeout %.0f s", rank, world_size, backend, dev,
+             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], binding, timeout)
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout),
                             device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank, world_size, local_rank, dev, backend, owns_group=True)
 

@@ -1,0 +1,12 @@
+"""The launcher: everything that talks to submitit, split by concern.
+
+- :mod:`~magseg_hpc.launch.profile`: the job-profile schema (``jobs/*.yaml``), shared by
+  submitit and dask-jobqueue.
+- :mod:`~magseg_hpc.launch.resources`: the executor and its parameters from a profile and flags.
+- :mod:`~magseg_hpc.launch.sbatch`: the batch script for ``--dry-run``.
+- :mod:`~magseg_hpc.launch.tasks`: the callables a job runs (training, one command).
+- :mod:`~magseg_hpc.launch.submission`: submitting, waiting, SLURM's errors in one line.
+
+The command line is :mod:`magseg_hpc.commands.submit` (``python -m magseg_hpc.submit`` and
+``magseg-hpc submit``).
+"""

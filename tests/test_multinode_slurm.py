@@ -1,0 +1,224 @@
+"""Multi-node training on the two-node development cluster (slurm/start.sh: nodes n1 and n2,
+each slurmd in its own network and UTS namespace, 2 fake GPUs each). In CI a missing cluster,
+or one with fewer than two nodes, fails these tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_submit_slurm import (
+    TERMINAL,
+    assert_continuous,
+    job_state,
+    submit,
+    submitted,
+    tiny,
+    training_iterations,
+    wait_for_iteration,
+    wait_terminal,
+)
+
+pytestmark = pytest.mark.slurm
+
+RANK_LINE = re.compile(
+    r"job (?P<job>\d+) on (?P<host>\S+): rank (?P<rank>\d+) of (?P<world>\d+) "
+    r"\(local rank (?P<local>\d+) of (?P<local_world>\d+), node (?P<node>\d+) of (?P<nodes>\d+)\), "
+    r"CUDA_VISIBLE_DEVICES=(?P<gpu>\S+), master (?P<master>[^:]+):")
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    from magseg_hpc.data.phantom import make_phantom, write_phantom
+
+    path = tmp_path_factory.mktemp("phantom") / "phantom.zarr"
+    write_phantom(path, make_phantom(shape=(24, 48, 48), seed=0))
+    return path
+
+
+@pytest.fixture
+def jobs():
+    ids: list[str] = []
+    yield ids
+    for job_id in ids:
+        subprocess.run(["scancel", job_id], capture_output=True)
+
+
+def rank_starts(run_dir: Path, world: int) -> dict[int, dict]:
+    """Each rank's last start line (host, local rank, GPU, master) and its result."""
+    import json
+
+    ranks = {}
+    for rank in range(world):
+        text = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        starts = [m.groupdict() for m in RANK_LINE.finditer(text)]
+        assert starts, f"no start line in rank{rank}.log:\n{text[-2000:]}"
+        finished = [ln for ln in text.splitlines() if f"rank {rank} finished: " in ln]
+        result = json.loads(finished[-1].split("finished: ", 1)[1]) if finished else None
+        binds = re.findall(r"bind (\S+)", text)
+        ranks[rank] = {**starts[-1], "result": result, "bind": binds[-1] if binds else None}
+    return ranks
+
+
+def sacct_field(job_id: str, field: str) -> str:
+    return subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field],
+                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
+
+
+def assert_two_nodes_same_weights(ranks: dict[int, dict], gpus: bool, iterations: int) -> None:
+    world = len(ranks)
+    assert sorted(ranks) == list(range(world))
+    assert {int(r["world"]) for r in ranks.values()} == {world}
+    hosts = {r["host"] for r in ranks.values()}
+    assert len(hosts) == 2, hosts  # distinct host names: two nodes
+    for host in hosts:
+        on_host = [r for r in ranks.values() if r["host"] == host]
+        assert sorted(int(r["local"]) for r in on_host) == list(range(world // 2))
+        assert len({r["node"] for r in on_host}) == 1
+        if gpus:  # one GPU index per process, the node's local_rank-th
+            assert sorted(r["gpu"] for r in on_host) == [str(i) for i in range(world // 2)]
+            assert all(r["gpu"] == r["local"] for r in on_host)
+        else:
+            assert all(r["gpu"] == "-" for r in on_host)
+    # MASTER_ADDR is the first node; gloo bound to each node's own address, not loopback.
+    assert {r["master"] for r in ranks.values()} == {ranks[0]["host"]}
+    for r in ranks.values():
+        assert r["bind"] and not r["bind"].startswith("127."), r
+    digests = {(r["result"]["student_digest"], r["result"]["teacher_digest"])
+               for r in ranks.values()}
+    assert len(digests) == 1, digests  # identical weights on all ranks
+    assert {r["result"]["iterations"] for r in ranks.values()} == {iterations}
+
+
+def test_two_nodes_two_gpus_four_ranks(two_nodes, phantom, tmp_path, jobs):
+    runs = tmp_path / "runs"
+    result = submit("--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml",
+                    "--nodes", "2", "--gpus-per-node", "2", "--runs-root", runs,
+                    "--name", "mn", *tiny(phantom, 3), "--wait")
+    job_id, run_dir = submitted(result, jobs)
+    assert "(slurm: 2 node(s) x 2 task(s), 2 GPU(s) per node)" in result.stdout
+    assert wait_terminal(job_id, timeout=60) == "COMPLETED"
+    assert_two_nodes_same_weights(rank_starts(run_dir, 4), gpus=True, iterations=3)
+    assert "gres/gpu=4" in sacct_field(job_id, "AllocTRES")
+    assert sacct_field(job_id, "NNodes") == "2"
+
+
+def test_two_cpu_nodes_tasks_per_node_flag_over_profile(two_nodes, phantom, tmp_path, jobs):
+    # The profile asks for 2 tasks on each of 2 CPU nodes; the flag makes it 1 per node
+    # (2 ranks: the lighter job on 2 shared cores).
+    profile = tmp_path / "cpu2.yaml"
+    profile.write_text("partition: debug\nnodes: 2\ngpus_per_node: 0\ntasks_per_node: 2\n"
+                       "cpus_per_task: 1\nmem_gb: 2\ntimeout_min: 10\n")
+    result = submit("--config", "configs/cpu_tiny.yaml", "--job", profile,
+                    "--tasks-per-node", "1", "--runs-root", tmp_path / "runs", "--name", "cpu",
+                    *tiny(phantom, 2), "--wait")
+    job_id, run_dir = submitted(result, jobs)
+    assert "(slurm: 2 node(s) x 1 task(s), CPU)" in result.stdout
+    assert wait_terminal(job_id, timeout=60) == "COMPLETED"
+    assert_two_nodes_same_weights(rank_starts(run_dir, 2), gpus=False, iterations=2)
+    assert "gres/gpu" not in sacct_field(job_id, "AllocTRES")
+
+
+def test_two_node_job_requeued_resumes_with_one_metrics_file(two_nodes, phantom, tmp_path,
+                                                             jobs):
+    max_iters, every = 10, 2
+    result = submit("--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml",
+                    "--nodes", "2", "--gpus-per-node", "2", "--runs-root", tmp_path / "runs",
+                    "--name", "requeue", *tiny(phantom, max_iters, every))
+    job_id, run_dir = submitted(result, jobs)
+    wait_for_iteration(run_dir, job_id, 3, timeout=150)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    assert wait_terminal(job_id, timeout=200) == "COMPLETED"
+    assert_continuous(run_dir, max_iters, every)
+    rank0 = (run_dir / "logs" / "rank0.log").read_text()
+    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", rank0)
+    assert resumed and int(resumed[0]) >= every
+    for rank in range(4):  # every rank ran twice, the second time on two nodes again
+        text = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert len(re.findall(rf"rank {rank} of 4 ", text)) >= 2, text[-1500:]
+    ranks = rank_starts(run_dir, 4)
+    assert len({r["host"] for r in ranks.values()}) == 2
+    assert len({r["result"]["student_digest"] for r in ranks.values()}) == 1
+
+
+def _task_pids(job_id: str, rank: int) -> list[int]:
+    """Pids of the python processes running task ``rank`` of the job (any namespace)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not (entry / "comm").read_text().startswith("python"):
+                continue
+            env = dict(item.split("=", 1) for item in
+                       (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in item)
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_lost_node_fails_the_job_visibly_and_nothing_hangs(two_nodes, phantom, tmp_path,
+                                                          jobs):
+    # A long training; once it runs, the processes of rank 3 (on the second node) are killed
+    # as a node crash would. The other ranks must fail their next collective (gloo sees the
+    # closed connections; MAGSEG_DIST_TIMEOUT_S bounds a silent peer), SLURM ends the job,
+    # and `submit --wait` says so in one line, all within a bounded time.
+    env = {**os.environ, "MAGSEG_DIST_TIMEOUT_S": "30"}
+    runs = tmp_path / "runs"
+    args = ["--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml", "--nodes", "2",
+            "--gpus-per-node", "2", "--runs-root", str(runs), "--name", "lost",
+            *tiny(phantom, 100000, 1000), "train.epochs=100000", "--wait"]
+    import sys
+
+    from test_submit_slurm import REPO
+    waiting = subprocess.Popen([sys.executable, "-m", "magseg_hpc.submit", "train", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        job_id = None
+        while job_id is None and time.monotonic() < deadline:
+            dirs = list((runs / "lost").glob("[0-9]*")) if (runs / "lost").is_dir() else []
+            job_id = dirs[0].name if dirs else None
+            time.sleep(0.5)
+        assert job_id, "no run dir appeared"
+        jobs.append(job_id)
+        run_dir = runs / "lost" / job_id
+        # Once the process group is formed (the training has started on rank 0): the
+        # other ranks are in, or about to enter, a collective with rank 3.
+        rank0_log = run_dir / "logs" / "rank0.log"
+        while "experiment cpu_tiny" not in (rank0_log.read_text() if rank0_log.is_file()
+                                            else ""):
+            assert job_state(job_id) not in TERMINAL and time.monotonic() < deadline + 120
+            time.sleep(0.5)
+        victims = _task_pids(job_id, 3)
+        assert victims, "rank 3's process not found"
+        host3 = RANK_LINE.search((run_dir / "logs" / "rank3.log").read_text())["host"]
+        host0 = RANK_LINE.search((run_dir / "logs" / "rank0.log").read_text())["host"]
+        assert host3 != host0
+        started = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        out, err = waiting.communicate(timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 1, out + err
+    message = [ln for ln in err.splitlines() if ln.startswith("magseg-hpc: error:")]
+    assert message and f"train job {job_id} failed" in message[-1], err[-3000:]
+    assert elapsed < 90, elapsed
+    state = wait_terminal(job_id, timeout=60)
+    assert state in TERMINAL - {"COMPLETED"}, state
+    assert job_state(job_id) != "RUNNING"
+    assert not (run_dir / "metrics.jsonl").is_file() or training_iterations(run_dir)[-1] < 100
+    for rank in range(4):  # no task process left on either node
+        assert _task_pids(job_id, rank) == []
