@@ -233,3 +233,65 @@ def test_masked_background_is_background_whatever_the_model_says(tmp_path, clien
     support = np.stack([masked_support(s, 0.0) for s in sweep.image])
     assert (labels[~support] == 0).all()
     assert (labels[support] != 0).any()  # inside, the model decides
+
+
+# --- schedule and planes ----------------------------------------------------------------------
+
+def test_fixed_length_epochs_cover_any_volume_size():
+    from magseg_hpc.data.slices import epoch_plan
+
+    long = epoch_plan(0, n_labeled=3, n_unlabeled=5, batch_size=2, seed=0, iters=10)
+    assert long.iters == 10 and len(long.unlabeled) == 10  # more steps than one pass
+    short = epoch_plan(0, n_labeled=3, n_unlabeled=500, batch_size=2, seed=0, iters=4)
+    assert short.iters == 4 and len({i for b in short.unlabeled for _, _, i in b}) == 8
+
+
+def test_axes_auto_follows_the_trained_planes(caplog):
+    from magseg_hpc.segment.pipeline import _warn_untrained_axes, trained_axes
+
+    multi = {"config": {"data": {"volume": "v.zarr", "axis": "z", "axes": ["x", "z", "y"]}}}
+    assert trained_axes(multi) == ("z", "y", "x")
+    old = {"config": {"data": {"volume": "v.zarr", "axis": "z"}}}
+    assert trained_axes(old) == ("z",) and trained_axes({}) == ("z",)
+    with caplog.at_level("WARNING"):
+        _warn_untrained_axes(old, ("z", "y", "x"))
+    assert "trained on z slices only" in caplog.text
+
+
+def test_demo_iterations_make_a_whole_schedule():
+    from conftest import REPO
+
+    from magseg_hpc.commands.demo import _schedule
+
+    assert _schedule(str(REPO / "configs/cpu_best.yaml"), None) == []
+    assert _schedule(str(REPO / "configs/cpu_best.yaml"), 250) == ["train.epochs=3",
+                                                                    "train.max_iters=250"]
+    with pytest.raises(MagsegError):
+        _schedule(str(REPO / "configs/cpu_best.yaml"), 0)
+
+
+def test_training_with_context_axes_and_foreground_crops(tmp_path):
+    from magseg_hpc.config import config_from_dict
+    from magseg_hpc.data.slices import read_split
+    from magseg_hpc.models.checkpoint import load_checkpoint
+    from magseg_hpc.train import run_training
+
+    path = tmp_path / "p.zarr"
+    write_phantom(path, make_phantom((12, 32, 32), seed=0, n_angles=0))
+    cfg = config_from_dict({
+        "model": {"backbone": "resnet18", "context_slices": 3, "decoder_channels": 16},
+        "data": {"volume": str(path), "n_labeled": 3, "n_val": 2, "axes": ["z", "y", "x"]},
+        "train": {"batch_size": 2, "crop_size": 16, "epochs": 2, "iters_per_epoch": 2,
+                  "sup_only_epochs": 0, "optimizer": "adamw", "foreground_crop": 0.5,
+                  "checkpoint_every": 4, "eval_every": 4, "log_every": 1, "device": "cpu",
+                  "threads": 1},
+    })
+    summary = run_training(cfg, tmp_path / "run")
+    assert summary["iterations"] == 4 and summary["iterations_per_epoch"] == 2
+    labeled = read_split(tmp_path / "run/splits/labeled.txt")
+    assert sum(":" not in k for k in labeled) == 3  # the labelled z slices
+    assert {k.split(":")[0] for k in labeled if ":" in k} == {"y", "x"}
+    assert len(read_split(tmp_path / "run/splits/unlabeled.txt")) == 7 + 32 + 32
+    ckpt = load_checkpoint(tmp_path / "run/best.pt")
+    assert ckpt["model"]["context_slices"] == 3 and ckpt["model"]["decoder_channels"] == 16
+    assert ckpt["normalization"]["masked_value"] is None
