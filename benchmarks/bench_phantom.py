@@ -7,10 +7,11 @@ For each phantom preset and each seed ``s``:
    slices of the training volume);
 2. ``magseg-hpc train`` with ``configs/cpu_best_supervised.yaml`` (labelled slices only) and
    ``configs/cpu_best.yaml`` (AugSeg: the same labelled slices plus every unlabelled one),
-   same seed, splits and schedule (the recommended CPU recipe: 2.5D context, slices along
-   z, y and x, foreground crops);
-3. ``magseg-hpc segment-volume`` of the test phantom: the threshold baseline, each model
-   along z, and the AugSeg model with orthoplane fusion (``--axes z,y,x``);
+   same seed, splits, schedule and EMA teacher (the recommended CPU recipe: 2.5D context,
+   slices along z, y and x, foreground crops); ``best.pt`` (the teacher) is scored;
+3. ``magseg-hpc segment-volume`` of the test phantom: the threshold baseline, and each model
+   along z alone and with orthoplane fusion (``--axes z,y,x``, what ``--axes auto`` does for
+   these models);
 4. ``magseg-hpc evaluate`` of each against the test phantom's truth (mIoU).
 
 ``--ablations`` adds, on the first seed, AugSeg without the recipe's parts (plain 2D, z only)
@@ -45,9 +46,10 @@ TEST_SEED_OFFSET = 1000
 # column -> heading, in table order
 COLUMNS = {
     "threshold": "threshold baseline",
-    "supervised": "supervised-only (cpu_best_supervised)",
-    "augseg": "AugSeg (cpu_best)",
-    "augseg_fused": "AugSeg + orthoplane z,y,x",
+    "supervised": "supervised-only, z",
+    "supervised_fused": "supervised-only, z,y,x fused",
+    "augseg": "AugSeg, z",
+    "augseg_fused": "AugSeg, z,y,x fused (cpu_best as segment-volume uses it)",
     "augseg_2d": "AugSeg, plain 2D, z only",
     "augseg_25d_z": "AugSeg, 2.5D, z only",
     "ceiling": "ceiling: all slices labelled",
@@ -122,8 +124,8 @@ def write_table(args, results: dict, commands: list[str], timings: dict) -> str:
         rows.append(f"| {preset} | " + " | ".join(cells) + " |")
     margins = []
     for preset in presets:
-        for a, b in (("augseg", "threshold"), ("augseg", "supervised"),
-                     ("augseg_fused", "augseg")):
+        for a, b in (("augseg_fused", "threshold"), ("augseg_fused", "supervised_fused"),
+                     ("augseg", "supervised"), ("augseg_fused", "augseg")):
             diffs = [results[(preset, a, s)] - results[(preset, b, s)]
                      for s in args.seeds.split(",")
                      if (preset, a, s) in results and (preset, b, s) in results]
@@ -233,7 +235,8 @@ def main(argv=None) -> int:
 
             # (column, config, overrides, [(column, axes), ...] to segment)
             runs = [
-                ("supervised", args.supervised_config, [], [("supervised", "z")]),
+                ("supervised", args.supervised_config, [],
+                 [("supervised", "z"), ("supervised_fused", "z,y,x")]),
                 ("augseg", args.augseg_config, [],
                  [("augseg", "z"), ("augseg_fused", "z,y,x")]),
             ]
