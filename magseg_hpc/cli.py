@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
 
 from magseg_hpc import __version__
 from magseg_hpc.errors import MagsegError
+
+# Environment problems (no permission, read-only or full disk) shown as one line, not a traceback.
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 # Each module exposes register(subparsers), which adds its parser with func=run(args) -> int.
 COMMAND_MODULES = [
@@ -55,6 +59,13 @@ def run_command(args) -> int:
         return int(args.func(args) or 0)
     except MagsegError as e:
         print(f"magseg-hpc: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"magseg-hpc: error: {where}{e.strerror}; check the permissions "
+              "and free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("magseg-hpc: interrupted", file=sys.stderr)

@@ -57,6 +57,7 @@ from magseg_hpc.config import (
     config_to_dict,
     experiment_differences,
     load_config,
+    load_yaml,
 )
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.volume.io import volume_file
@@ -179,9 +180,10 @@ def load_job_profile(path: str | Path | None) -> JobProfile:
             f"cannot read job profile {path}: {e.strerror}; see jobs/ for examples"
         ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
-        raise MagsegError(f"job profile {p} is not valid YAML: {e}") from None
+        text = " ".join(str(e).split())
+        raise MagsegError(f"job profile {p} is not valid YAML: {text}") from None
     return job_profile_from_dict(raw, f"job profile {p}")
 
 
@@ -286,7 +288,10 @@ class _ScriptOnlySlurmExecutor(SlurmExecutor):
 
 def sbatch_script(params: dict[str, Any], folder: str | Path) -> str:
     """The batch script submitit would submit for ``params`` (see executor_parameters)."""
-    executor = _ScriptOnlySlurmExecutor(folder=folder)
+    from magseg_hpc.outputs import removing_new_folders
+
+    with removing_new_folders(folder):  # the executor creates its folder: a dry run must not
+        executor = _ScriptOnlySlurmExecutor(folder=folder)
     generic = {k: v for k, v in params.items() if not k.startswith(("slurm_", "local_"))}
     native = executor._convert_parameters(generic)  # the renames AutoExecutor applies
     native.update({k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")})
@@ -690,6 +695,9 @@ def _run_train(args: argparse.Namespace) -> int:
         profile, cluster=cluster, name=name, nodes=args.nodes,
         gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
     )
+    from magseg_hpc.commands.train import check_run_paths
+
+    check_run_paths(cfg, args.output_dir)  # data exists, run dir usable: before submitting
     if args.output_dir:
         output_dir = Path(args.output_dir).absolute()
         check_output_dir(output_dir, config)
@@ -725,6 +733,7 @@ def check_command_args(command: str, argv: Sequence[str]) -> list[str]:
         if spec is not None and not volume_file(spec).exists():
             raise MagsegError(f"{what} {spec} does not exist (relative to {Path.cwd()}); "
                               "fix the path and resubmit")
+    parsed.check(parsed)  # the command's own flag and output checks, as the job will run them
     return full
 
 

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from magseg_hpc.outputs import check_no_overlap
+
+    check_no_overlap(args.out, [args.masks_dir, args.colors])
     refuse_existing(args.out, args.overwrite)
     class_table = load_colors(args.colors)
     result = import_masks(args.masks_dir, args.out, class_table, overwrite=args.overwrite)

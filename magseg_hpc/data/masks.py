@@ -52,13 +52,15 @@ def load_colors(path: str | Path) -> ClassTable:
     """Read a colour file (YAML or JSON) into a ClassTable; a bad file is one clear error."""
     import yaml
 
+    from magseg_hpc.config import load_yaml
+
     path = Path(path)
     if not path.is_file():
         raise MagsegError(
             f"{path}: colour file not found; give a YAML/JSON file like {COLORS_EXAMPLE}"
         )
     try:
-        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        data = load_yaml(path.read_text())  # YAML is a superset of JSON
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MagsegError(f"{path}: not valid YAML or JSON ({first})") from e

@@ -31,6 +31,7 @@ import numpy as np
 from magseg_hpc import __version__
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.outputs import check_no_overlap, check_output
 from magseg_hpc.segment.blocks import (
     AXES,
     Slab,
@@ -46,7 +47,6 @@ from magseg_hpc.segment.resume import (
     write_run_record,
 )
 from magseg_hpc.segment.worker import SlabJob, run_slab
-from magseg_hpc.volume.io import volume_file
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,9 @@ def _check_options(opts: SegmentOptions) -> None:
         raise MagsegError(
             "--method threshold gives labels only: drop --tta, --probabilities and --axes"
         )
-    inp, out = volume_file(opts.input).resolve(), Path(opts.output).resolve()
-    if inp == out or out in inp.parents or inp in out.parents:
-        raise MagsegError(f"{opts.output}: output must not be (inside) the input {opts.input}")
+    check_no_overlap(opts.output, [opts.input, opts.model])
+    # An existing output must be a store this tool wrote, whatever --resume/--overwrite say.
+    check_output(opts.output, opts.overwrite or opts.resume, resume_hint=True)
 
 
 def _sample_slices(volume) -> np.ndarray:
@@ -227,14 +227,8 @@ def prepare(opts: SegmentOptions) -> Prepared:
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     provenance["options"]["axes"] = list(opts.axes)
-    if Path(opts.output).exists():
-        if opts.resume:
-            check_resumable(opts.output, fields)
-        elif not opts.overwrite:
-            raise MagsegError(
-                f"{opts.output} already exists; pass --resume to continue it or --overwrite "
-                "to replace it"
-            )
+    if Path(opts.output).exists() and opts.resume:
+        check_resumable(opts.output, fields)
     return Prepared(opts, volume, class_table, job, chunks, slabs, fields, provenance)
 
 

@@ -50,8 +50,19 @@ def ingest(
     Without ``fill_nonfinite``, NaN or inf voxels abort the conversion once all are counted,
     and nothing is written.
     """
+    import math
+
+    from magseg_hpc.outputs import check_no_overlap
+
+    if fill_nonfinite is not None and not math.isfinite(fill_nonfinite):
+        raise MagsegError(
+            f"--fill-nonfinite {fill_nonfinite}: the fill value must be a finite number (e.g. 0)"
+        )
+    check_no_overlap(out, [src])
     refuse_existing(out, overwrite)
     volume = open_volume(src, var=var)
+    if min(volume.shape) < 1:
+        raise MagsegError(f"{src}: volume is empty (shape {'x'.join(map(str, volume.shape))})")
     chunks = default_chunks(volume.shape, chunks)
     nonfinite = NonFiniteCounter(fill_nonfinite)
 

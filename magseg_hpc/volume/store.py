@@ -18,6 +18,7 @@ different processes write without locks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 import warnings
@@ -32,6 +33,8 @@ from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 from magseg_hpc import __version__
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
 
 DIMS = ("z", "y", "x")
 LABEL_FORMAT = "magseg-hpc/labels/1"
@@ -64,8 +67,10 @@ def default_chunks(shape: tuple[int, ...], chunks: tuple[int, ...] | None = None
 
 
 def refuse_existing(path: str | Path, overwrite: bool) -> None:
-    if Path(path).exists() and not overwrite:
-        raise MagsegError(f"{path} already exists; pass --overwrite to replace it")
+    """Refuse an existing output unless it is a store this tool wrote and ``overwrite``."""
+    from magseg_hpc.outputs import check_output
+
+    check_output(path, overwrite)
 
 
 @contextlib.contextmanager
@@ -82,6 +87,7 @@ def staged_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists():
+            refuse_existing(path, overwrite)  # still one of ours, just before replacing it
             old = path.with_name(f".{path.name}.old-{time.time_ns()}")
             path.rename(old)
             tmp.rename(path)
@@ -174,12 +180,18 @@ def create_label_store(
     overwrite: bool = False,
 ) -> None:
     """Create an empty label store shaped like ``like`` (a volume with dims z, y, x)."""
+    from magseg_hpc.outputs import remove_tool_store
+
     refuse_existing(path, overwrite)
     shape = tuple(int(n) for n in like.shape)
     chunks = default_chunks(shape, chunks)
     if Path(path).exists():
-        shutil.rmtree(path)
+        remove_tool_store(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    # Marked as ours (and incomplete) before anything else, so a crash leaves a store that
+    # --resume or --overwrite recognise.
+    group.attrs["magseg_hpc"] = {"format": LABEL_FORMAT, "version": __version__,
+                                 "complete": False}
     group.create_array(
         "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
         compressors=codec("zstd"), dimension_names=list(DIMS),
@@ -244,8 +256,15 @@ def open_labels(path: str | Path, var: str = "labels") -> tuple[xr.DataArray, Cl
     if labels.dtype.kind not in "iu":  # other integer types (e.g. TIFF masks) are fine
         raise MagsegError(f"{path}: {var!r} is {labels.dtype}, not an integer label volume")
     table = None
-    with contextlib.suppress(Exception):
-        table = open_group(path).attrs.get("class_table")
+    if (Path(str(path)) / "zarr.json").is_file() or (Path(str(path)) / ".zattrs").is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                node = zarr.open(store=str(path), mode="r")
+        except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: cannot read its class table (%s); using the default", path, e)
+        else:
+            table = node.attrs.get("class_table") if isinstance(node, zarr.Group) else None
     return labels, ClassTable.from_dict(table) if table else ClassTable.default()
 
 
