@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
 import sys
 
 from magseg_hpc import __version__
-from magseg_hpc.errors import MagsegError
-
-# Environment problems (no permission, read-only or full disk) shown as one line, not a traceback.
-USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+from magseg_hpc.errors import USER_ERRNOS, MagsegError
 
 # Each module exposes register(subparsers), which adds its parser with func=run(args) -> int.
 COMMAND_MODULES = [

@@ -153,6 +153,7 @@ def run(args) -> int:
         write_figures,
         write_report,
     )
+    from magseg_hpc.volume.io import reading
 
     check_args(args)
     pred, truth, table = load_pair(
@@ -166,7 +167,7 @@ def run(args) -> int:
                 f"--image has shape {'x'.join(map(str, image.shape))} but the labels have "
                 f"{'x'.join(map(str, truth.shape))}; pass the image the labels belong to"
             )
-    with dask.config.set(scheduler="threads"):
+    with dask.config.set(scheduler="threads"), reading(f"{args.pred} or {args.truth}"):
         ev = evaluate_volumes(pred, truth, table, ignore=args.ignore)
     print(format_table(ev))
     if args.report:

@@ -162,14 +162,15 @@ def _sample_slices(volume) -> np.ndarray:
 
 def prepare(opts: SegmentOptions) -> Prepared:
     """Validate everything and plan the run; writes nothing."""
-    from magseg_hpc.volume.io import open_volume
+    from magseg_hpc.volume.io import open_volume, reading
 
     opts.axes = parse_axes(opts.axes)
     _check_options(opts)
     volume = open_volume(opts.input, opts.var)
     if min(volume.shape) < 1:
         raise MagsegError(f"{opts.input}: volume is empty (shape {volume.shape})")
-    sample = _sample_slices(volume)
+    with reading(opts.input):
+        sample = _sample_slices(volume)
     if sample.dtype.kind == "f" and not np.isfinite(sample).all():
         raise MagsegError(
             f"{opts.input}: NaN or inf voxels (found in a sample of z slices); replace them "
@@ -191,7 +192,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
     else:
         from magseg_hpc.segment.threshold import fit_threshold_params
 
-        with dask.config.set(scheduler="synchronous"):
+        with dask.config.set(scheduler="synchronous"), reading(opts.input):
             threshold = fit_threshold_params(volume.data)
         class_table, model_cfg = ClassTable.default(), None
     shape = tuple(int(n) for n in volume.shape)

@@ -9,7 +9,7 @@ import dask.array as da
 import numpy as np
 
 from magseg_hpc.classes import ClassTable
-from magseg_hpc.volume.io import open_volume, volume_file
+from magseg_hpc.volume.io import open_volume, reading, volume_file
 from magseg_hpc.volume.store import open_group
 
 
@@ -59,7 +59,8 @@ def describe(path: str | os.PathLike, var: str | None = None, count_classes: boo
     is_labels = volume.dtype == np.uint8 and (table is not None or var == "labels")
     if is_labels and count_classes:
         table = table or ClassTable.default()
-        counts = da.bincount(volume.data.ravel(), minlength=256).compute()
+        with reading(path):
+            counts = da.bincount(volume.data.ravel(), minlength=256).compute()
         info["class_counts"] = {
             **{name: int(counts[i]) for i, name in enumerate(table.names)},
             **({"ignore (255)": int(counts[255])} if counts[255] else {}),

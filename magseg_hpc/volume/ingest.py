@@ -64,6 +64,7 @@ def ingest(
     if min(volume.shape) < 1:
         raise MagsegError(f"{src}: volume is empty (shape {'x'.join(map(str, volume.shape))})")
     chunks = default_chunks(volume.shape, chunks)
+    _warn_absent_chunks(src, var or volume.name)
     nonfinite = NonFiniteCounter(fill_nonfinite)
 
     def on_slab(z0, z1, slab):
@@ -87,6 +88,30 @@ def ingest(
         log.warning("replaced %d NaN/inf voxels with %s", nonfinite.count, fill_nonfinite)
     return {"shape": tuple(volume.shape), "dtype": str(volume.dtype), "chunks": chunks,
             "nonfinite_replaced": nonfinite.count}
+
+
+def _warn_absent_chunks(src, var) -> None:
+    """Zarr reads a chunk with no file as its fill value: say so, it may be a lost file."""
+    import zarr
+
+    from magseg_hpc.volume.io import ZARR_MARKERS, volume_file
+
+    path = volume_file(src)
+    if not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
+        return
+    try:
+        node = zarr.open(store=str(path), mode="r")
+        arr = node if isinstance(node, zarr.Array) else node[str(var)]
+        total, present = arr.nchunks, arr.nchunks_initialized
+    except (KeyError, OSError, ValueError, zarr.errors.BaseZarrError) as e:
+        log.debug("%s: chunk count unavailable (%s)", src, e)
+        return
+    if present < total:
+        log.warning(
+            "%s: %d of %d chunks of %r have no file and are read as the fill value %s "
+            "(normal for chunks that were all fill value; otherwise the store lost files)",
+            src, total - present, total, str(var), arr.fill_value,
+        )
 
 
 def _json_safe(value) -> bool:

@@ -10,9 +10,11 @@ the dask graph holds only paths, so it can be shipped to distributed workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import dask
@@ -21,7 +23,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from magseg_hpc.errors import MagsegError
+from magseg_hpc.errors import USER_ERRNOS, MagsegError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,28 @@ def open_volume(path: str | os.PathLike, var: str | None = None) -> xr.DataArray
     else:
         raise MagsegError(f"{p}: not a volume format magseg-hpc reads; use {SUPPORTED}")
     return _as_zyx(arr, p)
+
+
+# What a damaged or truncated file raises while its data are read (zarr/numcodecs decode
+# errors are RuntimeError or ValueError; tifffile, PIL, h5py and numpy raise ValueError/OSError).
+READ_ERRORS = (RuntimeError, ValueError, OSError, EOFError, IndexError)
+
+
+@contextlib.contextmanager
+def reading(source) -> Iterator[None]:
+    """Turn a failure while reading ``source``'s voxels into one line naming the file."""
+    try:
+        yield
+    except MagsegError:
+        raise
+    except READ_ERRORS as e:
+        if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+            raise  # a permission or disk problem, reported as such by the CLI
+        text = " ".join(str(e).split())[:160]
+        raise MagsegError(
+            f"{source}: cannot read its voxels ({type(e).__name__}: {text}); the file is "
+            "damaged or truncated, re-export or re-copy it"
+        ) from e
 
 
 def volume_file(spec: str | os.PathLike) -> Path:
@@ -211,8 +235,8 @@ def _plain(value):
 def _open_npy(path: Path) -> xr.DataArray:
     try:
         mm = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise MagsegError(f"{path}: not a readable .npy file ({e})") from e
+    except (ValueError, OSError, EOFError) as e:
+        raise MagsegError(f"{path}: not a readable .npy file ({e or 'empty file'})") from e
     lazy = _LazyFileArray(str(path), None, mm.shape, mm.dtype, "npy")
     return xr.DataArray(da.from_array(lazy, chunks=slab_chunks(mm.shape, mm.itemsize)))
 
@@ -253,7 +277,7 @@ def _open_tiff_file(path: Path) -> xr.DataArray:
                 return xr.DataArray(da.from_array(series.asarray(), chunks="auto"))
             first = tif.pages[0]
             shape, dtype, n = first.shape, first.dtype, len(tif.pages)
-    except (tifffile.TiffFileError, OSError, IndexError) as e:
+    except (tifffile.TiffFileError, OSError, IndexError, ValueError, EOFError) as e:
         raise MagsegError(f"{path}: not a readable TIFF file ({e})") from e
     readers = [(_read_tiff_page, (str(path), i)) for i in range(n)]
     return xr.DataArray(_stack_slices(readers, shape, dtype))

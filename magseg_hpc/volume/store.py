@@ -287,6 +287,8 @@ def write_image_store(
     ``path`` only once complete. ``slab_callback(z0, z1, slab)`` sees every image slab
     before it is written (progress, checks); raising from it aborts without output.
     """
+    from magseg_hpc.volume.io import reading
+
     shape = tuple(int(n) for n in image.shape)
     if len(shape) != 3:
         raise MagsegError(f"expected a 3D volume, got shape {shape}")
@@ -307,7 +309,8 @@ def write_image_store(
         _create_coords(group, _coord_values(like, shape))
         for z0 in range(0, shape[0], chunks[0]):
             z1 = min(z0 + chunks[0], shape[0])
-            slab = np.asarray(image[z0:z1])
+            with reading(like.attrs.get("source", "input") if like is not None else "input"):
+                slab = np.asarray(image[z0:z1])
             if slab_callback is not None:
                 slab_callback(z0, z1, slab)
             img[z0:z1] = slab
