@@ -346,10 +346,13 @@ def segment_volume(
     if failures:
         names = ", ".join(summary.failed[:8]) + (" ..." if len(failures) > 8 else "")
         first = failures[0][1]
+        # Bad input (MagsegError: NaN voxels, unreadable chunks) stays bad on a resume.
+        fix = ("fix the input and start again with --overwrite" if isinstance(first, MagsegError)
+               else "fix the cause and rerun with --resume")
         raise MagsegError(
             f"{len(failures)} of {len(prep.slabs)} slabs failed ({names}): "
             f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}; "
-            f"{out} is incomplete, fix the cause and rerun with --resume"
+            f"{out} is incomplete, {fix}"
         )
     if len(prep.options.axes) > 1:
         shutil.rmtree(prep.job.scratch, ignore_errors=True)
