@@ -47,6 +47,10 @@ def _what_is(path: Path) -> str:
     return "a folder not written by magseg-hpc"
 
 
+def _name(flag: str, path) -> str:
+    return str(path) if flag == "output" else f"{flag} {path}"
+
+
 def check_writable_location(path: str | os.PathLike, flag: str = "output") -> None:
     """Refuse an output whose nearest existing ancestor is not a writable folder."""
     p = Path(path).absolute()
@@ -54,9 +58,11 @@ def check_writable_location(path: str | os.PathLike, flag: str = "output") -> No
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise MagsegError(f"{flag} {path}: {parent} is a file, not a folder; choose another path")
+        raise MagsegError(f"{_name(flag, path)}: {parent} is a file, not a folder; "
+                          "choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise MagsegError(f"{flag} {path}: folder {parent} is not writable; choose another path")
+        raise MagsegError(f"{_name(flag, path)}: folder {parent} is not writable; "
+                          "choose another path")
 
 
 def check_output(
@@ -79,22 +85,23 @@ def check_output(
         return
     if kind == "file":
         if p.is_dir():
-            raise MagsegError(f"{flag} {path} is a folder; give a file path")
+            raise MagsegError(f"{_name(flag, path)} is a folder; give a file path")
         return
     if kind == "dir":
         if not p.is_dir():
-            raise MagsegError(f"{flag} {path} is {_what_is(p)}; give a folder path")
+            raise MagsegError(f"{_name(flag, path)} is {_what_is(p)}; give a folder path")
         if not os.access(p, os.W_OK | os.X_OK):
-            raise MagsegError(f"{flag} {path}: folder is not writable; choose another path")
+            raise MagsegError(f"{_name(flag, path)}: folder is not writable; "
+                              "choose another path")
         return
     if p.is_symlink() or tool_store_format(p) is None:
         raise MagsegError(
-            f"{flag} {path} already exists and is {_what_is(p)}; magseg-hpc replaces only "
+            f"{_name(flag, path)} already exists and is {_what_is(p)}; magseg-hpc replaces only "
             "stores it wrote, so choose another output path (or move it away yourself)"
         )
     if not overwrite:
         hint = "pass --resume to continue it or --overwrite" if resume_hint else "pass --overwrite"
-        raise MagsegError(f"{flag} {path} already exists; {hint} to replace it")
+        raise MagsegError(f"{_name(flag, path)} already exists; {hint} to replace it")
 
 
 def check_no_overlap(
@@ -116,15 +123,16 @@ def check_no_overlap(
             continue
         inp = volume_file(spec).resolve()
         if inp == out:
-            raise MagsegError(f"{flag} {output} is the input {spec}; choose another output path")
+            raise MagsegError(
+                f"{_name(flag, output)} is the input {spec}; choose another output path")
         if inp in out.parents:
             raise MagsegError(
-                f"{flag} {output} lies inside the input {spec}; write outside the input"
+                f"{_name(flag, output)} lies inside the input {spec}; write outside the input"
             )
         if replaces and out in inp.parents:
             raise MagsegError(
-                f"input {spec} lies inside the {flag} {output}; choose an output that does not "
-                "contain the input"
+                f"input {spec} lies inside the output {output}; choose an output that does "
+                "not contain the input"
             )
 
 

@@ -774,7 +774,9 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from magseg_hpc.cli import OneLineParser
+
+    parser = OneLineParser(
         prog="python -m magseg_hpc.submit",
         description="Submit magseg-hpc jobs to SLURM (or local processes) through submitit.",
     )
