@@ -160,6 +160,11 @@ def run(args) -> int:
         args.pred, args.truth, pred_var=args.pred_var, truth_var=args.truth_var
     )
     image = None
+    if args.slices:
+        bad = [z for z in args.slices if not 0 <= z < truth.shape[0]]
+        if bad:
+            raise MagsegError(
+                f"--slices {bad} outside the volume's z range 0..{truth.shape[0] - 1}")
     if args.figures:
         image = _figure_image(args)
         if image is not None and tuple(image.shape) != tuple(truth.shape):

@@ -71,6 +71,11 @@ def read_weights(path: str | Path, *, missing: str, unreadable: str, fix: str):
     path = Path(path)
     if not path.is_file():
         raise MagsegError(missing)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; the legacy format starts with a pickle protocol byte
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise MagsegError(f"{unreadable} (not a torch file: it starts with {head!r}); {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 
 METHODS = ("model", "threshold")
 DEVICES = ("auto", "cpu", "cuda")
-PRECHECK_SLICES = 4  # finite-voxel pre-check reads this many evenly spaced z slices
+# The finite-voxel pre-check reads evenly spaced z slices, at least 4, up to this many bytes
+# (the whole of a small volume): NaN found here fails before any cluster or output exists.
+PRECHECK_SLICES = 4
+PRECHECK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -156,7 +159,9 @@ def _check_options(opts: SegmentOptions) -> None:
 
 def _sample_slices(volume) -> np.ndarray:
     nz = volume.shape[0]
-    idx = sorted({int(round(i)) for i in np.linspace(0, nz - 1, min(PRECHECK_SLICES, nz))})
+    slice_bytes = max(1, math.prod(volume.shape[1:]) * volume.dtype.itemsize)
+    n = min(nz, max(PRECHECK_SLICES, PRECHECK_BYTES // slice_bytes))
+    idx = sorted({int(round(i)) for i in np.linspace(0, nz - 1, n)})
     return np.asarray(volume.data[idx].compute(scheduler="synchronous"))
 
 

@@ -267,9 +267,23 @@ def _stack_slices(readers: list, shape, dtype) -> da.Array:
     return da.stack(slices)
 
 
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
 def _open_tiff_file(path: Path) -> xr.DataArray:
     import tifffile
 
+    # tifffile logs what it finds wrong; collected here, it becomes part of our one message
+    notes = _Collect()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(notes)
+    propagate, tiff_log.propagate = tiff_log.propagate, False
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
@@ -279,6 +293,12 @@ def _open_tiff_file(path: Path) -> xr.DataArray:
             shape, dtype, n = first.shape, first.dtype, len(tif.pages)
     except (tifffile.TiffFileError, OSError, IndexError, ValueError, EOFError) as e:
         raise MagsegError(f"{path}: not a readable TIFF file ({e})") from e
+    finally:
+        tiff_log.removeHandler(notes)
+        tiff_log.propagate = propagate
+    if notes.messages:
+        log.warning("%s: %s; read %d pages (the file may be truncated)", path,
+                    notes.messages[0], n)
     readers = [(_read_tiff_page, (str(path), i)) for i in range(n)]
     return xr.DataArray(_stack_slices(readers, shape, dtype))
 
