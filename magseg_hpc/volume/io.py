@@ -160,8 +160,14 @@ def _open_zarr(path: Path, var: str | None) -> xr.DataArray:
             ds = xr.open_zarr(str(path), consolidated=None, chunks={})
         if var in ds.data_vars:
             return ds[var]
-    except Exception:  # a plain zarr group without xarray dimension metadata
-        log.debug("%s: not an xarray dataset, reading %s as a plain zarr array", path, var)
+    except (KeyError, ValueError, TypeError, zarr.errors.BaseZarrError) as e:
+        # e.g. a plain zarr group without xarray dimension names: say so when 1-D arrays
+        # (coordinates, probably) are dropped
+        coords = sorted(name for name, a in node.arrays() if a.ndim == 1)
+        (log.warning if coords else log.debug)(
+            "%s: read %r as a plain zarr array%s (%s: %s)", path, var,
+            f", without the coordinates {', '.join(coords)}" if coords else "",
+            type(e).__name__, " ".join(str(e).split())[:120])
     return _wrap_zarr_array(node[var])
 
 
