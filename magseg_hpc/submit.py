@@ -456,8 +456,9 @@ class CommandTask:
 def check_output_dir(output_dir: Path, config: dict) -> None:
     """Refuse, before submitting, an output dir that holds a different experiment."""
     saved = output_dir / "config.yaml"
-    if not saved.exists():
-        return
+    if not saved.exists() or not any((output_dir / f).is_file()
+                                     for f in ("checkpoint.pt", "best.pt")):
+        return  # no config, or a run that failed before its first checkpoint: nothing binds
     try:
         previous = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -697,10 +698,12 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     from magseg_hpc.commands.train import check_run_paths
 
-    check_run_paths(cfg, args.output_dir)  # data exists, run dir usable: before submitting
     if args.output_dir:
         output_dir = Path(args.output_dir).absolute()
         check_output_dir(output_dir, config)
+    # the run dir is usable and (unless a dry run) the data exist, before anything is submitted
+    check_run_paths(cfg, args.output_dir, check_data=not args.dry_run)
+    if args.output_dir:
         folder = str(output_dir)
     else:
         folder = str(Path(args.runs_root).absolute() / name / "%j")

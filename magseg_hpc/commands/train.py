@@ -32,15 +32,15 @@ DATA_PATH_KEYS = ("volume", "label_volume", "val_volume", "val_label_volume", "f
                   "labeled_split", "unlabeled_split", "val_split")
 
 
-def check_run_paths(cfg, output_dir) -> None:
+def check_run_paths(cfg, output_dir, check_data: bool = True) -> None:
     """The data paths exist, and the run dir is a writable folder outside them (also run by
-    submit before anything is submitted)."""
+    submit before anything is submitted; a dry run skips the data)."""
     from magseg_hpc.errors import MagsegError
     from magseg_hpc.outputs import check_no_overlap, check_output
     from magseg_hpc.volume.io import volume_file
 
     inputs = [getattr(cfg.data, k) for k in DATA_PATH_KEYS]
-    for key in DATA_PATH_KEYS:
+    for key in DATA_PATH_KEYS if check_data else ():
         spec = getattr(cfg.data, key)
         if spec and not volume_file(spec).exists():
             raise MagsegError(f"data.{key}: {spec} does not exist; fix the path in the config "
