@@ -51,6 +51,12 @@ def _name(flag: str, path) -> str:
     return str(path) if flag == "output" else f"{flag} {path}"
 
 
+def _kind(fmt: str | None) -> str:
+    """'image' for magseg-hpc/image/1, 'label' for magseg-hpc/labels/1."""
+    name = (fmt or "").split("/")[1] if fmt and fmt.count("/") >= 1 else "other"
+    return {"labels": "label"}.get(name, name)
+
+
 def check_writable_location(path: str | os.PathLike, flag: str = "output") -> None:
     """Refuse an output whose nearest existing ancestor is not a writable folder."""
     p = Path(path).absolute()
@@ -72,12 +78,15 @@ def check_output(
     kind: str = "store",
     flag: str = "output",
     resume_hint: bool = False,
+    expect: str | None = None,
 ) -> None:
     """Refuse an output that would clobber something this tool did not write.
 
     ``kind``: ``store`` (a zarr store replaced whole with --overwrite), ``file`` (one file,
     replaced; never a folder) or ``dir`` (a folder written into, e.g. figures or a run dir;
-    never a file). ``resume_hint`` mentions --resume for an existing tool store.
+    never a file). ``resume_hint`` mentions --resume for an existing tool store. ``expect``:
+    the format an existing store must have to be replaced (a label output never replaces an
+    image store, e.g. a phantom with its ground truth, nor the other way round).
     """
     p = Path(path)
     check_writable_location(p, flag)
@@ -98,6 +107,12 @@ def check_output(
         raise MagsegError(
             f"{_name(flag, path)} already exists and is {_what_is(p)}; magseg-hpc replaces only "
             "stores it wrote, so choose another output path (or move it away yourself)"
+        )
+    found = tool_store_format(p)
+    if expect is not None and found != expect:
+        raise MagsegError(
+            f"{_name(flag, path)} is a magseg-hpc {_kind(found)} store, and this command writes "
+            f"{_kind(expect)} stores; choose another output path"
         )
     if not overwrite:
         hint = "pass --resume to continue it or --overwrite" if resume_hint else "pass --overwrite"

@@ -298,6 +298,8 @@ INGEST = [
     C("overwrite-foreign-zarr", "ingest good.npy foreign.zarr --overwrite",
       "zarr store not written by magseg-hpc", forbid="--overwrite"),
     C("overwrite-symlink", "ingest good.npy link.zarr --overwrite", "symbolic link|is the input"),
+    C("overwrite-label-store", "ingest good.npy lab.zarr --overwrite",
+      "is a magseg-hpc label store, and this command writes image stores"),
     C("output-is-input", "ingest ph.zarr ph.zarr --var image --overwrite", "is the input"),
     C("output-is-input-no-flag", "ingest ph.zarr ph.zarr", "is the input"),
     C("output-inside-input", "ingest ph.zarr ph.zarr/sub.zarr", "inside the input"),
@@ -497,6 +499,10 @@ SEGMENT = [
       "--overwrite", "regular file", forbid="--overwrite"),
     C("overwrite-foreign-zarr", "segment-volume ph.zarr foreign.zarr --method threshold "
       "--overwrite", NOT_OURS, forbid="--overwrite"),
+    C("overwrite-image-store", "segment-volume good.npy ph.zarr --method threshold --overwrite",
+      "is a magseg-hpc image store, and this command writes label stores"),
+    C("overwrite-image-store-masks", "import-masks masks ph.zarr --colors colors.yaml "
+      "--overwrite", "image store"),
     C("resume-without-run-record", "segment-volume ph.zarr lab.zarr --method threshold "
       "--resume", "no segment-volume run record"),
     C("output-under-a-file", "segment-volume ph.zarr file.txt/o.zarr --method threshold",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from magseg_hpc.data.masks import import_masks, load_colors
-from magseg_hpc.volume.store import refuse_existing
+from magseg_hpc.volume.store import LABEL_FORMAT, refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def run(args) -> int:
     from magseg_hpc.outputs import check_no_overlap
 
     check_no_overlap(args.out, [args.masks_dir, args.colors])
-    refuse_existing(args.out, args.overwrite)
+    refuse_existing(args.out, args.overwrite, LABEL_FORMAT)
     class_table = load_colors(args.colors)
     result = import_masks(args.masks_dir, args.out, class_table, overwrite=args.overwrite)
     counts = ", ".join(f"{name} {n}" for name, n in result.counts.items())

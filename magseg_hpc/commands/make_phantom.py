@@ -8,7 +8,7 @@ import os
 from magseg_hpc.commands.common import int_triple
 from magseg_hpc.data.phantom import DEFAULTS, PATTERNS, SUPPORTS, make_phantom, write_phantom
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.volume.store import refuse_existing
+from magseg_hpc.volume.store import IMAGE_FORMAT, refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     # Refuse bad arguments and an existing output before spending seconds on the volume.
     check_phantom_args(args)
-    refuse_existing(args.out, args.overwrite)
+    refuse_existing(args.out, args.overwrite, IMAGE_FORMAT)
     phantom = make_phantom(
         args.shape,
         snr=args.snr,

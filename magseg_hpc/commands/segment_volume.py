@@ -88,7 +88,10 @@ def check_args(args) -> None:
         raise MagsegError("--resume and --overwrite exclude each other; pick one")
     check_dashboard_address(args.dashboard_address)
     check_no_overlap(args.output, [args.input, args.model])
-    check_output(args.output, args.overwrite or args.resume, resume_hint=True)
+    from magseg_hpc.volume.store import LABEL_FORMAT
+
+    check_output(args.output, args.overwrite or args.resume, resume_hint=True,
+                 expect=LABEL_FORMAT)
 
 
 def run(args) -> int:

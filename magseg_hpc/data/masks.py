@@ -194,6 +194,7 @@ def import_masks(
     import xarray as xr
 
     from magseg_hpc.volume.store import (
+        LABEL_FORMAT,
         create_label_store,
         default_chunks,
         refuse_existing,
@@ -202,7 +203,7 @@ def import_masks(
         write_label_region,
     )
 
-    refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite, LABEL_FORMAT)
     files = mask_files(masks_dir)
     first = read_mask(files[0])
     shape = (len(files), first.shape[0], first.shape[1])
@@ -217,7 +218,7 @@ def import_masks(
         "files": [f.name for f in files],
         "colors": class_table.to_dict(),
     }
-    with staged_output(out, overwrite) as tmp:
+    with staged_output(out, overwrite, LABEL_FORMAT) as tmp:
         create_label_store(
             tmp, like=like, class_table=class_table, provenance=provenance, chunks=chunks
         )

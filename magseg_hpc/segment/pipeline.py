@@ -47,6 +47,7 @@ from magseg_hpc.segment.resume import (
     write_run_record,
 )
 from magseg_hpc.segment.worker import SlabJob, run_slab
+from magseg_hpc.volume.store import LABEL_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,8 @@ def _check_options(opts: SegmentOptions) -> None:
         )
     check_no_overlap(opts.output, [opts.input, opts.model])
     # An existing output must be a store this tool wrote, whatever --resume/--overwrite say.
-    check_output(opts.output, opts.overwrite or opts.resume, resume_hint=True)
+    check_output(opts.output, opts.overwrite or opts.resume, resume_hint=True,
+                 expect=LABEL_FORMAT)
 
 
 def _sample_slices(volume) -> np.ndarray:

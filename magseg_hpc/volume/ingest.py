@@ -9,7 +9,12 @@ import numpy as np
 
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.volume.io import open_volume
-from magseg_hpc.volume.store import default_chunks, refuse_existing, write_image_store
+from magseg_hpc.volume.store import (
+    IMAGE_FORMAT,
+    default_chunks,
+    refuse_existing,
+    write_image_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +64,7 @@ def ingest(
             f"--fill-nonfinite {fill_nonfinite}: the fill value must be a finite number (e.g. 0)"
         )
     check_no_overlap(out, [src])
-    refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite, IMAGE_FORMAT)
     volume = open_volume(src, var=var)
     if min(volume.shape) < 1:
         raise MagsegError(f"{src}: volume is empty (shape {'x'.join(map(str, volume.shape))})")

@@ -66,28 +66,33 @@ def default_chunks(shape: tuple[int, ...], chunks: tuple[int, ...] | None = None
     return tuple(min(int(c), int(n)) for c, n in zip(chunks, shape))
 
 
-def refuse_existing(path: str | Path, overwrite: bool) -> None:
-    """Refuse an existing output unless it is a store this tool wrote and ``overwrite``."""
+IMAGE_FORMAT = "magseg-hpc/image/1"
+
+
+def refuse_existing(path: str | Path, overwrite: bool, expect: str | None = None) -> None:
+    """Refuse an existing output unless it is a store this tool wrote (of the ``expect``
+    format, when given) and ``overwrite``."""
     from magseg_hpc.outputs import check_output
 
-    check_output(path, overwrite)
+    check_output(path, overwrite, expect=expect)
 
 
 @contextlib.contextmanager
-def staged_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
+def staged_output(path: str | Path, overwrite: bool, expect: str | None = None
+                  ) -> Iterator[Path]:
     """Write into a hidden sibling, then swap it in: an output is complete or absent.
 
     An existing output is only replaced after the new one was written in full, so a crash or
     bad input never leaves a half-written or clobbered store.
     """
     path = Path(path)
-    refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite, expect)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{time.time_ns()}")
     try:
         yield tmp
         if path.exists():
-            refuse_existing(path, overwrite)  # still one of ours, just before replacing it
+            refuse_existing(path, overwrite, expect)  # still one of ours, just before
             old = path.with_name(f".{path.name}.old-{time.time_ns()}")
             path.rename(old)
             tmp.rename(path)
@@ -182,7 +187,7 @@ def create_label_store(
     """Create an empty label store shaped like ``like`` (a volume with dims z, y, x)."""
     from magseg_hpc.outputs import remove_tool_store
 
-    refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite, LABEL_FORMAT)
     shape = tuple(int(n) for n in like.shape)
     chunks = default_chunks(shape, chunks)
     if Path(path).exists():
@@ -293,7 +298,7 @@ def write_image_store(
     if len(shape) != 3:
         raise MagsegError(f"expected a 3D volume, got shape {shape}")
     chunks = default_chunks(shape, chunks)
-    with staged_output(path, overwrite) as tmp:
+    with staged_output(path, overwrite, IMAGE_FORMAT) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         img = group.create_array(
             "image", shape=shape, chunks=chunks, dtype=image.dtype, fill_value=0,
@@ -317,7 +322,7 @@ def write_image_store(
             if lab is not None:
                 lab[z0:z1] = np.asarray(labels[z0:z1], dtype=np.uint8)
         meta = {
-            "magseg_hpc": {"format": "magseg-hpc/image/1", "version": __version__},
+            "magseg_hpc": {"format": IMAGE_FORMAT, "version": __version__},
             "ome": {"version": "0.5", "multiscales": _ngff_multiscales("image", "image", like)},
             **(attrs or {}),
         }
