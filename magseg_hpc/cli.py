@@ -8,7 +8,7 @@ import logging
 import sys
 
 from magseg_hpc import __version__
-from magseg_hpc.errors import MagsegError
+from magseg_hpc.errors import USER_ERRNOS, MagsegError
 
 # Each module exposes register(subparsers), which adds its parser with func=run(args) -> int.
 COMMAND_MODULES = [
@@ -27,8 +27,15 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors in one line (the usage is one -h away), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} -h`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="magseg-hpc",
         description="Segment 3D magnetization-domain volumes: prepare data, train, segment.",
     )
@@ -57,6 +64,13 @@ def run_command(args) -> int:
         return int(args.func(args) or 0)
     except MagsegError as e:
         print(f"magseg-hpc: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"magseg-hpc: error: {where}{e.strerror}; check the permissions "
+              "and free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("magseg-hpc: interrupted", file=sys.stderr)

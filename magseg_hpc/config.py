@@ -371,6 +371,24 @@ def _check_values(cfg: ExperimentConfig) -> None:
         raise MagsegError(f"seed must be >= 0, got {cfg.seed}")
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases (``*name``): no config needs them, and a few nested
+    aliases expand to billions of nodes (a "billion laughs" file)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not accepted; write the "
+                "values out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` that refuses aliases; raises yaml.YAMLError like safe_load."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def config_from_dict(raw: dict) -> ExperimentConfig:
     """Validate a plain dict (e.g. parsed YAML) into an :class:`ExperimentConfig`."""
     cfg = _build(ExperimentConfig, raw if raw is not None else {}, "")
@@ -384,9 +402,10 @@ def _apply_override(raw: dict, override: str) -> None:
     if not sep or not key:
         raise MagsegError(f"override {override!r} is not key=value (e.g. train.max_iters=100)")
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError as e:
-        raise MagsegError(f"override {override!r}: value is not valid YAML ({e})") from None
+        raise MagsegError(
+            f"override {override!r}: value is not valid YAML ({_one_line(e)})") from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -399,6 +418,10 @@ def _apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment config, apply dotted ``key=value`` overrides and validate."""
     path = Path(path)
@@ -406,12 +429,17 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
         text = path.read_text()
     except OSError as e:
         raise MagsegError(f"cannot read config {path}: {e.strerror}; check the path") from None
+    except UnicodeDecodeError:
+        raise MagsegError(f"config {path} is not a text (YAML) file; check the path") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
-        raise MagsegError(f"config {path} is not valid YAML: {e}") from None
-    if raw is None:
-        raw = {}
+        raise MagsegError(f"config {path} is not valid YAML: {_one_line(e)}") from None
+    if raw is None or raw == {}:
+        raise MagsegError(
+            f"config {path} is empty; state at least the data (data.volume or data.folder) "
+            "and the model, e.g. start from configs/cpu_tiny.yaml"
+        )
     if not isinstance(raw, dict):
         raise MagsegError(f"config {path} must be a YAML mapping, got {type(raw).__name__}")
     raw.setdefault("name", path.stem)

@@ -146,8 +146,11 @@ def write_report(path: str | os.PathLike, report: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a report
+    try:
+        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)  # a reader never sees half a report
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fmt(v: float, width: int = 7) -> str:

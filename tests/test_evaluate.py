@@ -11,7 +11,12 @@ import xarray as xr
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.cli import main
 from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
-from magseg_hpc.volume.store import create_label_store, write_image_store, write_label_region
+from magseg_hpc.volume.store import (
+    create_label_store,
+    set_complete,
+    write_image_store,
+    write_label_region,
+)
 
 SHAPE = (9, 20, 22)
 
@@ -40,6 +45,7 @@ def _pred_store(path, pred, table=None, chunks=(4, 16, 16)):
         chunks=chunks,
     )
     write_label_region(path, (slice(None),) * 3, pred)
+    set_complete(path)
 
 
 @pytest.fixture
@@ -164,3 +170,11 @@ def test_bad_slices_and_ignore_refused(stores, capsys):
     assert "is a class label" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["evaluate", str(pred_path), str(truth_path), "--slices", "a,b"])
+
+
+def test_incomplete_store_refused_unless_allowed(stores, tmp_path, capsys):
+    truth_path, pred_path = stores[0], stores[1]
+    set_complete(pred_path, False)
+    assert main(["evaluate", str(pred_path), str(truth_path)]) == 2
+    assert "marked incomplete" in capsys.readouterr().err
+    assert main(["evaluate", str(pred_path), str(truth_path), "--allow-incomplete"]) == 0

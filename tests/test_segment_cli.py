@@ -66,6 +66,9 @@ def test_bad_input_one_line_exit_2_nothing_clobbered(files, capsys, tmp_path, ca
     args, message = BAD[case]
     out = tmp_path / "out.zarr"
     out.mkdir()
+    # a store of ours (so --overwrite gets past the output check to the bad input)
+    (out / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": '
+                                   '{"magseg_hpc": {"format": "magseg-hpc/labels/1"}}}')
     (out / "precious").write_text("keep me")
     fmt = {"d": files["dir"], "input": files["input"], "nan": files["nan"]}
     args = [a.format(**fmt) for a in args]

@@ -177,7 +177,11 @@ def test_threshold_method_equals_whole_volume_threshold(work, client, tmp_path):
                                                                              params=params))
 
 
-def test_nan_slab_fails_by_name_and_output_stays_incomplete(work, client, tmp_path):
+def test_nan_slab_fails_by_name_and_output_stays_incomplete(work, client, tmp_path,
+                                                            monkeypatch):
+    from magseg_hpc.segment import pipeline
+
+    monkeypatch.setattr(pipeline, "PRECHECK_BYTES", 0)  # as for a volume too big to scan
     volume = work["volume"].copy()
     volume[5, 3, 3] = np.nan  # slice 5 is not in the pre-check sample (0, 4, 8, 12)
     inp = write_input(tmp_path / "in.zarr", volume, (4, 16, 16))

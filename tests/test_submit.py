@@ -263,6 +263,7 @@ def test_output_dir_with_another_experiment_is_refused(tmp_path):
     cfg = load_config(REPO / "configs" / "cpu_tiny.yaml")
     out = tmp_path / "out"
     out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")  # a run that got going: its config binds
     other = config_to_dict(cfg)
     other["train"]["lr"] = 0.5
     (out / "config.yaml").write_text(yaml.safe_dump(other))

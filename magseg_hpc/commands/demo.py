@@ -18,6 +18,10 @@ from pathlib import Path
 
 from magseg_hpc.errors import MagsegError
 
+# Everything the demo writes in its folder: only such a folder is replaced by --overwrite.
+DEMO_ENTRIES = {"phantom_train.zarr", "phantom_test.zarr", "train", "segmented.zarr",
+                "threshold.zarr", "eval_model.json", "eval_threshold.json", "figures_model"}
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -46,7 +50,17 @@ def run(args) -> int:
     if not Path(args.config).is_file():
         raise MagsegError(f"{args.config}: no such config; run the demo from the repository root "
                           "or pass --config configs/cpu_tiny.yaml with its path")
+    if out.exists() and not out.is_dir():
+        raise MagsegError(f"{out} is {'a regular file' if out.is_file() else 'not a folder'}; "
+                          "give a folder for the demo")
     if out.exists() and any(out.iterdir()):
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES
+                         and not any(p.name.startswith(f".{e}.") for e in DEMO_ENTRIES))
+        if foreign:
+            raise MagsegError(
+                f"{out} holds files the demo did not write ({', '.join(foreign[:3])}"
+                f"{' ...' if len(foreign) > 3 else ''}); choose another folder for the demo"
+            )
         if not args.overwrite:
             raise MagsegError(f"{out} already exists; pass --overwrite to start the demo again")
         shutil.rmtree(out)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from magseg_hpc.data.masks import import_masks, load_colors
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.volume.store import refuse_existing
+from magseg_hpc.volume.store import LABEL_FORMAT, refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,11 @@ def _warn_if_sparse(folder: Path) -> None:
 def run(args) -> int:
     from magseg_hpc.classes import ClassTable
     from magseg_hpc.data.labelling import import_label_volume, import_sparse_masks
+    from magseg_hpc.outputs import check_no_overlap
     from magseg_hpc.volume.io import volume_file
 
-    refuse_existing(args.out, args.overwrite)
+    check_no_overlap(args.out, [p for p in (args.masks_dir, args.colors, args.like) if p])
+    refuse_existing(args.out, args.overwrite, LABEL_FORMAT)
     src = Path(args.masks_dir)
     if _is_png_folder(src) or not volume_file(args.masks_dir).exists():
         if args.unlabelled_value is not None or args.class_values is not None:

@@ -33,6 +33,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from magseg_hpc.outputs import check_no_overlap
+    from magseg_hpc.volume.store import IMAGE_FORMAT, refuse_existing
+
+    check_no_overlap(args.out, [args.src])
+    refuse_existing(args.out, args.overwrite, IMAGE_FORMAT)
     total = open_volume(args.src, var=args.var).shape[0]
     with tqdm(total=total, unit="slice", desc="ingest", file=sys.stderr,
               disable=not sys.stderr.isatty()) as bar:

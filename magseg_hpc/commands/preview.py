@@ -30,6 +30,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from magseg_hpc.errors import MagsegError
+    from magseg_hpc.outputs import check_no_overlap, check_output
+
+    if not 0 <= args.alpha <= 1:
+        raise MagsegError(f"--alpha {args.alpha}: must be in [0, 1]")
+    check_no_overlap(args.output, [args.path, args.labels], replaces=False, flag="-o")
+    check_output(args.output, kind="file", flag="-o")
     axis, index = "z", None
     for name in ("z", "y", "x"):
         if getattr(args, name) is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import sys
 
+from magseg_hpc.errors import MagsegError
 from magseg_hpc.segment.cluster import DEFAULT_DASHBOARD, open_cluster
 from magseg_hpc.segment.pipeline import SegmentOptions, prepare, segment_volume
 
@@ -62,10 +64,44 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same model and options")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check_args)
+
+
+def check_dashboard_address(text: str) -> None:
+    """HOST:PORT, :PORT or PORT, with a port in 0..65535 (0 picks a free one)."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep:
+        host, port = "", str(text)
+    host_ok = host == "" or re.fullmatch(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]", host)
+    if not (host_ok and port.isdigit() and int(port) <= 65535):
+        raise MagsegError(
+            f"--dashboard-address {text!r}: expected HOST:PORT with a port in 0..65535 "
+            f"(e.g. {DEFAULT_DASHBOARD}, or 127.0.0.1:0 for any free port)"
+        )
+
+
+def check_args(args) -> None:
+    """Every check of the flags that needs no reading of data (also run by submit)."""
+    from magseg_hpc.outputs import check_no_overlap, check_output
+
+    for flag, value in (("--batch-size", args.batch_size), ("--slab-size", args.slab_size),
+                        ("--workers", args.workers),
+                        ("--threads-per-worker", args.threads_per_worker),
+                        ("--jobs", args.jobs)):
+        if value is not None and value < 1:
+            raise MagsegError(f"{flag} {value}: must be a positive integer (>= 1)")
+    if args.resume and args.overwrite:
+        raise MagsegError("--resume and --overwrite exclude each other; pick one")
+    check_dashboard_address(args.dashboard_address)
+    check_no_overlap(args.output, [args.input, args.model])
+    from magseg_hpc.volume.store import LABEL_FORMAT
+
+    check_output(args.output, args.overwrite or args.resume, resume_hint=True,
+                 expect=LABEL_FORMAT)
 
 
 def run(args) -> int:
+    check_args(args)
     opts = SegmentOptions(
         input=args.input, output=args.output, model=args.model, var=args.var, axes=args.axes,
         batch_size=args.batch_size, probabilities=args.probabilities, tta=args.tta,

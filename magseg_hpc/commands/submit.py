@@ -184,9 +184,14 @@ def _run_train(args: argparse.Namespace) -> int:
         profile, cluster=cluster, name=name, nodes=args.nodes,
         gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
     )
+    from magseg_hpc.commands.train import check_run_paths
+
     if args.output_dir:
         output_dir = Path(args.output_dir).absolute()
         check_output_dir(output_dir, config)
+    # the run dir is usable and (unless a dry run) the data exist, before anything is submitted
+    check_run_paths(cfg, args.output_dir, check_data=not args.dry_run)
+    if args.output_dir:
         folder = str(output_dir)
     else:
         folder = str(Path(args.runs_root).absolute() / name / "%j")
@@ -219,6 +224,7 @@ def check_command_args(command: str, argv: Sequence[str]) -> list[str]:
         if spec is not None and not volume_file(spec).exists():
             raise MagsegError(f"{what} {spec} does not exist (relative to {Path.cwd()}); "
                               "fix the path and resubmit")
+    parsed.check(parsed)  # the command's own flag and output checks, as the job will run them
     return full
 
 
@@ -259,7 +265,9 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from magseg_hpc.cli import OneLineParser
+
+    parser = OneLineParser(
         prog="python -m magseg_hpc.submit",
         description="Submit magseg-hpc jobs to SLURM (or local processes) through submitit.",
     )

@@ -28,11 +28,34 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+DATA_PATH_KEYS = ("volume", "label_volume", "val_volume", "val_label_volume", "folder",
+                  "labeled_split", "unlabeled_split", "val_split")
+
+
+def check_run_paths(cfg, output_dir, check_data: bool = True) -> None:
+    """The data paths exist, and the run dir is a writable folder outside them (also run by
+    submit before anything is submitted; a dry run skips the data)."""
+    from magseg_hpc.errors import MagsegError
+    from magseg_hpc.outputs import check_no_overlap, check_output
+    from magseg_hpc.volume.io import volume_file
+
+    inputs = [getattr(cfg.data, k) for k in DATA_PATH_KEYS]
+    for key in DATA_PATH_KEYS if check_data else ():
+        spec = getattr(cfg.data, key)
+        if spec and not volume_file(spec).exists():
+            raise MagsegError(f"data.{key}: {spec} does not exist; fix the path in the config "
+                              f"or override it (data.{key}=PATH)")
+    if output_dir is not None:
+        check_no_overlap(output_dir, inputs, replaces=False, flag="--output-dir")
+        check_output(output_dir, kind="dir", flag="--output-dir")
+
+
 def run(args) -> int:
     from magseg_hpc.config import load_config
     from magseg_hpc.train import run_training
 
     cfg = load_config(args.config, args.overrides)
+    check_run_paths(cfg, args.output_dir)
     summary = run_training(cfg, args.output_dir)
     if summary.get("rank", 0) == 0:
         print(json.dumps(summary, indent=2))

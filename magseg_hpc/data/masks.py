@@ -54,13 +54,15 @@ def load_colors(path: str | Path) -> ClassTable:
     """Read a colour file (YAML or JSON) into a ClassTable; a bad file is one clear error."""
     import yaml
 
+    from magseg_hpc.config import load_yaml
+
     path = Path(path)
     if not path.is_file():
         raise MagsegError(
             f"{path}: colour file not found; give a YAML/JSON file like {COLORS_EXAMPLE}"
         )
     try:
-        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        data = load_yaml(path.read_text())  # YAML is a superset of JSON
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MagsegError(f"{path}: not valid YAML or JSON ({first})") from e
@@ -196,6 +198,7 @@ def import_masks(
     import xarray as xr
 
     from magseg_hpc.volume.store import (
+        LABEL_FORMAT,
         create_label_store,
         default_chunks,
         refuse_existing,
@@ -204,7 +207,7 @@ def import_masks(
         write_label_region,
     )
 
-    refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite, LABEL_FORMAT)
     files = mask_files(masks_dir)
     first = read_mask(files[0])
     shape = (len(files), first.shape[0], first.shape[1])
@@ -219,7 +222,7 @@ def import_masks(
         "files": [f.name for f in files],
         "colors": class_table.to_dict(),
     }
-    with staged_output(out, overwrite) as tmp:
+    with staged_output(out, overwrite, LABEL_FORMAT) as tmp:
         create_label_store(
             tmp, like=like, class_table=class_table, provenance=provenance, chunks=chunks
         )

@@ -221,6 +221,7 @@ def make_phantom(
     shape = _check_shape(shape)
     _check_choice("support", support, SUPPORTS)
     _check_choice("pattern", pattern, PATTERNS)
+    _check_range("tilt_deg", tilt_deg, -180.0, 180.0)
     _check_range("domain_period", domain_period, 2.0, None)
     _check_range("anisotropy", anisotropy, 1.0, None)
     _check_range("wall_width", wall_width, 0.0, None)

@@ -115,10 +115,13 @@ def load_job_profile(path: str | Path | None) -> JobProfile:
         raise MagsegError(
             f"cannot read job profile {path}: {e.strerror}; see jobs/ for examples"
         ) from None
+    from magseg_hpc.config import load_yaml
+
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
-        raise MagsegError(f"job profile {p} is not valid YAML: {e}") from None
+        text = " ".join(str(e).split())
+        raise MagsegError(f"job profile {p} is not valid YAML: {text}") from None
     return job_profile_from_dict(raw, f"job profile {p}")
 
 

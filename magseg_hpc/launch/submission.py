@@ -26,8 +26,9 @@ __all__ = ["Submission", "submit_callable", "check_output_dir", "job_state", "jo
 def check_output_dir(output_dir: Path, config: dict) -> None:
     """Refuse, before submitting, an output dir that holds a different experiment."""
     saved = output_dir / "config.yaml"
-    if not saved.exists():
-        return
+    if not saved.exists() or not any((output_dir / f).is_file()
+                                     for f in ("checkpoint.pt", "best.pt")):
+        return  # no config, or a run that failed before its first checkpoint: nothing binds
     try:
         previous = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError) as e:

@@ -71,6 +71,11 @@ def read_weights(path: str | Path, *, missing: str, unreadable: str, fix: str):
     path = Path(path)
     if not path.is_file():
         raise MagsegError(missing)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; the legacy format starts with a pickle protocol byte
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise MagsegError(f"{unreadable} (not a torch file: it starts with {head!r}); {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -196,6 +201,36 @@ def checkpoint_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of floating-point tensors in a state dict holding NaN or inf."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not bool(torch.isfinite(v).all())]
+
+
+def check_finite_checkpoint(ckpt: dict, path: str | Path, which: str = "teacher") -> None:
+    """Refuse weights or normalisation statistics with NaN/inf: they segment nothing."""
+    import math
+
+    bad = nonfinite_tensors(ckpt.get(which) or {})
+    if bad:
+        raise MagsegError(
+            f"checkpoint {path}: {which} weights hold NaN/inf ({len(bad)} tensors, e.g. "
+            f"{bad[0]}); the training diverged, retrain (e.g. with a lower train.lr)"
+        )
+    norm = ckpt.get("normalization") or {}
+    values = {k: norm.get(k) for k in ("low", "high", "mean", "std")}
+    wrong = [k for k, v in values.items()
+             if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    if not wrong and not (values["high"] > values["low"] and values["std"] > 0):
+        wrong = ["high > low and std > 0"]
+    if wrong:
+        raise MagsegError(
+            f"checkpoint {path}: intensity normalisation is not usable ({', '.join(wrong)}: "
+            f"{norm}); retrain or use another checkpoint"
+        )
+
+
 def load_inference_model(
     path: str | Path, device: str | torch.device = "cpu", which: str = "teacher"
 ) -> tuple[nn.Module, dict]:
@@ -209,6 +244,7 @@ def load_inference_model(
     state = ckpt.get(which)
     if not state:
         raise MagsegError(f"checkpoint {path} has no {which} weights; use which='student'")
+    check_finite_checkpoint(ckpt, path, which)
     # Pretrained ImageNet weights are irrelevant here (overwritten) and may not exist locally.
     model = build_model({**ckpt["model"], "pretrained": None})
     try:

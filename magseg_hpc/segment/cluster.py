@@ -73,6 +73,49 @@ def _cuda_devices(device: str) -> int:
     return n
 
 
+ALLOW_ORIGIN_KEY = "distributed.scheduler.dashboard.bokeh-application.allow_websocket_origin"
+
+
+def _port_free(host: str, port: int) -> int:
+    """``port`` if it can be bound on ``host``, else a free port chosen by the system."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def dashboard_origins(address: str) -> tuple[str, list[str] | None]:
+    """(HOST:PORT with a concrete port, the origins its dashboard accepts).
+
+    Dask's default accepts websocket connections from any origin ("*", with bokeh's warning);
+    a dashboard on one host accepts that host only. For 0.0.0.0 (all interfaces) or an
+    unresolvable host the Dask default stays (origins None).
+    """
+    host, _, port = str(address).rpartition(":")
+    host = host or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "[::]"):
+        return address, None
+    try:
+        port = _port_free(host.strip("[]"), int(port or 8787))
+    except (OSError, ValueError):
+        return address, None
+    origins = [f"{host}:{port}"]
+    if host in ("127.0.0.1", "localhost"):
+        origins = [f"127.0.0.1:{port}", f"localhost:{port}"]
+    return f"{host}:{port}", origins
+
+
+def quiet_dask_logs() -> None:
+    """Dask sets its own log levels when imported: keep its chatter out unless -v."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("distributed", "dask_jobqueue", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @contextlib.contextmanager
 def open_cluster(
     *,
@@ -90,6 +133,7 @@ def open_cluster(
 ) -> Iterator[ClusterHandle]:
     from distributed import Client
 
+    quiet_dask_logs()
     if scheduler and cluster:
         raise MagsegError("--scheduler and --cluster exclude each other; pick one")
     if scheduler:
@@ -113,19 +157,23 @@ def open_cluster(
         return
     if cluster not in (None, "local"):
         raise MagsegError(f"--cluster {cluster}: choose slurm (or leave it out for local)")
+    import dask
     from distributed import LocalCluster
 
     gpus = _cuda_devices(device)
     n, threads = local_cluster_size(available_cores(), gpus, workers, threads_per_worker)
-    local = LocalCluster(
-        n_workers=n, threads_per_worker=1, processes=processes,
-        dashboard_address=dashboard_address, resources={"GPU": 1} if gpus else None,
-        silence_logs=logging.ERROR,
-    )
+    address, origins = dashboard_origins(dashboard_address)
+    with dask.config.set({ALLOW_ORIGIN_KEY: origins} if origins else {}):
+        local = LocalCluster(
+            n_workers=n, threads_per_worker=1, processes=processes,
+            dashboard_address=address, resources={"GPU": 1} if gpus else None,
+            silence_logs=logging.ERROR,
+        )
     client = Client(local)
+    link = f"http://{address}/status" if origins else client.dashboard_link
     try:
         yield ClusterHandle(
-            client, "local", client.dashboard_link, threads,
+            client, "local", link, threads,
             f"local cluster: {n} worker{'s' * (n > 1)} x {threads} torch threads"
             + (f", {gpus} GPUs" if gpus else ""), local,
         )

@@ -31,6 +31,7 @@ import numpy as np
 from magseg_hpc import __version__
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.outputs import check_no_overlap, check_output
 from magseg_hpc.segment.blocks import (
     AXES,
     Slab,
@@ -46,14 +47,17 @@ from magseg_hpc.segment.resume import (
     write_run_record,
 )
 from magseg_hpc.segment.worker import SlabJob, run_slab
-from magseg_hpc.volume.io import volume_file
+from magseg_hpc.volume.store import LABEL_FORMAT
 
 log = logging.getLogger(__name__)
 
 METHODS = ("model", "threshold")
 NORMALIZATIONS = ("input", "checkpoint")
 DEVICES = ("auto", "cpu", "cuda")
-PRECHECK_SLICES = 4  # finite-voxel pre-check reads this many evenly spaced z slices
+# The finite-voxel pre-check reads evenly spaced z slices, at least 4, up to this many bytes
+# (the whole of a small volume): NaN found here fails before any cluster or output exists.
+PRECHECK_SLICES = 4
+PRECHECK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -158,20 +162,23 @@ def _check_options(opts: SegmentOptions) -> None:
         raise MagsegError(
             "--method threshold gives labels only: drop --tta, --probabilities and --axes"
         )
-    inp, out = volume_file(opts.input).resolve(), Path(opts.output).resolve()
-    if inp == out or out in inp.parents or inp in out.parents:
-        raise MagsegError(f"{opts.output}: output must not be (inside) the input {opts.input}")
+    check_no_overlap(opts.output, [opts.input, opts.model])
+    # An existing output must be a store this tool wrote, whatever --resume/--overwrite say.
+    check_output(opts.output, opts.overwrite or opts.resume, resume_hint=True,
+                 expect=LABEL_FORMAT)
 
 
 def _sample_slices(volume) -> np.ndarray:
     nz = volume.shape[0]
-    idx = sorted({int(round(i)) for i in np.linspace(0, nz - 1, min(PRECHECK_SLICES, nz))})
+    slice_bytes = max(1, math.prod(volume.shape[1:]) * volume.dtype.itemsize)
+    n = min(nz, max(PRECHECK_SLICES, PRECHECK_BYTES // slice_bytes))
+    idx = sorted({int(round(i)) for i in np.linspace(0, nz - 1, n)})
     return np.asarray(volume.data[idx].compute(scheduler="synchronous"))
 
 
 def prepare(opts: SegmentOptions) -> Prepared:
     """Validate everything and plan the run; writes nothing."""
-    from magseg_hpc.volume.io import open_volume
+    from magseg_hpc.volume.io import open_volume, reading
 
     auto_axes = opts.axes == "auto"
     opts.axes = ("z",) if auto_axes else parse_axes(opts.axes)
@@ -179,7 +186,8 @@ def prepare(opts: SegmentOptions) -> Prepared:
     volume = open_volume(opts.input, opts.var)
     if min(volume.shape) < 1:
         raise MagsegError(f"{opts.input}: volume is empty (shape {volume.shape})")
-    sample = _sample_slices(volume)
+    with reading(opts.input):
+        sample = _sample_slices(volume)
     if sample.dtype.kind == "f" and not np.isfinite(sample).all():
         raise MagsegError(
             f"{opts.input}: NaN or inf voxels (found in a sample of z slices); replace them "
@@ -212,7 +220,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
     else:
         from magseg_hpc.segment.threshold import fit_threshold_params
 
-        with dask.config.set(scheduler="synchronous"):
+        with dask.config.set(scheduler="synchronous"), reading(opts.input):
             threshold = fit_threshold_params(volume.data)
         class_table, model_cfg = ClassTable.default(), None
     shape = tuple(int(n) for n in volume.shape)
@@ -249,14 +257,8 @@ def prepare(opts: SegmentOptions) -> Prepared:
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     provenance["options"]["axes"] = list(opts.axes)
-    if Path(opts.output).exists():
-        if opts.resume:
-            check_resumable(opts.output, fields)
-        elif not opts.overwrite:
-            raise MagsegError(
-                f"{opts.output} already exists; pass --resume to continue it or --overwrite "
-                "to replace it"
-            )
+    if Path(opts.output).exists() and opts.resume:
+        check_resumable(opts.output, fields)
     return Prepared(opts, volume, class_table, job, chunks, slabs, fields, provenance)
 
 
@@ -392,10 +394,13 @@ def segment_volume(
     if failures:
         names = ", ".join(summary.failed[:8]) + (" ..." if len(failures) > 8 else "")
         first = failures[0][1]
+        # Bad input (MagsegError: NaN voxels, unreadable chunks) stays bad on a resume.
+        fix = ("fix the input and start again with --overwrite" if isinstance(first, MagsegError)
+               else "fix the cause and rerun with --resume")
         raise MagsegError(
             f"{len(failures)} of {len(prep.slabs)} slabs failed ({names}): "
             f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}; "
-            f"{out} is incomplete, fix the cause and rerun with --resume"
+            f"{out} is incomplete, {fix}"
         )
     if len(prep.options.axes) > 1:
         shutil.rmtree(prep.job.scratch, ignore_errors=True)

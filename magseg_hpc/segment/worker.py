@@ -133,8 +133,8 @@ def read_slab(job: SlabJob, slab: Slab, halo: int = 0) -> tuple[np.ndarray, int]
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise MagsegError(
-            f"{job.input}: {bad} NaN or inf voxels in slab {slab.name}; "
-            "replace them (e.g. with 0) before segmenting"
+            f"{job.input}: {bad} NaN or inf voxels in slab {slab.name}; replace them first "
+            "(magseg-hpc ingest IN FIXED.zarr --fill-nonfinite 0)"
         )
     return data, slab.start - lo
 

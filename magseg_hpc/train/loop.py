@@ -39,6 +39,7 @@ from magseg_hpc.config import (
     ExperimentConfig,
     config_to_dict,
     experiment_differences,
+    load_yaml,
     save_config,
 )
 from magseg_hpc.data.slices import (
@@ -87,7 +88,7 @@ def check_output_dir(cfg: ExperimentConfig, output_dir: Path) -> None:
     config_path = output_dir / CONFIG_FILE
     if config_path.is_file():
         try:
-            old = yaml.safe_load(config_path.read_text())
+            old = load_yaml(config_path.read_text())
         except yaml.YAMLError as e:
             raise MagsegError(
                 f"{config_path} is not valid YAML ({e}); use a new --output-dir"
@@ -97,6 +98,16 @@ def check_output_dir(cfg: ExperimentConfig, output_dir: Path) -> None:
         from magseg_hpc.models.checkpoint import load_checkpoint
 
         old = load_checkpoint(output_dir / CHECKPOINT_FILE).get("config")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise MagsegError(f"--output-dir {output_dir} is a file; give a folder")
+    if not any((output_dir / f).is_file() for f in (CHECKPOINT_FILE, BEST_FILE)):
+        # A run that failed before its first checkpoint holds nothing to resume: its
+        # config, splits and metrics do not bind the next try (rank 0 clears them).
+        if os.environ.get("RANK", "0") == "0" and output_dir.is_dir():
+            for stale in [output_dir / METRICS_FILE,
+                          *(output_dir / SPLITS_DIR).glob("*.txt")] if old else []:
+                stale.unlink(missing_ok=True)
+        return
     if not isinstance(old, dict) or not old:
         return
     diff = experiment_differences(old, config_to_dict(cfg))
@@ -355,8 +366,12 @@ def set_rng_state(state: dict) -> None:
                          n["has_gauss"], n["cached_gaussian"]))
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(Exception):  # another GPU count: nothing depends on it
+        try:
             torch.cuda.set_rng_state_all(state["cuda"])
+        except (RuntimeError, IndexError, ValueError) as e:
+            # e.g. resumed on fewer GPUs than saved: GPU random draws differ from here on
+            log.warning("CUDA RNG state of %d GPUs not restored (%s): GPU randomness after "
+                        "this resume differs from an uninterrupted run", len(state["cuda"]), e)
 
 
 # --- one training step -----------------------------------------------------------------------
@@ -425,6 +440,33 @@ def supervised_step(student, optimizer, batch_l, *, cfg: ExperimentConfig, env: 
     loss.backward()
     optimizer.step()
     return {"loss": loss.item(), "loss_sup": loss.item(), "loss_uns": 0.0, "pseudo_ratio": 0.0}
+
+
+def check_finite_step(env: DistEnv, stats: dict, iteration: int) -> None:
+    """Stop a diverged run (on every rank at once) before it saves or evaluates anything."""
+    finite = all(math.isfinite(stats[k]) for k in ("loss", "loss_sup", "loss_uns"))
+    flag = dist_util.all_reduce_sum(
+        env, torch.tensor([0.0 if finite else 1.0], device=env.device))
+    if float(flag[0]) > 0:
+        raise MagsegError(
+            f"training diverged at iteration {iteration + 1}: loss {stats['loss']:.4g} "
+            f"(sup {stats['loss_sup']:.4g}, uns {stats['loss_uns']:.4g}) on rank {env.rank} "
+            "or another; nothing from this step was saved; lower "
+            "train.lr (and check the data for NaN) and start a new --output-dir"
+        )
+
+
+def check_finite_weights(student: nn.Module, teacher: nn.Module, iteration: int) -> None:
+    from magseg_hpc.models.checkpoint import nonfinite_tensors
+
+    for who, model in (("student", student), ("teacher", teacher)):
+        bad = nonfinite_tensors(model.state_dict())
+        if bad:
+            raise MagsegError(
+                f"training diverged by iteration {iteration}: {who} weights hold NaN/inf "
+                f"({len(bad)} tensors, e.g. {bad[0]}); no checkpoint was written for it; "
+                "lower train.lr and start a new --output-dir"
+            )
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -659,6 +701,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
 
     def run_eval() -> None:
         nonlocal best, last_eval
+        check_finite_weights(student, teacher, iteration)
         if val is None:
             return
         scores = {who: evaluate(m, val, cfg, env) for who, m in (("teacher", teacher),
@@ -687,6 +730,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
             plot_curves(output_dir)
 
     def save() -> None:
+        check_finite_weights(student, teacher, iteration)
         if env.is_main:
             from magseg_hpc.models.checkpoint import save_checkpoint
 
@@ -714,6 +758,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
                                 generator=step_generator(cfg.seed, env.rank, iteration))
         else:
             stats = supervised_step(ddp_student, optimizer, batch_l, cfg=cfg, env=env)
+        check_finite_step(env, stats, iteration)
         if sync_buffers:
             dist_util.broadcast_buffers(env, student)
         decay = ema_decay(iteration, ipe, t.sup_only_epochs, t.ema_decay)

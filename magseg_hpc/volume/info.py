@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import dask.array as da
 import numpy as np
 
 from magseg_hpc.classes import ClassTable
-from magseg_hpc.volume.io import open_volume, volume_file
+from magseg_hpc.volume.io import ZARR_MARKERS, open_volume, reading, volume_file
 from magseg_hpc.volume.store import open_group
+
+log = logging.getLogger(__name__)
 
 
 def disk_size(path: Path) -> int:
@@ -21,9 +24,16 @@ def disk_size(path: Path) -> int:
 
 def _zarr_details(path: Path, var: str) -> tuple[str | None, dict, ClassTable | None, list[str]]:
     """Codec, group attrs, class table and variable names of a zarr store (None if not zarr)."""
+    import zarr
+
+    if not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
+        return None, {}, None, []  # not zarr: TIFF, HDF5, NPY, images
     try:
         group = open_group(path)
-    except Exception:
+    except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError):
+        return None, {}, None, []  # a single zarr array: no group attributes
+    except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError) as e:
+        log.warning("%s: cannot read its zarr group metadata (%s)", path, e)
         return None, {}, None, []
     names = sorted(n for n, a in group.arrays() if a.ndim > 1)
     codec = None
@@ -59,7 +69,8 @@ def describe(path: str | os.PathLike, var: str | None = None, count_classes: boo
     is_labels = volume.dtype == np.uint8 and (table is not None or var == "labels")
     if is_labels and count_classes:
         table = table or ClassTable.default()
-        counts = da.bincount(volume.data.ravel(), minlength=256).compute()
+        with reading(path):
+            counts = da.bincount(volume.data.ravel(), minlength=256).compute()
         info["class_counts"] = {
             **{name: int(counts[i]) for i, name in enumerate(table.names)},
             **({"ignore (255)": int(counts[255])} if counts[255] else {}),

@@ -9,7 +9,12 @@ import numpy as np
 
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.volume.io import open_volume
-from magseg_hpc.volume.store import default_chunks, refuse_existing, write_image_store
+from magseg_hpc.volume.store import (
+    IMAGE_FORMAT,
+    default_chunks,
+    refuse_existing,
+    write_image_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +55,21 @@ def ingest(
     Without ``fill_nonfinite``, NaN or inf voxels abort the conversion once all are counted,
     and nothing is written.
     """
-    refuse_existing(out, overwrite)
+    import math
+
+    from magseg_hpc.outputs import check_no_overlap
+
+    if fill_nonfinite is not None and not math.isfinite(fill_nonfinite):
+        raise MagsegError(
+            f"--fill-nonfinite {fill_nonfinite}: the fill value must be a finite number (e.g. 0)"
+        )
+    check_no_overlap(out, [src])
+    refuse_existing(out, overwrite, IMAGE_FORMAT)
     volume = open_volume(src, var=var)
+    if min(volume.shape) < 1:
+        raise MagsegError(f"{src}: volume is empty (shape {'x'.join(map(str, volume.shape))})")
     chunks = default_chunks(volume.shape, chunks)
+    _warn_absent_chunks(src, var or volume.name)
     nonfinite = NonFiniteCounter(fill_nonfinite)
 
     def on_slab(z0, z1, slab):
@@ -76,6 +93,30 @@ def ingest(
         log.warning("replaced %d NaN/inf voxels with %s", nonfinite.count, fill_nonfinite)
     return {"shape": tuple(volume.shape), "dtype": str(volume.dtype), "chunks": chunks,
             "nonfinite_replaced": nonfinite.count}
+
+
+def _warn_absent_chunks(src, var) -> None:
+    """Zarr reads a chunk with no file as its fill value: say so, it may be a lost file."""
+    import zarr
+
+    from magseg_hpc.volume.io import ZARR_MARKERS, volume_file
+
+    path = volume_file(src)
+    if not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
+        return
+    try:
+        node = zarr.open(store=str(path), mode="r")
+        arr = node if isinstance(node, zarr.Array) else node[str(var)]
+        total, present = arr.nchunks, arr.nchunks_initialized
+    except (KeyError, OSError, ValueError, zarr.errors.BaseZarrError) as e:
+        log.debug("%s: chunk count unavailable (%s)", src, e)
+        return
+    if present < total:
+        log.warning(
+            "%s: %d of %d chunks of %r have no file and are read as the fill value %s "
+            "(normal for chunks that were all fill value; otherwise the store lost files)",
+            src, total - present, total, str(var), arr.fill_value,
+        )
 
 
 def _json_safe(value) -> bool:

@@ -10,9 +10,11 @@ the dask graph holds only paths, so it can be shipped to distributed workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import dask
@@ -21,7 +23,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from magseg_hpc.errors import MagsegError
+from magseg_hpc.errors import USER_ERRNOS, MagsegError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,28 @@ def open_volume(
     else:
         raise MagsegError(f"{p}: not a volume format magseg-hpc reads; use {SUPPORTED}")
     return _as_zyx(arr, p)
+
+
+# What a damaged or truncated file raises while its data are read (zarr/numcodecs decode
+# errors are RuntimeError or ValueError; tifffile, PIL, h5py and numpy raise ValueError/OSError).
+READ_ERRORS = (RuntimeError, ValueError, OSError, EOFError, IndexError)
+
+
+@contextlib.contextmanager
+def reading(source) -> Iterator[None]:
+    """Turn a failure while reading ``source``'s voxels into one line naming the file."""
+    try:
+        yield
+    except MagsegError:
+        raise
+    except READ_ERRORS as e:
+        if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+            raise  # a permission or disk problem, reported as such by the CLI
+        text = " ".join(str(e).split())[:160]
+        raise MagsegError(
+            f"{source}: cannot read its voxels ({type(e).__name__}: {text}); the file is "
+            "damaged or truncated, re-export or re-copy it"
+        ) from e
 
 
 def volume_file(spec: str | os.PathLike) -> Path:
@@ -154,8 +178,14 @@ def _open_zarr(path: Path, var: str | None, prefer: str | None = None) -> xr.Dat
             ds = xr.open_zarr(str(path), consolidated=None, chunks={})
         if var in ds.data_vars:
             return ds[var]
-    except Exception:  # a plain zarr group without xarray dimension metadata
-        log.debug("%s: not an xarray dataset, reading %s as a plain zarr array", path, var)
+    except (KeyError, ValueError, TypeError, zarr.errors.BaseZarrError) as e:
+        # e.g. a plain zarr group without xarray dimension names: say so when 1-D arrays
+        # (coordinates, probably) are dropped
+        coords = sorted(name for name, a in node.arrays() if a.ndim == 1)
+        (log.warning if coords else log.debug)(
+            "%s: read %r as a plain zarr array%s (%s: %s)", path, var,
+            f", without the coordinates {', '.join(coords)}" if coords else "",
+            type(e).__name__, " ".join(str(e).split())[:120])
     return _wrap_zarr_array(node[var])
 
 
@@ -231,8 +261,8 @@ def _plain(value):
 def _open_npy(path: Path) -> xr.DataArray:
     try:
         mm = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise MagsegError(f"{path}: not a readable .npy file ({e})") from e
+    except (ValueError, OSError, EOFError) as e:
+        raise MagsegError(f"{path}: not a readable .npy file ({e or 'empty file'})") from e
     lazy = _LazyFileArray(str(path), None, mm.shape, mm.dtype, "npy")
     return xr.DataArray(da.from_array(lazy, chunks=slab_chunks(mm.shape, mm.itemsize)))
 
@@ -263,9 +293,23 @@ def _stack_slices(readers: list, shape, dtype) -> da.Array:
     return da.stack(slices)
 
 
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
 def _open_tiff_file(path: Path) -> xr.DataArray:
     import tifffile
 
+    # tifffile logs what it finds wrong; collected here, it becomes part of our one message
+    notes = _Collect()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(notes)
+    propagate, tiff_log.propagate = tiff_log.propagate, False
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
@@ -273,8 +317,14 @@ def _open_tiff_file(path: Path) -> xr.DataArray:
                 return xr.DataArray(da.from_array(series.asarray(), chunks="auto"))
             first = tif.pages[0]
             shape, dtype, n = first.shape, first.dtype, len(tif.pages)
-    except (tifffile.TiffFileError, OSError, IndexError) as e:
+    except (tifffile.TiffFileError, OSError, IndexError, ValueError, EOFError) as e:
         raise MagsegError(f"{path}: not a readable TIFF file ({e})") from e
+    finally:
+        tiff_log.removeHandler(notes)
+        tiff_log.propagate = propagate
+    if notes.messages:
+        log.warning("%s: %s; read %d pages (the file may be truncated)", path,
+                    notes.messages[0], n)
     readers = [(_read_tiff_page, (str(path), i)) for i in range(n)]
     return xr.DataArray(_stack_slices(readers, shape, dtype))
 

@@ -72,7 +72,7 @@ def render_preview(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from magseg_hpc.volume.io import open_volume
+    from magseg_hpc.volume.io import open_volume, reading
     from magseg_hpc.volume.store import open_labels
 
     out = Path(out)
@@ -94,9 +94,11 @@ def render_preview(
                 f"{labels}: labels have shape {tuple(label_volume.shape)} but the volume has "
                 f"{tuple(volume.shape)}; give labels made for this volume"
             )
-        label_slice = np.asarray(label_volume.isel({axis: index}).values)
+        with reading(labels):
+            label_slice = np.asarray(label_volume.isel({axis: index}).values)
 
-    image = np.asarray(volume.isel({axis: index}).values, dtype=np.float64)
+    with reading(path):
+        image = np.asarray(volume.isel({axis: index}).values, dtype=np.float64)
     finite = np.isfinite(image)
     if finite.any():
         lo, hi = np.percentile(image[finite], percentiles)

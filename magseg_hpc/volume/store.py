@@ -18,6 +18,7 @@ different processes write without locks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 import warnings
@@ -32,6 +33,8 @@ from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 from magseg_hpc import __version__
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
+
+log = logging.getLogger(__name__)
 
 DIMS = ("z", "y", "x")
 LABEL_FORMAT = "magseg-hpc/labels/1"
@@ -63,25 +66,33 @@ def default_chunks(shape: tuple[int, ...], chunks: tuple[int, ...] | None = None
     return tuple(min(int(c), int(n)) for c, n in zip(chunks, shape))
 
 
-def refuse_existing(path: str | Path, overwrite: bool) -> None:
-    if Path(path).exists() and not overwrite:
-        raise MagsegError(f"{path} already exists; pass --overwrite to replace it")
+IMAGE_FORMAT = "magseg-hpc/image/1"
+
+
+def refuse_existing(path: str | Path, overwrite: bool, expect: str | None = None) -> None:
+    """Refuse an existing output unless it is a store this tool wrote (of the ``expect``
+    format, when given) and ``overwrite``."""
+    from magseg_hpc.outputs import check_output
+
+    check_output(path, overwrite, expect=expect)
 
 
 @contextlib.contextmanager
-def staged_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
+def staged_output(path: str | Path, overwrite: bool, expect: str | None = None
+                  ) -> Iterator[Path]:
     """Write into a hidden sibling, then swap it in: an output is complete or absent.
 
     An existing output is only replaced after the new one was written in full, so a crash or
     bad input never leaves a half-written or clobbered store.
     """
     path = Path(path)
-    refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite, expect)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{time.time_ns()}")
     try:
         yield tmp
         if path.exists():
+            refuse_existing(path, overwrite, expect)  # still one of ours, just before
             old = path.with_name(f".{path.name}.old-{time.time_ns()}")
             path.rename(old)
             tmp.rename(path)
@@ -176,12 +187,18 @@ def create_label_store(
 ) -> None:
     """Create an empty label store shaped like ``like`` (a volume with dims z, y, x);
     unwritten voxels read as ``fill_value`` (255 for sparse hand labels)."""
-    refuse_existing(path, overwrite)
+    from magseg_hpc.outputs import remove_tool_store
+
+    refuse_existing(path, overwrite, LABEL_FORMAT)
     shape = tuple(int(n) for n in like.shape)
     chunks = default_chunks(shape, chunks)
     if Path(path).exists():
-        shutil.rmtree(path)
+        remove_tool_store(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    # Marked as ours (and incomplete) before anything else, so a crash leaves a store that
+    # --resume or --overwrite recognise.
+    group.attrs["magseg_hpc"] = {"format": LABEL_FORMAT, "version": __version__,
+                                 "complete": False}
     group.create_array(
         "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=fill_value,
         compressors=codec("zstd"), dimension_names=list(DIMS),
@@ -251,8 +268,15 @@ def open_labels(path: str | Path, var: str | None = None) -> tuple[xr.DataArray,
         name = repr(var) if var else "the label volume"
         raise MagsegError(f"{path}: {name} is {labels.dtype}, not an integer label volume")
     table = None
-    with contextlib.suppress(Exception):
-        table = open_group(path).attrs.get("class_table")
+    if (Path(str(path)) / "zarr.json").is_file() or (Path(str(path)) / ".zattrs").is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                node = zarr.open(store=str(path), mode="r")
+        except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: cannot read its class table (%s); using the default", path, e)
+        else:
+            table = node.attrs.get("class_table") if isinstance(node, zarr.Group) else None
     return labels, ClassTable.from_dict(table) if table else ClassTable.default()
 
 
@@ -275,11 +299,13 @@ def write_image_store(
     ``path`` only once complete. ``slab_callback(z0, z1, slab)`` sees every image slab
     before it is written (progress, checks); raising from it aborts without output.
     """
+    from magseg_hpc.volume.io import reading
+
     shape = tuple(int(n) for n in image.shape)
     if len(shape) != 3:
         raise MagsegError(f"expected a 3D volume, got shape {shape}")
     chunks = default_chunks(shape, chunks)
-    with staged_output(path, overwrite) as tmp:
+    with staged_output(path, overwrite, IMAGE_FORMAT) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         img = group.create_array(
             "image", shape=shape, chunks=chunks, dtype=image.dtype, fill_value=0,
@@ -295,14 +321,15 @@ def write_image_store(
         _create_coords(group, _coord_values(like, shape))
         for z0 in range(0, shape[0], chunks[0]):
             z1 = min(z0 + chunks[0], shape[0])
-            slab = np.asarray(image[z0:z1])
+            with reading(like.attrs.get("source", "input") if like is not None else "input"):
+                slab = np.asarray(image[z0:z1])
             if slab_callback is not None:
                 slab_callback(z0, z1, slab)
             img[z0:z1] = slab
             if lab is not None:
                 lab[z0:z1] = np.asarray(labels[z0:z1], dtype=np.uint8)
         meta = {
-            "magseg_hpc": {"format": "magseg-hpc/image/1", "version": __version__},
+            "magseg_hpc": {"format": IMAGE_FORMAT, "version": __version__},
             "ome": {"version": "0.5", "multiscales": _ngff_multiscales("image", "image", like)},
             **(attrs or {}),
         }
