@@ -367,7 +367,8 @@ PHANTOM = [
 
 MASKS = [
     C("missing-dir", "import-masks nope o.zarr --colors colors.yaml", "no such folder"),
-    C("dir-is-file", "import-masks file.txt o.zarr --colors colors.yaml", "not a folder"),
+    C("dir-is-file", "import-masks file.txt o.zarr --colors colors.yaml",
+      "not a folder|not a volume format"),
     C("no-pngs", "import-masks emptydir o.zarr --colors colors.yaml", "no .png masks"),
     C("sizes-differ", "import-masks mixed o.zarr --colors colors.yaml", "one size"),
     C("not-a-png", "import-masks notpng o.zarr --colors colors.yaml", "not a readable PNG"),
@@ -376,7 +377,7 @@ MASKS = [
     C("colors-python-tag", "import-masks masks o.zarr --colors colors_tag.yaml",
       "not valid YAML or JSON"),
     C("colors-alias-bomb", "import-masks masks o.zarr --colors bomb.yaml", "aliases"),
-    C("no-colors-flag", "import-masks masks o.zarr", "required"),
+    C("no-colors-flag", "import-masks masks o.zarr", "required|need --colors"),
     C("existing-store", "import-masks masks lab.zarr --colors colors.yaml",
       "already exists; pass --overwrite"),
     C("overwrite-plain-folder", "import-masks masks d --colors colors.yaml --overwrite",
