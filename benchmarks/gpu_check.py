@@ -56,20 +56,25 @@ STUDY = {"epochs": 30, "n_labeled": 128, "n_unlabeled": 2298}
 
 FULL = {
     "device": "cuda", "config": "configs/augseg_semi128.yaml", "backbone": "resnet101",
-    "crop": 513, "batch": 8, "phantom": (24, 600, 600), "n_labeled": 8, "n_val": 2,
+    "crop": 513, "batch": 8, "phantom": (16, 600, 600), "n_labeled": 8, "n_val": 2,
     "sam_config": "configs/sam_vit_b.yaml", "sam_model": "sam_vit_b", "sam_size": 1024,
     "sam_batches": (2, 8), "volume": (213, 600, 600), "seg_batches": (8, 16, 32),
     "seg_backbone": "resnet101", "warmup": 3, "repeats": 10, "loader_batches": 4,
-    "compile_backend": "inductor", "min_section_s": 20.0,
+    "compile_backend": "inductor", "min_section_s": 20.0, "seg_processes": True,
+    "compile_min_left_s": 240.0, "seg_overlap": (2, 16),
 }
 SMOKE = {
     "device": "cpu", "config": "configs/augseg_semi128.yaml", "backbone": "resnet18",
     "crop": 64, "batch": 2, "phantom": (10, 64, 64), "n_labeled": 4, "n_val": 2,
     "sam_config": "configs/cpu_tiny_sam.yaml", "sam_model": "sam_tiny", "sam_size": 64,
     "sam_batches": (2,), "volume": (8, 64, 64), "seg_batches": (2, 4),
-    "seg_backbone": "resnet18", "warmup": 1, "repeats": 1, "loader_batches": 2,
+    "seg_backbone": "resnet18", "warmup": 0, "repeats": 1, "loader_batches": 2,
     # dynamo tracing without inductor's C++ build: the guarded path, quickly
-    "compile_backend": "eager", "min_section_s": 0.0,
+    "compile_backend": "eager", "min_section_s": 0.0, "compile_min_left_s": 0.0,
+    "seg_overlap": (2, 2),
+    # Dask workers as threads of this process (segment-volume --in-process): no worker
+    # start-up of several seconds; the full run uses worker processes as users do
+    "seg_processes": False,
 }
 
 
@@ -147,11 +152,27 @@ def fmt(v, spec: str = ".1f", none: str = "n/a") -> str:
 # --- training sections -----------------------------------------------------------------------
 
 
+def write_training_store(path: Path, shape: tuple[int, int, int]) -> None:
+    """An image + labels store (write_image_store) with blocky classes and noise: cheap to
+    make at 600 x 600, unlike a phantom; the step's cost does not depend on the content."""
+    from magseg_hpc.classes import ClassTable
+    from magseg_hpc.volume.store import write_image_store
+
+    rng = np.random.default_rng(0)
+    z, h, w = shape
+    block = max(1, min(h, w) // 16)
+    coarse = rng.integers(0, 3, (z, -(-h // block), -(-w // block)), dtype=np.uint8)
+    labels = np.ascontiguousarray(
+        coarse.repeat(block, axis=1).repeat(block, axis=2)[:, :h, :w])
+    image = (labels.astype(np.float32) + 0.5 * rng.standard_normal(shape, dtype=np.float32))
+    write_image_store(path, image, labels=labels, class_table=ClassTable.default(),
+                      overwrite=True)
+
+
 def train_setup(s: dict, tmp: Path, overrides: list[str]):
     """(cfg, env, labelled batches, unlabelled batches, loader timing) from the project's
-    loader over a phantom, as benchmarks/bench_train_step.py does."""
+    loader over a synthetic image + labels store, as benchmarks/bench_train_step.py does."""
     from magseg_hpc.config import load_config
-    from magseg_hpc.data.phantom import make_phantom, write_phantom
     from magseg_hpc.data.slices import AugmentSettings, LabeledSlices, UnlabeledSlices
     from magseg_hpc.data.slices import iters_per_epoch as ipe_of
     from magseg_hpc.train import distributed as dist_util
@@ -162,9 +183,9 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
         open_data,
     )
 
-    vol = tmp / "phantom.zarr"
+    vol = tmp / "train.zarr"
     if not vol.exists():
-        write_phantom(vol, make_phantom(s["phantom"], seed=0))
+        write_training_store(vol, s["phantom"])
     cfg = load_config(ROOT / s["config"], [
         f"data.volume={vol}", f"train.device={s['device']}", "data.num_workers=0",
         f"data.n_labeled={s['n_labeled']}", f"data.n_val={s['n_val']}",
@@ -233,9 +254,19 @@ def measure_train(kind: str, variant: str, cfg, env, lab, unl, s: dict, budget: 
             supervised_step(run_s, optimizer, lab[i % nb], cfg=cfg, env=env)
 
     row: dict = {"variant": variant}
+    if variant == "compile" and not budget.allows(s["compile_min_left_s"]):
+        row["status"] = "skipped: too little time left to compile"
+        notes.append(f"{kind} torch.compile skipped: under {s['compile_min_left_s']:.0f} s "
+                     "of the budget left")
+        return row
     t0 = time.perf_counter()
+    flops = None
     try:
-        step(0)  # first call: cudnn autotuning, compilation
+        # first call: cudnn autotuning, compilation; eager counts the FLOPs on it
+        if variant == "eager":
+            flops = count_flops(lambda: step(0))
+        else:
+            step(0)
         sync(dev)
     except Exception as e:  # noqa: BLE001 - a variant that fails is reported, not fatal
         if variant != "compile":
@@ -250,11 +281,11 @@ def measure_train(kind: str, variant: str, cfg, env, lab, unl, s: dict, budget: 
     row.update(status="done", iterations=len(times), ms_per_iter=1e3 * med,
                min_ms=1e3 * min(times), images_per_s=images / med,
                peak_mem_gib=peak_gib(dev))
-    if variant == "eager":
-        flops = count_flops(lambda: step(10_000))
+    if flops is not None:
         row["tflop_per_iter"] = flops / 1e12
         row["share_of_peak"] = flops / med / (peak_tflops * 1e12)
-    del student, teacher, run_s, run_t, optimizer
+    if variant == "compile":
+        torch._dynamo.reset()
     return row
 
 
@@ -338,7 +369,6 @@ def section_sam(s: dict, budget: Budget, args, notes) -> dict:
             med = statistics.median(times)
             row.update(status="done", iterations=len(times), ms_per_iter=1e3 * med,
                        images_per_s=b / med, peak_mem_gib=peak_gib(dev))
-            del student, optimizer
         except torch.cuda.OutOfMemoryError as e:
             row.update(status="failed: out of memory", error=str(e).splitlines()[0][:200])
             notes.append(f"SAM batch {b}: out of GPU memory")
@@ -369,9 +399,9 @@ def worker_forward(ckpt: str, inp: str, batch: int, device: str, amp: bool,
     """In the Dask worker: the pure forward over every z slice (normalised and on the device
     beforehand, no I/O), timed, plus the FLOPs of one batch counted."""
     from magseg_hpc.data.normalize import apply_normalization
+    from magseg_hpc.models.checkpoint import checkpoint_sha256
     from magseg_hpc.segment.kernel import autocast
     from magseg_hpc.segment.worker import get_model, resolve_device
-    from magseg_hpc.models.checkpoint import checkpoint_sha256
     from magseg_hpc.volume.io import open_volume
 
     dev = resolve_device(device)
@@ -393,56 +423,83 @@ def worker_forward(ckpt: str, inp: str, batch: int, device: str, amp: bool,
             "slices": int(len(x)), "device": dev}
 
 
+def seg_run(prep, client, batch: int, workers: int, s: dict, args) -> dict:
+    """One segment-volume run of the prepared volume at ``batch``, then the pure forward over
+    the same slices in the same worker process."""
+    import dataclasses
+
+    from magseg_hpc.segment.pipeline import segment_volume, warm_workers
+
+    prep.options.batch_size = batch
+    prep.provenance["options"]["batch_size"] = batch
+    prep.job = dataclasses.replace(prep.job, batch_size=batch)
+    shutil.rmtree(prep.job.output, ignore_errors=True)
+    warm_s = warm_workers(prep, client)
+    summary = segment_volume(prep, client, progress=False)
+    fwd = client.submit(worker_forward, prep.job.model, prep.job.input, batch, prep.job.device,
+                        prep.job.amp, prep.job.normalization, pure=False).result()
+    voxels = int(np.prod(prep.volume.shape))
+    fwd_vps = voxels / fwd["seconds"]
+    achieved = fwd["flops_per_slice"] * fwd["slices"] / fwd["seconds"]
+    stage = {k: sum(w[k] for w in summary.per_worker.values())
+             for k in ("read_s", "compute_s", "write_s")}
+    shutil.rmtree(prep.job.output, ignore_errors=True)
+    return {
+        "batch": batch, "workers": workers, "slab_size": prep.options.slab_size,
+        "status": "done", "warm_up_s": warm_s,
+        "end_to_end_s": summary.seconds, "voxels_per_s": summary.voxels_per_second,
+        "forward_s": fwd["seconds"], "forward_voxels_per_s": fwd_vps,
+        "ratio": summary.voxels_per_second / fwd_vps,
+        "worker_read_s": stage["read_s"], "worker_compute_s": stage["compute_s"],
+        "worker_write_s": stage["write_s"],
+        "tflop_per_slice": fwd["flops_per_slice"] / 1e12, "forward_tflops": achieved / 1e12,
+        "share_of_peak": achieved / (args.peak_tflops * 1e12)}
+
+
 def section_segment(s: dict, tmp: Path, budget: Budget, args, notes) -> dict:
     from magseg_hpc.segment.cluster import open_cluster
-    from magseg_hpc.segment.pipeline import SegmentOptions, prepare, segment_volume, warm_workers
+    from magseg_hpc.segment.pipeline import SegmentOptions, prepare
     from magseg_hpc.volume.store import write_image_store
 
     shape = s["volume"]
-    rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    volume = rng.standard_normal(shape, dtype=np.float32)
+    volume = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     inp = tmp / "volume.zarr"
     write_image_store(inp, volume, overwrite=True)
     del volume
     ckpt = make_ckpt(tmp / f"{s['seg_backbone']}.pt", s["seg_backbone"])
-    res = {"settings": {"volume": "x".join(map(str, shape)), "backbone": s["seg_backbone"],
-                        "weights": "random", "bf16": s["device"] == "cuda",
-                        "device": s["device"], "input_written_s": time.perf_counter() - t0},
-           "runs": []}
     device = s["device"]
-    with open_cluster(device=device, dashboard_address=":0") as handle:
-        client = handle.client
-        res["settings"]["cluster"] = handle.description
+    # one slab holds the largest batch; every run uses the same slabs (and one prepare)
+    slab = max(16, *s["seg_batches"])
+    prep = prepare(SegmentOptions(str(inp), str(tmp / "labels.zarr"), model=str(ckpt),
+                                  batch_size=s["seg_batches"][0], slab_size=slab,
+                                  device=device, amp=True, overwrite=True, axes=("z",)))
+    res = {"settings": {"volume": "x".join(map(str, shape)), "backbone": s["seg_backbone"],
+                        "weights": "random", "bf16": device == "cuda", "device": device,
+                        "slab_size": slab, "setup_s": time.perf_counter() - t0},
+           "runs": []}
+    mode = "" if s["seg_processes"] else " (in-process threads)"
+    t0 = time.perf_counter()
+    with open_cluster(device=device, dashboard_address=":0",
+                      processes=s["seg_processes"]) as handle:
+        res["settings"]["cluster"] = handle.description + mode
+        res["settings"]["cluster_start_s"] = time.perf_counter() - t0
         for b in s["seg_batches"]:
             if not budget.allows():
-                res["runs"].append({"batch": b, "status": "skipped: time budget spent"})
+                res["runs"].append({"batch": b, "workers": 1,
+                                    "status": "skipped: time budget spent"})
                 continue
-            out = tmp / f"labels-{b}.zarr"
-            slab = max(16, b)
-            prep = prepare(SegmentOptions(str(inp), str(out), model=str(ckpt), batch_size=b,
-                                          slab_size=slab, device=device, amp=True,
-                                          overwrite=True, axes=("z",)))
-            warm_s = warm_workers(prep, client)
-            summary = segment_volume(prep, client, progress=False)
-            fwd = client.submit(worker_forward, str(ckpt), str(inp), b, device, True,
-                                prep.job.normalization, pure=False).result()
-            voxels = int(np.prod(shape))
-            fwd_vps = voxels / fwd["seconds"]
-            achieved = fwd["flops_per_slice"] * fwd["slices"] / fwd["seconds"]
-            stage = {k: sum(w[k] for w in summary.per_worker.values())
-                     for k in ("read_s", "compute_s", "write_s")}
-            res["runs"].append({
-                "batch": b, "slab_size": slab, "status": "done", "warm_up_s": warm_s,
-                "end_to_end_s": summary.seconds, "voxels_per_s": summary.voxels_per_second,
-                "forward_s": fwd["seconds"], "forward_voxels_per_s": fwd_vps,
-                "ratio": summary.voxels_per_second / fwd_vps,
-                "worker_read_s": stage["read_s"], "worker_compute_s": stage["compute_s"],
-                "worker_write_s": stage["write_s"],
-                "tflop_per_slice": fwd["flops_per_slice"] / 1e12,
-                "forward_tflops": achieved / 1e12,
-                "share_of_peak": achieved / (args.peak_tflops * 1e12)})
-            shutil.rmtree(out, ignore_errors=True)
+            res["runs"].append(seg_run(prep, handle.client, b, 1, s, args))
+    # Reads and writes overlap the forward only with more than one worker on the GPU.
+    workers, b = s["seg_overlap"]
+    if not budget.allows():
+        res["runs"].append({"batch": b, "workers": workers,
+                            "status": "skipped: time budget spent"})
+    else:
+        with open_cluster(device=device, dashboard_address=":0", workers=workers,
+                          processes=s["seg_processes"]) as handle:
+            res["settings"]["overlap_cluster"] = handle.description + mode
+            res["runs"].append(seg_run(prep, handle.client, b, workers, s, args))
     return res
 
 
@@ -455,7 +512,8 @@ def render(report: dict) -> str:
         "# GPU check (`benchmarks/gpu_check.py`)", "",
         f"- commit: `{r['commit']}`",
         f"- command: `{r['command']}`",
-        f"- mode: {'smoke (tiny, CPU: code paths only, no meaningful figures)' if r['smoke'] else 'full'}",
+        "- mode: " + ("smoke (tiny, CPU: code paths only, no meaningful figures)"
+                      if r["smoke"] else "full"),
         f"- device: {r['device']}; torch {r['torch']}, Python {r['python']}",
         f"- time budget {r['budget_s']:.0f} s, used {r['elapsed_s']:.0f} s; "
         f"bf16 peak taken as {r['peak_tflops']:g} TFLOP/s", "",
@@ -507,7 +565,8 @@ def render(report: dict) -> str:
         st = sec["settings"]
         lines += [f"{st['model']} ({st['weights']}), input {st['input']}, supervised_step, "
                   "bf16 autocast on GPU", "",
-                  "| batch | status | ms/iter (median) | images/s | peak GiB |", "|---|---|---|---|---|"]
+                  "| batch | status | ms/iter (median) | images/s | peak GiB |",
+                  "|---|---|---|---|---|"]
         for b in sec["batches"]:
             lines.append(f"| {b['batch']} | {b['status']} | {fmt(b.get('ms_per_iter'))} | "
                          f"{fmt(b.get('images_per_s'))} | {fmt(b.get('peak_mem_gib'), '.2f')} |")
@@ -519,16 +578,23 @@ def render(report: dict) -> str:
     else:
         st = sec["settings"]
         lines += [f"{st['volume']} synthetic volume (write_image_store), {st['backbone']} "
-                  f"random weights, --bf16 {st['bf16']}, {st['cluster']}", "",
-                  "| batch | status | end-to-end s | voxels/s | forward s | forward voxels/s | "
-                  "ratio | read / compute / write s | TFLOP/s | share of peak |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"random weights, --bf16 {st['bf16']} (bf16 autocast on GPU only), slab "
+                  f"{st['slab_size']}, {st['cluster']}; end to end = segment_volume (zarr read, "
+                  "normalise, forward, softmax, argmax, zarr write; workers warmed); forward = "
+                  "the model alone over the same slices, already normalised on the device, in "
+                  "the same worker process; ratio = voxels/s end to end / forward", "",
+                  "| batch | workers | status | end-to-end s | voxels/s | forward s | "
+                  "forward voxels/s | ratio | worker read / compute / write s | forward TFLOP/s "
+                  "| share of peak |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in sec["runs"]:
             if x.get("status") != "done":
-                lines.append(f"| {x['batch']} | {x['status']} |  |  |  |  |  |  |  |  |")
+                lines.append(f"| {x['batch']} | {x['workers']} | {x['status']} |  |  |  |  |  "
+                             "|  |  |  |")
                 continue
             lines.append(
-                f"| {x['batch']} | done | {x['end_to_end_s']:.2f} | {x['voxels_per_s']:,.0f} | "
+                f"| {x['batch']} | {x['workers']} | done | {x['end_to_end_s']:.2f} | "
+                f"{x['voxels_per_s']:,.0f} | "
                 f"{x['forward_s']:.2f} | {x['forward_voxels_per_s']:,.0f} | "
                 f"**{x['ratio']:.2f}** | {x['worker_read_s']:.2f} / "
                 f"{x['worker_compute_s']:.2f} / {x['worker_write_s']:.2f} | "
@@ -566,7 +632,8 @@ def main(argv=None) -> int:
     wanted = [x for x in args.sections.split(",") if x]
     if set(wanted) - set(SECTIONS):
         p.error(f"--sections: unknown {sorted(set(wanted) - set(SECTIONS))}")
-    logging.basicConfig(level=logging.WARNING)
+    for name in ("distributed", "distributed.http.proxy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     os.chdir(ROOT)
     budget = Budget(args.budget_s, s["min_section_s"])
     if s["device"] == "cuda":
