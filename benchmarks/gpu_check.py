@@ -6,8 +6,9 @@ budget is spent:
 1. augseg: ``magseg_hpc.train.loop.augseg_step`` + the EMA update at the study's settings
    (configs/augseg_semi128.yaml: DeepLabV3+ ResNet-101 deep stem, OS16, crop 513, 8 labelled
    + 8 unlabelled per GPU, bf16 autocast), batches from the project's loader over a phantom
-   (pre-loaded: data loading is timed apart). Variants: eager, channels_last, torch.compile
-   (guarded: a compile failure is noted and the variant skipped). ms per iteration, images/s
+   (pre-loaded: data loading is timed apart). Variants: eager, channels_last,
+   cudnn.benchmark (GPU only; the project leaves it off), torch.compile (guarded: a compile
+   failure is noted and the variant skipped). ms per iteration, images/s
    (labelled + unlabelled, as the loop counts), peak GPU memory, FLOPs per iteration
    (``torch.utils.flop_counter.FlopCounterMode``) and the share of the bf16 peak, and the
    projected wall time of the study's 30 epochs over 2298 unlabelled slices on 1 and 2 GPUs.
@@ -232,6 +233,10 @@ def measure_train(kind: str, variant: str, cfg, env, lab, unl, s: dict, budget: 
     )
 
     t, dev = cfg.train, env.device
+    if variant == "compile" and not budget.allows(s["compile_min_left_s"]):
+        notes.append(f"{kind} torch.compile skipped: under {s['compile_min_left_s']:.0f} s "
+                     "of the budget left")
+        return {"variant": variant, "status": "skipped: too little time left to compile"}
     reset_peak(dev)
     student, teacher = build_models(cfg, env)
     optimizer = build_optimizer(cfg, student, effective_lr(cfg, 1))
@@ -242,6 +247,7 @@ def measure_train(kind: str, variant: str, cfg, env, lab, unl, s: dict, budget: 
     elif variant == "compile":
         run_s = torch.compile(student, backend=s["compile_backend"])
         run_t = torch.compile(teacher, backend=s["compile_backend"])
+    torch.backends.cudnn.benchmark = variant == "cudnn_benchmark"
     epoch = t.sup_only_epochs
     nb = len(lab)
 
@@ -254,11 +260,6 @@ def measure_train(kind: str, variant: str, cfg, env, lab, unl, s: dict, budget: 
             supervised_step(run_s, optimizer, lab[i % nb], cfg=cfg, env=env)
 
     row: dict = {"variant": variant}
-    if variant == "compile" and not budget.allows(s["compile_min_left_s"]):
-        row["status"] = "skipped: too little time left to compile"
-        notes.append(f"{kind} torch.compile skipped: under {s['compile_min_left_s']:.0f} s "
-                     "of the budget left")
-        return row
     t0 = time.perf_counter()
     flops = None
     try:
@@ -273,6 +274,7 @@ def measure_train(kind: str, variant: str, cfg, env, lab, unl, s: dict, budget: 
             raise
         row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         notes.append(f"{kind} torch.compile failed ({row['error']}); eager is the fallback")
+        torch._dynamo.reset()
         return row
     row["first_call_s"] = time.perf_counter() - t0
     times = time_calls(lambda i: step(i + 1), s["warmup"], s["repeats"], dev, budget)
@@ -286,6 +288,7 @@ def measure_train(kind: str, variant: str, cfg, env, lab, unl, s: dict, budget: 
         row["share_of_peak"] = flops / med / (peak_tflops * 1e12)
     if variant == "compile":
         torch._dynamo.reset()
+    torch.backends.cudnn.benchmark = False
     return row
 
 
@@ -312,9 +315,12 @@ def section_train(kind: str, s: dict, tmp: Path, budget: Budget, args, notes) ->
                         "extra_weak": cfg.train.extra_weak, "amp_bf16": cfg.train.amp
                         and env.device.type == "cuda", "device": str(env.device)},
            "loader": loader, "variants": []}
-    variants = ("eager", "channels_last", "compile") if kind == "augseg" else (
-        "eager", "channels_last")
+    variants = ("eager", "channels_last", "cudnn_benchmark", "compile") if kind == "augseg" \
+        else ("eager", "channels_last")
     for v in variants:
+        if v == "cudnn_benchmark" and env.device.type != "cuda":
+            res["variants"].append({"variant": v, "status": "skipped: CUDA only"})
+            continue
         if not budget.allows():
             res["variants"].append({"variant": v, "status": "skipped: time budget spent"})
             continue
@@ -334,11 +340,43 @@ def section_train(kind: str, s: dict, tmp: Path, budget: Budget, args, notes) ->
     return res
 
 
-def section_sam(s: dict, budget: Budget, args, notes) -> dict:
+def sam_row(s: dict, b: int, budget: Budget, notes: list[str]) -> dict:
+    """One SAM batch size; everything it allocates is freed on return."""
     from magseg_hpc.config import load_config
     from magseg_hpc.train import distributed as dist_util
     from magseg_hpc.train.loop import build_models, build_optimizer, effective_lr, supervised_step
 
+    cfg = load_config(ROOT / s["sam_config"], [
+        f"model.name={s['sam_model']}", "model.checkpoint=null",
+        f"train.device={s['device']}", f"train.batch_size={b}", "train.amp=true",
+        f"train.crop_size={s['sam_size']}", "data.volume=unused.zarr"])
+    env = dist_util.init_distributed(cfg.train.device)
+    dev = env.device
+    row: dict = {"batch": b}
+    try:
+        reset_peak(dev)
+        # student + frozen EMA teacher, as the training loop holds them
+        student, teacher = build_models(cfg, env)
+        optimizer = build_optimizer(cfg, student, effective_lr(cfg, 1))
+        gen = torch.Generator().manual_seed(0)
+        size = s["sam_size"]
+        x = torch.randn((b, 1, size, size), generator=gen)
+        y = torch.randint(0, 3, (b, size, size), generator=gen)
+
+        def step(i):
+            supervised_step(student, optimizer, (x, y), cfg=cfg, env=env)
+
+        times = time_calls(step, s["warmup"], s["repeats"], dev, budget)
+        med = statistics.median(times)
+        row.update(status="done", iterations=len(times), ms_per_iter=1e3 * med,
+                   images_per_s=b / med, peak_mem_gib=peak_gib(dev))
+    except torch.cuda.OutOfMemoryError as e:
+        row.update(status="failed: out of memory", error=str(e).splitlines()[0][:200])
+        notes.append(f"SAM batch {b}: out of GPU memory")
+    return row
+
+
+def section_sam(s: dict, budget: Budget, args, notes) -> dict:
     res = {"settings": {"config": s["sam_config"], "model": s["sam_model"],
                         "weights": "random (no download)", "input": s["sam_size"]},
            "batches": []}
@@ -346,33 +384,9 @@ def section_sam(s: dict, budget: Budget, args, notes) -> dict:
         if not budget.allows():
             res["batches"].append({"batch": b, "status": "skipped: time budget spent"})
             continue
-        cfg = load_config(ROOT / s["sam_config"], [
-            f"model.name={s['sam_model']}", "model.checkpoint=null",
-            f"train.device={s['device']}", f"train.batch_size={b}", "train.amp=true",
-            f"train.crop_size={s['sam_size']}", "data.volume=unused.zarr"])
-        env = dist_util.init_distributed(cfg.train.device)
-        dev = env.device
-        row: dict = {"batch": b}
-        try:
-            reset_peak(dev)
-            student, _ = build_models(cfg, env)
-            optimizer = build_optimizer(cfg, student, effective_lr(cfg, 1))
-            gen = torch.Generator().manual_seed(0)
-            size = s["sam_size"]
-            x = torch.randn((b, 1, size, size), generator=gen)
-            y = torch.randint(0, 3, (b, size, size), generator=gen)
-
-            def step(i, student=student, optimizer=optimizer, x=x, y=y, cfg=cfg, env=env):
-                supervised_step(student, optimizer, (x, y), cfg=cfg, env=env)
-
-            times = time_calls(step, s["warmup"], s["repeats"], dev, budget)
-            med = statistics.median(times)
-            row.update(status="done", iterations=len(times), ms_per_iter=1e3 * med,
-                       images_per_s=b / med, peak_mem_gib=peak_gib(dev))
-        except torch.cuda.OutOfMemoryError as e:
-            row.update(status="failed: out of memory", error=str(e).splitlines()[0][:200])
-            notes.append(f"SAM batch {b}: out of GPU memory")
-        res["batches"].append(row)
+        res["batches"].append(sam_row(s, b, budget, notes))
+        if s["device"] == "cuda":
+            torch.cuda.empty_cache()
     return res
 
 
@@ -530,6 +544,11 @@ def render(report: dict) -> str:
                   f"crop {st['crop']}, batch {st['batch_per_gpu']}"
                   + (" + " + str(st['batch_per_gpu']) + " unlabelled" if kind == "augseg"
                      else "") + f" per GPU, bf16 autocast {st['amp_bf16']}, {st['device']}", "",
+                  "images/s: " + ("labelled + unlabelled images per step, as the loop counts "
+                                  "them (the student's forward also takes the weak views when "
+                                  f"extra_weak: {st['extra_weak']})" if kind == "augseg"
+                                  else "labelled images per step") + "; peak GiB: "
+                  "torch.cuda.max_memory_allocated, models and optimizer included.", "",
                   "| variant | status | ms/iter (median) | min ms | images/s | peak GiB | "
                   "first call s |", "|---|---|---|---|---|---|---|"]
         for v in sec["variants"]:
@@ -637,9 +656,7 @@ def main(argv=None) -> int:
     os.chdir(ROOT)
     budget = Budget(args.budget_s, s["min_section_s"])
     if s["device"] == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # torch defaults (cudnn.benchmark off), as the project runs; a variant turns it on
         device_name = torch.cuda.get_device_name(0)
     else:
         device_name = f"CPU ({platform.processor() or platform.machine()}, " \
