@@ -62,7 +62,7 @@ FULL = {
     "sam_batches": (2, 8), "volume": (213, 600, 600), "seg_batches": (8, 16, 32),
     "seg_backbone": "resnet101", "warmup": 3, "repeats": 10, "loader_batches": 4,
     "compile_backend": "inductor", "min_section_s": 20.0, "seg_processes": True,
-    "compile_min_left_s": 240.0, "seg_overlap": (2, 16),
+    "compile_min_left_s": 240.0, "seg_overlap": (2, 16), "train_overrides": [],
 }
 SMOKE = {
     "device": "cpu", "config": "configs/augseg_semi128.yaml", "backbone": "resnet18",
@@ -72,6 +72,7 @@ SMOKE = {
     "seg_backbone": "resnet18", "warmup": 0, "repeats": 1, "loader_batches": 2,
     # dynamo tracing without inductor's C++ build: the guarded path, quickly
     "compile_backend": "eager", "min_section_s": 0.0, "compile_min_left_s": 0.0,
+    "train_overrides": ["model.decoder_channels=64"],  # a narrow head: a faster CPU step
     "seg_overlap": (2, 2),
     # Dask workers as threads of this process (segment-volume --in-process): no worker
     # start-up of several seconds; the full run uses worker processes as users do
@@ -191,7 +192,7 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
         f"data.volume={vol}", f"train.device={s['device']}", "data.num_workers=0",
         f"data.n_labeled={s['n_labeled']}", f"data.n_val={s['n_val']}",
         f"model.backbone={s['backbone']}", f"train.crop_size={s['crop']}",
-        f"train.batch_size={s['batch']}", "train.amp=true", *overrides])
+        f"train.batch_size={s['batch']}", "train.amp=true", *s["train_overrides"], *overrides])
     t = cfg.train
     env = dist_util.init_distributed(t.device)
     out = tmp / f"run-{len(list(tmp.glob('run-*')))}"
@@ -309,6 +310,7 @@ def section_train(kind: str, s: dict, tmp: Path, budget: Budget, args, notes) ->
     cfg, env, lab, unl, loader = train_setup(s, tmp, overrides)
     m = cfg.model
     res = {"settings": {"config": s["config"], "backbone": m.backbone,
+                        "decoder_channels": m.decoder_channels,
                         "deep_stem": m.backbone != "resnet18" if m.deep_stem is None
                         else m.deep_stem, "output_stride": m.output_stride,
                         "crop": cfg.train.crop_size, "batch_per_gpu": cfg.train.batch_size,
@@ -540,7 +542,8 @@ def render(report: dict) -> str:
             lines += [f"{sec.get('status')}", ""]
             continue
         st = sec["settings"]
-        lines += [f"{st['backbone']} (deep stem {st['deep_stem']}, OS{st['output_stride']}), "
+        lines += [f"{st['backbone']} (deep stem {st['deep_stem']}, OS{st['output_stride']}, "
+                  f"decoder {st['decoder_channels']}), "
                   f"crop {st['crop']}, batch {st['batch_per_gpu']}"
                   + (" + " + str(st['batch_per_gpu']) + " unlabelled" if kind == "augseg"
                      else "") + f" per GPU, bf16 autocast {st['amp_bf16']}, {st['device']}", "",
