@@ -57,7 +57,7 @@ STUDY = {"epochs": 30, "n_labeled": 128, "n_unlabeled": 2298}
 
 FULL = {
     "device": "cuda", "config": "configs/augseg_semi128.yaml", "backbone": "resnet101",
-    "crop": 513, "batch": 8, "phantom": (16, 600, 600), "n_labeled": 8, "n_val": 2,
+    "crop": 513, "batch": 8, "phantom": (32, 600, 600), "n_labeled": 8, "n_val": 2,
     "sam_config": "configs/sam_vit_b.yaml", "sam_model": "sam_vit_b", "sam_size": 1024,
     "sam_batches": (2, 8), "volume": (213, 600, 600), "seg_batches": (8, 16, 32),
     "seg_backbone": "resnet101", "warmup": 3, "repeats": 10, "loader_batches": 4,
@@ -521,6 +521,35 @@ def section_segment(s: dict, tmp: Path, budget: Budget, args, notes) -> dict:
 
 # --- report ----------------------------------------------------------------------------------
 
+TARGETS = {  # issue 14's targets, set from arithmetic before any measurement
+    "augseg_minutes_1_gpu": 15.0,
+    "segment_voxels_per_s": 50e6,
+    "segment_ratio": 0.9,
+}
+
+
+def targets(report: dict) -> list[dict]:
+    """Each target against the best measured figure (None where its section did not run)."""
+    sec = report["sections"]
+    minutes = sec.get("augseg", {}).get("projection", {}).get("1_gpu", {}).get("minutes")
+    runs = [x for x in sec.get("segment", {}).get("runs", []) if x.get("status") == "done"]
+    best = max(runs, key=lambda x: x["voxels_per_s"], default=None)
+    rows = [
+        ("study AugSeg run projected on 1 GPU, minutes", "<=", TARGETS["augseg_minutes_1_gpu"],
+         minutes),
+        ("segment-volume voxels/s end to end (best run)", ">=", TARGETS["segment_voxels_per_s"],
+         best and best["voxels_per_s"]),
+        ("segment-volume / pure forward (that run)", ">=", TARGETS["segment_ratio"],
+         best and best["ratio"]),
+    ]
+    out = []
+    for name, op, target, value in rows:
+        met = None if value is None else (value <= target if op == "<=" else value >= target)
+        out.append({"target": name, "op": op, "value_target": target, "measured": value,
+                    "met": met, "factor": None if not value else
+                    (value / target if op == "<=" else target / value)})
+    return out
+
 
 def render(report: dict) -> str:
     r = report
@@ -622,6 +651,16 @@ def render(report: dict) -> str:
                 f"{x['worker_compute_s']:.2f} / {x['worker_write_s']:.2f} | "
                 f"{x['forward_tflops']:.2f} | {100 * x['share_of_peak']:.2f}% |")
         lines.append("")
+    lines += ["## Targets (issue 14)", "",
+              "| target | goal | measured | met | off by (x) |", "|---|---|---|---|---|"]
+    for t in r["targets"]:
+        goal = f"{t['op']} {t['value_target']:,.6g}"
+        lines.append(f"| {t['target']} | {goal} | {fmt(t['measured'], ',.6g')} | "
+                     f"{'n/a' if t['met'] is None else ('yes' if t['met'] else 'no')} | "
+                     f"{fmt(t['factor'], '.2f')} |")
+    lines += ["", "Smoke figures come from tiny CPU models and say nothing about the targets."
+              if r["smoke"] else "off by: how many times the goal the measurement is away "
+              "(above 1: missed by that factor).", ""]
     lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
     return "\n".join(lines)
 
@@ -710,6 +749,7 @@ def main(argv=None) -> int:
             if s["device"] == "cuda":
                 torch.cuda.empty_cache()
     report["elapsed_s"] = time.perf_counter() - budget.t0
+    report["targets"] = targets(report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "gpu.md").write_text(render(report))

@@ -56,9 +56,11 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
         assert r["voxels_per_s"] > 0 and r["forward_voxels_per_s"] > 0 and r["ratio"] > 0
         assert r["tflop_per_slice"] > 0
 
+    assert [t["met"] is not None for t in report["targets"]] == [True, True, True]
+
     md = (out / "gpu.md").read_text()
     for heading in ("# GPU check", "## AugSeg training step", "## Supervised step", "## SAM",
-                    "## segment-volume", "## Notes"):
+                    "## segment-volume", "## Targets (issue 14)", "## Notes"):
         assert heading in md
     assert report["commit"].split("+")[0] in md
     assert "smoke" in md
