@@ -45,6 +45,8 @@ def register(subparsers) -> None:
                    "(default; robust to another intensity scale, e.g. 8-bit vs float) or the "
                    "training volume's, stored in the checkpoint")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the forward on GPUs (no effect on CPU)")
     g = p.add_argument_group("cluster (default: a local cluster sized for this machine)")
     g.add_argument("--workers", type=int, default=None,
                    help="local Dask workers (default: one per GPU, else cores // threads)")
@@ -107,6 +109,7 @@ def run(args) -> int:
         batch_size=args.batch_size, probabilities=args.probabilities, tta=args.tta,
         device=args.device, slab_size=args.slab_size, resume=args.resume,
         overwrite=args.overwrite, method=args.method, normalization=args.normalization,
+        amp=args.bf16,
         command_line=shlex.join(["magseg-hpc", *sys.argv[1:]]),
     )
     # Every check that can fail on bad input runs before any cluster or output exists.

@@ -18,6 +18,8 @@ and with holes filled (dark domains can hold masked-valued pixels; they stay ins
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -28,6 +30,13 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((3,), (2,), (2, 3))
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     return out["out"] if isinstance(out, dict) else out
+
+
+def autocast(device: str | torch.device, amp: bool):
+    """bf16 autocast on a CUDA device when ``amp`` (segment-volume --bf16); else nothing."""
+    if amp and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -59,6 +68,7 @@ def segment_slab(
     context: int = 1,
     before: int = 0,
     count: int | None = None,
+    amp: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment ``count`` slices of raw intensities starting at ``slices[before]``;
     ``slices`` (N, H, W) holds them plus the halo a 2.5D model needs (module docstring).
@@ -81,7 +91,8 @@ def segment_slab(
             idx = np.clip(centres[:, None] + np.arange(-half, half + 1)[None], 0, total - 1)
             batch = apply_normalization(np.asarray(slices)[idx], normalization)
             x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(device)
-            probs = predict_probabilities(model, x, tta)
+            with autocast(device, amp):  # softmax is taken in float32 either way
+                probs = predict_probabilities(model, x, tta)
             if masked is not None:
                 outside = ~np.stack([masked_support(slices[c], masked) for c in centres])
                 outside = torch.from_numpy(outside).to(probs.device)[:, None]

@@ -82,6 +82,8 @@ class SegmentOptions:
     normalization: str = "input"
     torch_threads: int | None = None
     command_line: str | None = None
+    # bf16 autocast for the forward on GPUs (as train.amp); no effect on CPU
+    amp: bool = False
 
 
 @dataclass
@@ -236,7 +238,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
         model=model_path, model_sha256=sha256, threshold=threshold,
         batch_size=opts.batch_size, tta=opts.tta, probabilities=opts.probabilities,
         device=opts.device, torch_threads=opts.torch_threads,
-        normalization=normalization, context=context,
+        normalization=normalization, context=context, amp=opts.amp,
     )
     fields = {
         "method": opts.method, "model_sha256": sha256, "threshold": threshold,
@@ -246,6 +248,8 @@ def prepare(opts: SegmentOptions) -> Prepared:
         "input_shape": list(shape), "input_dtype": str(volume.dtype),
         "input_chunks": [int(c) for c in volume.data.chunksize],
     }
+    if opts.amp:  # only when set, so runs started before the option still resume
+        fields["amp"] = True
     provenance = {
         "command": "segment-volume", "command_line": opts.command_line,
         "input": job.input, "var": opts.var, "method": opts.method,

@@ -47,6 +47,7 @@ class SlabJob:
     torch_threads: int | None = None
     normalization: dict | None = None  # None: the checkpoint's
     context: int = 1  # model.context_slices: halo slices read = context // 2 on each side
+    amp: bool = False  # bf16 autocast on GPUs
 
     @property
     def scratch(self) -> str:
@@ -188,7 +189,7 @@ def run_slab(job: SlabJob, slab: Slab) -> dict:
             model, np.moveaxis(data, axis, 0), job.normalization or ckpt["normalization"],
             num_classes=job.num_classes, batch_size=job.batch_size, tta=job.tta,
             device=device, with_probabilities=job.probabilities or len(job.axes) > 1,
-            context=job.context, before=before, count=slab.num_slices(),
+            context=job.context, before=before, count=slab.num_slices(), amp=job.amp,
         )
         labels = np.moveaxis(labels, 0, axis)
         probs = None if probs is None else np.moveaxis(probs, 1, axis + 1)
@@ -243,12 +244,14 @@ def warm_up(job: SlabJob) -> str:
     model and run one z-slice batch through it (the first forward of a shape is slow)."""
     import torch
 
+    from magseg_hpc.segment.kernel import autocast
+
     _set_threads(job)
     volume = get_volume(job.input, job.var)
     if job.method == "model":
         device = resolve_device(job.device)
         model, _ = get_model(job.model, job.model_sha256, device)
         n = min(job.batch_size, volume.shape[0])
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, job.amp):
             model(torch.zeros((n, job.context, *volume.shape[1:]), device=device))
     return worker_name()
