@@ -25,11 +25,14 @@ TOOL_FORMAT_PREFIX = "magseg-hpc/"
 
 
 def tool_store_format(path: str | os.PathLike) -> str | None:
-    """The ``magseg_hpc.format`` of a zarr group this tool wrote, else None (never raises)."""
-    meta = Path(path) / "zarr.json"
+    """The ``magseg_hpc.format`` of a zarr group this tool wrote, or the ``format`` of the
+    manifest.json of a folder of exported slices, else None (never raises)."""
     try:
-        attrs = json.loads(meta.read_text()).get("attributes") or {}
-        fmt = (attrs.get("magseg_hpc") or {}).get("format")
+        if (Path(path) / "zarr.json").is_file():
+            attrs = json.loads((Path(path) / "zarr.json").read_text()).get("attributes") or {}
+            fmt = (attrs.get("magseg_hpc") or {}).get("format")
+        else:
+            fmt = json.loads((Path(path) / "manifest.json").read_text()).get("format")
     except (OSError, ValueError, AttributeError):
         return None
     return fmt if isinstance(fmt, str) and fmt.startswith(TOOL_FORMAT_PREFIX) else None

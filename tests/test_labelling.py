@@ -359,9 +359,15 @@ def test_export_refuses_an_existing_folder(phantoms, tmp_path, capsys):
     out = tmp_path / "shots"
     out.mkdir()
     (out / "mine.png").write_bytes(b"keep")
-    code, _, err = run(capsys, "export-slices", phantoms[0], out, "--n", 2)
-    _one_line_error(code, err, "already exists; pass --overwrite")
+    code, _, err = run(capsys, "export-slices", phantoms[0], out, "--n", 2, "--overwrite")
+    _one_line_error(code, err, "not written by magseg-hpc")  # a user's folder: never replaced
     assert (out / "mine.png").read_bytes() == b"keep"
+    ours = tmp_path / "ours"
+    assert run(capsys, "export-slices", phantoms[0], ours, "--n", 2)[0] == 0
+    code, _, err = run(capsys, "export-slices", phantoms[0], ours, "--n", 3)
+    _one_line_error(code, err, "already exists; pass --overwrite")
+    assert run(capsys, "export-slices", phantoms[0], ours, "--n", 3, "--overwrite")[0] == 0
+    assert len(list(ours.glob("z*.png"))) == 3
 
 
 def test_suggest_refuses_bad_inputs_before_any_work(phantoms, tmp_path, capsys):
