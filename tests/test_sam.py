@@ -257,6 +257,7 @@ def test_train_and_segment_volume_through_the_cli(tmp_path, capsys):
 
     out = tmp_path / "labels.zarr"
     rc = main(["segment-volume", str(volume), str(out), "--model", str(run / "best.pt"),
+               "--normalization", "checkpoint",  # what the reference below applies
                "--in-process", "--dashboard-address", ":0", "--batch-size", "4"])
     assert rc == 0, capsys.readouterr().err
     labels, table = open_labels(out)
