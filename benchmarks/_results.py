@@ -63,9 +63,14 @@ def machine() -> dict:
     return info
 
 
+# Taken when a benchmark starts (it imports this module first), not when it ends: code edited
+# while a long benchmark runs must not be credited to the commit.
+AT_START = {"commit": commit(), "command": command()}
+
+
 def write_results(name: str, title: str, body: str, raw: dict, *, note: str = "") -> Path:
     """Write ``benchmarks/results/<name>.md`` (body + provenance + raw JSON) and ``.json``."""
-    meta = {"commit": commit(), "command": command(), "machine": machine()}
+    meta = {**AT_START, "machine": machine()}
     m = meta["machine"]
     lines = [
         f"# {title}",
