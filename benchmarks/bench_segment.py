@@ -111,7 +111,9 @@ def run_pipeline(ckpt, inp, out, workers, threads, slab, batch, repeats=1) -> di
             Client(cluster) as client:
         cluster_s = time.perf_counter() - t_begin
         t0 = time.perf_counter()
-        prep = prepare(SegmentOptions(str(inp), str(out), model=str(ckpt), slab_size=slab,
+        # ckpt None: --method threshold, the same slab pipeline without a model
+        prep = prepare(SegmentOptions(str(inp), str(out), model=str(ckpt) if ckpt else None,
+                                      method="model" if ckpt else "threshold", slab_size=slab,
                                       batch_size=batch, torch_threads=threads))
         prepare_s = time.perf_counter() - t0
         startup = warm_workers(prep, client)  # worker imports + model load, reported apart
@@ -134,13 +136,13 @@ def run_pipeline(ckpt, inp, out, workers, threads, slab, batch, repeats=1) -> di
 
 def memory_child(ckpt, inp, out, slab, batch, threads) -> None:
     """In a fresh process: one run; prints worker and client (this process) peak RSS."""
-    r = run_pipeline(ckpt, inp, Path(out), 1, threads, slab, batch)
+    r = run_pipeline(None if ckpt == "-" else ckpt, inp, Path(out), 1, threads, slab, batch)
     r["client_peak_rss"] = peak_rss()
     print(json.dumps(r))
 
 
 def run_memory(ckpt, inp, out, slab, batch, threads) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--memory-child", str(ckpt), str(inp),
+    r = subprocess.run([sys.executable, __file__, "--memory-child", str(ckpt or "-"), str(inp),
                         str(out), str(slab), str(batch), str(threads)],
                        capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -157,33 +159,8 @@ def cli_seconds(ckpt, inp, out, slab, batch, threads) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
-        ckpt, inp, out, slab, batch, threads = sys.argv[2:8]
-        memory_child(ckpt, inp, out, int(slab), int(batch), int(threads))
-        return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="/tmp/bench_segment")
-    ap.add_argument("--quick", action="store_true", help="smaller volumes")
-    ap.add_argument("--memory-shape", default=None,
-                    help="Z,Y,X of the smaller memory volume; the larger has 4x Z "
-                         "(default 48,128,128 with --quick, else 96,192,192)")
-    args = ap.parse_args()
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    cores = len(os.sched_getaffinity(0))
-    side = 128 if args.quick else 192
-    small_z = 48 if args.quick else 96
-    mem_shape = (tuple(int(v) for v in args.memory_shape.split(",")) if args.memory_shape
-                 else (small_z, side, side))
-    # One torch thread for the efficiency/memory rows: on a loaded shared machine OpenMP teams
-    # of 2 threads stall on each other.
-    slab, batch, threads = 4, 4, 1
-    r18 = make_ckpt(work / "r18.pt", "resnet18")
-    r101 = make_ckpt(work / "r101.pt", "resnet101")
-    rows, raw = [], {"quick": args.quick, "cores": cores, "slab": slab, "batch": batch}
-
+def model_rows(args, work, side, small_z, mem_shape, slab, batch, threads, r18, r101,
+               rows, raw) -> None:
     # 1. efficiency
     vol = make_volume((small_z, side, side), seed=0)
     inp = write_input(work / "small.zarr", vol, (8, 64, 64))
@@ -247,6 +224,78 @@ def main() -> None:
                          "x".join(map(str, shape)), f"{workers}x{t}", f"{secs:.2f} s",
                          f"**{np.prod(shape) / secs:,.0f} voxels/s**"))
 
+
+def big_memory_rows(work: Path, shape: tuple[int, int, int], rows, raw) -> None:
+    """Client and worker peak RSS of the threshold pipeline, a volume and 4x its slices."""
+    from bench_ingest import make_source
+
+    from magseg_hpc.volume.ingest import ingest
+
+    mib, gib = 2**20, 2**30
+    out, shapes = {}, {"small": shape, "big": (4 * shape[0], *shape[1:])}
+    for key, shp in shapes.items():
+        npy, store = work / f"thr_{key}.npy", work / f"thr_{key}.zarr"
+        make_source(npy, shp)
+        ingest(npy, store, chunks=(16, 256, 256))
+        npy.unlink()
+        out[key] = run_memory(None, store, work / f"thr_{key}_out.zarr", 16, 8, 1)
+        out[key]["bytes"] = int(np.prod(shp)) * 4
+        shutil.rmtree(store)
+        shutil.rmtree(work / f"thr_{key}_out.zarr", ignore_errors=True)
+    raw["big_memory_threshold"] = {"small_shape": list(shapes["small"]),
+                                   "big_shape": list(shapes["big"]), **out}
+    vols = " vs ".join(f"{'x'.join(map(str, shapes[k]))} ({out[k]['bytes'] / gib:.2f} GiB)"
+                       for k in ("small", "big"))
+    for who in ("worker", "client"):
+        a, b = out["small"][f"{who}_peak_rss"], out["big"][f"{who}_peak_rss"]
+        rows.append((f"{who} peak RSS, --method threshold", "threshold, slab 16", vols, "1x1",
+                     f"{a / mib:.0f} MiB vs {b / mib:.0f} MiB "
+                     f"({out['small']['seconds']:.0f} s vs {out['big']['seconds']:.0f} s)",
+                     f"**{b / a - 1:+.1%}**"))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
+        ckpt, inp, out, slab, batch, threads = sys.argv[2:8]
+        memory_child(ckpt, inp, out, int(slab), int(batch), int(threads))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/bench_segment")
+    ap.add_argument("--quick", action="store_true", help="smaller volumes")
+    ap.add_argument("--memory-shape", default=None,
+                    help="Z,Y,X of the smaller memory volume; the larger has 4x Z "
+                         "(default 48,128,128 with --quick, else 96,192,192)")
+    ap.add_argument("--big-memory", default=None, metavar="Z,Y,X",
+                    help="also: client and worker peak RSS of --method threshold (the same slab "
+                         "pipeline, no model) on a float32 volume of this shape and one with 4x "
+                         "Z, made and ingested slab by slab (256,1024,1024 is 1 GiB)")
+    ap.add_argument("--skip-model-rows", action="store_true",
+                    help="only the --big-memory rows (the efficiency, memory and throughput "
+                         "rows of the model are left out)")
+    ap.add_argument("--results", default="segment",
+                    help="results file name under benchmarks/results/ (default segment)")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cores = len(os.sched_getaffinity(0))
+    side = 128 if args.quick else 192
+    small_z = 48 if args.quick else 96
+    mem_shape = (tuple(int(v) for v in args.memory_shape.split(",")) if args.memory_shape
+                 else (small_z, side, side))
+    # One torch thread for the efficiency/memory rows: on a loaded shared machine OpenMP teams
+    # of 2 threads stall on each other.
+    slab, batch, threads = 4, 4, 1
+    r18 = make_ckpt(work / "r18.pt", "resnet18")
+    r101 = make_ckpt(work / "r101.pt", "resnet101")
+    rows, raw = [], {"quick": args.quick, "cores": cores, "slab": slab, "batch": batch}
+
+    if not args.skip_model_rows:
+        model_rows(args, work, side, small_z, mem_shape, slab, batch, threads, r18, r101,
+                   rows, raw)
+    if args.big_memory:
+        big_memory_rows(work, tuple(int(v) for v in args.big_memory.split(",")), rows, raw)
+
     lines = [f"segment-volume benchmark on {cores} usable CPU cores (shared machine), torch "
              f"{torch.__version__}; random-weight DeepLabV3+ checkpoints. Efficiency = pure "
              "model forward time over the same slices / wall time.", "",
@@ -255,7 +304,7 @@ def main() -> None:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     body = "\n".join(lines)
     print(body)
-    print("\nwrote", write_results("segment", "segment-volume benchmark", body, raw))
+    print("\nwrote", write_results(args.results, "segment-volume benchmark", body, raw))
 
 
 if __name__ == "__main__":
