@@ -3,7 +3,8 @@
 Makes a float32 NPY volume larger than 1 GB, then in fresh child processes (so each peak RSS
 is its own) converts it (a) with ``magseg_hpc.volume.ingest.ingest`` (slab streaming) and
 (b) the baseline: ``np.load`` the whole array, then write it to the same zarr layout.
-Prints a markdown table. Usage:
+Prints a markdown table and writes it, with the commit, command and raw numbers, to
+``benchmarks/results/ingest.md`` (and ``ingest.json``). Usage:
 
     .venv/bin/python benchmarks/bench_ingest.py [--shape 512,768,768] [--workdir /tmp/bench]
 """
@@ -18,9 +19,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from _results import write_results
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 mode, src, out = sys.argv[1:4]
 t0 = time.perf_counter()
@@ -32,7 +34,10 @@ else:
     volume = np.load(src)  # the whole volume in memory
     write_image_store(out, volume, chunks=(32, 256, 256))
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report
+# at least the parent's peak (the parent maps the whole source volume to make it)
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+            if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": seconds, "peak_rss": peak}))
 """
 
@@ -75,17 +80,32 @@ def main() -> None:
         "numpy load + write (baseline)": (run("numpy", src, work / "out.zarr"), nbytes),
     }
     shutil.rmtree(work / "out.zarr", ignore_errors=True)
-    print(f"volume {'x'.join(map(str, shape))} float32 = {nbytes / 2**30:.2f} GiB\n")
-    print("| path | seconds | MB/s | peak RSS (MiB) | peak RSS / volume |")
-    print("|---|---|---|---|---|")
+    lines = [f"Volume {'x'.join(map(str, shape))} float32 = {nbytes / 2**30:.2f} GiB "
+             "(NPY), written to zarr chunks (32, 256, 256); each path in its own child process.",
+             "",
+             "| path | seconds | MB/s | peak RSS (MiB) | peak RSS / volume |",
+             "|---|---|---|---|---|"]
     for name, (r, size) in rows.items():
-        print(f"| {name} | {r['seconds']:.1f} | {size / 1e6 / r['seconds']:.0f} | "
-              f"{r['peak_rss'] / 2**20:.0f} | {r['peak_rss'] / size:.2f} |")
+        lines.append(f"| {name} | {r['seconds']:.1f} | {size / 1e6 / r['seconds']:.0f} | "
+                     f"{r['peak_rss'] / 2**20:.0f} | {r['peak_rss'] / size:.2f} |")
     ingest, base = rows["ingest (streaming)"][0], rows["numpy load + write (baseline)"][0]
-    print(f"\nthroughput ingest / baseline: {base['seconds'] / ingest['seconds']:.2f}x; "
-          f"peak memory ingest / baseline: {ingest['peak_rss'] / base['peak_rss']:.2f}; "
-          f"peak memory full / quarter volume: "
-          f"{ingest['peak_rss'] / rows['ingest, 1/4 of the volume'][0]['peak_rss']:.2f}")
+    quarter_rss = rows["ingest, 1/4 of the volume"][0]["peak_rss"]
+    ratios = {"throughput_ingest_over_baseline": base["seconds"] / ingest["seconds"],
+              "peak_rss_ingest_over_baseline": ingest["peak_rss"] / base["peak_rss"],
+              "peak_rss_full_over_quarter": ingest["peak_rss"] / quarter_rss}
+    lines += ["",
+              f"Throughput ingest / baseline: "
+              f"{ratios['throughput_ingest_over_baseline']:.2f}x; peak memory ingest / "
+              f"baseline: {ratios['peak_rss_ingest_over_baseline']:.2f}; peak memory of "
+              f"ingest, full / quarter volume: {ratios['peak_rss_full_over_quarter']:.2f}."]
+    body = "\n".join(lines)
+    print(body)
+    raw = {"shape": list(shape), "volume_bytes": nbytes,
+           "runs": {name: {**r, "bytes": size} for name, (r, size) in rows.items()},
+           "ratios": ratios}
+    print("\nwrote", write_results("ingest", "Ingest: streaming vs numpy load + write", body,
+                                   raw))
+
 
 if __name__ == "__main__":
     main()

@@ -12,8 +12,10 @@ alone on the same batches with the same models:
 
 Step, teacher and student are timed round-robin over the same pre-loaded batches (data
 loading is not timed) so other people's load on a shared machine hits all of them alike;
-medians are reported. ratio = step / (teacher + student): the overhead of AugSeg's own logic
-(CutMix, confidence, loss normalisation); close to 1 is good.
+medians are reported, and written with the commit, command and raw times to
+``benchmarks/results/train_step.md`` (and ``train_step.json``).
+ratio = step / (teacher + student): the overhead of AugSeg's own logic (CutMix, confidence,
+loss normalisation); close to 1 is good.
 
     .venv/bin/python benchmarks/bench_train_step.py [--config configs/cpu_tiny.yaml]
         [--repeats 20] [--threads N] [--device cpu] [KEY=VALUE ...]
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _results import write_results
 
 from magseg_hpc.classes import IGNORE_LABEL
 from magseg_hpc.config import load_config
@@ -147,11 +150,11 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     images = 2 * t.batch_size  # labelled + unlabelled images per step, as the loop counts
     parts_sum = med["teacher"] + med["student"]
-    print(f"config {args.config}: batch {t.batch_size} labelled + {t.batch_size} unlabelled, "
-          f"crop {t.crop_size}, {cfg.model.backbone}, device {env.device}, "
-          f"{torch.get_num_threads()} threads, {args.repeats} rounds (median)")
-    print("| part | ms (median) | min ms | images/s |")
-    print("|---|---|---|---|")
+    header = (f"config {args.config}: batch {t.batch_size} labelled + {t.batch_size} "
+              f"unlabelled, crop {t.crop_size}, {cfg.model.backbone}, device {env.device}, "
+              f"{torch.get_num_threads()} threads, {args.warmup} warm-up + {args.repeats} "
+              f"timed rounds (median)")
+    lines = [header, "", "| part | ms (median) | min ms | images/s |", "|---|---|---|---|"]
     step_ms = 1e3 * (med["step"] - med["ema"])
     rows = [("AugSeg step (augseg_step + EMA)", med["step"]),
             ("augseg_step alone (step - EMA)", med["step"] - med["ema"]),
@@ -165,10 +168,22 @@ def main(argv=None) -> int:
             "EMA update": min(times["ema"])}
     for name, sec in rows:
         mn = mins.get(name)
-        print(f"| {name} | {1e3 * sec:.1f} | {'-' if mn is None else f'{1e3 * mn:.1f}'} | "
-              f"{images / sec:.1f} |")
-    print(f"\nratio step / (teacher + student) = {med['step'] / parts_sum:.3f} "
-          f"(without the EMA update: {step_ms / (1e3 * parts_sum):.3f})")
+        lines.append(f"| {name} | {1e3 * sec:.1f} | {'-' if mn is None else f'{1e3 * mn:.1f}'} "
+                     f"| {images / sec:.1f} |")
+    ratios = {"step_over_parts": med["step"] / parts_sum,
+              "step_without_ema_over_parts": step_ms / (1e3 * parts_sum)}
+    lines += ["", f"ratio step / (teacher + student) = {ratios['step_over_parts']:.3f} "
+              f"(without the EMA update: {ratios['step_without_ema_over_parts']:.3f})"]
+    body = "\n".join(lines)
+    print(body)
+    raw = {"config": args.config, "overrides": args.overrides, "batch_size": t.batch_size,
+           "crop_size": t.crop_size, "backbone": cfg.model.backbone, "device": str(env.device),
+           "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
+           "images_per_step": images, "seconds": times,
+           "median_seconds": med, "ratios": ratios}
+    print("\nwrote", write_results("train_step", "AugSeg training step vs its parts", body, raw,
+                                   note="Parts are timed round-robin with the step, so load "
+                                   "from other processes hits all of them alike."))
     return 0
 
 
