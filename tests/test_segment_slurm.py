@@ -57,7 +57,7 @@ def test_slurm_workers_segment_and_leave_no_jobs(slurm, two_nodes, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "magseg_hpc.cli", "segment-volume", str(inp), str(out),
          "--model", str(ckpt), "--slab-size", "4", "--cluster", "slurm",
-         "--job", str(profile), "--jobs", "2",
+         "--job", str(profile), "--jobs", "2", "--normalization", "checkpoint",
          "--dashboard-address", ":0"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )

@@ -207,9 +207,9 @@ def test_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, phantom, tmp
     (["--gpus-per-node", "3"], "Requested node configuration is not available"),
     (["--nodes", "3"], "Node count specification invalid"),  # the partition has 2
 ])
-def test_slurm_refusal_is_one_readable_line(slurm_cluster, tmp_path, flags, reason):
+def test_slurm_refusal_is_one_readable_line(slurm_cluster, tmp_path, phantom, flags, reason):
     result = submit("--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml", *flags,
-                    "--runs-root", tmp_path / "runs")
+                    "--runs-root", tmp_path / "runs", f"data.volume={phantom}")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [f"magseg-hpc: error: SLURM refused the train job: {reason}"], lines
