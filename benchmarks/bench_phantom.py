@@ -34,10 +34,11 @@ import json
 import math
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _results import commit
 
 from magseg_hpc.cli import main as cli_main
 
@@ -101,17 +102,6 @@ def summarise(values: list[float]) -> str:
     if len(values) == 1:
         return f"{mean:.3f} (n=1)"
     return f"{mean:.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
-
-
-def commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "magseg_hpc", "configs"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return rev + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def write_table(args, results: dict, commands: list[str], timings: dict) -> str:
