@@ -135,7 +135,8 @@ def write_table(args, results: dict, commands: list[str], timings: dict) -> str:
         f"mIoU on held-out test phantoms (seed + {TEST_SEED_OFFSET}; never a training volume), "
         "mean ± sample standard deviation over training seeds.",
         "",
-        f"Commit {commit()}. Presets {args.presets}, seeds {args.seeds}, SNR "
+        f"Commit {args.commit} (the code this process imported). Presets {args.presets}, "
+        f"seeds {args.seeds}, SNR "
         f"{args.snr or 'of the preset'}, {args.n_labeled} labelled slices, configs "
         f"{args.augseg_config} and {args.supervised_config}, overrides "
         f"{args.train_override or 'none'}.",
@@ -193,6 +194,7 @@ def ceiling_overrides(config: str, train_vol: Path) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.commit = commit()  # at the start: the code that runs is the code imported now
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     commands: list[str] = []
