@@ -100,8 +100,7 @@ def weak_augment(
     use_focus = focus_prob > 0 and rng.random() < focus_prob
     foc = None
     if focus is not None and use_focus:
-        foc = _as_tensor(np.asarray(focus, np.float32) if isinstance(focus, np.ndarray)
-                         else focus, torch.float32)[None, None]
+        foc = _as_tensor(np.asarray(focus, np.float32), torch.float32)[None, None]
 
     lo, hi = scale_range
     s = rng.uniform(lo, hi)

@@ -236,9 +236,6 @@ class MultiAxisSlices:
         out[where] = labels[where]
         return out
 
-    def __getstate__(self):
-        return self.__dict__.copy()
-
 
 def other_axis_keys(primary: VolumeSlices, axes: Sequence[str],
                     n_labeled: int) -> tuple[list[str], list[str]]:

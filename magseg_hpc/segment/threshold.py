@@ -163,6 +163,9 @@ def fit_threshold_params(volume_sample: Any, options: dict[str, Any] | None = No
         )
     nz, ny, nx = data.shape
     stride = max(1, int(math.ceil(math.sqrt(_FIT_SLAB_DEPTH * ny * nx / _FIT_VOXELS_PER_SLAB))))
+    masked_value = _masked_value(data, stride)
+    if masked_value is not None:  # decided first: its features differ, none computed twice
+        return _fit_masked(data, opts, stride, masked_value)
     support_samples, domain_samples = [], []
     for start in _slab_starts(nz, _FIT_SLABS, _FIT_SLAB_DEPTH):
         slab = _check_slab(np.asarray(data[start : start + _FIT_SLAB_DEPTH]))
@@ -171,9 +174,6 @@ def fit_threshold_params(volume_sample: Any, options: dict[str, Any] | None = No
         domain_samples.append(domain[:, ::stride, ::stride].ravel())
     support_values = np.concatenate(support_samples)
     domain_values = np.concatenate(domain_samples)
-    masked_value = _masked_value(data, stride)
-    if masked_value is not None:
-        return _fit_masked(data, opts, stride, masked_value)
     if support_values.min() == support_values.max():
         raise MagsegError("the volume is constant: there is nothing to threshold")
     support_threshold = float(threshold_otsu(support_values))
