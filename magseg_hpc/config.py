@@ -367,6 +367,14 @@ def _check_values(cfg: ExperimentConfig) -> None:
                           f"got {t.scale_range}")
     if t.num_strong_augs < 0:
         raise MagsegError(f"train.num_strong_augs must be >= 0, got {t.num_strong_augs}")
+    if d.axes is not None:
+        if d.axis not in d.axes:
+            raise MagsegError(f"data.axes {d.axes} must include data.axis ({d.axis}), the axis "
+                              "of the labelled slices")
+        if len(set(d.axes)) != len(d.axes) or not set(d.axes) <= {"z", "y", "x"}:
+            raise MagsegError(f"data.axes must be distinct axes among z, y, x; got {d.axes}")
+        if len(d.axes) > 1 and d.folder:
+            raise MagsegError("data.axes needs a volume (data.volume), not data.folder")
     if cfg.seed < 0:
         raise MagsegError(f"seed must be >= 0, got {cfg.seed}")
 

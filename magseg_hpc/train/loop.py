@@ -240,15 +240,8 @@ def open_data(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> TrainDat
 
 
 def train_axes(cfg: ExperimentConfig) -> list[str]:
-    """data.axes, or the one data.axis; the primary axis (data.axis) first."""
+    """data.axes (checked with the config), or the one data.axis; data.axis first."""
     axes = list(cfg.data.axes or [cfg.data.axis])
-    if cfg.data.axis not in axes:
-        raise MagsegError(f"data.axes {axes} must include data.axis ({cfg.data.axis}), the axis "
-                          "of the labelled slices")
-    if len(set(axes)) != len(axes) or not set(axes) <= {"z", "y", "x"}:
-        raise MagsegError(f"data.axes must be distinct axes among z, y, x; got {axes}")
-    if len(axes) > 1 and cfg.data.folder:
-        raise MagsegError("data.axes needs a volume (data.volume), not data.folder")
     return [cfg.data.axis] + [a for a in axes if a != cfg.data.axis]
 
 
