@@ -138,6 +138,11 @@ class TrainConfig:
     extra_weak: bool = False
     num_strong_augs: int = 3
     random_num_augs: bool = True
+    # The strong-augmentation pool (names in magseg_hpc.data.augment.STRONG_POOL); null: the
+    # study's pool. "intensity_safe" keeps only operations that leave the intensity -> class
+    # mapping intact (no solarize, brightness, autocontrast...): on magnetization data the
+    # class IS the grey level, so the study's pool teaches the student contradictions.
+    strong_ops: str | list[str] | None = None
     crop_size: int = 513
     # Share of crops placed to hold the sample (a labelled non-background pixel; for
     # unlabelled slices of a masked reconstruction, a non-masked pixel), as nnU-Net
@@ -367,6 +372,10 @@ def _check_values(cfg: ExperimentConfig) -> None:
                           f"got {t.scale_range}")
     if t.num_strong_augs < 0:
         raise MagsegError(f"train.num_strong_augs must be >= 0, got {t.num_strong_augs}")
+    if t.strong_ops is not None:
+        from magseg_hpc.data.augment import resolve_strong_pool
+
+        resolve_strong_pool(t.strong_ops)
     if d.axes is not None:
         if d.axis not in d.axes:
             raise MagsegError(f"data.axes {d.axes} must include data.axis ({d.axis}), the axis "

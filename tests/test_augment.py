@@ -175,3 +175,28 @@ def test_strong_augment_counts_and_shape():
     assert "hue" not in STRONG_POOL and "color" not in STRONG_POOL
     y = strong_augment(x.numpy(), np.random.default_rng(0), pool=["identity"])
     assert torch.equal(y, x)
+
+
+def test_intensity_safe_pool_keeps_the_grey_level_order():
+    """On magnetization data the class is the grey level: every op of the intensity_safe pool
+    keeps background < dark domain < bright domain (region means), where the study's pool
+    has ops that invert or collapse it (solarize, brightness...)."""
+    from magseg_hpc.data.augment import STRONG_POOLS, resolve_strong_pool
+
+    rng = np.random.default_rng(0)
+    levels = torch.tensor([0.0, 0.3, 0.9])
+    regions = torch.arange(3).repeat_interleave(24 * 8).reshape(24, 24)
+    x = levels[regions] + 0.05 * torch.from_numpy(rng.standard_normal((24, 24))).float()
+    x = x.clamp(0, 1)
+
+    def order_kept(y):
+        means = [float(y[regions == c].mean()) for c in range(3)]
+        return means[0] < means[1] < means[2]
+
+    for seed in range(200):
+        y = strong_augment(x, np.random.default_rng(seed), num_ops=3,
+                           pool=resolve_strong_pool("intensity_safe"))
+        assert order_kept(y), seed
+    assert not all(order_kept(strong_augment(x, np.random.default_rng(s), num_ops=3))
+                   for s in range(200))
+    assert resolve_strong_pool(None) == list(STRONG_POOL) == list(STRONG_POOLS["study"])

@@ -244,6 +244,36 @@ STRONG_POOL: dict[str, tuple[Callable, Callable[[Rng], float | None]]] = {
 }
 
 
+# Pools by name (train.strong_ops). "intensity_safe": operations after which a dark domain is
+# still darker than a bright one and the masked background still the darkest (blur,
+# sharpening, added noise, fewer grey levels): on magnetization data the class is the grey
+# level, so solarize, brightness, contrast, autocontrast, equalize and gamma would teach the
+# student that an inverted or rescaled domain keeps its label.
+STRONG_POOLS: dict[str, tuple[str, ...]] = {
+    "study": tuple(STRONG_POOL),
+    "intensity_safe": ("identity", "blur", "sharpness", "posterize", "noise"),
+}
+
+
+def resolve_strong_pool(spec: str | Sequence[str] | None) -> list[str]:
+    """A pool name ("study", "intensity_safe"), a list of op names, or None (the study's)."""
+    from magseg_hpc.errors import MagsegError
+
+    if spec is None:
+        return list(STRONG_POOL)
+    if isinstance(spec, str):
+        if spec not in STRONG_POOLS:
+            raise MagsegError(f"train.strong_ops: unknown pool {spec!r}; choose from "
+                              f"{list(STRONG_POOLS)} or list operations from {list(STRONG_POOL)}")
+        return list(STRONG_POOLS[spec])
+    names = list(spec)
+    unknown = [n for n in names if n not in STRONG_POOL]
+    if not names or unknown:
+        raise MagsegError(f"train.strong_ops: unknown operations {unknown or '(empty list)'}; "
+                          f"choose from {list(STRONG_POOL)}")
+    return names
+
+
 def strong_augment(
     image01,
     generator: Generator,

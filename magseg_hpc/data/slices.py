@@ -560,6 +560,7 @@ class AugmentSettings:
     rot90: bool = False
     num_strong_augs: int = 3
     random_num_augs: bool = True
+    strong_ops: tuple[str, ...] | None = None  # None: the study's pool
     context: int = 1  # model.context_slices: neighbouring slices as channels
     foreground: float = 0.0  # share of crops placed on the sample (train.foreground_crop)
 
@@ -635,7 +636,8 @@ class UnlabeledSlices(LabeledSlices):
         strong = weak.clone()
         if self.aug.num_strong_augs > 0:
             strong = strong_augment(strong, rng, num_ops=self.aug.num_strong_augs,
-                                    random_num_ops=self.aug.random_num_augs)
+                                    random_num_ops=self.aug.random_num_augs,
+                                    pool=self.aug.strong_ops)
         return (_channels(standardize(weak, self.norm)),
                 _channels(standardize(strong, self.norm)), pad != IGNORE_LABEL)
 

@@ -14,6 +14,9 @@ On a masked reconstruction (the normalisation found a ``masked_value``: everythi
 the sample exactly one value), voxels outside the sample's support are background whatever
 the model says: the support of each slice is its non-masked pixels, closed over small gaps
 and with holes filled (dark domains can hold masked-valued pixels; they stay inside).
+Orthoplane runs apply it once, on the fused z slices (``support_outside``): on a y or x plane
+a tilted pillar runs out of the slice's top and bottom, so its masked-valued dark domains
+there touch the edge, are not holes, and would be forced to background in that plane.
 """
 
 from __future__ import annotations
@@ -69,19 +72,21 @@ def segment_slab(
     before: int = 0,
     count: int | None = None,
     amp: bool = False,
+    force_support: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment ``count`` slices of raw intensities starting at ``slices[before]``;
     ``slices`` (N, H, W) holds them plus the halo a 2.5D model needs (module docstring).
 
+    ``force_support=False`` leaves the masked background to the caller (orthoplane passes).
     Returns ``labels`` uint8 (n, H, W) and ``probabilities`` uint8 (C, n, H, W) or None.
     Memory: the raw slab, the uint8 results and one batch of activations.
     """
-    from magseg_hpc.data.normalize import apply_normalization, masked_support
+    from magseg_hpc.data.normalize import apply_normalization
 
     total, h, w = slices.shape
     n = total - before if count is None else count
     half = context // 2
-    masked = normalization.get("masked_value")
+    masked = normalization.get("masked_value") if force_support else None
     labels = np.empty((n, h, w), np.uint8)
     probabilities = np.empty((num_classes, n, h, w), np.uint8) if with_probabilities else None
     with torch.inference_mode():
@@ -94,8 +99,8 @@ def segment_slab(
             with autocast(device, amp):  # softmax is taken in float32 either way
                 probs = predict_probabilities(model, x, tta)
             if masked is not None:
-                outside = ~np.stack([masked_support(slices[c], masked) for c in centres])
-                outside = torch.from_numpy(outside).to(probs.device)[:, None]
+                outside = torch.from_numpy(support_outside(slices[centres], masked))
+                outside = outside.to(probs.device)[:, None]
                 background = torch.zeros((1, probs.shape[1], 1, 1), device=probs.device)
                 background[0, 0] = 1.0
                 probs = torch.where(outside, background, probs)
@@ -105,8 +110,20 @@ def segment_slab(
     return labels, probabilities
 
 
-def fuse_probabilities(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Fuse per-axis uint8 probabilities (C, ...) by their mean: (labels, mean probabilities).
+def support_outside(slices: np.ndarray, masked_value: float | None) -> np.ndarray | None:
+    """Pixels outside each slice's sample support (N, H, W), or None when nothing is masked."""
+    from magseg_hpc.data.normalize import masked_support
+
+    if masked_value is None:
+        return None
+    return ~np.stack([masked_support(s, masked_value) for s in slices])
+
+
+def fuse_probabilities(
+    parts: list[np.ndarray], outside: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fuse per-axis uint8 probabilities (C, ...) by their mean: (labels, mean probabilities);
+    ``outside`` (...) marks voxels that are background whatever the parts say.
 
     Summing in uint16 keeps it exact (argmax of the sum is argmax of the mean); ties go to the
     lower class index, as ``argmax`` does everywhere else.
@@ -116,4 +133,8 @@ def fuse_probabilities(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
         total += p
     labels = total.argmax(axis=0).astype(np.uint8)
     mean = np.rint(total / len(parts)).astype(np.uint8)
+    if outside is not None:  # the masked background (module docstring)
+        labels[outside] = 0
+        mean[:, outside] = 0
+        mean[0][outside] = 255
     return labels, mean

@@ -190,6 +190,7 @@ def run_slab(job: SlabJob, slab: Slab) -> dict:
             num_classes=job.num_classes, batch_size=job.batch_size, tta=job.tta,
             device=device, with_probabilities=job.probabilities or len(job.axes) > 1,
             context=job.context, before=before, count=slab.num_slices(), amp=job.amp,
+            force_support=len(job.axes) == 1,  # orthoplane: on the fused z slices
         )
         labels = np.moveaxis(labels, 0, axis)
         probs = None if probs is None else np.moveaxis(probs, 1, axis + 1)
@@ -215,14 +216,16 @@ def _shape(job: SlabJob) -> tuple[int, int, int]:
 def _run_fuse(job: SlabJob, slab: Slab, t0: float) -> dict:
     import zarr
 
-    from magseg_hpc.segment.kernel import fuse_probabilities
+    from magseg_hpc.segment.kernel import fuse_probabilities, support_outside
     from magseg_hpc.volume.store import write_label_region
 
     parts = []
     for axis in job.axes:
         parts.append(zarr.open_array(f"{job.scratch}/{axis}", mode="r")[:, slab.start:slab.stop])
+    masked = (job.normalization or {}).get("masked_value")
+    image = read_slab(job, slab)[0] if masked is not None else None
     t_read = time.perf_counter()
-    labels, mean = fuse_probabilities(parts)
+    labels, mean = fuse_probabilities(parts, support_outside(image, masked))
     t_compute = time.perf_counter()
     region = (slice(slab.start, slab.stop), slice(0, labels.shape[1]), slice(0, labels.shape[2]))
     write_label_region(job.output, region, labels, mean if job.probabilities else None)

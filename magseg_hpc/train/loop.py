@@ -42,6 +42,7 @@ from magseg_hpc.config import (
     load_yaml,
     save_config,
 )
+from magseg_hpc.data.augment import resolve_strong_pool
 from magseg_hpc.data.slices import (
     AugmentSettings,
     FolderSlices,
@@ -630,6 +631,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     aug = AugmentSettings(
         crop_size=t.crop_size, scale_range=tuple(t.scale_range), vflip=t.vflip, rot90=t.rot90,
         num_strong_augs=t.num_strong_augs, random_num_augs=t.random_num_augs,
+        strong_ops=tuple(resolve_strong_pool(t.strong_ops)),
         context=cfg.model.context_slices, foreground=t.foreground_crop,
     )
     labeled = LabeledSlices(data.source, data.splits["labeled"], norm, aug, cfg.seed)
