@@ -244,14 +244,14 @@ STRONG_POOL: dict[str, tuple[Callable, Callable[[Rng], float | None]]] = {
 }
 
 
-# Pools by name (train.strong_ops). "intensity_safe": operations after which a dark domain is
-# still darker than a bright one and the masked background still the darkest (blur,
-# sharpening, added noise, fewer grey levels): on magnetization data the class is the grey
-# level, so solarize, brightness, contrast, autocontrast, equalize and gamma would teach the
-# student that an inverted or rescaled domain keeps its label.
+# Pools by name (train.strong_ops). "intensity_safe": operations after which the masked
+# background is still the darkest, a dark domain darker than a bright one (blur, sharpening,
+# added noise). On magnetization data the class is the grey level: solarize, brightness,
+# contrast, autocontrast, equalize and gamma teach the student that an inverted or rescaled
+# domain keeps its label, and posterize merges dark domains into a zero background.
 STRONG_POOLS: dict[str, tuple[str, ...]] = {
     "study": tuple(STRONG_POOL),
-    "intensity_safe": ("identity", "blur", "sharpness", "posterize", "noise"),
+    "intensity_safe": ("identity", "blur", "sharpness", "noise"),
 }
 
 
