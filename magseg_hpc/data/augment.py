@@ -269,8 +269,9 @@ def resolve_strong_pool(spec: str | Sequence[str] | None) -> list[str]:
     names = list(spec)
     unknown = [n for n in names if n not in STRONG_POOL]
     if not names or unknown:
-        raise MagsegError(f"train.strong_ops: unknown operations {unknown or '(empty list)'}; "
-                          f"choose from {list(STRONG_POOL)}")
+        problem = f"unknown operations {unknown}" if unknown else "an empty list"
+        raise MagsegError(f"train.strong_ops: {problem}; name operations from "
+                          f"{list(STRONG_POOL)}")
     return names
 
 
