@@ -25,6 +25,8 @@ rewritten after every evaluation, so an interrupted run still leaves results.
 
     .venv/bin/python benchmarks/bench_phantom.py                 # presets x 3 seeds
     .venv/bin/python benchmarks/bench_phantom.py --seeds 0 --ablations --ceiling
+    .venv/bin/python benchmarks/bench_phantom.py --presets sweep --seeds 0 \
+        --shape 213,600,600 --out benchmarks/results/phantom_realsize.md   # a real sweep's size
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="training seeds; test phantoms use "
                    f"seed + {TEST_SEED_OFFSET} (default 0,1,2)")
     p.add_argument("--snr", default=None, help="override the presets' SNR")
+    p.add_argument("--shape", default=None, metavar="Z,Y,X",
+                   help="override the presets' volume shape (e.g. 213,600,600: a real sweep)")
     p.add_argument("--n-labeled", type=int, default=8, help="labelled slices (default 8)")
     p.add_argument("--augseg-config", default="configs/cpu_best.yaml")
     p.add_argument("--supervised-config", default="configs/cpu_best_supervised.yaml")
@@ -141,7 +145,7 @@ def write_table(args, results: dict, commands: list[str], timings: dict) -> str:
         "mean ± sample standard deviation over training seeds.",
         "",
         f"Commit {args.commit} (the code this process imported). Presets {args.presets}, "
-        f"seeds {args.seeds}, SNR "
+        f"seeds {args.seeds}, shape {args.shape or 'of the preset'}, SNR "
         f"{args.snr or 'of the preset'}, {args.n_labeled} labelled slices, configs "
         f"{args.augseg_config} and {args.supervised_config}, overrides "
         f"{args.train_override or 'none'}.",
@@ -229,9 +233,10 @@ def main(argv=None) -> int:
             d = work / f"{preset}_seed{seed}"
             d.mkdir(exist_ok=True)
             train_vol, test_vol = d / "train.zarr", d / "test.zarr"
-            snr = ["--snr", args.snr] if args.snr else []
+            flags = (["--snr", args.snr] if args.snr else []) + (
+                ["--shape", args.shape] if args.shape else [])
             for path, s in ((train_vol, seed), (test_vol, str(int(seed) + TEST_SEED_OFFSET))):
-                run_cli(["make-phantom", path, "--preset", preset, "--seed", s, *snr],
+                run_cli(["make-phantom", path, "--preset", preset, "--seed", s, *flags],
                         commands, done=path.exists())
             seg = d / "threshold.zarr"
             run_cli(["segment-volume", test_vol, seg, "--method", "threshold", "--in-process"],
