@@ -90,6 +90,16 @@ def test_scale_invariant_input_statistics(sweep):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_statistics_of_a_large_numpy_volume_are_sampled_like_a_dask_one(sweep):
+    import dask.array as da
+
+    image = np.tile(sweep.image, (2, 1, 1))  # more voxels than max_samples: a strided sample
+    small = image.size // 5
+    as_numpy = fit_normalization(image, max_samples=small)
+    assert as_numpy == fit_normalization(da.from_array(image, chunks=5), max_samples=small)
+    assert as_numpy["masked_value"] == 0.0
+
+
 def test_masked_support_keeps_dark_domains_inside(sweep):
     support = np.stack([masked_support(s, 0.0) for s in sweep.image])
     truth = sweep.labels > 0

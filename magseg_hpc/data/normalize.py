@@ -37,7 +37,8 @@ MASKED_FRACTION = 0.15
 
 
 def _strided_sample(values, max_samples: int) -> np.ndarray:
-    data = getattr(values, "data", values)  # xarray -> its (dask or numpy) array
+    # xarray -> its (dask or numpy) array; a numpy array's own .data is a raw memoryview
+    data = values if isinstance(values, np.ndarray) else getattr(values, "data", values)
     if not hasattr(data, "shape"):
         data = np.asarray(data)
     size = math.prod(data.shape)
