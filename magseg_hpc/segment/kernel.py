@@ -18,10 +18,13 @@ Orthoplane runs apply it once, on the fused z slices (``support_outside``): on a
 a tilted pillar runs out of the slice's top and bottom, so its masked-valued dark domains
 there touch the edge, are not holes, and would be forced to background in that plane.
 
-A masked sample fills a small part of each plane (~12 % of a published sweep's z slices; y and
-x planes beside the pillar hold none of it), so the model only runs on a window around each
-batch's non-masked pixels (``support_window``: their bounding box plus ``WINDOW_MARGIN`` px of
-background, on the encoder's stride); the rest is background, as the support rule makes it.
+A masked sample fills a small part of a large field of view, and most y and x planes beside a
+tilted pillar hold none of it: a plane whose pixels (and its context slices') are all masked
+is background without running the model (``planes_with_sample``), as the support rule makes
+it anyway (orthoplane: that plane's vote in the fusion is background). Planes that hold some
+of the sample run whole, not cropped to a window around it: the decoder's image-pooling branch
+averages over the entire plane, so a window changes its output (a 32 px margin changed 3.8 %
+of the sample's labels and cost 0.007 mIoU, `benchmarks/results/recipe.md`, third round).
 """
 
 from __future__ import annotations
@@ -31,10 +34,6 @@ import contextlib
 import numpy as np
 import torch
 
-# Background around the sample that the model still sees (px): past its effective receptive
-# field, so a pixel inside the sample gets the same prediction as from the whole plane.
-WINDOW_MARGIN = 32
-WINDOW_ALIGN = 32  # window sides on the encoder's output stride
 # Flips averaged by --tta, as tensor dims of a (B, C, H, W) batch: horizontal, vertical, both.
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((3,), (2,), (2, 3))
 
@@ -90,8 +89,6 @@ def segment_slab(
     Returns ``labels`` uint8 (n, H, W) and ``probabilities`` uint8 (C, n, H, W) or None.
     Memory: the raw slab, the uint8 results and one batch of activations.
     """
-    from magseg_hpc.data.normalize import apply_normalization
-
     total, h, w = slices.shape
     n = total - before if count is None else count
     half = context // 2
@@ -104,15 +101,15 @@ def segment_slab(
             centres = np.arange(start, stop) + before
             idx = np.clip(centres[:, None] + np.arange(-half, half + 1)[None], 0, total - 1)
             raw = np.asarray(slices)[idx]
-            window = support_window(raw, normalization.get("masked_value"))
-            probs = torch.zeros((len(centres), num_classes, h, w), device=device)
-            probs[:, 0] = 1.0  # background wherever the model does not run
-            if window is not None:
-                rows, cols = window
-                batch = apply_normalization(raw[..., rows, cols], normalization)
-                x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(device)
-                with autocast(device, amp):  # softmax is taken in float32 either way
-                    probs[..., rows, cols] = predict_probabilities(model, x, tta)
+            run = planes_with_sample(raw, normalization.get("masked_value"))
+            if run.all():
+                probs = _predict(model, raw, normalization, device, amp, tta)
+            else:  # planes of nothing but masked background (module docstring)
+                probs = torch.zeros((len(centres), num_classes, h, w), device=device)
+                probs[:, 0] = 1.0
+                if run.any():
+                    probs[torch.from_numpy(run).to(device)] = _predict(
+                        model, raw[run], normalization, device, amp, tta)
             if masked is not None:
                 outside = torch.from_numpy(support_outside(slices[centres], masked))
                 outside = outside.to(probs.device)[:, None]
@@ -125,29 +122,22 @@ def segment_slab(
     return labels, probabilities
 
 
-def support_window(raw: np.ndarray, masked_value: float | None) -> tuple[slice, slice] | None:
-    """Where the model must run on a batch of raw planes (..., H, W): the whole plane, or, on
-    a masked reconstruction, the non-masked pixels' bounding box grown by ``WINDOW_MARGIN`` and
-    rounded out to ``WINDOW_ALIGN`` (module docstring); None when every pixel is masked."""
-    h, w = raw.shape[-2:]
+def planes_with_sample(raw: np.ndarray, masked_value: float | None) -> np.ndarray:
+    """(B,) bool for a batch of raw planes with context (B, k, H, W): which hold any
+    non-masked pixel (all, when nothing is masked); the model only runs on those."""
+    raw = np.asarray(raw)
     if masked_value is None:
-        return slice(0, h), slice(0, w)
-    inside = (raw != masked_value).reshape(-1, h, w).any(axis=0)
-    if not inside.any():
-        return None
-    return tuple(  # type: ignore[return-value]
-        _grown(np.flatnonzero(inside.any(axis=other)), size)
-        for other, size in ((1, h), (0, w))
-    )
+        return np.ones(len(raw), bool)
+    return (raw != masked_value).reshape(len(raw), -1).any(axis=1)
 
 
-def _grown(hits: np.ndarray, size: int) -> slice:
-    lo, hi = int(hits[0]) - WINDOW_MARGIN, int(hits[-1]) + 1 + WINDOW_MARGIN
-    extent = -(-(hi - lo) // WINDOW_ALIGN) * WINDOW_ALIGN
-    if extent >= size:
-        return slice(0, size)
-    lo = min(max(0, lo - (extent - (hi - lo)) // 2), size - extent)
-    return slice(lo, lo + extent)
+def _predict(model, raw, normalization, device, amp, tta) -> torch.Tensor:
+    from magseg_hpc.data.normalize import apply_normalization
+
+    x = torch.from_numpy(np.ascontiguousarray(apply_normalization(raw, normalization),
+                                              np.float32)).to(device)
+    with autocast(device, amp):  # softmax is taken in float32 either way
+        return predict_probabilities(model, x, tta)
 
 
 def support_outside(slices: np.ndarray, masked_value: float | None) -> np.ndarray | None:
