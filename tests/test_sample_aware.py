@@ -309,6 +309,20 @@ def test_axes_auto_follows_the_trained_planes(caplog):
     assert "trained on z slices only" in caplog.text
 
 
+def test_axes_auto_fuses_only_planes_with_enough_labelled_rows(caplog):
+    from magseg_hpc.segment.pipeline import FUSION_MIN_SHARE, axes_for_auto
+
+    data = {"volume": "v.zarr", "axis": "z", "axes": ["z", "y", "x"]}
+    assert axes_for_auto({"config": {"data": data}}) == ("z", "y", "x")  # older checkpoints
+    assert axes_for_auto({"config": {"data": data}, "labelled_share": 8 / 64}) == ("z", "y", "x")
+    with caplog.at_level("INFO"):
+        assert axes_for_auto({"config": {"data": data}, "labelled_share": 8 / 213}) == ("z",)
+    assert "--axes auto: z only" in caplog.text and "3.8 %" in caplog.text
+    assert 8 / 213 < FUSION_MIN_SHARE <= 8 / 64
+    one = {"config": {"data": {"volume": "v.zarr", "axis": "z"}}, "labelled_share": 0.01}
+    assert axes_for_auto(one) == ("z",)
+
+
 def test_demo_iterations_make_a_whole_schedule():
     from conftest import REPO
 
@@ -346,3 +360,4 @@ def test_training_with_context_axes_and_foreground_crops(tmp_path):
     ckpt = load_checkpoint(tmp_path / "run/best.pt")
     assert ckpt["model"]["context_slices"] == 3 and ckpt["model"]["decoder_channels"] == 16
     assert ckpt["normalization"]["masked_value"] is None
+    assert ckpt["labelled_share"] == 3 / 12  # 3 labelled of 12 z slices (val included)

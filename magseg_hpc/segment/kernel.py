@@ -23,8 +23,8 @@ tilted pillar hold none of it: a plane whose pixels (and its context slices') ar
 is background without running the model (``planes_with_sample``), as the support rule makes
 it anyway (orthoplane: that plane's vote in the fusion is background). Planes that hold some
 of the sample run whole, not cropped to a window around it: the decoder's image-pooling branch
-averages over the entire plane, so a window changes its output (a 32 px margin changed 3.8 %
-of the sample's labels and cost 0.007 mIoU, `benchmarks/results/recipe.md`, third round).
+averages over the entire plane, so a window changes its output (a 32 px margin changed 4 % of
+the sample's labels and cost 0.005 mIoU, ``benchmarks/results/masked.md``).
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
                              "masked_value": normalization["masked_value"]}
         context = int(ckpt["model"].get("context_slices", 1))
         if auto_axes:
-            opts.axes = trained_axes(ckpt)
+            opts.axes = axes_for_auto(ckpt)
         _warn_untrained_axes(ckpt, opts.axes)
         sha256 = checkpoint_sha256(model_path)
         model_cfg = ckpt["model"]
@@ -271,6 +271,30 @@ def trained_axes(ckpt: dict) -> tuple[str, ...]:
     data = (ckpt.get("config") or {}).get("data") or {}
     trained = data.get("axes") or [data.get("axis") or "z"]
     return tuple(a for a in AXES if a in trained)
+
+
+# --axes auto fuses planes only when the training volume's labelled slices were at least this
+# share of its slices: y and x planes then carry labels on that share of their rows. Fusion
+# gained at 8 of 64 (+0.032 mIoU) and 8 of 48 (+0.005) and lost at 8 of 213 (-0.009 AugSeg,
+# -0.001 supervised; benchmarks/results/phantom.md and phantom_realsize.md).
+FUSION_MIN_SHARE = 0.1
+
+
+def axes_for_auto(ckpt: dict) -> tuple[str, ...]:
+    """What ``--axes auto`` segments along: the trained planes, or only the labelled axis
+    when its labels were too sparse a share of the volume for the other planes to learn."""
+    trained = trained_axes(ckpt)
+    share = ckpt.get("labelled_share")
+    if len(trained) == 1 or share is None or share >= FUSION_MIN_SHARE:
+        return trained
+    data = (ckpt.get("config") or {}).get("data") or {}
+    primary = data.get("axis") or "z"
+    others = "/".join(a for a in trained if a != primary)
+    log.info("--axes auto: %s only; labelled slices were %.1f %% of the training volume's "
+             "(< %.0f %%), so its %s planes saw few labelled rows and fusing them measured "
+             "worse (pass --axes %s to fuse anyway)", primary, 100 * share,
+             100 * FUSION_MIN_SHARE, others, ",".join(trained))
+    return (primary,)
 
 
 def _warn_untrained_axes(ckpt: dict, axes: tuple[str, ...]) -> None:

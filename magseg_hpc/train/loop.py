@@ -240,6 +240,16 @@ def open_data(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> TrainDat
     return TrainData(splits, source, val_source)
 
 
+def labelled_share(cfg: ExperimentConfig, splits: dict[str, list[str]]) -> float:
+    """Labelled slices / all slices along data.axis (other-axis keys hold ":"): also the share
+    of each y or x slice's rows that carry labels in a data.axes run (segment-volume's
+    ``--axes auto`` fuses planes only when it is large enough)."""
+    names = ("labeled", "unlabeled") if cfg.data.val_volume else ("labeled", "unlabeled", "val")
+    primary = {name: [k for k in splits[name] if ":" not in str(k)] for name in names}
+    total = sum(len(keys) for keys in primary.values())
+    return len(primary["labeled"]) / total if total else 0.0
+
+
 def train_axes(cfg: ExperimentConfig) -> list[str]:
     """data.axes (checked with the config), or the one data.axis; data.axis first."""
     axes = list(cfg.data.axes or [cfg.data.axis])
@@ -641,6 +651,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     val = (ValSlices(data.val_source, data.splits["val"], norm, cfg.model.context_slices)
            if data.splits["val"] else None)
     n_unlabeled = len(data.splits["unlabeled"])  # sets the epoch length for both methods
+    share = labelled_share(cfg, data.splits)
     ipe = t.iters_per_epoch or iters_per_epoch(len(labeled), n_unlabeled, t.batch_size,
                                                env.world_size)
     total_iters = t.epochs * ipe
@@ -691,6 +702,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
                 "optimizer": optimizer.state_dict(), "rng": rng_state(),
             } if with_train_state else {},
             "config": config_to_dict(cfg),
+            "labelled_share": share,
             "metrics": {"best": dict(best), "last_eval": dict(last_eval)},
         }
 
