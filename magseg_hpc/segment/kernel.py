@@ -95,27 +95,23 @@ def segment_slab(
     masked = normalization.get("masked_value") if force_support else None
     labels = np.empty((n, h, w), np.uint8)
     probabilities = np.empty((num_classes, n, h, w), np.uint8) if with_probabilities else None
+    background = torch.zeros((1, num_classes, 1, 1), device=device)  # one-hot class 0
+    background[0, 0] = 1.0
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             centres = np.arange(start, stop) + before
             idx = np.clip(centres[:, None] + np.arange(-half, half + 1)[None], 0, total - 1)
             raw = np.asarray(slices)[idx]
+            # planes of nothing but masked background skip the model (module docstring)
             run = planes_with_sample(raw, normalization.get("masked_value"))
-            if run.all():
-                probs = _predict(model, raw, normalization, device, amp, tta)
-            else:  # planes of nothing but masked background (module docstring)
-                probs = torch.zeros((len(centres), num_classes, h, w), device=device)
-                probs[:, 0] = 1.0
-                if run.any():
-                    probs[torch.from_numpy(run).to(device)] = _predict(
-                        model, raw[run], normalization, device, amp, tta)
+            probs = background.expand(len(centres), -1, h, w).clone()
+            if run.any():
+                probs[torch.from_numpy(run).to(device)] = _predict(
+                    model, raw[run], normalization, device, amp, tta)
             if masked is not None:
                 outside = torch.from_numpy(support_outside(slices[centres], masked))
-                outside = outside.to(probs.device)[:, None]
-                background = torch.zeros((1, probs.shape[1], 1, 1), device=probs.device)
-                background[0, 0] = 1.0
-                probs = torch.where(outside, background, probs)
+                probs = torch.where(outside.to(device)[:, None], background, probs)
             labels[start:stop] = probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
             if probabilities is not None:
                 probabilities[:, start:stop] = quantize(probs).cpu().numpy().transpose(1, 0, 2, 3)
@@ -125,7 +121,6 @@ def segment_slab(
 def planes_with_sample(raw: np.ndarray, masked_value: float | None) -> np.ndarray:
     """(B,) bool for a batch of raw planes with context (B, k, H, W): which hold any
     non-masked pixel (all, when nothing is masked); the model only runs on those."""
-    raw = np.asarray(raw)
     if masked_value is None:
         return np.ones(len(raw), bool)
     return (raw != masked_value).reshape(len(raw), -1).any(axis=1)
