@@ -4,9 +4,12 @@ phantom, normalisation fitted on the sample, the masked-background support, fore
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import zarr
 from distributed import Client, LocalCluster
 from segment_utils import MODEL_CFG, make_volume, read_labels, write_input
 
@@ -335,12 +338,13 @@ def test_demo_iterations_make_a_whole_schedule():
         _schedule(str(REPO / "configs/cpu_best.yaml"), 0)
 
 
-def test_training_with_context_axes_and_foreground_crops(tmp_path):
+@pytest.fixture(scope="module")
+def multi_axis_run(tmp_path_factory):
+    """A short 2.5D training on z, y and x slices: (training volume, summary)."""
     from magseg_hpc.config import config_from_dict
-    from magseg_hpc.data.slices import read_split
-    from magseg_hpc.models.checkpoint import load_checkpoint
     from magseg_hpc.train import run_training
 
+    tmp_path = tmp_path_factory.mktemp("multi_axis")
     path = tmp_path / "p.zarr"
     write_phantom(path, make_phantom((12, 32, 32), seed=0, n_angles=0))
     cfg = config_from_dict({
@@ -351,13 +355,64 @@ def test_training_with_context_axes_and_foreground_crops(tmp_path):
                   "checkpoint_every": 4, "eval_every": 4, "log_every": 1, "device": "cpu",
                   "threads": 1},
     })
-    summary = run_training(cfg, tmp_path / "run")
+    return path, run_training(cfg, tmp_path / "run")
+
+
+def test_training_with_context_axes_and_foreground_crops(multi_axis_run):
+    from magseg_hpc.data.slices import read_split
+    from magseg_hpc.models.checkpoint import load_checkpoint
+
+    _, summary = multi_axis_run
+    run = Path(summary["output_dir"])
     assert summary["iterations"] == 4 and summary["iterations_per_epoch"] == 2
-    labeled = read_split(tmp_path / "run/splits/labeled.txt")
+    labeled = read_split(run / "splits/labeled.txt")
     assert sum(":" not in k for k in labeled) == 3  # the labelled z slices
     assert {k.split(":")[0] for k in labeled if ":" in k} == {"y", "x"}
-    assert len(read_split(tmp_path / "run/splits/unlabeled.txt")) == 7 + 32 + 32
-    ckpt = load_checkpoint(tmp_path / "run/best.pt")
+    assert len(read_split(run / "splits/unlabeled.txt")) == 7 + 32 + 32
+    ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["model"]["context_slices"] == 3 and ckpt["model"]["decoder_channels"] == 16
     assert ckpt["normalization"]["masked_value"] is None
     assert ckpt["labelled_share"] == 3 / 12  # 3 labelled of 12 z slices (val included)
+
+
+def test_fusion_check_scores_validation_slices_as_segment_volume_does(multi_axis_run, client,
+                                                                       tmp_path):
+    """best.pt's fusion check (training's end) gives the mIoUs that segment-volume's outputs
+    along z alone and fused over z, y, x score on the validation slices."""
+    from magseg_hpc.data.slices import read_split
+    from magseg_hpc.models.checkpoint import load_checkpoint
+    from magseg_hpc.segment.pipeline import axes_for_auto
+
+    volume, summary = multi_axis_run
+    best = Path(summary["output_dir"]) / "best.pt"
+    ckpt = load_checkpoint(best)
+    check = ckpt["fusion_check"]
+    val = [int(k) for k in read_split(Path(summary["output_dir"]) / "splits/val.txt")]
+    assert check["slices"] == val and check["axes"] == ["z", "y", "x"]
+    assert check["iteration"] == ckpt["metrics"]["best"]["iteration"]
+    truth = zarr.open_group(str(volume), mode="r")["labels"][:][val]
+    for axes, key in ((("z",), "axis_miou"), (("z", "y", "x"), "fused_miou")):
+        out = tmp_path / f"{''.join(axes)}.zarr"
+        segment_volume(SegmentOptions(str(volume), str(out), model=str(best), slab_size=4,
+                                      axes=axes), client, progress=False)
+        # (batches of other sizes may move a rounded probability: one voxel is ~1e-4)
+        assert _miou(read_labels(out)[val], truth) == pytest.approx(check[key], abs=1e-3)
+    assert axes_for_auto(ckpt) == (("z", "y", "x") if check["fused_miou"] > check["axis_miou"]
+                                   else ("z",))
+
+
+def test_axes_auto_follows_the_fusion_check(caplog):
+    from magseg_hpc.segment.pipeline import axes_for_auto
+
+    data = {"volume": "v.zarr", "axis": "z", "axes": ["z", "y", "x"]}
+
+    def ckpt(axis_miou, fused_miou):  # a share that alone would keep z only
+        return {"config": {"data": data}, "labelled_share": 2 / 213, "fusion_check": {
+            "axis": "z", "axes": ["z", "y", "x"], "slices": [1, 2], "axis_miou": axis_miou,
+            "fused_miou": fused_miou}}
+
+    with caplog.at_level("INFO"):
+        assert axes_for_auto(ckpt(0.80, 0.85)) == ("z", "y", "x")
+    assert "z alone scored mIoU 0.8000, fused z,y,x 0.8500" in caplog.text
+    assert axes_for_auto(ckpt(0.85, 0.80)) == ("z",)
+    assert axes_for_auto(ckpt(0.85, 0.85)) == ("z",)  # a tie: a third of the work

@@ -273,22 +273,36 @@ def trained_axes(ckpt: dict) -> tuple[str, ...]:
     return tuple(a for a in AXES if a in trained)
 
 
-# --axes auto fuses planes only when the training volume's labelled slices were at least this
-# share of its slices: y and x planes then carry labels on that share of their rows. Fusion
-# gained at 8 of 64 (+0.032 mIoU) and 8 of 48 (+0.005) and lost at 8 of 213 (-0.009 AugSeg,
-# -0.001 supervised; benchmarks/results/phantom.md and phantom_realsize.md).
+# Checkpoints written before the fusion check (magseg_hpc.train.fusion_check) fall back to the
+# labelled share: fuse when the labelled slices were at least this share of the training
+# volume's. Fusion gained at 8 of 64 (+0.032 mIoU) and lost at 8 of 213 (-0.009 AugSeg), but
+# also gained at 2 of 64 (+0.047; phantom.md, phantom_realsize.md, phantom_2slices.md): the
+# share is a poor predictor, hence the measured check.
 FUSION_MIN_SHARE = 0.1
 
 
 def axes_for_auto(ckpt: dict) -> tuple[str, ...]:
-    """What ``--axes auto`` segments along: the trained planes, or only the labelled axis
-    when its labels were too sparse a share of the volume for the other planes to learn."""
+    """What ``--axes auto`` segments along: the trained planes fused when the checkpoint's
+    fusion check (validation slices segmented both ways) scored fusion higher, else the
+    labelled axis alone."""
+    from magseg_hpc.train.fusion_check import fuses
+
     trained = trained_axes(ckpt)
-    share = ckpt.get("labelled_share")
-    if len(trained) == 1 or share is None or share >= FUSION_MIN_SHARE:
-        return trained
     data = (ckpt.get("config") or {}).get("data") or {}
     primary = data.get("axis") or "z"
+    if len(trained) == 1:
+        return trained
+    check = ckpt.get("fusion_check")
+    if check:
+        use = trained if fuses(check) else (primary,)
+        log.info("--axes auto: %s (on the %d validation slices at training's end %s alone "
+                 "scored mIoU %.4f, fused %s %.4f; --axes overrides)", ",".join(use),
+                 len(check["slices"]), primary, check["axis_miou"], ",".join(trained),
+                 check["fused_miou"])
+        return use
+    share = ckpt.get("labelled_share")
+    if share is None or share >= FUSION_MIN_SHARE:
+        return trained
     others = "/".join(a for a in trained if a != primary)
     log.info("--axes auto: %s only; labelled slices were %.1f %% of the training volume's "
              "(< %.0f %%), so its %s planes saw few labelled rows and fusing them measured "

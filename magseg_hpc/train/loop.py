@@ -802,6 +802,14 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     if iteration == start_iteration:
         log.info("nothing to do: %s is already at iteration %d of %d", output_dir, iteration,
                  stop)
+    if iteration == stop and len(train_axes(cfg)) > 1 and data.splits["val"]:
+        # --axes auto's evidence: fused vs the labelled axis alone, on validation (fusion_check)
+        if env.is_main:
+            from magseg_hpc.train.fusion_check import record_fusion_check
+
+            record_fusion_check(output_dir / BEST_FILE, data.val_source, data.splits["val"],
+                                train_axes(cfg), cfg.class_table.num_classes, env.device)
+        dist_util.barrier(env)
     elapsed = time.perf_counter() - started
     summary = {
         "output_dir": str(output_dir),

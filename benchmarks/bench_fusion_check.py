@@ -1,0 +1,108 @@
+"""Does the fusion check pick the better of z alone and z,y,x fused on held-out volumes?
+
+``magseg-hpc train`` ends a multi-axis run by segmenting its validation slices along the
+labelled axis alone and fused over the trained planes (``magseg_hpc.train.fusion_check``);
+``segment-volume --axes auto`` fuses only when fusion scored higher there. This reads the
+trainings of ``bench_phantom.py`` work dirs, runs the same check on each ``best.pt`` (the
+teacher, the training volume's validation slices; the one stored in best.pt when it has one)
+and sets its choice against the mIoU that z alone and fused scored on the held-out test
+volume (the ``eval_<method>.json`` and ``eval_<method>_fused.json`` the benchmark wrote).
+
+    .venv/bin/python benchmarks/bench_fusion_check.py --workdir runs/bench_phantom \
+        --workdir runs/bench_2slices
+
+Writes ``benchmarks/results/fusion_check.md`` (and ``fusion_check.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import write_results  # noqa: E402
+
+from magseg_hpc.config import config_from_dict  # noqa: E402
+from magseg_hpc.data.normalize import fit_normalization  # noqa: E402
+from magseg_hpc.data.slices import VolumeSlices, read_split  # noqa: E402
+from magseg_hpc.models.checkpoint import load_inference_model  # noqa: E402
+from magseg_hpc.train.fusion_check import fuses, measure_fusion  # noqa: E402
+from magseg_hpc.train.loop import train_axes  # noqa: E402
+
+METHODS = ("supervised", "augseg", "ceiling")
+
+
+def check_run(run: Path) -> dict:
+    """best.pt's fusion check: the stored one, else measured now as training would."""
+    model, ckpt = load_inference_model(run / "best.pt")
+    if ckpt.get("fusion_check"):
+        return dict(ckpt["fusion_check"], stored=True)
+    cfg = config_from_dict(ckpt["config"])
+    volume = VolumeSlices(cfg.data.volume, cfg.data.axis, label_path=cfg.data.label_volume)
+    image = np.asarray(volume.image_volume())
+    started = time.perf_counter()
+    val = read_split(run / "splits" / "val.txt")
+    check = measure_fusion(model, image, {int(k): volume.read_labels(k) for k in val},
+                           axis=cfg.data.axis, axes=train_axes(cfg),
+                           normalization=fit_normalization(image),
+                           num_classes=cfg.class_table.num_classes,
+                           context=int(ckpt["model"].get("context_slices", 1)))
+    return dict(check, seconds=time.perf_counter() - started, stored=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", action="append", required=True,
+                        help="a bench_phantom.py --workdir (repeatable)")
+    args = parser.parse_args()
+
+    raw, rows = {}, []
+    for work in map(Path, args.workdir):
+        for d in sorted(p for p in work.glob("*_seed*") if p.is_dir()):
+            for method in METHODS:
+                run, single = d / f"train_{method}", d / f"eval_{method}.json"
+                fused = d / f"eval_{method}_fused.json"
+                if not ((run / "best.pt").is_file() and single.is_file() and fused.is_file()):
+                    continue
+                n_labeled = sum(":" not in k for k in read_split(run / "splits/labeled.txt"))
+                check = check_run(run)
+                test = {"axis": json.loads(single.read_text())["miou"],
+                        "fused": json.loads(fused.read_text())["miou"]}
+                chose = "fused" if fuses(check) else "axis"
+                key = f"{work.name}/{d.name}/{method}"
+                raw[key] = {"check": check, "test": test, "chose": chose,
+                            "n_labeled": n_labeled}
+                best = max(test.values())
+                rows.append(
+                    f"| {d.name} | {method} | {n_labeled} | {check['axis_miou']:.3f} | "
+                    f"{check['fused_miou']:.3f} | {test['axis']:.3f} | {test['fused']:.3f} | "
+                    f"{'fused' if chose == 'fused' else 'z'} | {test[chose] - best:+.3f} |")
+                print(rows[-1], flush=True)
+
+    lost = [v["test"][v["chose"]] - max(v["test"].values()) for v in raw.values()]
+    right = sum(x == 0 for x in lost)
+    body = (
+        "Each training's `best.pt` (teacher): the fusion check on its training volume's "
+        "validation slices (the last 8 z slices, never trained on), what `--axes auto` then "
+        "chooses, and what z alone and fused scored on the held-out test volume. The last "
+        "column: the choice's test mIoU minus the better of the two (0: it chose the better). "
+        f"Work dirs: {', '.join(f'`{w}`' for w in args.workdir)}.\n\n"
+        "| volume | method | labelled z slices | check: z | check: fused | test: z | "
+        "test: fused | auto chooses | vs the better |\n|---|---|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\nThe choice was the better one in {right} of {len(lost)} trainings; the "
+        f"mean cost of a wrong choice over all of them: {np.mean(lost):+.4f} mIoU, the worst "
+        f"{min(lost):+.4f}.\n")
+    path = write_results("fusion_check", "Fusion check: z alone or fused, chosen on validation",
+                         body, raw)
+    print(path.read_text().split("Raw numbers")[0])
+
+
+if __name__ == "__main__":
+    main()
