@@ -39,10 +39,14 @@ METHODS = ("supervised", "augseg", "ceiling")
 
 
 def check_run(run: Path) -> dict:
-    """best.pt's fusion check: the stored one, else measured now as training would."""
+    """best.pt's fusion check: the stored one, else measured now as training would (and kept
+    in RUN/fusion_check.json, so a rerun measures only new trainings)."""
     model, ckpt = load_inference_model(run / "best.pt")
     if ckpt.get("fusion_check"):
         return dict(ckpt["fusion_check"], stored=True)
+    cache = run / "fusion_check.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
     cfg = config_from_dict(ckpt["config"])
     volume = VolumeSlices(cfg.data.volume, cfg.data.axis, label_path=cfg.data.label_volume)
     image = np.asarray(volume.image_volume())
@@ -53,7 +57,9 @@ def check_run(run: Path) -> dict:
                            normalization=fit_normalization(image),
                            num_classes=cfg.class_table.num_classes,
                            context=int(ckpt["model"].get("context_slices", 1)))
-    return dict(check, seconds=time.perf_counter() - started, stored=False)
+    check = dict(check, seconds=time.perf_counter() - started, stored=False)
+    cache.write_text(json.dumps(check))
+    return check
 
 
 def main() -> None:
