@@ -243,7 +243,7 @@ def open_data(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> TrainDat
 def labelled_share(cfg: ExperimentConfig, splits: dict[str, list[str]]) -> float:
     """Labelled slices / all slices along data.axis (other-axis keys hold ":"): also the share
     of each y or x slice's rows that carry labels in a data.axes run (segment-volume's
-    ``--axes auto`` fuses planes only when it is large enough)."""
+    ``--axes auto`` falls back on it for checkpoints without a fusion check)."""
     names = ("labeled", "unlabeled") if cfg.data.val_volume else ("labeled", "unlabeled", "val")
     primary = {name: [k for k in splits[name] if ":" not in str(k)] for name in names}
     total = sum(len(keys) for keys in primary.values())
