@@ -21,13 +21,13 @@ import time
 import numpy as np
 import torch
 
+from magseg_hpc.classes import IGNORE_LABEL
 from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
 from magseg_hpc.segment import kernel
 from magseg_hpc.segment.blocks import AXES
 
 log = logging.getLogger(__name__)
 
-IGNORE = 255
 PLANES_PER_CALL = 16  # planes per kernel call: bounds the probabilities held at once
 
 
@@ -71,7 +71,7 @@ def measure_fusion(model: torch.nn.Module, image, labels: dict[int, np.ndarray],
 
     def miou(pred: np.ndarray) -> float:
         return float(scores_from_confusion(
-            confusion_matrix(pred, truth, num_classes, ignore=IGNORE))["miou"])
+            confusion_matrix(pred, truth, num_classes, ignore=IGNORE_LABEL))["miou"])
 
     return {"axis": axis, "axes": [axis, *others], "slices": [int(i) for i in rows],
             "axis_miou": miou(alone), "fused_miou": miou(fused)}
