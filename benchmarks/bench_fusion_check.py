@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_results  # noqa: E402
 
 from magseg_hpc.config import config_from_dict  # noqa: E402
-from magseg_hpc.data.normalize import fit_normalization  # noqa: E402
 from magseg_hpc.data.slices import VolumeSlices, read_split  # noqa: E402
 from magseg_hpc.models.checkpoint import load_inference_model  # noqa: E402
 from magseg_hpc.segment.pipeline import FUSION_MIN_SHARE  # noqa: E402
-from magseg_hpc.train.fusion_check import fuses, measure_fusion  # noqa: E402
+from magseg_hpc.train.fusion_check import check_fusion, fuses  # noqa: E402
 from magseg_hpc.train.loop import train_axes  # noqa: E402
 
 METHODS = ("supervised", "augseg", "ceiling")
@@ -50,15 +48,10 @@ def check_run(run: Path) -> dict:
         return json.loads(cache.read_text())
     cfg = config_from_dict(ckpt["config"])
     volume = VolumeSlices(cfg.data.volume, cfg.data.axis, label_path=cfg.data.label_volume)
-    image = np.asarray(volume.image_volume())
-    started = time.perf_counter()
-    val = read_split(run / "splits" / "val.txt")
-    check = measure_fusion(model, image, {int(k): volume.read_labels(k) for k in val},
-                           axis=cfg.data.axis, axes=train_axes(cfg),
-                           normalization=fit_normalization(image),
-                           num_classes=cfg.class_table.num_classes,
-                           context=int(ckpt["model"].get("context_slices", 1)))
-    check = dict(check, seconds=time.perf_counter() - started, stored=False)
+    check = check_fusion(model, volume, read_split(run / "splits" / "val.txt"),
+                         axes=train_axes(cfg), num_classes=cfg.class_table.num_classes,
+                         context=int(ckpt["model"].get("context_slices", 1)))
+    check["stored"] = False
     cache.write_text(json.dumps(check))
     return check
 

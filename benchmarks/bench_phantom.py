@@ -10,8 +10,8 @@ For each phantom preset and each seed ``s``:
    same seed, splits, schedule and EMA teacher (the recommended CPU recipe: 2.5D context,
    slices along z, y and x, foreground crops); ``best.pt`` (the teacher) is scored;
 3. ``magseg-hpc segment-volume`` of the test phantom: the threshold baseline, and each model
-   along z alone and with orthoplane fusion (``--axes z,y,x``; what ``--axes auto`` does when the
-   training's fusion check found fusion better);
+   along z alone and with orthoplane fusion (``--axes z,y,x``; what ``--axes auto`` does
+   when the training's fusion check found fusion better);
 4. ``magseg-hpc evaluate`` of each against the test phantom's truth (mIoU).
 
 ``--ablations`` adds, on the first seed, AugSeg without the recipe's parts (plain 2D, z only)

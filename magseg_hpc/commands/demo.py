@@ -4,8 +4,8 @@ A phantom volume to train on and a second one (another seed) to test on, AugSeg 
 CPU with the recommended recipe (configs/cpu_best.yaml: 8 labelled slices; half its schedule,
 1000 iterations, about 5 minutes on 2 cores), segment-volume on a local Dask cluster (the
 trained model along the planes its training's fusion check chose, and the classical
-threshold baseline), and the evaluation of both against the test phantom's ground truth, compared at
-the end. Each step is the same subcommand a user would type, printed before it runs.
+threshold baseline), and the evaluation of both against the test phantom's ground truth,
+compared at the end. Each step is the same subcommand a user would type, printed before it runs.
 """
 
 from __future__ import annotations

@@ -50,11 +50,13 @@ def measure_fusion(model: torch.nn.Module, image, labels: dict[int, np.ndarray],
     truth = np.stack([labels[i] for i in rows])
     masked = normalization.get("masked_value")
 
-    alone = np.stack([kernel.segment_slab(model, vol, normalization, num_classes=num_classes,
-                                          device=device, context=context, before=int(i),
-                                          count=1)[0][0] for i in rows])
-    parts = [np.concatenate([_probabilities(model, vol, normalization, num_classes, context,
-                                            device, int(i), 1) for i in rows], axis=1)]
+    # one pass per validation slice gives both: the support changes only pixels outside the
+    # sample, which the fusion below sets to background anyway
+    alone_runs = [kernel.segment_slab(model, vol, normalization, num_classes=num_classes,
+                                      device=device, with_probabilities=True, context=context,
+                                      before=int(i), count=1) for i in rows]
+    alone = np.concatenate([labels for labels, _ in alone_runs])
+    parts = [np.concatenate([probs for _, probs in alone_runs], axis=1)]
     others = [a for a in AXES if a in axes and a != axis]
     for other in others:
         dim = 1 + [a for a in AXES if a != axis].index(other)  # its dim in vol
@@ -77,12 +79,28 @@ def measure_fusion(model: torch.nn.Module, image, labels: dict[int, np.ndarray],
             "axis_miou": miou(alone), "fused_miou": miou(fused)}
 
 
+def check_fusion(model: torch.nn.Module, source, val_keys, *, axes: list[str],
+                 num_classes: int, context: int, device="cpu") -> dict:
+    """``measure_fusion`` on the validation slices ``val_keys`` of ``source`` (a volume's
+    slices; a MultiAxisSlices' labelled-axis volume), normalised as segment-volume's default
+    (fitted on that volume), with the seconds it took."""
+    from magseg_hpc.data.normalize import fit_normalization
+
+    volume = getattr(source, "primary", source)
+    image = np.asarray(volume.image_volume())
+    started = time.perf_counter()
+    result = measure_fusion(
+        model, image, {int(k): volume.read_labels(k) for k in val_keys}, axis=volume.axis,
+        axes=axes, normalization=fit_normalization(image), num_classes=num_classes,
+        context=context, device=device)
+    return dict(result, seconds=time.perf_counter() - started)
+
+
 def record_fusion_check(best_path, source, val_keys, axes: list[str], num_classes: int,
                         device) -> dict | None:
     """Measure fusion for best.pt's teacher on the validation slices ``val_keys`` of
     ``source`` (the validation volume) and store it in best.pt; kept when best.pt already
     holds the check for its iteration (a finished run resumed)."""
-    from magseg_hpc.data.normalize import fit_normalization
     from magseg_hpc.models.checkpoint import load_inference_model, save_checkpoint
 
     if not best_path.is_file() or not val_keys:
@@ -92,15 +110,9 @@ def record_fusion_check(best_path, source, val_keys, axes: list[str], num_classe
     old = ckpt.get("fusion_check")
     if old and old.get("iteration") == iteration:
         return old
-    volume = getattr(source, "primary", source)  # a MultiAxisSlices' labelled-axis volume
-    image = np.asarray(volume.image_volume())
-    started = time.perf_counter()
-    result = measure_fusion(
-        model, image, {int(k): volume.read_labels(k) for k in val_keys}, axis=volume.axis,
-        axes=axes, normalization=fit_normalization(image),  # as segment-volume's default
-        num_classes=num_classes,
-        context=int(ckpt["model"].get("context_slices", 1)), device=device)
-    result.update(iteration=iteration, seconds=time.perf_counter() - started)
+    result = check_fusion(model, source, val_keys, axes=axes, num_classes=num_classes,
+                          context=int(ckpt["model"].get("context_slices", 1)), device=device)
+    result["iteration"] = iteration
     save_checkpoint(best_path, {**ckpt, "fusion_check": result})
     log.info("orthoplane check on %d validation slices: %s alone mIoU %.4f, fused %s %.4f "
              "(%.0f s); segment-volume --axes auto will use %s", len(result["slices"]),
