@@ -130,6 +130,11 @@ class TrainConfig:
     dice_weight: float | None = None
     poly_power: float = 0.9
     threshold: float = 0.95
+    # Scale each class's pseudo-label threshold by that class's mean teacher confidence in
+    # the batch over the most confident class's (FreeMatch's self-adaptive class thresholds,
+    # estimated per batch): a class the teacher is still unsure of (a dark domain next to an
+    # exact-zero background) keeps pseudo-labels instead of leaving the loss to the easy ones.
+    class_thresholds: bool = False
     ema_decay: float = 0.999
     sup_only_epochs: int = 0
     uns_weight: float = 1.0

@@ -10,6 +10,7 @@ from torch import nn
 
 from magseg_hpc.train.augseg import (
     adaptive_mix,
+    class_thresholds,
     cutmix_box,
     ema_decay,
     ema_update,
@@ -221,6 +222,24 @@ def test_unsupervised_loss_normalised_by_all_pixels():
     assert unsupervised_loss(logits, pseudo, conf, 1.1) == 0
     assert pseudo_label_ratio(conf, 0.5, pseudo) == pytest.approx(float(keep.float().mean()))
     assert pseudo_label_ratio(conf, -0.1) == 1.0
+
+
+def test_class_thresholds_scale_by_each_class_mean_confidence():
+    conf = torch.tensor([[0.99, 0.97, 0.80, 0.70, 0.90, 0.10]])
+    pseudo = torch.tensor([[0, 0, 1, 1, 2, 255]])  # the ignored pixel enters no mean
+    thr = class_thresholds(conf, pseudo, 0.95, num_classes=4)
+    means = torch.tensor([0.98, 0.75, 0.90])
+    torch.testing.assert_close(thr[:3], 0.95 * means / 0.98)
+    assert thr[3] == pytest.approx(0.95)  # absent from the batch: the global threshold
+    # class 1's pixels (0.80, 0.70) pass its lowered threshold (0.727) only where >= it
+    keep = torch.tensor([[True, True, True, False, True, False]])
+    assert pseudo_label_ratio(conf, thr, pseudo) == pytest.approx(float(keep.float().mean()))
+    assert pseudo_label_ratio(conf, 0.95, pseudo) == pytest.approx(2 / 6)
+    logits = torch.randn(1, 4, 1, 6)
+    ce = F.cross_entropy(logits, pseudo.clamp(max=3).view(1, 1, 6), reduction="none")
+    torch.testing.assert_close(unsupervised_loss(logits, pseudo.view(1, 1, 6),
+                                                 conf.view(1, 1, 6), thr),
+                               (ce * keep.view(1, 1, 6)).sum() / 6)
 
 
 def test_poly_lr():

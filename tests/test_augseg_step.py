@@ -80,3 +80,23 @@ def test_student_learns_from_pseudo_labels_alone():
                             generator=g)
         assert stats["loss_uns"] > 0 and stats["pseudo_ratio"] > 0
     assert agreement() > max(before, 0.9)
+
+
+def test_class_thresholds_keep_pseudo_labels_of_the_class_the_teacher_is_unsure_of():
+    """A teacher sure of class 2 (x > 0) but only ~0.9 sure of class 1: with one global
+    0.95 threshold class 1 gets no pseudo-label; with class thresholds it does."""
+    teacher, student, opt, bl, (x_u, _, valid), env = _setup()
+    x_u = torch.where(x_u > 0, 1.0, -1.0)  # two grey levels, one per class
+    with torch.no_grad():  # logits at x = -1: class 1 by 2.2 nats (p ~ 0.9); x = +1: sure
+        teacher.conv.weight.copy_(torch.tensor([0.0, -1.0, 20.0]).view(3, 1, 1, 1))
+        teacher.conv.bias.copy_(torch.tensor([-1.2, 0.0, 0.0]))
+    bu = (x_u, x_u.clone(), valid)
+    minus_share = float((x_u < 0).float().mean())
+    ratios = {}
+    for flag in (False, True):
+        g = torch.Generator().manual_seed(0)
+        stats = augseg_step(student, teacher, opt, bl, bu, cfg=_cfg(class_thresholds=flag),
+                            env=env, epoch=1, generator=g)
+        ratios[flag] = stats["pseudo_ratio"]
+    assert ratios[False] == pytest.approx(1 - minus_share)
+    assert ratios[True] == pytest.approx(1.0)

@@ -171,33 +171,66 @@ def adaptive_mix(
     return m_x, m_y, m_c
 
 
+def class_thresholds(
+    conf: torch.Tensor,
+    pseudo: torch.Tensor,
+    threshold: float,
+    num_classes: int,
+    ignore: int = IGNORE_LABEL,
+) -> torch.Tensor:
+    """Per-class thresholds: threshold x mean_conf(c) / max over classes of mean_conf.
+
+    mean_conf(c) is the teacher's mean max-probability over the pixels it calls c (the
+    stateless, per-batch form of FreeMatch's self-adaptive class thresholds). The most
+    confident class keeps ``threshold``; a class absent from the batch keeps it too.
+    """
+    thr = torch.full((num_classes,), float(threshold), device=conf.device)
+    means = torch.zeros(num_classes, device=conf.device)
+    present = torch.zeros(num_classes, dtype=torch.bool, device=conf.device)
+    for c in range(num_classes):
+        sel = pseudo == c
+        if bool(sel.any()):
+            means[c] = conf[sel].float().mean()
+            present[c] = True
+    if bool(present.any()):
+        thr[present] = threshold * means[present] / means[present].max()
+    return thr
+
+
+def _keep(conf: torch.Tensor, pseudo: torch.Tensor, threshold, ignore: int) -> torch.Tensor:
+    """Pixels whose pseudo-label enters L_uns; threshold a float or one per class."""
+    valid = pseudo != ignore
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold[torch.where(valid, pseudo, 0).long()]
+    return (conf >= threshold) & valid
+
+
 def unsupervised_loss(
     logits: torch.Tensor,
     pseudo: torch.Tensor,
     conf: torch.Tensor,
-    threshold: float,
+    threshold: float | torch.Tensor,
     ignore: int = IGNORE_LABEL,
 ) -> torch.Tensor:
     """sum(CE(logits, pseudo) * [conf >= threshold and pseudo != ignore]) / (B * H * W).
 
     Divided by ALL pixels (as the study), not by the number that pass the threshold.
+    ``threshold`` is one float, or a tensor of one per class (``class_thresholds``).
     """
     ce = F.cross_entropy(logits, pseudo.long(), ignore_index=ignore, reduction="none")
-    keep = (conf >= threshold) & (pseudo != ignore)
-    return (ce * keep).sum() / pseudo.numel()
+    return (ce * _keep(conf, pseudo, threshold, ignore)).sum() / pseudo.numel()
 
 
 def pseudo_label_ratio(
     conf: torch.Tensor,
-    threshold: float,
+    threshold: float | torch.Tensor,
     pseudo: torch.Tensor | None = None,
     ignore: int = IGNORE_LABEL,
 ) -> float:
     """Fraction of pixels whose pseudo-label enters the unsupervised loss."""
-    keep = conf >= threshold
-    if pseudo is not None:
-        keep = keep & (pseudo != ignore)
-    return float(keep.float().mean())
+    if pseudo is None:
+        return float((conf >= threshold).float().mean())
+    return float(_keep(conf, pseudo, threshold, ignore).float().mean())
 
 
 def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float = 0.9) -> float:

@@ -64,6 +64,7 @@ from magseg_hpc.errors import MagsegError
 from magseg_hpc.train import distributed as dist_util
 from magseg_hpc.train.augseg import (
     adaptive_mix,
+    class_thresholds,
     ema_decay,
     ema_update,
     image_confidence,
@@ -403,6 +404,8 @@ def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: Experimen
     conf, pseudo = probs.max(dim=1)
     pseudo[~valid] = IGNORE_LABEL  # crop padding never enters L_uns
     img_conf = image_confidence(probs)
+    threshold = (class_thresholds(conf, pseudo, t.threshold, probs.shape[1])
+                 if t.class_thresholds else t.threshold)
 
     if epoch < t.sup_only_epochs:
         with autocast(env, cfg):
@@ -424,8 +427,8 @@ def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: Experimen
             logits = student(torch.cat(views)).float()
         logits_l, logits_s = logits[:b], logits[-b:]
         loss_sup = supervised_loss(logits_l, y_l, cfg.dice_weight())
-        loss_uns = unsupervised_loss(logits_s, pseudo, conf, t.threshold)
-        ratio = pseudo_label_ratio(conf, t.threshold, pseudo)
+        loss_uns = unsupervised_loss(logits_s, pseudo, conf, threshold)
+        ratio = pseudo_label_ratio(conf, threshold, pseudo)
     loss = loss_sup + t.uns_weight * loss_uns
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
