@@ -404,8 +404,6 @@ def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: Experimen
     conf, pseudo = probs.max(dim=1)
     pseudo[~valid] = IGNORE_LABEL  # crop padding never enters L_uns
     img_conf = image_confidence(probs)
-    threshold = (class_thresholds(conf, pseudo, t.threshold, probs.shape[1])
-                 if t.class_thresholds else t.threshold)
 
     if epoch < t.sup_only_epochs:
         with autocast(env, cfg):
@@ -414,6 +412,9 @@ def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: Experimen
         loss_uns = torch.zeros((), device=dev)
         ratio = 0.0
     else:
+        # from the teacher's own predictions, before CutMix pastes labelled boxes (conf 1)
+        threshold = (class_thresholds(conf, pseudo, t.threshold, probs.shape[1])
+                     if t.class_thresholds else t.threshold)
         # the CPU generator decides the gate and the mixing: the same draws on any device
         if float(torch.rand((), generator=generator)) < t.cutmix_prob:
             x_s, pseudo, conf = adaptive_mix(
