@@ -27,6 +27,7 @@ import submitit
 
 from magseg_hpc.config import config_from_dict
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.logfile import AppendFileHandler
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _setup_rank_logging(output_dir: Path, rank: int) -> None:
         if getattr(handler, "_magseg_rank_handler", False):
             root.removeHandler(handler)
             handler.close()
-    file_handler = logging.FileHandler(path)
+    file_handler = AppendFileHandler(path)
     file_handler.addFilter(_NotLoggedElsewhere(path))
     for handler in (file_handler, logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)

@@ -61,6 +61,7 @@ from magseg_hpc.data.slices import (
     write_split,
 )
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.logfile import AppendFileHandler
 from magseg_hpc.train import distributed as dist_util
 from magseg_hpc.train.augseg import (
     adaptive_mix,
@@ -127,7 +128,7 @@ def rank_log(output_dir: Path, rank: int):
     """Send this package's log records to output_dir/logs/rank{N}.log while training."""
     path = output_dir / LOGS_DIR / f"rank{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = AppendFileHandler(path)
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
