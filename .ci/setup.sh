@@ -6,9 +6,9 @@ PY=${PYTHON:-python3}
 # torch 2.14.1 + torchvision is ~5.5 GB in the venv (a CUDA build); the tests write up to a few
 # GB more under the temp folder. Say so in one line instead of failing half-way in pip.
 need_gb=8
-free_gb=$(df -P -BG . | awk 'NR==2 {gsub("G", "", $4); print $4}')
+read -r free_gb mount < <(df -P -BG . | awk 'NR==2 {sub("G", "", $4); print $4, $6}')
 if ! .venv/bin/python -c "import torch" 2>/dev/null && [ "$free_gb" -lt "$need_gb" ]; then
-  echo "error: only ${free_gb} GB free on $(df -P . | awk 'NR==2 {print $6}'); setting up needs about ${need_gb} GB (torch alone is 5.5 GB): free some space and rerun" >&2
+  echo "error: only ${free_gb} GB free on ${mount}; setting up needs about ${need_gb} GB (torch alone is 5.5 GB): free some space and rerun" >&2
   exit 1
 fi
 if [ ! -x .venv/bin/python ]; then

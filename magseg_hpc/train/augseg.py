@@ -176,13 +176,13 @@ def class_thresholds(
     pseudo: torch.Tensor,
     threshold: float,
     num_classes: int,
-    ignore: int = IGNORE_LABEL,
 ) -> torch.Tensor:
     """Per-class thresholds: threshold x mean_conf(c) / max over classes of mean_conf.
 
-    mean_conf(c) is the teacher's mean max-probability over the pixels it calls c (the
-    stateless, per-batch form of FreeMatch's self-adaptive class thresholds). The most
-    confident class keeps ``threshold``; a class absent from the batch keeps it too.
+    mean_conf(c) is the teacher's mean max-probability over the pixels it calls c (ignored
+    pixels, labelled 255, enter no class): the stateless, per-batch form of FreeMatch's
+    self-adaptive class thresholds. The most confident class keeps ``threshold``; a class
+    absent from the batch keeps it too.
     """
     thr = torch.full((num_classes,), float(threshold), device=conf.device)
     means = torch.zeros(num_classes, device=conf.device)
