@@ -50,7 +50,8 @@ def check_run(run: Path) -> dict:
     volume = VolumeSlices(cfg.data.volume, cfg.data.axis, label_path=cfg.data.label_volume)
     check = check_fusion(model, volume, read_split(run / "splits" / "val.txt"),
                          axes=train_axes(cfg), num_classes=cfg.class_table.num_classes,
-                         context=int(ckpt["model"].get("context_slices", 1)))
+                         context=int(ckpt["model"].get("context_slices", 1)),
+                         trained_normalization=ckpt["normalization"])
     check["stored"] = False
     cache.write_text(json.dumps(check))
     return check

@@ -106,6 +106,10 @@ class DataConfig:
     num_workers: int = 0
     # Volumes up to this size are read into memory once per process instead of per slice.
     cache_mb: int = 1024
+    # On a masked reconstruction, mark each plane's outside in the model input (a value below
+    # every sample value): a dark domain clipped to the masked value is otherwise the same
+    # input as the outside (magseg_hpc.data.normalize). No effect on unmasked volumes.
+    mark_outside: bool = True
 
 
 @dataclass

@@ -157,7 +157,8 @@ def test_augseg_run_writes_its_outputs(straight, phantom):
 
     ckpt = load_checkpoint(out / "checkpoint.pt", expect_model=tiny(phantom)["model"])
     assert ckpt["train_state"]["iteration"] == 4
-    assert set(ckpt["normalization"]) == {"low", "high", "mean", "std", "masked_value"}
+    assert set(ckpt["normalization"]) == {"low", "high", "mean", "std", "masked_value",
+                                          "mark_outside"}
     best = load_checkpoint(out / "best.pt")
     assert best["metrics"]["best"]["teacher_miou"] == summary["best_teacher_miou"]
     assert summary["best_teacher_miou"] == max(r["teacher_miou"] for r in evals)

@@ -9,6 +9,15 @@ training volume and stored in the checkpoint, so inference on any slab scales id
 Augmentations run on ``x01`` (``scale_to_unit``) and ``standardize`` follows them;
 ``apply_normalization`` does both at once (inference).
 
+Dark is not outside: on a masked reconstruction the dark domain orientation is often clipped
+to the masked value itself (on the study's published sweep, 38 % of the sample's pixels are
+exactly 0), so within a crop the intensity alone cannot tell a dark domain from the outside,
+and a model trained on crops flips between the two readings. With ``mark_outside`` (stored
+in the normalisation, so training, validation, the fusion check and segment-volume encode
+the input the same way) every pixel outside its plane's sample support (``masked_support``)
+gets ``OUTSIDE_X01``, a value below any sample value, before standardising: the geometry
+that tells the two apart is then in the input itself.
+
 Statistics come from the sample, not the background: a published reconstruction is often
 masked (every voxel outside the sample exactly 0, 90 % of a large field of view). When one
 value is both the minimum and at least ``MASKED_FRACTION`` of the voxels, it is taken as that
@@ -32,6 +41,10 @@ from scipy import ndimage
 from magseg_hpc.errors import MagsegError
 
 DEFAULT_MAX_SAMPLES = 1 << 24  # about 16 M values
+# Model input outside a masked sample, in the [0, 1] scale (module docstring)
+OUTSIDE_X01 = -1.0
+# What a refit on another volume keeps from the trained normalisation: how the input is encoded
+ENCODING_KEYS = ("mark_outside",)
 # A single minimum value this common is a masked background, not data.
 MASKED_FRACTION = 0.15
 
@@ -131,9 +144,49 @@ def standardize(x01, norm: dict):
     ).astype(np.float32, copy=False)
 
 
-def apply_normalization(x, norm: dict):
-    """The model input for raw intensities ``x``: standardize(scale_to_unit(x)), float32."""
-    return standardize(scale_to_unit(x, norm), norm)
+def refit_normalization(values, trained: dict, **kw) -> dict:
+    """``fit_normalization`` on ``values`` that keeps the input encoding a model was trained
+    with (``ENCODING_KEYS``): segment-volume's and the fusion check's default."""
+    return {**fit_normalization(values, **kw),
+            **{k: trained[k] for k in ENCODING_KEYS if k in trained}}
+
+
+def marks_outside(norm: dict) -> bool:
+    """Whether the model input marks the outside of a masked sample (module docstring)."""
+    return bool(norm.get("mark_outside")) and norm.get("masked_value") is not None
+
+
+def outside_planes(planes: np.ndarray, masked_value: float) -> np.ndarray:
+    """Pixels outside the sample support of each 2D plane of ``planes`` (..., H, W)."""
+    planes = np.asarray(planes)
+    flat = planes.reshape(-1, *planes.shape[-2:])
+    return ~np.stack([masked_support(p, masked_value) for p in flat]).reshape(planes.shape)
+
+
+def mark_outside(x01, outside):
+    """``x01`` with ``OUTSIDE_X01`` where ``outside`` (numpy or torch, same shape)."""
+    if hasattr(x01, "masked_fill"):
+        return x01.masked_fill(torch_bool(outside, x01), OUTSIDE_X01)
+    return np.where(outside, np.float32(OUTSIDE_X01), x01).astype(np.float32, copy=False)
+
+
+def torch_bool(mask, like):
+    import torch
+
+    return mask if isinstance(mask, torch.Tensor) else torch.from_numpy(
+        np.ascontiguousarray(mask, bool)).to(like.device)
+
+
+def apply_normalization(x, norm: dict, outside: np.ndarray | None = None):
+    """The model input for raw intensities ``x``: standardize(scale_to_unit(x)), float32,
+    the outside of a masked sample marked when the normalisation says so (``outside``: the
+    caller's ``outside_planes(x)``, else computed here)."""
+    x01 = scale_to_unit(x, norm)
+    if marks_outside(norm):
+        if outside is None:
+            outside = outside_planes(x, norm["masked_value"])
+        x01 = mark_outside(x01, outside)
+    return standardize(x01, norm)
 
 
 SUPPORT_CLOSING = 3  # px; bridges masked-valued noise pixels at the sample's edge
@@ -147,7 +200,15 @@ def masked_support(plane: np.ndarray, masked_value: float) -> np.ndarray:
     if not inside.any():
         return inside
     r = SUPPORT_CLOSING
+    # work on the sample's bounding box plus a margin wider than the closing (outside it
+    # nothing changes): a sample in a large field of view costs its own size, not the slice's
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    y0, y1 = max(rows[0] - r - 1, 0), min(rows[-1] + r + 2, inside.shape[0])
+    x0, x1 = max(cols[0] - r - 1, 0), min(cols[-1] + r + 2, inside.shape[1])
+    box = inside[y0:y1, x0:x1]
     disk = np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
     # pad so that closing does not erode a sample touching the slice's edge
-    closed = ndimage.binary_closing(np.pad(inside, r), disk)[r:-r, r:-r]
-    return ndimage.binary_fill_holes(closed | inside)
+    closed = ndimage.binary_closing(np.pad(box, r), disk)[r:-r, r:-r]
+    support = np.zeros_like(inside)
+    support[y0:y1, x0:x1] = ndimage.binary_fill_holes(closed | box)
+    return support

@@ -91,6 +91,7 @@ class VolumeSlices:
         self._image = None
         self._labels = None
         self._cache: dict[str, np.ndarray] = {}
+        self._outside: dict[str, np.ndarray] = {}  # packed bits, by plane (read_outside)
         self._lock = threading.Lock()
         self._image_array()  # fail early on a bad path
 
@@ -161,17 +162,40 @@ class VolumeSlices:
             return np.take(self._cache[name], index, axis=self.axis_index)
         return np.asarray(arr.isel({self.axis: index}).values)
 
+    def _context(self, key: str, context: int) -> list[int]:
+        """The slice indices of ``key`` with ``context`` > 1 neighbours, the end slices
+        repeated at the volume's faces."""
+        index, half = int(key), context // 2
+        return np.clip(np.arange(index - half, index + half + 1), 0, len(self) - 1).tolist()
+
     def read_image(self, key: str, context: int = 1) -> np.ndarray:
         """Slice ``key`` (H, W), or with ``context`` > 1 the slice and its neighbours
         (context, H, W), repeating the end slices at the volume's faces."""
-        index = int(key)
         if context == 1:
-            return self._read("image", self._image_array(), index).astype(np.float32,
-                                                                            copy=False)
-        half = context // 2
-        idx = np.clip(np.arange(index - half, index + half + 1), 0, len(self) - 1)
-        return np.stack([self._read("image", self._image_array(), int(i)) for i in idx]
-                        ).astype(np.float32, copy=False)
+            return self._read("image", self._image_array(), int(key)).astype(np.float32,
+                                                                               copy=False)
+        return np.stack([self._read("image", self._image_array(), i)
+                         for i in self._context(key, context)]).astype(np.float32, copy=False)
+
+    def read_outside(self, key: str, context: int, masked_value: float) -> np.ndarray:
+        """``normalize.outside_planes`` of ``read_image(key, context)``; each plane's is
+        computed once per process when the volume is held in memory (training reads every
+        slice many times)."""
+        from magseg_hpc.data.normalize import outside_planes
+
+        planes = []
+        for i in ([int(key)] if context == 1 else self._context(key, context)):
+            name = f"outside:{masked_value}:{i}"
+            plane = self._outside.get(name)
+            if plane is None:
+                plane = outside_planes(self._read("image", self._image_array(), i), masked_value)
+                if self._image_array().nbytes <= self.cache_bytes:
+                    self._outside[name] = np.packbits(plane)
+            else:
+                plane = np.unpackbits(plane, count=math.prod(self.slice_shape)).reshape(
+                    self.slice_shape).astype(bool)
+            planes.append(plane)
+        return planes[0] if context == 1 else np.stack(planes)
 
     def read_labels(self, key: str) -> np.ndarray:
         labels = self._read("labels", self._labels_array(), int(key))
@@ -181,6 +205,7 @@ class VolumeSlices:
         # DataLoader workers (spawned) reopen the store by path instead of unpickling arrays
         state = self.__dict__.copy()
         state["_image"], state["_labels"], state["_cache"], state["_lock"] = None, None, {}, None
+        state["_outside"] = {}
         return state
 
     def __setstate__(self, state):
@@ -222,6 +247,10 @@ class MultiAxisSlices:
     def read_image(self, key: str, context: int = 1) -> np.ndarray:
         axis, index = self._split(key)
         return self.by_axis[axis].read_image(index, context)
+
+    def read_outside(self, key: str, context: int, masked_value: float) -> np.ndarray:
+        axis, index = self._split(key)
+        return self.by_axis[axis].read_outside(index, context, masked_value)
 
     def read_labels(self, key: str) -> np.ndarray:
         axis, index = self._split(key)
@@ -294,6 +323,11 @@ class FolderSlices:
         if arr.ndim == 3:  # the study stored grey images replicated to RGB
             arr = arr[..., 0]
         return arr.astype(np.float32)
+
+    def read_outside(self, key: str, context: int, masked_value: float) -> np.ndarray:
+        from magseg_hpc.data.normalize import outside_planes
+
+        return outside_planes(self.read_image(key, context), masked_value)
 
     def read_labels(self, key: str) -> np.ndarray:
         # Colours not in the class table become 255 (the study mapped them to class 0).
@@ -590,11 +624,16 @@ class LabeledSlices(Dataset):
         )
 
     def _read(self, key):
-        """(raw image (H, W) or (context, H, W), its values in [0, 1])."""
-        from magseg_hpc.data.normalize import scale_to_unit
+        """(raw image (H, W) or (context, H, W), its values in [0, 1], the outside of a
+        masked sample marked when the normalisation says so)."""
+        from magseg_hpc.data.normalize import mark_outside, marks_outside, scale_to_unit
 
         raw = self.source.read_image(key, self.aug.context)
-        return raw, scale_to_unit(raw, self.norm)
+        x01 = scale_to_unit(raw, self.norm)
+        if marks_outside(self.norm):
+            x01 = mark_outside(x01, self.source.read_outside(key, self.aug.context,
+                                                             self.norm["masked_value"]))
+        return raw, x01
 
     def __getitem__(self, item):
         from magseg_hpc.data.normalize import standardize
@@ -635,9 +674,11 @@ class UnlabeledSlices(LabeledSlices):
         weak, pad = self._weak(image01, np.zeros(centre.shape, np.uint8), rng, focus)
         strong = weak.clone()
         if self.aug.num_strong_augs > 0:
-            strong = strong_augment(strong, rng, num_ops=self.aug.num_strong_augs,
+            # the intensity operations work in [0, 1]; a marked outside (< 0) stays as it was
+            strong = strong_augment(weak.clamp(0, 1), rng, num_ops=self.aug.num_strong_augs,
                                     random_num_ops=self.aug.random_num_augs,
                                     pool=self.aug.strong_ops)
+            strong = torch.where(weak < 0, weak, strong)
         return (_channels(standardize(weak, self.norm)),
                 _channels(standardize(strong, self.norm)), pad != IGNORE_LABEL)
 
@@ -653,10 +694,13 @@ class ValSlices(Dataset):
         return len(self.keys)
 
     def __getitem__(self, index: int):
-        from magseg_hpc.data.normalize import apply_normalization
+        from magseg_hpc.data.normalize import apply_normalization, marks_outside
 
         key = self.keys[index]
-        image = apply_normalization(self.source.read_image(key, self.context), self.norm)
+        outside = (self.source.read_outside(key, self.context, self.norm["masked_value"])
+                   if marks_outside(self.norm) else None)
+        image = apply_normalization(self.source.read_image(key, self.context), self.norm,
+                                    outside)
         labels = self.source.read_labels(key).astype(np.int64)
         return _channels(torch.from_numpy(np.ascontiguousarray(image))), torch.from_numpy(labels)
 

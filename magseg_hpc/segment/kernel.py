@@ -34,6 +34,8 @@ import contextlib
 import numpy as np
 import torch
 
+from magseg_hpc.data.normalize import apply_normalization, marks_outside, outside_planes
+
 # Flips averaged by --tta, as tensor dims of a (B, C, H, W) batch: horizontal, vertical, both.
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((3,), (2,), (2, 3))
 
@@ -92,7 +94,13 @@ def segment_slab(
     total, h, w = slices.shape
     n = total - before if count is None else count
     half = context // 2
-    masked = normalization.get("masked_value") if force_support else None
+    masked = normalization.get("masked_value")
+    # each plane's support once (a plane is context for up to k slices); only when used
+    first, last = max(before - half, 0), min(before + n + half + 1, total)
+    needs_support = force_support or marks_outside(normalization)
+    outside = np.zeros((total, h, w), bool) if needs_support and masked is not None else None
+    if outside is not None:
+        outside[first:last] = outside_planes(slices[first:last], masked)
     labels = np.empty((n, h, w), np.uint8)
     probabilities = np.empty((num_classes, n, h, w), np.uint8) if with_probabilities else None
     background = torch.zeros((1, num_classes, 1, 1), device=device)  # one-hot class 0
@@ -104,14 +112,15 @@ def segment_slab(
             idx = np.clip(centres[:, None] + np.arange(-half, half + 1)[None], 0, total - 1)
             raw = np.asarray(slices)[idx]
             # planes of nothing but masked background skip the model (module docstring)
-            run = planes_with_sample(raw, normalization.get("masked_value"))
+            run = planes_with_sample(raw, masked)
             probs = background.expand(len(centres), -1, h, w).clone()
             if run.any():
                 probs[torch.from_numpy(run).to(device)] = _predict(
-                    model, raw[run], normalization, device, amp, tta)
-            if masked is not None:
-                outside = torch.from_numpy(support_outside(slices[centres], masked))
-                probs = torch.where(outside.to(device)[:, None], background, probs)
+                    model, raw[run], normalization, device, amp, tta,
+                    None if outside is None else outside[idx][run])
+            if force_support and outside is not None:
+                probs = torch.where(torch.from_numpy(outside[centres]).to(device)[:, None],
+                                    background, probs)
             labels[start:stop] = probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
             if probabilities is not None:
                 probabilities[:, start:stop] = quantize(probs).cpu().numpy().transpose(1, 0, 2, 3)
@@ -126,22 +135,18 @@ def planes_with_sample(raw: np.ndarray, masked_value: float | None) -> np.ndarra
     return (raw != masked_value).reshape(len(raw), -1).any(axis=1)
 
 
-def _predict(model, raw, normalization, device, amp, tta) -> torch.Tensor:
-    from magseg_hpc.data.normalize import apply_normalization
-
-    x = torch.from_numpy(np.ascontiguousarray(apply_normalization(raw, normalization),
-                                              np.float32)).to(device)
+def _predict(model, raw, normalization, device, amp, tta, outside) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(
+        apply_normalization(raw, normalization, outside), np.float32)).to(device)
     with autocast(device, amp):  # softmax is taken in float32 either way
         return predict_probabilities(model, x, tta)
 
 
 def support_outside(slices: np.ndarray, masked_value: float | None) -> np.ndarray | None:
     """Pixels outside each slice's sample support (N, H, W), or None when nothing is masked."""
-    from magseg_hpc.data.normalize import masked_support
-
     if masked_value is None:
         return None
-    return ~np.stack([masked_support(s, masked_value) for s in slices])
+    return outside_planes(slices, masked_value)
 
 
 def fuse_probabilities(

@@ -204,10 +204,10 @@ def prepare(opts: SegmentOptions) -> Prepared:
         # nothing written; workers load their own copy from the path.
         _, ckpt = load_inference_model(model_path, device="cpu")
         class_table = ClassTable.from_dict(ckpt["class_table"])
-        from magseg_hpc.data.normalize import fit_normalization
+        from magseg_hpc.data.normalize import refit_normalization
 
         with dask.config.set(scheduler="synchronous"):
-            normalization = fit_normalization(volume.data)
+            normalization = refit_normalization(volume.data, ckpt["normalization"])
         if opts.normalization == "checkpoint":
             # whether the background is masked is a property of this input, either way
             normalization = {**ckpt["normalization"],

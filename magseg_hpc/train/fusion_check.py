@@ -80,18 +80,20 @@ def measure_fusion(model: torch.nn.Module, image, labels: dict[int, np.ndarray],
 
 
 def check_fusion(model: torch.nn.Module, source, val_keys, *, axes: list[str],
-                 num_classes: int, context: int, device="cpu") -> dict:
+                 num_classes: int, context: int, trained_normalization: dict,
+                 device="cpu") -> dict:
     """``measure_fusion`` on the validation slices ``val_keys`` of ``source`` (a volume's
     slices; a MultiAxisSlices' labelled-axis volume), normalised as segment-volume's default
-    (fitted on that volume), with the seconds it took."""
-    from magseg_hpc.data.normalize import fit_normalization
+    (fitted on that volume, the model's input encoding kept), with the seconds it took."""
+    from magseg_hpc.data.normalize import refit_normalization
 
     volume = getattr(source, "primary", source)
     image = np.asarray(volume.image_volume())
     started = time.perf_counter()
     result = measure_fusion(
         model, image, {int(k): volume.read_labels(k) for k in val_keys}, axis=volume.axis,
-        axes=axes, normalization=fit_normalization(image), num_classes=num_classes,
+        axes=axes, normalization=refit_normalization(image, trained_normalization),
+        num_classes=num_classes,
         context=context, device=device)
     return dict(result, seconds=time.perf_counter() - started)
 
@@ -111,7 +113,8 @@ def record_fusion_check(best_path, source, val_keys, axes: list[str], num_classe
     if old and old.get("iteration") == iteration:
         return old
     result = check_fusion(model, source, val_keys, axes=axes, num_classes=num_classes,
-                          context=int(ckpt["model"].get("context_slices", 1)), device=device)
+                          context=int(ckpt["model"].get("context_slices", 1)),
+                          trained_normalization=ckpt["normalization"], device=device)
     result["iteration"] = iteration
     save_checkpoint(best_path, {**ckpt, "fusion_check": result})
     log.info("orthoplane check on %d validation slices: %s alone mIoU %.4f, fused %s %.4f "

@@ -258,16 +258,19 @@ def train_axes(cfg: ExperimentConfig) -> list[str]:
     return [cfg.data.axis] + [a for a in axes if a != cfg.data.axis]
 
 
-def fit_data_normalization(data: TrainData) -> dict:
-    """Fitted once, on the training images (labelled + unlabelled, never validation)."""
+def fit_data_normalization(cfg: ExperimentConfig, data: TrainData) -> dict:
+    """Fitted once, on the training images (labelled + unlabelled, never validation), with
+    the model's input encoding (data.mark_outside)."""
     from magseg_hpc.data.normalize import fit_normalization
 
     train_keys = data.splits["labeled"] + data.splits["unlabeled"]
     if isinstance(data.source, VolumeSlices | MultiAxisSlices):
         axis = data.source.axis
         idx = sorted({int(k) for k in train_keys if ":" not in k})
-        return fit_normalization(data.source.image_volume().isel({axis: idx}))
-    return fit_normalization(data.source.normalization_sample(train_keys))
+        norm = fit_normalization(data.source.image_volume().isel({axis: idx}))
+    else:
+        norm = fit_normalization(data.source.normalization_sample(train_keys))
+    return {**norm, "mark_outside": cfg.data.mark_outside}
 
 
 class StepBatches:
@@ -506,6 +509,18 @@ def evaluate(model: nn.Module, dataset, cfg: ExperimentConfig, env: DistEnv) -> 
     return scores
 
 
+# Validation this far below its running best, once pseudo-labels are in use, is a collapse.
+COLLAPSE_DROP = 0.05
+
+
+def collapse_drop(miou: float, best: dict, epoch: int, sup_only_epochs: int) -> float | None:
+    """How far ``miou`` fell below the running best, when that is a collapse, else None."""
+    if epoch < sup_only_epochs or best["teacher_miou"] is None:
+        return None
+    drop = best["teacher_miou"] - miou if math.isfinite(miou) else math.inf
+    return drop if drop > COLLAPSE_DROP else None
+
+
 # --- checkpoints and metrics -----------------------------------------------------------------
 
 
@@ -641,7 +656,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
         data.normalization = dict(ckpt["normalization"])
     else:
         data.normalization = dist_util.broadcast_object(
-            env, fit_data_normalization(data) if env.is_main else None)
+            env, fit_data_normalization(cfg, data) if env.is_main else None)
     norm = data.normalization
     aug = AugmentSettings(
         crop_size=t.crop_size, scale_range=tuple(t.scale_range), vflip=t.vflip, rot90=t.rot90,
@@ -708,7 +723,8 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
             } if with_train_state else {},
             "config": config_to_dict(cfg),
             "labelled_share": share,
-            "metrics": {"best": dict(best), "last_eval": dict(last_eval)},
+            "metrics": {"best": dict(best), "last_eval": dict(last_eval),
+                        "collapses": list(collapses)},
         }
 
     def run_eval() -> None:
@@ -733,6 +749,13 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
                                             or miou > best["teacher_miou"])
         if improved:
             best = {"teacher_miou": miou, "iteration": iteration}
+        drop = collapse_drop(miou, best, iteration // ipe, t.sup_only_epochs)
+        if drop is not None:
+            collapses.append({"iteration": iteration, "teacher_miou": miou, "drop": drop,
+                              "best_iteration": best["iteration"]})
+            log.warning("validation collapsed at iteration %d: teacher mIoU %.4f is %.3f below "
+                        "its best %.4f (iteration %d); best.pt keeps iteration %d", iteration,
+                        miou, drop, best["teacher_miou"], best["iteration"], best["iteration"])
         if env.is_main:
             append_metrics(output_dir, record)
             if improved:
@@ -751,6 +774,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
         dist_util.barrier(env)
 
     last_eval: dict = dict(ckpt["metrics"].get("last_eval", {})) if ckpt is not None else {}
+    collapses: list[dict] = list(ckpt["metrics"].get("collapses", [])) if ckpt else []
     window: list[dict] = []
     window_start = time.perf_counter()
     start_iteration = iteration
@@ -815,6 +839,12 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
             record_fusion_check(output_dir / BEST_FILE, data.val_source, data.splits["val"],
                                 train_axes(cfg), cfg.class_table.num_classes, env.device)
         dist_util.barrier(env)
+    if collapses:
+        worst = max(collapses, key=lambda c: c["drop"])
+        log.warning("validation collapsed %d time(s) in this run (worst: teacher mIoU %.4f at "
+                    "iteration %d, %.3f below the best); best.pt is iteration %s",
+                    len(collapses), worst["teacher_miou"], worst["iteration"], worst["drop"],
+                    best["iteration"])
     elapsed = time.perf_counter() - started
     summary = {
         "output_dir": str(output_dir),
@@ -828,6 +858,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
         "best_teacher_miou": best["teacher_miou"],
         "best_iteration": best["iteration"],
         "last_eval": last_eval,
+        "collapses": collapses,
         "checkpoint": str(checkpoint_path),
         "best": str(output_dir / BEST_FILE) if (output_dir / BEST_FILE).is_file() else None,
         "config": str(output_dir / CONFIG_FILE),
