@@ -14,11 +14,13 @@ not painted (203 held-out slices):
 - the time of each training and segmentation;
 - pictures of held-out slices: image, baseline, model.
 
-    .venv/bin/python benchmarks/bench_real.py --work /tmp/real --seeds 1,2,3
+    .venv/bin/python benchmarks/bench_real.py --work /tmp/real --seeds 2,3,4
 
-Seeds: ``data.mark_outside`` was chosen on seed 0 (the tuning seed); the tables report the
-seeds given here. Writes ``benchmarks/results/real_sweep.md`` (and ``.json``,
-``real_sweep_curves.png``, ``real_sweep_slices.png``).
+Seeds: 0 and 1 tuned (``data.mark_outside`` was chosen on seed 0; ``train.ema_schedule:
+mean_teacher`` and ``train.uns_rampup_epochs: 2`` on seed 1, whose validation fell from 0.97
+to 0.78 at the switch to pseudo-labels without them); the tables report seeds no choice saw.
+Writes ``benchmarks/results/real_sweep.md`` (and ``.json``, ``real_sweep_curves.png``,
+``real_sweep_slices.png``).
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def plot_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="scratch folder (created)")
-    p.add_argument("--seeds", default="1,2,3", help="report seeds (0 tuned data.mark_outside)")
+    p.add_argument("--seeds", default="2,3,4", help="report seeds (0 and 1 tuned the recipe)")
     p.add_argument("--config", default="configs/cpu_best.yaml")
     p.add_argument("--gif", type=Path, default=None, help="the study's sweep GIF")
     p.add_argument("--name", default="real_sweep", help="results file name")
@@ -205,7 +207,8 @@ def main() -> None:
         f"{int((truth != IGNORE_LABEL).sum())} clear voxels "
         f"({', '.join(f'{n} {int((truth == c).sum())}' for c, n in enumerate(NAMES))}). "
         f"Training: `{a.config}` as shipped, 8 painted slices, 2 for validation. Seeds "
-        f"{a.seeds} report; seed 0 tuned (`data.mark_outside`).", "",
+        f"{a.seeds} report; seeds 0 and 1 tuned (`data.mark_outside` on 0; "
+        "`train.ema_schedule: mean_teacher`, `train.uns_rampup_epochs: 2` on 1).", "",
         *lines, "",
         f"Validation curves: `{a.name}_curves.png`; held-out slices {PICTURE_SLICES} "
         f"(image, threshold baseline, model; black outside, blue dark domain, red bright, "

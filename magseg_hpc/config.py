@@ -140,8 +140,19 @@ class TrainConfig:
     # exact-zero background) keeps pseudo-labels instead of leaving the loss to the easy ones.
     class_thresholds: bool = False
     ema_decay: float = 0.999
+    # study: the teacher copies the student (decay 0) through epoch sup_only_epochs, the
+    # first that uses pseudo-labels, then min(1 - 1/(t - N e0 + 1), ema_decay) (AugSeg's code).
+    # mean_teacher: decay 0 only during the supervised-only epochs, then
+    # min(1 - 1/(t + 1), ema_decay) (Tarvainen & Valpola): from its first pseudo-label on, the
+    # teacher averages instead of copying the student it teaches, so one bad student step is
+    # not fed back as the next step's targets.
+    ema_schedule: Literal["study", "mean_teacher"] = "study"
     sup_only_epochs: int = 0
     uns_weight: float = 1.0
+    # Epochs over which the unsupervised weight rises linearly from 0 to uns_weight once
+    # pseudo-labels start (0: at once, as the study): the switch from supervised-only
+    # training is then no shock to a student whose teacher it still is
+    uns_rampup_epochs: int = 0
     cutmix_prob: float = 1.0
     # AugSeg's flag_extra_weak: the weak views join the student forward (BN statistics only)
     extra_weak: bool = False
@@ -358,6 +369,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     for key, value in {
         "train.eval_every": t.eval_every,
         "train.sup_only_epochs": t.sup_only_epochs,
+        "train.uns_rampup_epochs": t.uns_rampup_epochs,
         "data.n_val": d.n_val,
         "data.num_workers": d.num_workers,
         "data.cache_mb": d.cache_mb,

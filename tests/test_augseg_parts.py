@@ -36,6 +36,16 @@ def test_ema_decay_schedule():
     assert ema_decay(3 * n + 5, n, 2, 0.9999) == pytest.approx(1 - 1 / (n + 6))
 
 
+def test_mean_teacher_schedule_averages_from_the_first_pseudo_label():
+    n = 100
+    mt = "mean_teacher"
+    # supervised-only epochs 0..2: a copy; epoch 2 is the study's copy epoch, not this one's
+    assert ema_decay(2 * n - 1, n, 2, 0.99, mt) == 0.0
+    assert ema_decay(2 * n, n, 2, 0.99, mt) == 0.99  # min(1 - 1/201, 0.99): averaging at once
+    assert ema_decay(2 * n, n, 2, 0.99) == 0.0  # the study copies through epoch 2
+    assert ema_decay(5, n, 0, 0.99, mt) == pytest.approx(1 - 1 / 6)  # from scratch: the ramp
+
+
 def _net():
     return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
 

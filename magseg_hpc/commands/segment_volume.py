@@ -122,7 +122,9 @@ def run(args) -> int:
         prepared.job = _with_threads(prepared.job, handle.torch_threads)
         print(f"{handle.description}", flush=True)
         print(f"dashboard: {handle.dashboard_link}", flush=True)
-        print(f"{len(prepared.slabs)} slabs -> {prepared.job.output}", flush=True)
+        print(f"{len(prepared.slabs)} slabs -> {prepared.target}"
+              + (f" (written to {prepared.job.output}, swapped in when complete)"
+                 if prepared.staged else ""), flush=True)
         summary = segment_volume(prepared, handle.client)
     print(summary.format())
     return 0

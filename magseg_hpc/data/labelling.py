@@ -145,8 +145,9 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
     the manifest. Slices are read twice (window, then pictures), one at a time."""
     from PIL import Image
 
+    from magseg_hpc.staging import staged_output
     from magseg_hpc.volume.io import open_volume, volume_file
-    from magseg_hpc.volume.store import refuse_existing, staged_output
+    from magseg_hpc.volume.store import refuse_existing
 
     refuse_existing(out_dir, overwrite)
     _check_axis(axis)
@@ -232,12 +233,12 @@ def import_sparse_masks(masks_dir: str | Path, out: str | Path, class_table: Cla
     Each mask's slice is the index in its file name (``z00042.png``: z slice 42); slices
     without a mask are 255 (unlabelled). Everything is checked before anything is written.
     """
+    from magseg_hpc.staging import staged_output
     from magseg_hpc.volume.io import open_volume
     from magseg_hpc.volume.store import (
         create_label_store,
         refuse_existing,
         set_complete,
-        staged_output,
         write_label_region,
     )
 
@@ -316,13 +317,13 @@ def import_label_volume(src: str, out: str | Path, class_table: ClassTable, *,
     """A label array (zarr, TIFF, NPY, HDF5) -> a label store. ``class_values[k]`` is the
     value that means class ``k`` (default ``k``); ``unlabelled_value`` and any other value
     become 255 (others are counted in a warning). Streams z slabs."""
+    from magseg_hpc.staging import staged_output
     from magseg_hpc.volume.io import open_volume, soft_var
     from magseg_hpc.volume.store import (
         create_label_store,
         default_chunks,
         refuse_existing,
         set_complete,
-        staged_output,
         write_label_region,
     )
 

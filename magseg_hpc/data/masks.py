@@ -197,13 +197,13 @@ def import_masks(
     import dask.array as da
     import xarray as xr
 
+    from magseg_hpc.staging import staged_output
     from magseg_hpc.volume.store import (
         LABEL_FORMAT,
         create_label_store,
         default_chunks,
         refuse_existing,
         set_complete,
-        staged_output,
         write_label_region,
     )
 

@@ -22,7 +22,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import dask
@@ -47,6 +47,14 @@ from magseg_hpc.segment.resume import (
     write_run_record,
 )
 from magseg_hpc.segment.worker import SlabJob, run_slab
+from magseg_hpc.staging import (
+    begin_staging,
+    is_staging,
+    mark_staging,
+    promote,
+    staging_path,
+    writer_lock,
+)
 from magseg_hpc.volume.store import LABEL_FORMAT
 
 log = logging.getLogger(__name__)
@@ -96,6 +104,8 @@ class Prepared:
     slabs: list[Slab]
     fields: dict  # the resume fingerprint's inputs
     provenance: dict
+    target: str  # the output path; job.output is its staging when ``staged``
+    staged: bool = False  # --overwrite of an existing result, or --resume of such a run
 
 
 @dataclass
@@ -261,9 +271,16 @@ def prepare(opts: SegmentOptions) -> Prepared:
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     provenance["options"]["axes"] = list(opts.axes)
-    if Path(opts.output).exists() and opts.resume:
-        check_resumable(opts.output, fields)
-    return Prepared(opts, volume, class_table, job, chunks, slabs, fields, provenance)
+    # Replacing a result happens beside it, so that a kill keeps the old one (staging.py)
+    target = job.output
+    staged = ((opts.overwrite and Path(target).exists())
+              or (opts.resume and is_staging(staging_path(target))))
+    if staged:
+        job = replace(job, output=str(staging_path(target)))
+    if opts.resume and Path(job.output).exists():
+        check_resumable(job.output, fields)
+    return Prepared(opts, volume, class_table, job, chunks, slabs, fields, provenance,
+                    target, staged)
 
 
 def trained_axes(ckpt: dict) -> tuple[str, ...]:
@@ -341,10 +358,15 @@ def _open_output(prep: Prepared) -> None:
         log.info("resuming %s: %d of %d slabs already done", out,
                  len(DoneMarkers(out).done()), len(prep.slabs))
     else:
+        if prep.staged:
+            begin_staging(prep.target)
         create_label_store(
             out, like=prep.volume, class_table=prep.class_table, provenance=prep.provenance,
-            chunks=prep.chunks, with_probabilities=opts.probabilities, overwrite=opts.overwrite,
+            chunks=prep.chunks, with_probabilities=opts.probabilities,
+            overwrite=opts.overwrite and not prep.staged,
         )
+        if prep.staged:
+            mark_staging(Path(out), prep.target)
         write_run_record(out, prep.fields)
     actual = tuple(open_group(out)["labels"].chunks)
     if actual != tuple(prep.chunks):  # the plan's chunk alignment is what makes writes safe
@@ -407,16 +429,22 @@ def segment_volume(
     max_in_flight: int | None = None,
     on_result: Callable[[dict], None] | None = None,
 ) -> RunSummary:
-    """Segment a volume on ``client``'s cluster. Raises MagsegError if any slab failed."""
+    """Segment a volume on ``client``'s cluster, holding the output's writer lock. Raises
+    MagsegError if any slab failed."""
+    prep = opts if isinstance(opts, Prepared) else prepare(opts)
+    with writer_lock(prep.target, prep.options.command_line):
+        return _segment_locked(prep, client, progress, max_in_flight, on_result)
+
+
+def _segment_locked(prep: Prepared, client, progress, max_in_flight, on_result) -> RunSummary:
     from tqdm import tqdm
 
-    prep = opts if isinstance(opts, Prepared) else prepare(opts)
     _open_output(prep)
     out = prep.job.output
     markers = DoneMarkers(out)
     done = markers.done()
     shape = tuple(int(n) for n in prep.volume.shape)
-    summary = RunSummary(out, shape, prep.options.axes, len(prep.slabs))
+    summary = RunSummary(prep.target, shape, prep.options.axes, len(prep.slabs))
     summary.slabs_skipped = sum(s.key in done for s in prep.slabs)
     in_flight = max_in_flight or default_in_flight(client)
     passes = [s for s in prep.slabs if s.stage != "fuse" and s.key not in done]
@@ -443,6 +471,7 @@ def segment_volume(
             f"{len(failures)} of {len(prep.slabs)} slabs failed ({names}): "
             f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}; "
             f"{out} is incomplete, {fix}"
+            + (f" (the previous {prep.target} is untouched)" if prep.staged else "")
         )
     if len(prep.options.axes) > 1:
         shutil.rmtree(prep.job.scratch, ignore_errors=True)
@@ -450,6 +479,8 @@ def segment_volume(
 
     set_complete(out, True, finished=_dt.datetime.now(_dt.timezone.utc).isoformat(
         timespec="seconds"))
+    if prep.staged:
+        promote(Path(out), prep.target)
     return summary
 
 

@@ -21,16 +21,22 @@ Generator = torch.Generator | np.random.Generator
 
 
 def ema_decay(
-    iteration: int, iters_per_epoch: int, sup_only_epochs: int, max_decay: float
+    iteration: int, iters_per_epoch: int, sup_only_epochs: int, max_decay: float,
+    schedule: str = "study",
 ) -> float:
-    """Teacher EMA decay at global iteration ``iteration`` (0-based).
+    """Teacher EMA decay at global iteration ``iteration`` (0-based); N iters_per_epoch, e0
+    sup_only_epochs.
 
-    0 while epoch = iteration // iters_per_epoch <= sup_only_epochs, so the teacher is an
-    exact copy of the student through epoch 0 (with sup_only_epochs = 0); afterwards
-    min(1 - 1 / (t - N * e0 + 1), max_decay) with t the iteration, N iters_per_epoch and
-    e0 sup_only_epochs.
+    ``study`` (AugSeg): 0 while epoch = iteration // N <= e0, so the teacher is an exact copy
+    of the student through epoch 0 (with e0 = 0), and through the first epoch that uses
+    pseudo-labels in general; afterwards min(1 - 1 / (t - N * e0 + 1), max_decay).
+    ``mean_teacher``: 0 while epoch < e0 (supervised only), then min(1 - 1 / (t + 1),
+    max_decay): the teacher averages from the first pseudo-labelled step on.
     """
-    if iteration // iters_per_epoch <= sup_only_epochs:
+    epoch = iteration // iters_per_epoch
+    if schedule == "mean_teacher":
+        return 0.0 if epoch < sup_only_epochs else min(1.0 - 1.0 / (iteration + 1), max_decay)
+    if epoch <= sup_only_epochs:
         return 0.0
     return min(1.0 - 1.0 / (iteration - iters_per_epoch * sup_only_epochs + 1), max_decay)
 
@@ -231,6 +237,16 @@ def pseudo_label_ratio(
     if pseudo is None:
         return float((conf >= threshold).float().mean())
     return float(_keep(conf, pseudo, threshold, ignore).float().mean())
+
+
+def uns_ramp(iteration: int, iters_per_epoch: int, sup_only_epochs: int,
+             rampup_epochs: int) -> float:
+    """Factor on the unsupervised loss: rises linearly from 1 / (N r) at the first
+    pseudo-labelled step to 1 after ``rampup_epochs`` r epochs of N iterations; 1 when r = 0."""
+    if rampup_epochs <= 0:
+        return 1.0
+    step = iteration - iters_per_epoch * sup_only_epochs + 1
+    return min(1.0, max(step, 0) / (iters_per_epoch * rampup_epochs))
 
 
 def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float = 0.9) -> float:

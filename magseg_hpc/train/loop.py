@@ -71,6 +71,7 @@ from magseg_hpc.train.augseg import (
     image_confidence,
     poly_lr,
     pseudo_label_ratio,
+    uns_ramp,
     unsupervised_loss,
 )
 from magseg_hpc.train.distributed import DistEnv
@@ -394,7 +395,8 @@ def autocast(env: DistEnv, cfg: ExperimentConfig):
 
 
 def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: ExperimentConfig,
-                env: DistEnv, epoch: int, generator: torch.Generator) -> dict:
+                env: DistEnv, epoch: int, generator: torch.Generator,
+                uns_factor: float = 1.0) -> dict:
     """One AugSeg step (spec section 3); returns the loss terms and the pseudo-label ratio."""
     t = cfg.train
     dev = env.device
@@ -434,7 +436,7 @@ def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: Experimen
         loss_sup = supervised_loss(logits_l, y_l, cfg.dice_weight())
         loss_uns = unsupervised_loss(logits_s, pseudo, conf, threshold)
         ratio = pseudo_label_ratio(conf, threshold, pseudo)
-    loss = loss_sup + t.uns_weight * loss_uns
+    loss = loss_sup + t.uns_weight * uns_factor * loss_uns
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -791,13 +793,15 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
         if semi:
             stats = augseg_step(ddp_student, teacher, optimizer, batch_l, batch_u, cfg=cfg,
                                 env=env, epoch=epoch,
-                                generator=step_generator(cfg.seed, env.rank, iteration))
+                                generator=step_generator(cfg.seed, env.rank, iteration),
+                                uns_factor=uns_ramp(iteration, ipe, t.sup_only_epochs,
+                                                    t.uns_rampup_epochs))
         else:
             stats = supervised_step(ddp_student, optimizer, batch_l, cfg=cfg, env=env)
         check_finite_step(env, stats, iteration)
         if sync_buffers:
             dist_util.broadcast_buffers(env, student)
-        decay = ema_decay(iteration, ipe, t.sup_only_epochs, t.ema_decay)
+        decay = ema_decay(iteration, ipe, t.sup_only_epochs, t.ema_decay, t.ema_schedule)
         ema_update(teacher, student, decay)
         iteration += 1
         window.append({**stats, "lr": lr_now, "ema_decay": decay})

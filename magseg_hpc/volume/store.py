@@ -17,12 +17,8 @@ different processes write without locks.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
-import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +29,7 @@ from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 from magseg_hpc import __version__
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.staging import staged_output
 
 log = logging.getLogger(__name__)
 
@@ -75,33 +72,6 @@ def refuse_existing(path: str | Path, overwrite: bool, expect: str | None = None
     from magseg_hpc.outputs import check_output
 
     check_output(path, overwrite, expect=expect)
-
-
-@contextlib.contextmanager
-def staged_output(path: str | Path, overwrite: bool, expect: str | None = None
-                  ) -> Iterator[Path]:
-    """Write into a hidden sibling, then swap it in: an output is complete or absent.
-
-    An existing output is only replaced after the new one was written in full, so a crash or
-    bad input never leaves a half-written or clobbered store.
-    """
-    path = Path(path)
-    refuse_existing(path, overwrite, expect)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{time.time_ns()}")
-    try:
-        yield tmp
-        if path.exists():
-            refuse_existing(path, overwrite, expect)  # still one of ours, just before
-            old = path.with_name(f".{path.name}.old-{time.time_ns()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _coord_values(like: xr.DataArray | None, shape: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -1,0 +1,153 @@
+"""One writer per output, and --overwrite that replaces a result only once the new one is
+complete: a kill at any moment keeps the old result byte for byte (magseg_hpc/staging.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from segment_utils import is_complete, make_checkpoint, make_volume, write_input
+
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.segment.resume import DoneMarkers
+from magseg_hpc.staging import (
+    begin_staging,
+    is_staging,
+    mark_staging,
+    promote,
+    recover,
+    staging_path,
+    writer_lock,
+)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def make_result(path: Path, text: str) -> Path:
+    (path / "data").mkdir(parents=True)
+    (path / "data" / "c0").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("killed_after", ["nothing", "old moved aside", "new moved in"])
+def test_a_swap_killed_at_any_step_is_finished_by_recover(tmp_path, killed_after):
+    target = make_result(tmp_path / "out.zarr", "old")
+    staging = begin_staging(target)
+    make_result(staging, "new")
+    mark_staging(staging, target)
+    old = tmp_path / ".out.zarr.magseg-old"
+    if killed_after in ("old moved aside", "new moved in"):  # promote's steps, one by one
+        os.rename(target, old)
+    if killed_after == "new moved in":
+        os.rename(staging, target)
+    recover(target)
+    expected = "old" if killed_after == "nothing" else "new"
+    assert (target / "data" / "c0").read_text() == expected
+    assert not old.exists() and not is_staging(target)
+    assert staging.exists() == (killed_after == "nothing")  # an unswapped staging stays
+    if staging.exists():
+        promote(staging, target)
+    assert (target / "data" / "c0").read_text() == "new" and not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_a_leftover_staging_is_cleared_only_when_it_is_ours(tmp_path):
+    target = tmp_path / "out.zarr"
+    foreign = staging_path(target)
+    make_result(foreign, "someone's")
+    with pytest.raises(MagsegError, match="not a magseg-hpc staging folder"):
+        begin_staging(target)
+    assert (foreign / "data" / "c0").read_text() == "someone's"
+    mark_staging(foreign, target)
+    assert begin_staging(target) == foreign and not foreign.exists()
+
+
+HOLD = """
+import sys, time
+from magseg_hpc.staging import writer_lock
+with writer_lock(sys.argv[1], "magseg-hpc segment-volume in.zarr out.zarr"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_one_writer_at_a_time_and_a_killed_holder_leaves_no_lock(tmp_path):
+    target = tmp_path / "out.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(target)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(MagsegError) as refused:
+            with writer_lock(target):
+                pytest.fail("a second writer got the lock")
+        msg = str(refused.value)
+        assert f"pid {holder.pid} on " in msg and "segment-volume in.zarr out.zarr" in msg
+        assert "\n" not in msg
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with writer_lock(target):  # the kernel dropped the dead holder's lock
+        assert (tmp_path / ".out.zarr.magseg-lock").is_file()
+    assert not (tmp_path / ".out.zarr.magseg-lock").exists()  # removed as it lets go
+
+
+def test_killed_overwrite_keeps_the_old_result_and_resume_completes_it(tmp_path):
+    """A second --overwrite while one runs is refused; a SIGKILL half-way through leaves the
+    previous result byte-identical; --resume continues the staged run to the same bytes as
+    an uninterrupted one, and swaps it in."""
+    volume = make_volume((40, 64, 64), seed=3)
+    inp = write_input(tmp_path / "in.zarr", volume, (16, 32, 32))
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    out, ref = tmp_path / "out.zarr", tmp_path / "ref.zarr"
+    base = [sys.executable, "-m", "magseg_hpc.cli", "segment-volume", str(inp)]
+    slow = ["--model", str(ckpt), "--slab-size", "2", "--tta", "--probabilities",
+            "--workers", "1", "--threads-per-worker", "1", "--dashboard-address", ":0"]
+    first = subprocess.run(base + [str(out), "--method", "threshold", "--dashboard-address",
+                                   ":0"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    before = snapshot(out)
+
+    proc = subprocess.Popen(base + [str(out), "--overwrite"] + slow, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        markers = DoneMarkers(staging_path(out))
+        deadline = time.monotonic() + 120
+        while len(markers.done()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()
+        second = subprocess.run(base + [str(out), "--overwrite"] + slow, capture_output=True,
+                                text=True)
+        assert second.returncode == 2
+        assert second.stderr.strip().count("\n") == 0, second.stderr
+        assert "being written by another run" in second.stderr
+        assert f"pid {proc.pid} on " in second.stderr
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert snapshot(out) == before  # the old result, byte for byte
+    assert is_staging(staging_path(out)) and 2 <= len(markers.done()) < 20
+
+    resumed = subprocess.run(base + [str(out), "--resume"] + slow, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "swapped in when complete" in resumed.stdout and "already done" in resumed.stdout
+    assert not staging_path(out).exists() and is_complete(out)
+    reference = subprocess.run(base + [str(ref)] + slow, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    import zarr
+
+    a, b = zarr.open_group(str(out)), zarr.open_group(str(ref))
+    np.testing.assert_array_equal(a["labels"][:], b["labels"][:])
+    np.testing.assert_array_equal(a["probabilities"][:], b["probabilities"][:])
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
