@@ -49,10 +49,22 @@ def is_staging(path: Path) -> bool:
     return (path / STAGING_MARKER).is_file()
 
 
+_HELD: dict[Path, int] = {}  # locks this process holds: path -> nesting depth
+
+
 @contextlib.contextmanager
 def writer_lock(target: str | os.PathLike, command: str | None = None) -> Iterator[None]:
-    """Hold the output's writer lock for the block, or refuse in one line naming the holder."""
+    """Hold the output's writer lock for the block, or refuse in one line naming the holder.
+    Re-entrant within a process (a command takes it before starting a cluster, the library
+    call inside again)."""
     path = _sibling(target, "lock")
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield
+        finally:
+            _HELD[path] -= 1
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -76,8 +88,10 @@ def writer_lock(target: str | os.PathLike, command: str | None = None) -> Iterat
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         os.ftruncate(fd, len(json.dumps(holder).encode()))
         recover(target)
+        _HELD[path] = 1
         yield
     finally:
+        _HELD.pop(path, None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)  # releases the lock

@@ -4,8 +4,8 @@ Stands in for the hand in the labelling loop (export-slices -> paint -> import-m
 defines the "clear voxels" the real-data benchmark scores on. Only unambiguous pixels get a
 class; everything near a domain wall or the sample's edge stays unlabelled (255):
 
-- background: outside the slice's sample support (the non-masked region, closed, holes
-  filled: ``masked_support``) by more than ``EDGE`` px;
+- background: outside the slice's sample support (the convex hull of its non-masked pixels:
+  ``masked_support``) by more than ``EDGE`` px;
 - domain_minus / domain_plus: at least ``EDGE`` px inside the support, where the slice
   smoothed over ~1.5 px is clearly dark (< ``DARK``) or clearly bright (> ``BRIGHT``), then
   shrunk by ``WALL`` px away from every wall; specks under ``MIN_AREA`` px are dropped.

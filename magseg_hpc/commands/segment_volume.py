@@ -10,6 +10,7 @@ import sys
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.segment.cluster import DEFAULT_DASHBOARD, open_cluster
 from magseg_hpc.segment.pipeline import SegmentOptions, prepare, segment_volume
+from magseg_hpc.staging import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def run(args) -> int:
     )
     # Every check that can fail on bad input runs before any cluster or output exists.
     prepared = prepare(opts)
-    with open_cluster(
+    # the output's one writer from here on: a second one is refused before any cluster starts
+    with writer_lock(prepared.target, opts.command_line), open_cluster(
         scheduler=args.scheduler, cluster=args.cluster, job=args.job, jobs=args.jobs,
         workers=args.workers, threads_per_worker=args.threads_per_worker, device=args.device,
         dashboard_address=args.dashboard_address, processes=not args.in_process,

@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 
 from magseg_hpc.errors import MagsegError
 
@@ -189,26 +188,27 @@ def apply_normalization(x, norm: dict, outside: np.ndarray | None = None):
     return standardize(x01, norm)
 
 
-SUPPORT_CLOSING = 3  # px; bridges masked-valued noise pixels at the sample's edge
-
-
 def masked_support(plane: np.ndarray, masked_value: float) -> np.ndarray:
-    """The sample support of one slice of a masked reconstruction: its non-masked pixels,
-    closed over small gaps, holes filled (dark domains can hold pixels at the masked value;
-    they stay inside)."""
+    """The sample support of one slice of a masked reconstruction: the convex hull of its
+    non-masked pixels.
+
+    Dark domains are often clipped to the masked value itself, and where one touches the
+    sample's edge nothing in the intensity shows where the sample ends: on the study's
+    published sweep a non-masked region closed over 3 px with its holes filled missed up to
+    36 % of a slice's sample (whole dark domains, called outside). The samples of magnetic
+    nanotomography are pillars, cylinders and slabs, whose cross-sections are convex in any
+    plane, so the hull is their outline; a sample with a concave cross-section would have its
+    concavities counted as sample (README, Intensities).
+    """
+    from skimage.morphology import convex_hull_image
+
     inside = np.asarray(plane) != masked_value
     if not inside.any():
         return inside
-    r = SUPPORT_CLOSING
-    # work on the sample's bounding box plus a margin wider than the closing (outside it
-    # nothing changes): a sample in a large field of view costs its own size, not the slice's
+    # the hull of the sample's bounding box: a small sample in a large field of view costs
+    # its own size, not the slice's
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
-    y0, y1 = max(rows[0] - r - 1, 0), min(rows[-1] + r + 2, inside.shape[0])
-    x0, x1 = max(cols[0] - r - 1, 0), min(cols[-1] + r + 2, inside.shape[1])
-    box = inside[y0:y1, x0:x1]
-    disk = np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
-    # pad so that closing does not erode a sample touching the slice's edge
-    closed = ndimage.binary_closing(np.pad(box, r), disk)[r:-r, r:-r]
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     support = np.zeros_like(inside)
-    support[y0:y1, x0:x1] = ndimage.binary_fill_holes(closed | box)
+    support[box] = convex_hull_image(inside[box]) | inside[box]
     return support

@@ -12,11 +12,10 @@ faces, where the end slice is repeated, as in training).
 
 On a masked reconstruction (the normalisation found a ``masked_value``: everything outside
 the sample exactly one value), voxels outside the sample's support are background whatever
-the model says: the support of each slice is its non-masked pixels, closed over small gaps
-and with holes filled (dark domains can hold masked-valued pixels; they stay inside).
-Orthoplane runs apply it once, on the fused z slices (``support_outside``): on a y or x plane
-a tilted pillar runs out of the slice's top and bottom, so its masked-valued dark domains
-there touch the edge, are not holes, and would be forced to background in that plane.
+the model says: the support of each slice is the convex hull of its non-masked pixels
+(``normalize.masked_support``: dark domains can be the masked value itself and touch the
+sample's edge). Orthoplane runs apply it once, on the fused z slices (``support_outside``),
+where the sample's outline is its cross-section.
 
 A masked sample fills a small part of a large field of view, and most y and x planes beside a
 tilted pillar hold none of it: a plane whose pixels (and its context slices') are all masked

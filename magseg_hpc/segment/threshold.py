@@ -8,10 +8,10 @@
    inside the support: below -> 1 (``domain_minus``), above -> 2 (``domain_plus``).
 
 Masked reconstructions (everything outside the sample exactly one value, see
-``normalize.detect_masked_value``): the support is each slice's non-masked region, closed and
-hole-filled, instead of a threshold (a dark domain can be as dark as that background), and the
-light smoothing averages over the support only, so the sample's edge is not pulled towards the
-background value.
+``normalize.detect_masked_value``): the support is the convex hull of each slice's non-masked
+pixels (``normalize.masked_support``) instead of a threshold (a dark domain can be as dark as
+that background), and the light smoothing averages over the support only, so the sample's
+edge is not pulled towards the background value.
 
 Labels follow ``ClassTable.default()``: 0 background, 1 domain_minus, 2 domain_plus.
 
