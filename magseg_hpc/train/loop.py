@@ -845,7 +845,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
         dist_util.barrier(env)
     if collapses:
         worst = max(collapses, key=lambda c: c["drop"])
-        log.warning("validation collapsed %d time(s) in this run (worst: teacher mIoU %.4f at "
+        log.warning("validation collapsed %d time(s) in this training (worst: teacher mIoU %.4f at "
                     "iteration %d, %.3f below the best); best.pt is iteration %s",
                     len(collapses), worst["teacher_miou"], worst["iteration"], worst["drop"],
                     best["iteration"])
