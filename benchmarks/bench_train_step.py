@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         t = cfg.train
         env = dist_util.init_distributed(t.device)
         data = open_data(cfg, Path(tmp), env)
-        norm = fit_data_normalization(data)
+        norm = fit_data_normalization(cfg, data)
         aug = AugmentSettings(crop_size=t.crop_size, scale_range=tuple(t.scale_range),
                               vflip=t.vflip, rot90=t.rot90, num_strong_augs=t.num_strong_augs,
                               random_num_augs=t.random_num_augs)

@@ -198,7 +198,7 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
     env = dist_util.init_distributed(t.device)
     out = tmp / f"run-{len(list(tmp.glob('run-*')))}"
     data = open_data(cfg, out, env)
-    norm = fit_data_normalization(data)
+    norm = fit_data_normalization(cfg, data)
     aug = AugmentSettings(crop_size=t.crop_size, scale_range=tuple(t.scale_range),
                           vflip=t.vflip, rot90=t.rot90, num_strong_augs=t.num_strong_augs,
                           random_num_augs=t.random_num_augs)
