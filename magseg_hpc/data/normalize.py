@@ -162,18 +162,9 @@ def outside_planes(planes: np.ndarray, masked_value: float) -> np.ndarray:
     return ~np.stack([masked_support(p, masked_value) for p in flat]).reshape(planes.shape)
 
 
-def mark_outside(x01, outside):
-    """``x01`` with ``OUTSIDE_X01`` where ``outside`` (numpy or torch, same shape)."""
-    if hasattr(x01, "masked_fill"):
-        return x01.masked_fill(torch_bool(outside, x01), OUTSIDE_X01)
+def mark_outside(x01: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """``x01`` with ``OUTSIDE_X01`` where ``outside`` (same shape), float32."""
     return np.where(outside, np.float32(OUTSIDE_X01), x01).astype(np.float32, copy=False)
-
-
-def torch_bool(mask, like):
-    import torch
-
-    return mask if isinstance(mask, torch.Tensor) else torch.from_numpy(
-        np.ascontiguousarray(mask, bool)).to(like.device)
 
 
 def apply_normalization(x, norm: dict, outside: np.ndarray | None = None):
