@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from magseg_hpc.precision import resolve_precision
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("augseg", "supervised", "sam", "segment")
 STUDY = {"epochs": 30, "n_labeled": 128, "n_unlabeled": 2298}
@@ -193,7 +195,8 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
         f"data.volume={vol}", f"train.device={s['device']}", "data.num_workers=0",
         f"data.n_labeled={s['n_labeled']}", f"data.n_val={s['n_val']}",
         f"model.backbone={s['backbone']}", f"train.crop_size={s['crop']}",
-        f"train.batch_size={s['batch']}", "train.amp=true", *s["train_overrides"], *overrides])
+        f"train.batch_size={s['batch']}", "train.precision=auto", *s["train_overrides"],
+        *overrides])
     t = cfg.train
     env = dist_util.init_distributed(t.device)
     out = tmp / f"run-{len(list(tmp.glob('run-*')))}"
@@ -315,8 +318,8 @@ def section_train(kind: str, s: dict, tmp: Path, budget: Budget, args, notes) ->
                         "deep_stem": m.backbone != "resnet18" if m.deep_stem is None
                         else m.deep_stem, "output_stride": m.output_stride,
                         "crop": cfg.train.crop_size, "batch_per_gpu": cfg.train.batch_size,
-                        "extra_weak": cfg.train.extra_weak, "amp_bf16": cfg.train.amp
-                        and env.device.type == "cuda", "device": str(env.device)},
+                        "extra_weak": cfg.train.extra_weak, "precision": resolve_precision(
+                            cfg.train.precision, env.device), "device": str(env.device)},
            "loader": loader, "variants": []}
     variants = ("eager", "channels_last", "cudnn_benchmark", "compile") if kind == "augseg" \
         else ("eager", "channels_last")
@@ -351,7 +354,7 @@ def sam_row(s: dict, b: int, budget: Budget, notes: list[str]) -> dict:
 
     cfg = load_config(ROOT / s["sam_config"], [
         f"model.name={s['sam_model']}", "model.checkpoint=null",
-        f"train.device={s['device']}", f"train.batch_size={b}", "train.amp=true",
+        f"train.device={s['device']}", f"train.batch_size={b}", "train.precision=auto",
         f"train.crop_size={s['sam_size']}", "data.volume=unused.zarr"])
     env = dist_util.init_distributed(cfg.train.device)
     dev = env.device
@@ -411,13 +414,13 @@ def make_ckpt(path: Path, backbone: str) -> Path:
     return path
 
 
-def worker_forward(ckpt: str, inp: str, batch: int, device: str, amp: bool,
+def worker_forward(ckpt: str, inp: str, batch: int, device: str, precision: str,
                    normalization: dict, repeats: int = 1) -> dict:
     """In the Dask worker: the pure forward over every z slice (normalised and on the device
     beforehand, no I/O), timed (best of ``repeats``), plus the FLOPs of one batch counted."""
     from magseg_hpc.data.normalize import apply_normalization
     from magseg_hpc.models.checkpoint import checkpoint_sha256
-    from magseg_hpc.segment.kernel import autocast
+    from magseg_hpc.precision import autocast
     from magseg_hpc.segment.worker import get_model, resolve_device
     from magseg_hpc.volume.io import open_volume
 
@@ -427,7 +430,7 @@ def worker_forward(ckpt: str, inp: str, batch: int, device: str, amp: bool,
     x = torch.from_numpy(np.asarray(apply_normalization(volume, normalization),
                                     np.float32))[:, None].to(dev)
     tdev = torch.device(dev)
-    with torch.inference_mode(), autocast(dev, amp):
+    with torch.inference_mode(), autocast(dev, resolve_precision(precision, dev)):
         model(x[:batch])  # warm-up (the pipeline's workers were warmed too)
         seconds = float("inf")
         for _ in range(repeats):
@@ -456,7 +459,7 @@ def seg_run(prep, client, batch: int, workers: int, s: dict, args) -> dict:
     warm_s = warm_workers(prep, client)
     summary = segment_volume(prep, client, progress=False)
     fwd = client.submit(worker_forward, prep.job.model, prep.job.input, batch, prep.job.device,
-                        prep.job.amp, prep.job.normalization, s["seg_forward_repeats"],
+                        prep.job.precision, prep.job.normalization, s["seg_forward_repeats"],
                         pure=False).result()
     voxels = int(np.prod(prep.volume.shape))
     fwd_vps = voxels / fwd["seconds"]
@@ -493,9 +496,10 @@ def section_segment(s: dict, tmp: Path, budget: Budget, args, notes) -> dict:
     slab = max(16, *s["seg_batches"])
     prep = prepare(SegmentOptions(str(inp), str(tmp / "labels.zarr"), model=str(ckpt),
                                   batch_size=s["seg_batches"][0], slab_size=slab,
-                                  device=device, amp=True, overwrite=True, axes=("z",)))
+                                  device=device, precision="auto", overwrite=True, axes=("z",)))
     res = {"settings": {"volume": "x".join(map(str, shape)), "backbone": s["seg_backbone"],
-                        "weights": "random", "bf16": device == "cuda", "device": device,
+                        "weights": "random",
+                        "precision": resolve_precision("auto", device), "device": device,
                         "slab_size": slab, "setup_s": time.perf_counter() - t0},
            "runs": []}
     mode = "" if s["seg_processes"] else " (in-process threads)"
@@ -579,7 +583,8 @@ def render(report: dict) -> str:
                   f"decoder {st['decoder_channels']}), "
                   f"crop {st['crop']}, batch {st['batch_per_gpu']}"
                   + (" + " + str(st['batch_per_gpu']) + " unlabelled" if kind == "augseg"
-                     else "") + f" per GPU, bf16 autocast {st['amp_bf16']}, {st['device']}", "",
+                     else "")
+                  + f" per GPU, precision {st.get('precision', 'bf16')}, {st['device']}", "",
                   "images/s: " + ("labelled + unlabelled images per step, as the loop counts "
                                   "them (the student's forward also takes the weak views when "
                                   f"extra_weak: {st['extra_weak']})" if kind == "augseg"
@@ -619,7 +624,7 @@ def render(report: dict) -> str:
     else:
         st = sec["settings"]
         lines += [f"{st['model']} ({st['weights']}), input {st['input']}, supervised_step, "
-                  "bf16 autocast on GPU", "",
+                  "precision auto (bf16 on GPUs)", "",
                   "| batch | status | ms/iter (median) | images/s | peak GiB |",
                   "|---|---|---|---|---|"]
         for b in sec["batches"]:
@@ -633,7 +638,7 @@ def render(report: dict) -> str:
     else:
         st = sec["settings"]
         lines += [f"{st['volume']} synthetic volume (write_image_store), {st['backbone']} "
-                  f"random weights, --bf16 {st['bf16']} (bf16 autocast on GPU only), slab "
+                  f"random weights, precision {st.get('precision', 'bf16')}, slab "
                   f"{st['slab_size']}, {st['cluster']}; end to end = segment_volume (zarr read, "
                   "normalise, forward, softmax, argmax, zarr write; workers warmed); forward = "
                   "the model alone over the same slices, already normalised on the device, in "
@@ -716,7 +721,7 @@ def main(argv=None) -> int:
     ]
     if args.smoke:
         notes.insert(0, "smoke mode: tiny models on CPU; the figures only show that the code "
-                        "paths run, not the GPU's speed (bf16 autocast is GPU-only, so off).")
+                        "paths run, not the GPU's speed.")
     report = {"commit": git_commit(),
               "command": shlex.join([Path(sys.executable).name, *sys.argv]),
               "smoke": args.smoke, "device": device_name, "torch": torch.__version__,

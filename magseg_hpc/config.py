@@ -178,7 +178,9 @@ class TrainConfig:
     eval_every: int = 0  # iterations; 0 evaluates at the end of every epoch
     log_every: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # bf16 autocast, GPU only
+    # auto: bf16 autocast where the device computes bf16 natively (GPUs from Ampere on, CPUs
+    # with AVX512_BF16/AMX), else fp32; losses, optimizer and EMA stay fp32 (precision.py)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int | None = None  # torch intra-op threads per process on CPU; null = default
 
 
@@ -229,6 +231,8 @@ RUNTIME_KEYS = frozenset(
         "train.eval_every",
         "train.log_every",
         "train.device",
+        "train.precision",  # like the device: a resumed run may land on other hardware
+        "train.amp",  # train.precision's predecessor, in run folders written before it
         "train.threads",
         "data.num_workers",
         "data.cache_mb",
@@ -429,9 +433,24 @@ def load_yaml(text: str):
 
 def config_from_dict(raw: dict) -> ExperimentConfig:
     """Validate a plain dict (e.g. parsed YAML) into an :class:`ExperimentConfig`."""
-    cfg = _build(ExperimentConfig, raw if raw is not None else {}, "")
+    cfg = _build(ExperimentConfig, _renamed_keys(raw if raw is not None else {}), "")
     _check_values(cfg)
     return cfg
+
+
+def _renamed_keys(raw: dict) -> dict:
+    """Configs written before a key was renamed, in today's keys: train.amp (bf16 on GPUs
+    when true) is train.precision auto or fp32."""
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if not isinstance(train, dict) or "amp" not in train:
+        return raw
+    train = dict(train)
+    amp = train.pop("amp")
+    if not isinstance(amp, bool):
+        raise MagsegError(f"train.amp: expected bool, got {amp!r} (its new name: "
+                          "train.precision auto|fp32|bf16)")
+    train.setdefault("precision", "auto" if amp else "fp32")
+    return {**raw, "train": train}
 
 
 def _apply_override(raw: dict, override: str) -> None:

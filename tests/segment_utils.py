@@ -53,9 +53,18 @@ def write_input(path: Path, volume: np.ndarray, chunks) -> Path:
     return path
 
 
+def default_precision():
+    """segment-volume's default precision on this CPU as a context (bf16 where native)."""
+    from magseg_hpc.precision import autocast, resolve_precision
+
+    return autocast("cpu", resolve_precision("auto", "cpu"))
+
+
 def reference_probabilities(ckpt: Path, volume: np.ndarray, axis: str = "z",
                             tta: bool = False) -> np.ndarray:
-    """Class probabilities (C, z, y, x): the model applied slice by slice with plain torch."""
+    """Class probabilities (C, z, y, x): the model applied slice by slice with plain torch,
+    in segment-volume's default precision on this machine (bf16 where native, see
+    magseg_hpc.precision)."""
     from magseg_hpc.data.normalize import apply_normalization
     from magseg_hpc.models.checkpoint import load_inference_model
 
@@ -63,14 +72,14 @@ def reference_probabilities(ckpt: Path, volume: np.ndarray, axis: str = "z",
     ax = "zyx".index(axis)
     out = np.zeros((3, *volume.shape), np.float32)
     flips = [()] + ([(3,), (2,), (2, 3)] if tta else [])
-    with torch.no_grad():
+    with torch.no_grad(), default_precision():
         for i in range(volume.shape[ax]):
             img = apply_normalization(np.take(volume, i, axis=ax), meta["normalization"])
             x = torch.from_numpy(np.asarray(img, np.float32))[None, None]
             p = 0
             for dims in flips:
                 xi = torch.flip(x, dims) if dims else x
-                pi = torch.softmax(model(xi), dim=1)
+                pi = torch.softmax(model(xi).float(), dim=1)
                 p = p + (torch.flip(pi, dims) if dims else pi)
             p = (p / len(flips))[0].numpy()
             idx = [slice(None)] * 4

@@ -77,39 +77,3 @@ def test_gpu_check_smoke_refuses_the_results_folder():
     )
     assert proc.returncode == 2
     assert "does not overwrite" in proc.stderr
-
-
-def test_segment_bf16_option_is_gpu_only_and_keeps_old_fingerprints(tmp_path):
-    """segment-volume --bf16 (what the GPU check measures): bf16 autocast on CUDA only, so on
-    CPU the labels are unchanged; the resume fingerprint gains ``amp`` only when it is set."""
-    import numpy as np
-    import torch
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from segment_utils import NORM, make_checkpoint, make_volume, write_input
-
-    from magseg_hpc.cli import build_parser
-    from magseg_hpc.models.checkpoint import load_inference_model
-    from magseg_hpc.segment.kernel import autocast, segment_slab
-    from magseg_hpc.segment.pipeline import SegmentOptions, prepare
-
-    assert not isinstance(autocast("cpu", True), torch.autocast)
-    if torch.cuda.is_available():
-        assert isinstance(autocast("cuda:0", True), torch.autocast)
-    assert not isinstance(autocast("cuda:0", False), torch.autocast)
-
-    ckpt = make_checkpoint(tmp_path / "m.pt")
-    model, _ = load_inference_model(ckpt)
-    vol = make_volume((3, 20, 24))
-    plain, _ = segment_slab(model, vol, NORM, num_classes=3, batch_size=2)
-    amp, _ = segment_slab(model, vol, NORM, num_classes=3, batch_size=2, amp=True)
-    np.testing.assert_array_equal(plain, amp)
-
-    inp = write_input(tmp_path / "in.zarr", vol, (2, 20, 24))
-    off = prepare(SegmentOptions(str(inp), str(tmp_path / "a.zarr"), model=str(ckpt)))
-    on = prepare(SegmentOptions(str(inp), str(tmp_path / "b.zarr"), model=str(ckpt), amp=True))
-    assert "amp" not in off.fields and not off.job.amp
-    assert on.fields["amp"] is True and on.job.amp
-
-    args = build_parser().parse_args(["segment-volume", "in.zarr", "out.zarr", "--bf16"])
-    assert args.bf16 is True

@@ -11,7 +11,7 @@ import pytest
 import torch
 import zarr
 from distributed import Client, LocalCluster
-from segment_utils import MODEL_CFG, make_volume, read_labels, write_input
+from segment_utils import MODEL_CFG, default_precision, make_volume, read_labels, write_input
 
 from magseg_hpc.data.augment import strong_augment, weak_augment
 from magseg_hpc.data.normalize import (
@@ -208,7 +208,7 @@ def _context_reference(ckpt, volume, norm, context, axis="z"):
     vol = np.moveaxis(volume, ax, 0)
     n, half = vol.shape[0], context // 2
     out = np.empty(vol.shape, np.uint8)
-    with torch.no_grad():
+    with torch.no_grad(), default_precision():  # segment-volume's default
         for i in range(n):
             idx = np.clip(np.arange(i - half, i + half + 1), 0, n - 1)
             x = torch.from_numpy(apply_normalization(vol[idx], norm))[None]

@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from magseg_hpc.precision import PRECISIONS
 from magseg_hpc.segment.cluster import DEFAULT_DASHBOARD
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--var", default=None, help="variable of a zarr group / HDF5 dataset")
     p.add_argument("--batch-size", type=int, default=8, help="slices per forward (default 8)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the forward's numbers, as segment-volume (default auto: bf16 where "
+                   "native, else fp32)")
     g = p.add_argument_group("cluster (as segment-volume; default: a local cluster)")
     g.add_argument("--workers", type=int, default=None, help="local Dask workers")
     g.add_argument("--threads-per-worker", type=int, default=None,
@@ -68,7 +72,7 @@ def run(args) -> int:
         raise MagsegError(f"{out}: is a folder; give a file name for the slice list")
     opts = SegmentOptions(
         input=args.volume, output="", model=args.model, var=args.var, axes=(args.axis,),
-        batch_size=args.batch_size, device=args.device,
+        batch_size=args.batch_size, device=args.device, precision=args.precision,
         command_line=shlex.join(["magseg-hpc", *sys.argv[1:]]),
     )
     # Every check that can fail on bad input runs before any cluster or output exists.

@@ -28,12 +28,11 @@ the sample's labels and cost 0.005 mIoU, ``benchmarks/results/masked.md``).
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
 from magseg_hpc.data.normalize import apply_normalization, marks_outside, outside_planes
+from magseg_hpc.precision import autocast
 
 # Flips averaged by --tta, as tensor dims of a (B, C, H, W) batch: horizontal, vertical, both.
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((3,), (2,), (2, 3))
@@ -42,13 +41,6 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((3,), (2,), (2, 3))
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     return out["out"] if isinstance(out, dict) else out
-
-
-def autocast(device: str | torch.device, amp: bool):
-    """bf16 autocast on a CUDA device when ``amp`` (segment-volume --bf16); else nothing."""
-    if amp and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -80,7 +72,7 @@ def segment_slab(
     context: int = 1,
     before: int = 0,
     count: int | None = None,
-    amp: bool = False,
+    precision: str = "fp32",
     force_support: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment ``count`` slices of raw intensities starting at ``slices[before]``;
@@ -115,7 +107,7 @@ def segment_slab(
             probs = background.expand(len(centres), -1, h, w).clone()
             if run.any():
                 probs[torch.from_numpy(run).to(device)] = _predict(
-                    model, raw[run], normalization, device, amp, tta,
+                    model, raw[run], normalization, device, precision, tta,
                     None if outside is None else outside[idx][run])
             if force_support and outside is not None:
                 probs = torch.where(torch.from_numpy(outside[centres]).to(device)[:, None],
@@ -134,10 +126,10 @@ def planes_with_sample(raw: np.ndarray, masked_value: float | None) -> np.ndarra
     return (raw != masked_value).reshape(len(raw), -1).any(axis=1)
 
 
-def _predict(model, raw, normalization, device, amp, tta, outside) -> torch.Tensor:
+def _predict(model, raw, normalization, device, precision, tta, outside) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(
         apply_normalization(raw, normalization, outside), np.float32)).to(device)
-    with autocast(device, amp):  # softmax is taken in float32 either way
+    with autocast(device, precision):  # softmax is taken in float32 either way
         return predict_probabilities(model, x, tta)
 
 

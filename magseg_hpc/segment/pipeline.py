@@ -32,6 +32,7 @@ from magseg_hpc import __version__
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.outputs import check_no_overlap, check_output
+from magseg_hpc.precision import check_precision
 from magseg_hpc.segment.blocks import (
     AXES,
     Slab,
@@ -90,8 +91,8 @@ class SegmentOptions:
     normalization: str = "input"
     torch_threads: int | None = None
     command_line: str | None = None
-    # bf16 autocast for the forward on GPUs (as train.amp); no effect on CPU
-    amp: bool = False
+    # the forward's precision (magseg_hpc.precision): auto takes bf16 where it is native
+    precision: str = "auto"
 
 
 @dataclass
@@ -136,7 +137,8 @@ class RunSummary:
         ]
         for name, w in sorted(self.per_worker.items()):
             lines.append(
-                f"  worker {name}: {w['slabs']} slabs, {w['seconds']:.1f} s in tasks "
+                f"  worker {name}{' (' + w['precision'] + ')' if 'precision' in w else ''}: "
+                f"{w['slabs']} slabs, {w['seconds']:.1f} s in tasks "
                 f"(read {w['read_s']:.1f}, compute {w['compute_s']:.1f}, write {w['write_s']:.1f})"
             )
         return "\n".join(lines)
@@ -164,6 +166,7 @@ def _check_options(opts: SegmentOptions) -> None:
         raise MagsegError(f"--method {opts.method}: choose one of {', '.join(METHODS)}")
     if opts.device not in DEVICES and not opts.device.startswith("cuda:"):
         raise MagsegError(f"--device {opts.device}: choose one of {', '.join(DEVICES)}")
+    check_precision(opts.precision)
     if opts.batch_size < 1 or opts.slab_size < 1:
         raise MagsegError("--batch-size and --slab-size must be positive integers")
     if opts.resume and opts.overwrite:
@@ -248,7 +251,8 @@ def prepare(opts: SegmentOptions) -> Prepared:
         model=model_path, model_sha256=sha256, threshold=threshold,
         batch_size=opts.batch_size, tta=opts.tta, probabilities=opts.probabilities,
         device=opts.device, torch_threads=opts.torch_threads,
-        normalization=normalization, context=context, amp=opts.amp,
+        normalization=normalization, context=context,
+        precision=opts.precision if opts.method == "model" else "fp32",
     )
     fields = {
         "method": opts.method, "model_sha256": sha256, "threshold": threshold,
@@ -258,8 +262,8 @@ def prepare(opts: SegmentOptions) -> Prepared:
         "input_shape": list(shape), "input_dtype": str(volume.dtype),
         "input_chunks": [int(c) for c in volume.data.chunksize],
     }
-    if opts.amp:  # only when set, so runs started before the option still resume
-        fields["amp"] = True
+    if job.precision != "fp32":  # only then, so runs started in fp32 before it still resume
+        fields["precision"] = job.precision
     provenance = {
         "command": "segment-volume", "command_line": opts.command_line,
         "input": job.input, "var": opts.var, "method": opts.method,
@@ -547,6 +551,8 @@ def _account(summary: RunSummary, stats: dict, n_axes: int) -> None:
         stats["worker"], {"slabs": 0, "seconds": 0.0, "read_s": 0.0, "compute_s": 0.0,
                           "write_s": 0.0})
     w["slabs"] += 1
+    if "precision" in stats:
+        w["precision"] = stats["precision"]
     for k in ("seconds", "read_s", "compute_s", "write_s"):
         w[k] += stats[k]
 

@@ -47,7 +47,8 @@ class SlabJob:
     torch_threads: int | None = None
     normalization: dict | None = None  # None: the checkpoint's
     context: int = 1  # model.context_slices: halo slices read = context // 2 on each side
-    amp: bool = False  # bf16 autocast on GPUs
+    # auto, fp32 or bf16 (magseg_hpc.precision); auto is resolved here, on the worker's device
+    precision: str = "fp32"
 
     @property
     def scratch(self) -> str:
@@ -175,21 +176,24 @@ def run_slab(job: SlabJob, slab: Slab) -> dict:
         data, before = read_slab(job, slab, threshold_halo(job.threshold))
         t_read = time.perf_counter()
         labels = np.asarray(apply_threshold(data, job.threshold), np.uint8)
-        labels, probs = labels[before:before + slab.num_slices()], None
+        labels, probs, precision = labels[before:before + slab.num_slices()], None, None
         data = data[before:before + slab.num_slices()]
     else:
+        from magseg_hpc.precision import resolve_precision
         from magseg_hpc.segment.kernel import segment_slab
 
         data, before = read_slab(job, slab, job.context // 2)
         t_read = time.perf_counter()
         device = resolve_device(job.device)
+        precision = resolve_precision(job.precision, device)
         model, ckpt = get_model(job.model, job.model_sha256, device)
         axis = AXES.index(slab.axis)
         labels, probs = segment_slab(
             model, np.moveaxis(data, axis, 0), job.normalization or ckpt["normalization"],
             num_classes=job.num_classes, batch_size=job.batch_size, tta=job.tta,
             device=device, with_probabilities=job.probabilities or len(job.axes) > 1,
-            context=job.context, before=before, count=slab.num_slices(), amp=job.amp,
+            context=job.context, before=before, count=slab.num_slices(),
+            precision=precision,
             force_support=len(job.axes) == 1,  # orthoplane: on the fused z slices
         )
         labels = np.moveaxis(labels, 0, axis)
@@ -205,8 +209,9 @@ def run_slab(job: SlabJob, slab: Slab) -> dict:
 
         write_label_region(job.output, region, labels, probs if job.probabilities else None)
     t_write = time.perf_counter()
-    return _stats(slab, labels.size, labels.shape[AXES.index(slab.axis)], t0, t_read, t_compute,
-                  t_write)
+    stats = _stats(slab, labels.size, labels.shape[AXES.index(slab.axis)], t0, t_read,
+                   t_compute, t_write)
+    return stats if precision is None else {**stats, "precision": precision}
 
 
 def _shape(job: SlabJob) -> tuple[int, int, int]:
@@ -247,7 +252,7 @@ def warm_up(job: SlabJob) -> str:
     model and run one z-slice batch through it (the first forward of a shape is slow)."""
     import torch
 
-    from magseg_hpc.segment.kernel import autocast
+    from magseg_hpc.precision import autocast, resolve_precision
 
     _set_threads(job)
     volume = get_volume(job.input, job.var)
@@ -255,6 +260,6 @@ def warm_up(job: SlabJob) -> str:
         device = resolve_device(job.device)
         model, _ = get_model(job.model, job.model_sha256, device)
         n = min(job.batch_size, volume.shape[0])
-        with torch.inference_mode(), autocast(device, job.amp):
+        with torch.inference_mode(), autocast(device, resolve_precision(job.precision, device)):
             model(torch.zeros((n, job.context, *volume.shape[1:]), device=device))
     return worker_name()

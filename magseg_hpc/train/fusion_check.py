@@ -32,17 +32,17 @@ PLANES_PER_CALL = 16  # planes per kernel call: bounds the probabilities held at
 
 
 def _probabilities(model, planes: np.ndarray, norm: dict, num_classes: int, context: int,
-                   device, start: int, count: int) -> np.ndarray:
+                   device, start: int, count: int, precision: str) -> np.ndarray:
     """uint8 probabilities (C, count, H, W) of ``planes[start:start + count]``, whole planes,
     the masked background left to the caller (as in an orthoplane run)."""
     return kernel.segment_slab(model, planes, norm, num_classes=num_classes, device=device,
                                with_probabilities=True, context=context, before=start,
-                               count=count, force_support=False)[1]
+                               count=count, force_support=False, precision=precision)[1]
 
 
 def measure_fusion(model: torch.nn.Module, image, labels: dict[int, np.ndarray], *,
                    axis: str, axes: list[str], normalization: dict, num_classes: int,
-                   context: int, device="cpu") -> dict:
+                   context: int, device="cpu", precision: str = "fp32") -> dict:
     """mIoU of the validation slices ``labels`` ({index along ``axis``: (H, W) labels}) of
     the volume ``image`` (z, y, x), segmented along ``axis`` alone and fused over ``axes``."""
     vol = np.moveaxis(np.asarray(image), AXES.index(axis), 0)  # the labelled axis first
@@ -54,7 +54,8 @@ def measure_fusion(model: torch.nn.Module, image, labels: dict[int, np.ndarray],
     # sample, which the fusion below sets to background anyway
     alone_runs = [kernel.segment_slab(model, vol, normalization, num_classes=num_classes,
                                       device=device, with_probabilities=True, context=context,
-                                      before=int(i), count=1) for i in rows]
+                                      before=int(i), count=1, precision=precision)
+                  for i in rows]
     alone = np.concatenate([labels for labels, _ in alone_runs])
     parts = [np.concatenate([probs for _, probs in alone_runs], axis=1)]
     others = [a for a in AXES if a in axes and a != axis]
@@ -65,7 +66,7 @@ def measure_fusion(model: torch.nn.Module, image, labels: dict[int, np.ndarray],
         for start in range(0, planes.shape[0], PLANES_PER_CALL):
             count = min(PLANES_PER_CALL, planes.shape[0] - start)
             probs = _probabilities(model, planes, normalization, num_classes, context, device,
-                                   start, count)  # (C, count, vol's other two dims)
+                                   start, count, precision)  # (C, count, vol's other two dims)
             chunks.append(np.moveaxis(probs, 1, 1 + dim)[:, rows])  # back to vol's order
         parts.append(np.concatenate(chunks, axis=1 + dim))
     outside = kernel.support_outside(vol[rows], masked)
@@ -81,7 +82,7 @@ def measure_fusion(model: torch.nn.Module, image, labels: dict[int, np.ndarray],
 
 def check_fusion(model: torch.nn.Module, source, val_keys, *, axes: list[str],
                  num_classes: int, context: int, trained_normalization: dict,
-                 device="cpu") -> dict:
+                 device="cpu", precision: str = "fp32") -> dict:
     """``measure_fusion`` on the validation slices ``val_keys`` of ``source`` (a volume's
     slices; a MultiAxisSlices' labelled-axis volume), normalised as segment-volume's default
     (fitted on that volume, the model's input encoding kept), with the seconds it took."""
@@ -94,12 +95,12 @@ def check_fusion(model: torch.nn.Module, source, val_keys, *, axes: list[str],
         model, image, {int(k): volume.read_labels(k) for k in val_keys}, axis=volume.axis,
         axes=axes, normalization=refit_normalization(image, trained_normalization),
         num_classes=num_classes,
-        context=context, device=device)
+        context=context, device=device, precision=precision)
     return dict(result, seconds=time.perf_counter() - started)
 
 
 def record_fusion_check(best_path, source, val_keys, axes: list[str], num_classes: int,
-                        device) -> dict | None:
+                        device, precision: str = "fp32") -> dict | None:
     """Measure fusion for best.pt's teacher on the validation slices ``val_keys`` of
     ``source`` (the validation volume) and store it in best.pt; kept when best.pt already
     holds the check for its iteration (a finished run resumed)."""
@@ -114,7 +115,8 @@ def record_fusion_check(best_path, source, val_keys, axes: list[str], num_classe
         return old
     result = check_fusion(model, source, val_keys, axes=axes, num_classes=num_classes,
                           context=int(ckpt["model"].get("context_slices", 1)),
-                          trained_normalization=ckpt["normalization"], device=device)
+                          trained_normalization=ckpt["normalization"], device=device,
+                          precision=precision)
     result["iteration"] = iteration
     save_checkpoint(best_path, {**ckpt, "fusion_check": result})
     log.info("orthoplane check on %d validation slices: %s alone mIoU %.4f, fused %s %.4f "
