@@ -48,7 +48,6 @@ from paint import clear_labels  # noqa: E402
 from magseg_hpc.classes import IGNORE_LABEL  # noqa: E402
 from magseg_hpc.config import load_config  # noqa: E402
 from magseg_hpc.data.slices import (  # noqa: E402
-    AugmentSettings,
     LabeledSlices,
     UnlabeledSlices,
     iters_per_epoch,
@@ -60,6 +59,7 @@ from magseg_hpc.train import distributed as dist_util  # noqa: E402
 from magseg_hpc.train.augseg import ema_update  # noqa: E402
 from magseg_hpc.train.loop import (  # noqa: E402
     StepBatches,
+    augment_settings,
     augseg_step,
     build_models,
     build_optimizer,
@@ -129,9 +129,7 @@ def train_iteration(work: Path, repeats: int) -> dict:
     (work / "train_step_run").mkdir(exist_ok=True)
     data = open_data(cfg, work / "train_step_run", env)
     norm = fit_data_normalization(cfg, data)
-    aug = AugmentSettings(crop_size=t.crop_size, scale_range=tuple(t.scale_range),
-                          vflip=t.vflip, rot90=t.rot90, num_strong_augs=t.num_strong_augs,
-                          random_num_augs=t.random_num_augs)
+    aug = augment_settings(cfg)
     labeled = LabeledSlices(data.source, data.splits["labeled"], norm, aug, cfg.seed)
     unlabeled = UnlabeledSlices(data.source, data.splits["unlabeled"], norm, aug, cfg.seed)
     ipe = iters_per_epoch(len(labeled), len(data.splits["unlabeled"]), t.batch_size, 1)

@@ -38,7 +38,6 @@ from magseg_hpc.classes import IGNORE_LABEL
 from magseg_hpc.config import load_config
 from magseg_hpc.data.phantom import make_phantom, write_phantom
 from magseg_hpc.data.slices import (
-    AugmentSettings,
     LabeledSlices,
     UnlabeledSlices,
     iters_per_epoch,
@@ -48,6 +47,7 @@ from magseg_hpc.train import distributed as dist_util
 from magseg_hpc.train.augseg import ema_update
 from magseg_hpc.train.loop import (
     StepBatches,
+    augment_settings,
     augseg_step,
     build_models,
     build_optimizer,
@@ -93,9 +93,7 @@ def main(argv=None) -> int:
         env = dist_util.init_distributed(t.device)
         data = open_data(cfg, Path(tmp), env)
         norm = fit_data_normalization(cfg, data)
-        aug = AugmentSettings(crop_size=t.crop_size, scale_range=tuple(t.scale_range),
-                              vflip=t.vflip, rot90=t.rot90, num_strong_augs=t.num_strong_augs,
-                              random_num_augs=t.random_num_augs)
+        aug = augment_settings(cfg)
         labeled = LabeledSlices(data.source, data.splits["labeled"], norm, aug, cfg.seed)
         unlabeled = UnlabeledSlices(data.source, data.splits["unlabeled"], norm, aug, cfg.seed)
         ipe = iters_per_epoch(len(labeled), len(data.splits["unlabeled"]), t.batch_size, 1)

@@ -178,11 +178,12 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
     """(cfg, env, labelled batches, unlabelled batches, loader timing) from the project's
     loader over a synthetic image + labels store, as benchmarks/bench_train_step.py does."""
     from magseg_hpc.config import load_config
-    from magseg_hpc.data.slices import AugmentSettings, LabeledSlices, UnlabeledSlices
+    from magseg_hpc.data.slices import LabeledSlices, UnlabeledSlices
     from magseg_hpc.data.slices import iters_per_epoch as ipe_of
     from magseg_hpc.train import distributed as dist_util
     from magseg_hpc.train.loop import (
         StepBatches,
+        augment_settings,
         fit_data_normalization,
         make_loader,
         open_data,
@@ -202,9 +203,7 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
     out = tmp / f"run-{len(list(tmp.glob('run-*')))}"
     data = open_data(cfg, out, env)
     norm = fit_data_normalization(cfg, data)
-    aug = AugmentSettings(crop_size=t.crop_size, scale_range=tuple(t.scale_range),
-                          vflip=t.vflip, rot90=t.rot90, num_strong_augs=t.num_strong_augs,
-                          random_num_augs=t.random_num_augs)
+    aug = augment_settings(cfg)
     labeled = LabeledSlices(data.source, data.splits["labeled"], norm, aug, cfg.seed)
     unlabeled = UnlabeledSlices(data.source, data.splits["unlabeled"], norm, aug, cfg.seed)
     ipe = ipe_of(len(labeled), len(data.splits["unlabeled"]), t.batch_size, 1)

@@ -129,6 +129,7 @@ def planes_with_sample(raw: np.ndarray, masked_value: float | None) -> np.ndarra
 def _predict(model, raw, normalization, device, precision, tta, outside) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(
         apply_normalization(raw, normalization, outside), np.float32)).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)  # as load_inference_model's weights
     with autocast(device, precision):  # softmax is taken in float32 either way
         return predict_probabilities(model, x, tta)
 

@@ -315,6 +315,17 @@ def make_loader(dataset, batches: StepBatches, cfg: ExperimentConfig,
 # --- models and optimizer --------------------------------------------------------------------
 
 
+def augment_settings(cfg: ExperimentConfig) -> AugmentSettings:
+    """The crops and augmentations of the training datasets, from the config."""
+    t = cfg.train
+    return AugmentSettings(
+        crop_size=t.crop_size, scale_range=tuple(t.scale_range), vflip=t.vflip, rot90=t.rot90,
+        num_strong_augs=t.num_strong_augs, random_num_augs=t.random_num_augs,
+        strong_ops=tuple(resolve_strong_pool(t.strong_ops)),
+        context=cfg.model.context_slices, foreground=t.foreground_crop,
+    )
+
+
 def build_models(cfg: ExperimentConfig, env: DistEnv) -> tuple[nn.Module, nn.Module]:
     """(student, teacher): the same initial weights on every rank (seeded), teacher frozen."""
     from magseg_hpc.models import build_model
@@ -666,12 +677,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
         data.normalization = dist_util.broadcast_object(
             env, fit_data_normalization(cfg, data) if env.is_main else None)
     norm = data.normalization
-    aug = AugmentSettings(
-        crop_size=t.crop_size, scale_range=tuple(t.scale_range), vflip=t.vflip, rot90=t.rot90,
-        num_strong_augs=t.num_strong_augs, random_num_augs=t.random_num_augs,
-        strong_ops=tuple(resolve_strong_pool(t.strong_ops)),
-        context=cfg.model.context_slices, foreground=t.foreground_crop,
-    )
+    aug = augment_settings(cfg)
     labeled = LabeledSlices(data.source, data.splits["labeled"], norm, aug, cfg.seed)
     semi = t.method == "augseg"
     unlabeled = (UnlabeledSlices(data.source, data.splits["unlabeled"], norm, aug, cfg.seed)
