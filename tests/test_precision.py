@@ -111,3 +111,13 @@ def test_train_precision_key_and_its_old_name():
     assert experiment_differences(
         config_to_dict(config_from_dict({"train": {"precision": "fp32"}})),
         config_to_dict(config_from_dict({}))) == []
+
+
+def test_class_argmax_is_argmax_with_ties_to_the_lower_class():
+    from magseg_hpc.segment.kernel import class_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.randint(0, 4, (3, 4, 9, 7), generator=gen).float()  # many ties
+    assert torch.equal(class_argmax(probs).long(), probs.argmax(dim=1))
+    cl = probs.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(class_argmax(cl).long(), probs.argmax(dim=1))

@@ -112,10 +112,22 @@ def segment_slab(
             if force_support and outside is not None:
                 probs = torch.where(torch.from_numpy(outside[centres]).to(device)[:, None],
                                     background, probs)
-            labels[start:stop] = probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            labels[start:stop] = class_argmax(probs).cpu().numpy()
             if probabilities is not None:
                 probabilities[:, start:stop] = quantize(probs).cpu().numpy().transpose(1, 0, 2, 3)
     return labels, probabilities
+
+
+def class_argmax(probs: torch.Tensor) -> torch.Tensor:
+    """``probs.argmax(dim=1)`` as uint8 (ties to the lower class), by elementwise compares:
+    torch's argmax over the class dim of an NCHW batch took a quarter of segment-volume's
+    compute on a 600 x 600 volume, the compares 1/50 of that."""
+    best, labels = probs[:, 0], torch.zeros(probs[:, 0].shape, dtype=torch.uint8,
+                                            device=probs.device)
+    for c in range(1, probs.shape[1]):
+        labels[probs[:, c] > best] = c
+        best = torch.maximum(best, probs[:, c])
+    return labels
 
 
 def planes_with_sample(raw: np.ndarray, masked_value: float | None) -> np.ndarray:
