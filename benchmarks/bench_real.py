@@ -146,6 +146,8 @@ def main() -> None:
     p.add_argument("--config", default="configs/cpu_best.yaml")
     p.add_argument("--gif", type=Path, default=None, help="the study's sweep GIF")
     p.add_argument("--name", default="real_sweep", help="results file name")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for every training (e.g. train.precision=fp32)")
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     work = a.work.resolve()
@@ -169,7 +171,8 @@ def main() -> None:
         name, run_dir, out = f"seed {seed}", work / f"run{seed}", work / f"seed{seed}.zarr"
         train_s = magseg("train", "--config", a.config, "--output-dir", run_dir,
                          f"data.volume={volume}", f"data.label_volume={label_store}",
-                         "data.n_val=2", f"seed={seed}", log=work / f"train{seed}.log")
+                         "data.n_val=2", f"seed={seed}", *a.overrides,
+                         log=work / f"train{seed}.log")
         segment_s = magseg("segment-volume", volume, out, "--model", run_dir / "best.pt",
                            "--overwrite", log=work / f"segment{seed}.log")
         predicted[name] = labels_of(out)
@@ -206,7 +209,9 @@ def main() -> None:
         f"{len(held_out)} held-out z slices (every slice but the {len(painted)} painted), "
         f"{int((truth != IGNORE_LABEL).sum())} clear voxels "
         f"({', '.join(f'{n} {int((truth == c).sum())}' for c, n in enumerate(NAMES))}). "
-        f"Training: `{a.config}` as shipped, 8 painted slices, 2 for validation. Seeds "
+        f"Training: `{a.config}` "
+        + (f"with {' '.join(a.overrides)}" if a.overrides else "as shipped")
+        + ", 8 painted slices, 2 for validation. Seeds "
         f"{a.seeds} report; seeds 0 and 1 tuned (`data.mark_outside` on 0; "
         "`train.ema_schedule: mean_teacher`, `train.uns_rampup_epochs: 2` on 1).", "",
         *lines, "",

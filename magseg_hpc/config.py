@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -334,7 +335,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for name, value in raw.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value if value is not None else {}, f"{prefix}{name}.")
+            if value is None:  # `model: null` would silently mean every default
+                raise MagsegError(f"config section '{prefix}{name}' is null; give its keys "
+                                  f"or leave it out for the defaults: "
+                                  f"{_section_help(tp, f'{prefix}{name}.')}")
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
             try:
                 kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
@@ -351,9 +356,13 @@ def _check_values(cfg: ExperimentConfig) -> None:
 
     resolve_model_config(cfg.model_dict())
     t, d = cfg.train, cfg.data
+    if t.batch_size < 2:
+        # BatchNorm in training mode needs two values a channel; the decoder's image-pooling
+        # branch has one a image, so a batch of 1 fails on every rank after submission
+        raise MagsegError(f"train.batch_size must be >= 2 (BatchNorm needs two images a "
+                          f"process), got {t.batch_size}")
     positive = {
         "train.epochs": t.epochs,
-        "train.batch_size": t.batch_size,
         "train.crop_size": t.crop_size,
         "train.checkpoint_every": t.checkpoint_every,
         "train.log_every": t.log_every,
@@ -384,8 +393,13 @@ def _check_values(cfg: ExperimentConfig) -> None:
     }.items():
         if value < 0:
             raise MagsegError(f"{key} must be >= 0, got {value}")
-    if not t.lr > 0:
-        raise MagsegError(f"train.lr must be > 0, got {t.lr}")
+    if not 0 < t.lr < math.inf:
+        raise MagsegError(f"train.lr must be a number > 0, got {t.lr}")
+    if not 0 < t.head_lr_mult < math.inf:
+        raise MagsegError(f"train.head_lr_mult must be a number > 0, got {t.head_lr_mult}")
+    if not 0 <= t.threshold <= 1:
+        raise MagsegError(f"train.threshold (pseudo-label confidence) must be in [0, 1], "
+                          f"got {t.threshold}")
     if not 0 <= t.ema_decay < 1:
         raise MagsegError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not 0 <= t.foreground_crop <= 1:
@@ -409,8 +423,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
             raise MagsegError(f"data.axes must be distinct axes among z, y, x; got {d.axes}")
         if len(d.axes) > 1 and d.folder:
             raise MagsegError("data.axes needs a volume (data.volume), not data.folder")
-    if cfg.seed < 0:
-        raise MagsegError(f"seed must be >= 0, got {cfg.seed}")
+    if not 0 <= cfg.seed < 2**63:
+        raise MagsegError(f"seed must be in [0, 2**63) (torch's seed range), got {cfg.seed}")
 
 
 class _NoAliasLoader(yaml.SafeLoader):

@@ -70,7 +70,7 @@ def test_wrong_types_fail_with_the_key(tmp_path, data, fragment):
 
 
 def test_bad_values(tmp_path):
-    with pytest.raises(MagsegError, match="train.batch_size must be >= 1"):
+    with pytest.raises(MagsegError, match="train.batch_size must be >= 2"):
         load_config(write(tmp_path, {"train": {"batch_size": 0}}))
     with pytest.raises(MagsegError, match="ema_decay"):
         load_config(write(tmp_path, {"train": {"ema_decay": 1.0}}))

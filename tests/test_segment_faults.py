@@ -50,3 +50,23 @@ def test_killed_worker_reruns_its_slabs_and_output_is_unchanged(tmp_path):
     expected = reference_probabilities(ckpt, volume).argmax(0)
     np.testing.assert_array_equal(read_labels(tmp_path / "out.zarr"), expected)
     assert is_complete(tmp_path / "out.zarr")
+
+
+def test_input_deleted_during_a_run_fails_instead_of_reading_zeros(tmp_path):
+    """zarr reads a store that vanished under an open array as its fill value: the slab
+    task checks the input still exists after reading, so nothing is written as background."""
+    import shutil
+
+    import pytest
+
+    from magseg_hpc.errors import MagsegError
+    from magseg_hpc.segment.pipeline import prepare
+    from magseg_hpc.segment.worker import get_volume, run_slab
+
+    inp = write_input(tmp_path / "in.zarr", make_volume((6, 20, 24)), (2, 20, 24))
+    prep = prepare(SegmentOptions(str(inp), str(tmp_path / "out.zarr"), method="threshold"))
+    get_volume(prep.job.input, prep.job.var)  # opened, as a worker has it mid-run
+    shutil.rmtree(inp)
+    with pytest.raises(MagsegError, match="the input vanished during the run"):
+        run_slab(prep.job, prep.slabs[0])
+    assert not (tmp_path / "out.zarr").exists()

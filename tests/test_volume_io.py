@@ -108,6 +108,33 @@ def test_png_folder_with_mismatched_sizes(tmp_path):
         open_volume(d)
 
 
+def test_png_folder_in_natural_order_and_mixed_dtypes_read_exactly(tmp_path):
+    """1.png ... 12.png stack 1, 2, ..., 12 (not 1, 10, 11, 12, 2); a 16-bit slice among
+    8-bit ones promotes the stack instead of wrapping its values modulo 256."""
+    d = tmp_path / "pngs"
+    d.mkdir()
+    values = {i: (1000 + i if i == 10 else i) for i in range(1, 13)}
+    for i, v in values.items():
+        Image.fromarray(np.full((4, 5), v, np.uint16 if v > 255 else np.uint8)).save(
+            d / f"{i}.png")
+    arr = open_volume(d)
+    assert arr.dtype == np.uint16
+    check(arr, np.stack([np.full((4, 5), values[i], np.uint16) for i in range(1, 13)]))
+    Image.fromarray(np.zeros((4, 5), np.uint8)).save(d / "01.png")
+    with pytest.raises(MagsegError, match="01.png and 1.png number the same slice"):
+        open_volume(d)
+
+
+def test_multipage_tiff_with_mixed_dtypes_is_promoted(tmp_path):
+    pages = [np.full((4, 5), 200, np.uint8), np.full((4, 5), 1000, np.uint16),
+             np.full((4, 5), -3.5, np.float32)]
+    for page in pages:
+        tifffile.imwrite(tmp_path / "m.tif", page, append=True)
+    arr = open_volume(tmp_path / "m.tif")
+    assert arr.dtype == np.float32
+    check(arr, np.stack(pages).astype(np.float32))
+
+
 def test_singleton_axis_is_squeezed_with_a_warning(tmp_path, oracle_volume, caplog):
     np.save(tmp_path / "v.npy", oracle_volume[:, None])
     check(open_volume(tmp_path / "v.npy"), oracle_volume)

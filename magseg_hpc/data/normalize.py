@@ -92,6 +92,16 @@ def fit_normalization(
             f"intensity percentiles {low_pct}/{high_pct} are both {low:g} (a constant "
             "volume?); check the input or widen the percentiles"
         )
+    with np.errstate(over="ignore", invalid="ignore"):
+        low32, high32 = np.float32(low), np.float32(high)
+        span32 = high32 - low32
+    if not (np.isfinite(low32) and np.isfinite(high32) and np.isfinite(span32) and span32 > 0):
+        # the model computes in float32 (or bf16, float32's range): numbers it cannot subtract
+        raise MagsegError(
+            f"intensity percentiles {low_pct}/{high_pct} are {low:g} and {high:g}: beyond "
+            "float32 arithmetic, which the model computes in; rescale the volume (e.g. to "
+            "physical units of order 1) and try again"
+        )
     scaled = np.clip((sample - low) / (high - low), 0.0, 1.0)
     std = float(scaled.std())
     return {
@@ -128,9 +138,10 @@ def scale_to_unit(x, norm: dict):
     span = norm["high"] - norm["low"]
     if hasattr(x, "clamp"):  # torch tensor
         return ((x.float() - norm["low"]) / span).clamp_(0.0, 1.0)
-    return np.clip(
-        (np.asarray(x, dtype=np.float32) - np.float32(norm["low"])) / np.float32(span), 0.0, 1.0
-    ).astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # outliers beyond float32 become +-inf, clipped to 0/1
+        return np.clip(
+            (np.asarray(x, dtype=np.float32) - np.float32(norm["low"])) / np.float32(span),
+            0.0, 1.0).astype(np.float32, copy=False)
 
 
 def standardize(x01, norm: dict):

@@ -291,6 +291,9 @@ def make_phantom(
     noise_std = 0.0
     if noisy:
         noise_std = abs(contrast) / float(snr)
+        if not noise_std < np.finfo(np.float32).max / 1e3:  # the image is float32
+            raise MagsegError(f"snr {snr:g} is too small: noise of std {noise_std:g} overflows "
+                              "the float32 image; use snr >= 1e-30")
         signal += noise_std * _noise(
             shape, rng_noise, noise_correlation, n_angles, missing_wedge_deg
         )

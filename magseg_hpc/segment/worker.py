@@ -21,6 +21,7 @@ import numpy as np
 
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.segment.blocks import AXES, Slab
+from magseg_hpc.volume.io import volume_file
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,9 @@ def read_slab(job: SlabJob, slab: Slab, halo: int = 0) -> tuple[np.ndarray, int]
     region[axis] = slice(lo, min(volume.shape[axis], slab.stop + halo))
     # The synchronous scheduler reads the overlapping chunks in this task, not as new tasks.
     data = np.asarray(volume.data[tuple(region)].compute(scheduler="synchronous"))
+    if not volume_file(job.input).exists():  # zarr reads a vanished store as its fill value
+        raise MagsegError(f"{job.input}: the input vanished during the run (at slab "
+                          f"{slab.name}); restore it and run again with --resume")
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise MagsegError(

@@ -68,6 +68,14 @@ def ingest(
     volume = open_volume(src, var=var)
     if min(volume.shape) < 1:
         raise MagsegError(f"{src}: volume is empty (shape {'x'.join(map(str, volume.shape))})")
+    if fill_nonfinite is not None and volume.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            stored = np.asarray(fill_nonfinite).astype(volume.dtype)
+        if not np.isfinite(stored):
+            raise MagsegError(
+                f"--fill-nonfinite {fill_nonfinite:g}: not a finite {volume.dtype} (the volume's "
+                "dtype, kept in the store); use a value inside its range, e.g. 0"
+            )
     chunks = default_chunks(volume.shape, chunks)
     _warn_absent_chunks(src, var or volume.name)
     nonfinite = NonFiniteCounter(fill_nonfinite)

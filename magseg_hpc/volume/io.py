@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,9 +289,39 @@ def _grey(im) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
-def _stack_slices(readers: list, shape, dtype) -> da.Array:
-    slices = [da.from_delayed(dask.delayed(fn)(*a), shape=shape, dtype=dtype) for fn, a in readers]
+def _read_as(fn, args, dtype) -> np.ndarray:
+    return fn(*args).astype(dtype, copy=False)
+
+
+def _stack_slices(readers: list, shape, dtypes: list) -> da.Array:
+    """Slices of possibly mixed dtypes stacked in the one that holds them all exactly
+    (uint8 and uint16 slices: uint16), never wrapped to the first slice's."""
+    dtype = np.result_type(*dtypes)
+    slices = [da.from_delayed(dask.delayed(_read_as)(fn, a, dtype), shape=shape, dtype=dtype)
+              for fn, a in readers]
+    if len(set(dtypes)) > 1:
+        log.info("slices of %s read as %s", ", ".join(sorted({str(d) for d in dtypes})), dtype)
     return da.stack(slices)
+
+
+def _natural_key(name: str) -> tuple:
+    """Digit runs compare as numbers: 2.png before 10.png."""
+    return tuple(int(part) if part.isdigit() else part.lower()
+                 for part in re.split(r"(\d+)", name))
+
+
+def natural_order(files: list[Path]) -> list[Path]:
+    """``files`` in natural name order; names that order alike (1.png, 01.png) are refused."""
+    keys: dict[tuple, Path] = {}
+    for f in files:
+        key = _natural_key(f.name)
+        if key in keys:
+            raise MagsegError(
+                f"{f.parent}: {keys[key].name} and {f.name} number the same slice; rename "
+                "one so that every slice has its own number"
+            )
+        keys[key] = f
+    return [keys[k] for k in sorted(keys)]
 
 
 class _Collect(logging.Handler):
@@ -316,7 +347,8 @@ def _open_tiff_file(path: Path) -> xr.DataArray:
             if len(series.shape) >= 3 and len(tif.pages) == 1:
                 return xr.DataArray(da.from_array(series.asarray(), chunks="auto"))
             first = tif.pages[0]
-            shape, dtype, n = first.shape, first.dtype, len(tif.pages)
+            shape, n = first.shape, len(tif.pages)
+            dtypes = [page.dtype for page in tif.pages]
     except (tifffile.TiffFileError, OSError, IndexError, ValueError, EOFError) as e:
         raise MagsegError(f"{path}: not a readable TIFF file ({e})") from e
     finally:
@@ -326,11 +358,12 @@ def _open_tiff_file(path: Path) -> xr.DataArray:
         log.warning("%s: %s; read %d pages (the file may be truncated)", path,
                     notes.messages[0], n)
     readers = [(_read_tiff_page, (str(path), i)) for i in range(n)]
-    return xr.DataArray(_stack_slices(readers, shape, dtype))
+    return xr.DataArray(_stack_slices(readers, shape, dtypes))
 
 
 def _open_slice_folder(path: Path) -> xr.DataArray:
-    files = sorted(f for f in path.iterdir() if f.suffix.lower() in TIFF_SUFFIXES + (".png",))
+    files = natural_order(
+        [f for f in path.iterdir() if f.suffix.lower() in TIFF_SUFFIXES + (".png",)])
     if not files:
         raise MagsegError(
             f"{path}: folder holds no .tif or .png slices and is not a zarr store; use {SUPPORTED}"
@@ -343,28 +376,37 @@ def _open_slice_folder(path: Path) -> xr.DataArray:
         raise MagsegError(f"{files[0]}: expected 2D slices, got shape {first.shape}")
     fn = _read_tiff_page if True in kinds else _read_png
     readers = [(fn, (str(f), 0) if fn is _read_tiff_page else (str(f),)) for f in files]
-    _check_slice_shapes(files, first.shape)
-    return xr.DataArray(_stack_slices(readers, first.shape, first.dtype))
+    dtypes = _check_slice_shapes(files, first.shape)
+    return xr.DataArray(_stack_slices(readers, first.shape, dtypes))
 
 
-def _check_slice_shapes(files: list[Path], shape) -> None:
-    """Headers only: a stack of slices with different sizes is refused before any reading."""
+# PIL modes as the pixels _grey returns them (colour modes become 8-bit luminance)
+_PIL_DTYPES = {"I;16": np.uint16, "I;16B": np.uint16, "I": np.int32, "F": np.float32}
+
+
+def _check_slice_shapes(files: list[Path], shape) -> list[np.dtype]:
+    """Headers only: a stack of slices with different sizes is refused before any reading;
+    returns each slice's dtype."""
     from PIL import Image
 
+    dtypes = []
     for f in files:
         if f.suffix.lower() == ".png":
             with Image.open(f) as im:
                 size = (im.height, im.width)
+                dtypes.append(np.dtype(_PIL_DTYPES.get(im.mode, np.uint8)))
         else:
             import tifffile
 
             with tifffile.TiffFile(f) as tif:
                 size = tif.pages[0].shape[:2]
+                dtypes.append(tif.pages[0].dtype)
         if tuple(size) != tuple(shape[:2]):
             raise MagsegError(
                 f"{f}: slice is {size[0]}x{size[1]} but the first slice is {shape[0]}x{shape[1]}; "
                 "all slices of a volume must have the same size"
             )
+    return dtypes
 
 
 def _open_image_sweep(path: Path) -> xr.DataArray:
