@@ -180,6 +180,11 @@ def world(tmp_path_factory):
     (w / "badjob.yaml").write_text("partition: [1, 2\n")
     (w / "bombjob.yaml").write_text("\n".join(bomb) + "\npartition: *i\n")
     (w / "unknownjob.yaml").write_text("partitoin: gpu\n")
+    # a user's folder with the names a run writes: training must not take it
+    (w / "mine" / "splits").mkdir(parents=True)
+    (w / "mine" / "config.yaml").write_text("my: settings\n")
+    (w / "mine" / "metrics.jsonl").write_text("{}\n")
+    (w / "mine" / "splits" / "val.txt").write_text("7\n")
     # a checkpoint trained for one iteration, and damaged variants
     run_training(config_from_dict(tiny), w / "run")
     (w / "run" / "checkpoint.pt").unlink()  # best.pt (no optimizer state) is enough here
@@ -571,12 +576,17 @@ TRAIN = [
     C("output-dir-read-only", "train --config tiny.yaml --output-dir ro/run", "not writable"),
     C("another-experiment", "train --config tiny.yaml --output-dir run train.lr=0.5",
       "another experiment"),
+    C("output-dir-of-a-user", "train --config tiny.yaml --output-dir mine",
+      "mine is not empty and not a magseg-hpc run folder .it holds config.yaml, "
+      "metrics.jsonl, splits."),
     C("no-config-flag", "train --output-dir r", "required"),
 ]
 
 SUB_SEG = "submit segment --dry-run --cluster local --"
 SUBMIT = [
     C("train-empty-config", "submit train --config empty.yaml --dry-run", "is empty"),
+    C("train-output-dir-of-a-user", "submit train --config tiny.yaml --dry-run --output-dir mine",
+      "not a magseg-hpc run folder"),
     C("train-batch-one", "submit train --config tiny.yaml --cluster local train.batch_size=1",
       "train.batch_size must be >= 2"),
     C("train-alias-bomb", "submit train --config bomb.yaml --dry-run", "aliases"),

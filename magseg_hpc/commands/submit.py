@@ -38,6 +38,7 @@ from magseg_hpc.launch.submission import (
     submit_callable,
 )
 from magseg_hpc.launch.tasks import CommandTask, TrainTask
+from magseg_hpc.rundir import claim
 from magseg_hpc.volume.io import volume_file
 
 __all__ = ["register", "build_parser", "main", "check_command_args"]
@@ -197,6 +198,8 @@ def _run_train(args: argparse.Namespace) -> int:
         folder = str(Path(args.runs_root).absolute() / name / "%j")
     if args.dry_run:
         return _dry_run(cluster, params, folder)
+    if args.output_dir:
+        claim(output_dir)  # ours before submitit writes its files there
     task = TrainTask(config, folder, uuid.uuid4().hex, resume_any=bool(args.output_dir))
     return _submit_and_report("train", task, args, cluster, folder, params, profile)
 

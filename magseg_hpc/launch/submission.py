@@ -17,6 +17,7 @@ import yaml
 
 from magseg_hpc.config import experiment_differences
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.rundir import BEST_FILE, CHECKPOINT_FILE, CONFIG_FILE, check_claimable
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,12 @@ __all__ = ["Submission", "submit_callable", "check_output_dir", "job_state", "jo
 
 
 def check_output_dir(output_dir: Path, config: dict) -> None:
-    """Refuse, before submitting, an output dir that holds a different experiment."""
-    saved = output_dir / "config.yaml"
+    """Refuse, before submitting, an output dir that is not a run folder of ours or holds a
+    different experiment."""
+    check_claimable(output_dir)
+    saved = output_dir / CONFIG_FILE
     if not saved.exists() or not any((output_dir / f).is_file()
-                                     for f in ("checkpoint.pt", "best.pt")):
+                                     for f in (CHECKPOINT_FILE, BEST_FILE)):
         return  # no config, or a run that failed before its first checkpoint: nothing binds
     try:
         previous = yaml.safe_load(saved.read_text())

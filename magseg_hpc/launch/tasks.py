@@ -28,12 +28,12 @@ import submitit
 from magseg_hpc.config import config_from_dict
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import AppendFileHandler
+from magseg_hpc.rundir import LOGS_DIR, SUBMISSION_FILE
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SUBMISSION_FILE", "one_gpu_per_process", "TrainTask", "CommandTask"]
 
-SUBMISSION_FILE = "submission.json"
 
 
 class _NotLoggedElsewhere(logging.Filter):
@@ -53,7 +53,7 @@ class _NotLoggedElsewhere(logging.Filter):
 
 def _setup_rank_logging(output_dir: Path, rank: int) -> None:
     """Every rank logs to ``logs/rank<R>.log`` and to its stderr (submitit's per-task file)."""
-    path = output_dir / "logs" / f"rank{rank}.log"
+    path = output_dir / LOGS_DIR / f"rank{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
@@ -200,7 +200,7 @@ class CommandTask:
             sys.argv = saved_argv
         if status != 0:
             raise MagsegError(f"{command} exited with status {status}; "
-                              f"see {run_dir / 'logs' / 'rank0.log'}")
+                              f"see {run_dir / LOGS_DIR / 'rank0.log'}")
         log.info("finished: %s", command)
         return {"command": command, "exit_status": status}
 

@@ -65,6 +65,17 @@ from magseg_hpc.logfile import AppendFileHandler
 from magseg_hpc.precision import autocast as precision_autocast
 from magseg_hpc.precision import describe as describe_precision
 from magseg_hpc.precision import resolve_precision
+from magseg_hpc.rundir import (
+    BEST_FILE,
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    CURVES_FILE,
+    LOGS_DIR,
+    METRICS_FILE,
+    SPLITS_DIR,
+    check_claimable,
+    claim,
+)
 from magseg_hpc.train import distributed as dist_util
 from magseg_hpc.train.augseg import (
     adaptive_mix,
@@ -82,15 +93,16 @@ from magseg_hpc.train.losses import supervised_loss
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE = "config.yaml", "checkpoint.pt", "best.pt"
-METRICS_FILE, CURVES_FILE, SPLITS_DIR, LOGS_DIR = "metrics.jsonl", "curves.png", "splits", "logs"
 
 
 # --- output dir ------------------------------------------------------------------------------
 
 
 def check_output_dir(cfg: ExperimentConfig, output_dir: Path) -> None:
-    """Refuse an output dir that holds another experiment (runtime keys may differ)."""
+    """Refuse an output dir that is not a run folder of ours (rank 0 checks; the others
+    start once it has claimed it) or holds another experiment (runtime keys may differ)."""
+    if os.environ.get("RANK", "0") == "0":
+        check_claimable(output_dir)
     old = None
     config_path = output_dir / CONFIG_FILE
     if config_path.is_file():
@@ -640,6 +652,8 @@ def run_training(cfg: ExperimentConfig, output_dir: str | Path) -> dict:
     """
     output_dir = Path(output_dir).absolute()
     check_output_dir(cfg, output_dir)
+    if os.environ.get("RANK", "0") == "0":
+        claim(output_dir)
     env = dist_util.init_distributed(cfg.train.device)
     try:
         with rank_log(output_dir, env.rank):

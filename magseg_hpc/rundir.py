@@ -1,0 +1,55 @@
+"""The training run folder: its layout, and which folders are run folders of ours.
+
+Training writes config.yaml, metrics.jsonl and curves.png into its folder and clears splits/
+of a run that failed before its first checkpoint, so it must never take a folder a user
+keeps other things in. A folder is a run folder of ours when it holds RUN_MARKER (written
+when a run claims the folder, before anything else), the launcher's SUBMISSION_FILE, or a
+checkpoint (folders of versions before the marker). Anything else that is not empty is
+refused, by training and by the launcher's pre-submit check alike.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+from magseg_hpc.errors import MagsegError
+
+CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE = "config.yaml", "checkpoint.pt", "best.pt"
+METRICS_FILE, CURVES_FILE, SPLITS_DIR, LOGS_DIR = "metrics.jsonl", "curves.png", "splits", "logs"
+SUBMISSION_FILE = "submission.json"  # the submission a job belongs to (launch/tasks.py)
+RUN_MARKER = ".magseg-run.json"
+
+
+def is_run_folder(path: Path) -> bool:
+    return any((path / name).is_file()
+               for name in (RUN_MARKER, SUBMISSION_FILE, CHECKPOINT_FILE, BEST_FILE))
+
+
+def check_claimable(path: Path, flag: str = "--output-dir") -> None:
+    """Refuse ``path`` unless it is absent, an empty folder or a run folder of ours."""
+    if path.exists() and not path.is_dir():
+        raise MagsegError(f"{flag} {path} is a file; give a folder")
+    if not path.is_dir() or is_run_folder(path):
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise MagsegError(
+            f"{flag} {path} is not empty and not a magseg-hpc run folder (it holds {shown}); "
+            "training would overwrite or delete files there: give a new or empty folder"
+        )
+
+
+def claim(path: Path) -> None:
+    """Make ``path`` a run folder of ours; call once every check has passed."""
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / RUN_MARKER
+    if not marker.exists():
+        record = {"kind": "magseg-hpc training run", "host": socket.gethostname(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = path / f".{RUN_MARKER}.tmp"
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.replace(marker)
