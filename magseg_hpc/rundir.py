@@ -31,7 +31,7 @@ def is_run_folder(path: Path) -> bool:
 def check_claimable(path: Path, flag: str = "--output-dir") -> None:
     """Refuse ``path`` unless it is absent, an empty folder or a run folder of ours."""
     if path.exists() and not path.is_dir():
-        raise MagsegError(f"{flag} {path} is a file; give a folder")
+        raise MagsegError(f"{flag} {path} is a regular file; give a folder path")
     if not path.is_dir() or is_run_folder(path):
         return
     entries = sorted(p.name for p in path.iterdir())

@@ -37,5 +37,5 @@ def test_a_users_folder_is_refused_untouched(tmp_path):
         check_claimable(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "notes.txt", "splits"]
     (tmp_path / "f").write_text("")
-    with pytest.raises(MagsegError, match="is a file; give a folder"):
+    with pytest.raises(MagsegError, match="is a regular file; give a folder path"):
         check_claimable(tmp_path / "f")

@@ -255,8 +255,9 @@ def load_inference_model(
             f"({str(e).splitlines()[0][:160]}); the checkpoint is damaged, retrain"
         ) from e
     model = model.to(device).eval()
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu" and not str(ckpt["model"].get("name")).startswith("sam"):
         # oneDNN's convolutions run ~25 % faster on channels-last weights and inputs, fp32 and
-        # bf16 alike (benchmarks/results/precision.md); the kernel passes its input that way
+        # bf16 alike (benchmarks/results/precision.md); the kernel passes its input that way.
+        # Not for SAM: a ViT (measured on DeepLabV3+ only)
         model = model.to(memory_format=torch.channels_last)
     return model, ckpt
