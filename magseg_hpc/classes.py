@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from magseg_hpc.errors import MagsegError
 
 IGNORE_LABEL = 255  # unlabelled pixels in training masks; never a class
+IGNORE_COLOR = (128, 128, 128)  # how unlabelled pixels are drawn
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,15 @@ class ClassTable:
     @property
     def num_classes(self) -> int:
         return len(self.names)
+
+    def rgb(self, labels: np.ndarray, ignore: int | None = IGNORE_LABEL) -> np.ndarray:
+        """Labels (uint8-valued, any shape) as an RGB uint8 image in the class colours;
+        ``ignore`` grey (pass None to draw it black like any value beyond the table)."""
+        lut = np.zeros((256, 3), dtype=np.uint8)
+        lut[: self.num_classes] = np.asarray(self.colors, dtype=np.uint8)
+        if ignore is not None and 0 <= ignore < 256:
+            lut[ignore] = IGNORE_COLOR
+        return lut[labels.astype(np.uint8)]
 
     @classmethod
     def default(cls) -> ClassTable:

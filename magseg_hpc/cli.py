@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "magseg_hpc.commands.preview",
     "magseg_hpc.commands.segment_volume",
     "magseg_hpc.commands.train",
+    "magseg_hpc.commands.configs",
     "magseg_hpc.commands.demo",
     "magseg_hpc.commands.submit",
 ]

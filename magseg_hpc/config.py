@@ -38,6 +38,9 @@ __all__ = [
     "RUNTIME_KEYS",
     "load_config",
     "config_from_dict",
+    "SHIPPED_CONFIGS",
+    "shipped_configs",
+    "config_path",
     "config_to_dict",
     "save_config",
     "experiment_differences",
@@ -493,9 +496,33 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs that come with the package (``configs/`` in the repository), by name."""
+    return {p.stem: p for p in sorted(SHIPPED_CONFIGS.glob("*.yaml"))}
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file: an existing path as given, else a shipped config by name (``cpu_best``
+    or ``cpu_best.yaml``), so ``--config cpu_best`` works from any folder."""
+    path = Path(name_or_path)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    shipped = shipped_configs()
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if name in shipped:
+        return shipped[name]
+    raise MagsegError(f"config {name_or_path}: no such file, and no shipped config of that name "
+                      f"({', '.join(shipped)}); give a path or one of those names "
+                      "(magseg-hpc configs lists them)")
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment config, apply dotted ``key=value`` overrides and validate."""
-    path = Path(path)
+    """Read a YAML experiment config (a path or a shipped config's name), apply dotted
+    ``key=value`` overrides and validate."""
+    path = config_path(path)
     try:
         text = path.read_text()
     except OSError as e:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from magseg_hpc.classes import IGNORE_LABEL, ClassTable
+from magseg_hpc.classes import IGNORE_COLOR, IGNORE_LABEL, ClassTable
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.metrics import miou_from_slices, per_slice_confusion, scores_from_confusion
 
@@ -31,7 +31,6 @@ EMPTY_CLASS_RULE = (
     "IoU = I/U summed over the whole volume; a class absent from both truth and prediction "
     "has IoU and Dice null and is left out of mIoU (AugSeg's I/(U+1e-10) would score it 0)"
 )
-IGNORE_COLOR = (128, 128, 128)
 ERROR_COLOR = (0, 0, 0)
 
 
@@ -210,14 +209,6 @@ def default_slices(ev: Evaluation) -> list[int]:
     return sorted(set(picks))
 
 
-def _colorize(labels: np.ndarray, table: ClassTable, ignore: int | None) -> np.ndarray:
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: table.num_classes] = np.asarray(table.colors, dtype=np.uint8)
-    if ignore is not None and 0 <= ignore < 256:
-        lut[ignore] = IGNORE_COLOR
-    return lut[labels.astype(np.uint8)]
-
-
 def _error_map(pred: np.ndarray, truth: np.ndarray, ignore: int | None) -> np.ndarray:
     # black on white: class colours are often red/blue, so errors get neither
     rgb = np.full(truth.shape + (3,), 255, dtype=np.uint8)
@@ -270,8 +261,8 @@ def write_figures(
             lo, hi = np.nanpercentile(img, [1, 99]) if np.isfinite(img).any() else (0, 1)
             panels.append(("image", img, dict(cmap="gray", vmin=lo, vmax=hi)))
         panels += [
-            ("truth", _colorize(t, table, ev.ignore), {}),
-            ("prediction", _colorize(p, table, None), {}),
+            ("truth", table.rgb(t, ev.ignore), {}),
+            ("prediction", table.rgb(p, None), {}),
             ("error", _error_map(p, t, ev.ignore), {}),
         ]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)

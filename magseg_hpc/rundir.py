@@ -19,6 +19,8 @@ from magseg_hpc.errors import MagsegError
 
 CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE = "config.yaml", "checkpoint.pt", "best.pt"
 METRICS_FILE, CURVES_FILE, SPLITS_DIR, LOGS_DIR = "metrics.jsonl", "curves.png", "splits", "logs"
+SUMMARY_FILE = "summary.json"  # the finished (or stopped) run, as data
+TENSORBOARD_DIR = "tensorboard"  # event files: tensorboard --logdir RUN_DIR
 SUBMISSION_FILE = "submission.json"  # the submission a job belongs to (launch/tasks.py)
 RUN_MARKER = ".magseg-run.json"
 

@@ -633,7 +633,7 @@ SUBMIT = [
 ]
 
 DEMO = [
-    C("missing-config", "demo dd --config nope.yaml", "no such config"),
+    C("missing-config", "demo dd --config nope.yaml", "no shipped config of that name"),
     C("foreign-folder", "demo d --config tiny.yaml --overwrite", "did not write",
       forbid="--overwrite"),
     C("output-is-file", "demo file.txt --config tiny.yaml", "regular file"),

@@ -373,6 +373,10 @@ def test_training_with_context_axes_and_foreground_crops(multi_axis_run):
     assert ckpt["model"]["context_slices"] == 3 and ckpt["model"]["decoder_channels"] == 16
     assert ckpt["normalization"]["masked_value"] is None
     assert ckpt["labelled_share"] == 3 / 12  # 3 labelled of 12 z slices (val included)
+    # the log counts labelled slices per plane, the summary carries the fusion check
+    assert "9 labelled (3 z + 3 y + 3 x slices)" in (run / "logs/rank0.log").read_text()
+    assert summary["fusion_check"]["axes"] == ["z", "y", "x"]
+    assert summary["fusion_check"]["axis_miou"] == ckpt["fusion_check"]["axis_miou"]
 
 
 def test_fusion_check_scores_validation_slices_as_segment_volume_does(multi_axis_run, client,

@@ -166,7 +166,45 @@ def test_augseg_run_writes_its_outputs(straight, phantom):
     assert summary["teacher_digest"] == summary["student_digest"]
 
 
+def board(out: Path):
+    """The run's TensorBoard events, as tensorboard --logdir reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_shows_losses_thresholds_validation_and_panels(straight):
+    out, _ = straight
+    events = board(out)
+    tags = events.Tags()
+    classes = ("background", "domain_minus", "domain_plus")
+    expected = {f"train/{k}" for k in ("loss", "loss_sup", "loss_uns", "pseudo_ratio", "lr",
+                                       "ema_decay", "seconds_per_iter", "images_per_s")}
+    expected |= {f"pseudo_threshold/{c}" for c in classes}
+    expected |= {"validation/teacher_miou", "validation/student_miou"}
+    expected |= {f"validation_iou/{who}/{c}" for who in ("teacher", "student") for c in classes}
+    assert expected <= set(tags["scalars"])
+    recs = records(out)
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(r["iteration"], pytest.approx(r["loss"])) for r in recs if "loss" in r]
+    teacher = [(e.step, e.value) for e in events.Scalars("validation/teacher_miou")]
+    assert teacher == [(r["iteration"], pytest.approx(r["teacher_miou"]))
+                       for r in recs if "teacher_miou" in r]
+    # 0.95 for the most confident class, lower for the others (class_thresholds)
+    thresholds = [events.Scalars(f"pseudo_threshold/{c}")[-1].value for c in classes]
+    assert max(thresholds) == pytest.approx(0.95) and min(thresholds) <= 0.95
+    # two validation slices, each shown as image | labels | prediction at both evaluations
+    assert sorted(tags["images"]) == ["validation_slices/14", "validation_slices/15"]
+    shown = events.Images("validation_slices/14")
+    assert [im.step for im in shown] == [2, 4]
+    assert shown[0].height == 32 and shown[0].width == 3 * 32 + 2 * 4
+
+
 def test_resume_ends_bit_identical_to_an_uninterrupted_run(straight, phantom, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
     out_straight, _ = straight
     out = tmp_path / "run"
     first = run_training(config_from_dict(tiny(phantom, max_iters=2)), out)
@@ -174,6 +212,8 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(straight, phantom, tm
     # a log line from past the checkpoint (a run killed later) must not survive the resume
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iteration": 3, "loss": 99.0}) + "\n")
+    with SummaryWriter(str(out / "tensorboard")) as writer:
+        writer.add_scalar("train/loss", 99.0, 3)
     second = run_training(config_from_dict(tiny(phantom, max_iters=4)), out)
     assert second["iterations"] == 4 and second["iterations_this_run"] == 2
     a = torch.load(out_straight / "checkpoint.pt", weights_only=True)
@@ -188,10 +228,19 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(straight, phantom, tm
                for k in mom_a)
     assert [r["iteration"] for r in records(out)] == [
         r["iteration"] for r in records(out_straight)]
+    assert [(e.step, e.value) for e in board(out).Scalars("train/loss")] == [
+        (r["iteration"], pytest.approx(r["loss"])) for r in records(out) if "loss" in r]
     # already finished: a third call does nothing and changes nothing
     third = run_training(config_from_dict(tiny(phantom, max_iters=4)), out)
     assert third["iterations_this_run"] == 0
     assert third["student_digest"] == second["student_digest"]
+
+
+def test_augseg_without_a_pseudo_labelled_epoch_says_so(phantom, tmp_path, caplog):
+    cfg = tiny(phantom, max_iters=1, epochs=2, sup_only_epochs=2)
+    run_training(config_from_dict(cfg), tmp_path / "run")
+    assert ("train.epochs 2 <= train.sup_only_epochs 2: no pseudo-labels are ever used"
+            in caplog.text)
 
 
 def test_output_dir_of_another_experiment_is_refused(straight, phantom, tmp_path):
@@ -215,8 +264,12 @@ def test_supervised_through_the_cli(phantom, tmp_path, capsys):
     rc = cli_main(["train", "--config", str(config), "--output-dir", str(out),
                    "train.method=supervised", "train.max_iters=2"])
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["iterations"] == 2
+    printed = capsys.readouterr().out
+    assert printed.startswith("training stopped at iteration 2 of 10 (2 in this run")
+    assert f"all numbers: {out}/summary.json" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["best_iteration"] == 2
+    assert f"best {summary['best_teacher_miou']:.4f} at iteration 2" in printed
     steps = [r for r in records(out) if "loss" in r]
     assert all(r["loss_uns"] == 0 and r["pseudo_ratio"] == 0 for r in steps)
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["method"] == "supervised"

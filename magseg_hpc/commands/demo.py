@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from magseg_hpc.config import config_path
 from magseg_hpc.errors import MagsegError
 
 # Everything the demo writes in its folder: only such a folder is replaced by --overwrite.
@@ -32,8 +33,8 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[1],
     )
     p.add_argument("output_dir", nargs="?", default="runs/demo", help="default runs/demo")
-    p.add_argument("--config", default="configs/cpu_best.yaml",
-                   help="training config (default configs/cpu_best.yaml)")
+    p.add_argument("--config", default="cpu_best",
+                   help="training config, a path or a shipped config's name (default cpu_best)")
     p.add_argument("--iters", type=int, default=DEMO_ITERS,
                    help=f"training iterations, as a whole schedule (default {DEMO_ITERS}: about "
                    "5 minutes on 2 cores; cpu_best's own schedule is 2000)")
@@ -51,9 +52,10 @@ def run(args) -> int:
     from magseg_hpc.cli import main
 
     out = Path(args.output_dir)
+    args.config = str(config_path(args.config))  # refused here, before OUT_DIR is touched
     if not Path(args.config).is_file():
-        raise MagsegError(f"{args.config}: no such config; run the demo from the repository root "
-                          "or pass --config configs/cpu_tiny.yaml with its path")
+        raise MagsegError(f"config {args.config} is not a file; give a config file or the name "
+                          "of a shipped one (magseg-hpc configs)")
     if out.exists() and not out.is_dir():
         raise MagsegError(f"{out} is {'a regular file' if out.is_file() else 'not a folder'}; "
                           "give a folder for the demo")

@@ -90,7 +90,9 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
         "train", help="a DDP training job (magseg_hpc.train.run_training)",
         description="Submit a DDP training job: one process per GPU, resumable.",
     )
-    train.add_argument("--config", required=True, help="experiment config YAML (configs/*.yaml)")
+    train.add_argument("--config", required=True,
+                       help="experiment config: a YAML path or a shipped config's name "
+                       "(magseg-hpc configs)")
     _add_resource_arguments(train)
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. train.max_iters=100")

@@ -7,8 +7,6 @@ resumes from checkpoint.pt.
 
 from __future__ import annotations
 
-import json
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -20,7 +18,9 @@ def register(subparsers) -> None:
             "exists. Under torchrun every process runs this same command."
         ),
     )
-    p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    p.add_argument("--config", required=True,
+                   help="experiment config: a YAML path or a shipped config's name "
+                   "(magseg-hpc configs)")
     p.add_argument("--output-dir", required=True, help="run directory (created; resumed if it "
                    "already holds a checkpoint of the same experiment)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -58,5 +58,32 @@ def run(args) -> int:
     check_run_paths(cfg, args.output_dir)
     summary = run_training(cfg, args.output_dir)
     if summary.get("rank", 0) == 0:
-        print(json.dumps(summary, indent=2))
+        print(human_summary(summary))
     return 0
+
+
+def human_summary(s: dict) -> str:
+    """The end of a training in a few lines; everything else is in summary.json."""
+    run = s["output_dir"]
+    minutes, seconds = divmod(round(s["seconds"]), 60)
+    lines = [f"training {'finished' if s['iterations'] == s['total_iterations'] else 'stopped'}"
+             f" at iteration {s['iterations']} of {s['total_iterations']} "
+             f"({s['iterations_this_run']} in this run, {minutes} min {seconds} s)"]
+    if s["best_teacher_miou"] is not None:
+        last = s["last_eval"]
+        lines.append(f"validation mIoU: best {s['best_teacher_miou']:.4f} at iteration "
+                     f"{s['best_iteration']} (kept in best.pt); last {last['teacher_miou']:.4f}"
+                     f" (teacher), {last['student_miou']:.4f} (student) at {last['iteration']}")
+    if s["collapses"]:
+        worst = max(s["collapses"], key=lambda c: c["drop"])
+        lines.append(f"warning: validation collapsed {len(s['collapses'])} time(s), worst "
+                     f"{worst['drop']:.3f} below the best at iteration {worst['iteration']}")
+    check = s.get("fusion_check")
+    if check:
+        fused = check["fused_miou"] > check["axis_miou"]
+        lines.append(f"fusion check: {check['axis']} alone {check['axis_miou']:.4f}, "
+                     f"{','.join(check['axes'])} fused {check['fused_miou']:.4f}: segment-volume "
+                     f"--axes auto will use {','.join(check['axes']) if fused else check['axis']}")
+    lines.append(f"model: {s['best'] or s['checkpoint']}; curves: {run}/curves.png or "
+                 f"tensorboard --logdir {run}; all numbers: {run}/summary.json")
+    return "\n".join(lines)

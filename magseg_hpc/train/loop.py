@@ -73,6 +73,7 @@ from magseg_hpc.rundir import (
     LOGS_DIR,
     METRICS_FILE,
     SPLITS_DIR,
+    SUMMARY_FILE,
     check_claimable,
     claim,
 )
@@ -88,6 +89,7 @@ from magseg_hpc.train.augseg import (
     uns_ramp,
     unsupervised_loss,
 )
+from magseg_hpc.train.board import Board, panel, panel_indices
 from magseg_hpc.train.distributed import DistEnv
 from magseg_hpc.train.losses import supervised_loss
 
@@ -256,6 +258,18 @@ def open_data(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> TrainDat
         if not d.val_volume:
             val_source = source
     return TrainData(splits, source, val_source)
+
+
+def per_plane(keys: list[str], primary: str) -> str:
+    """' (6 z + 6 y + 6 x slices)' for split keys of several planes ('12' along the primary
+    axis, 'y:12' along another), else ''."""
+    planes: dict[str, int] = {}
+    for key in keys:
+        plane = key.split(":", 1)[0] if ":" in key else primary
+        planes[plane] = planes.get(plane, 0) + 1
+    if len(planes) < 2:
+        return ""
+    return " (" + " + ".join(f"{n} {p}" for p, n in planes.items()) + " slices)"
 
 
 def labelled_share(cfg: ExperimentConfig, splits: dict[str, list[str]]) -> float:
@@ -467,8 +481,12 @@ def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: Experimen
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_uns": loss_uns.item(),
-            "pseudo_ratio": ratio}
+    stats = {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_uns": loss_uns.item(),
+             "pseudo_ratio": ratio}
+    if epoch >= t.sup_only_epochs:
+        stats["thresholds"] = (threshold.tolist() if isinstance(threshold, torch.Tensor)
+                               else [float(threshold)] * probs.shape[1])
+    return stats
 
 
 def supervised_step(student, optimizer, batch_l, *, cfg: ExperimentConfig, env: DistEnv) -> dict:
@@ -536,6 +554,23 @@ def evaluate(model: nn.Module, dataset, cfg: ExperimentConfig, env: DistEnv) -> 
     scores = scores_from_confusion(cm)
     scores["confusion"] = cm.cpu().tolist()
     return scores
+
+
+@torch.no_grad()
+def validation_panels(model: nn.Module, dataset, cfg: ExperimentConfig,
+                      env: DistEnv) -> list[tuple[str, np.ndarray]]:
+    """TensorBoard panels (image, labels, prediction) of a few validation slices."""
+    was_training = model.training
+    model.eval()
+    panels = []
+    for i in panel_indices(len(dataset)):
+        image, labels = dataset[i]
+        with autocast(env, cfg):
+            pred = model(image[None].to(env.device)).argmax(dim=1)[0]
+        panels.append((dataset.keys[i].replace(":", "_"),
+                       panel(image, labels, pred, cfg.class_table)))
+    model.train(was_training)
+    return panels
 
 
 # Validation this far below its running best, once pseudo-labels are in use, is a collapse.
@@ -731,10 +766,15 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
             broadcast_buffers=False,  # buffers are synced after each step instead
         )
     sync_buffers = env.distributed and env.device.type != "cuda"  # no SyncBN on CPU
-    log.info("%d labelled, %d unlabelled, %d validation slices; %d iterations/epoch, "
+    log.info("%d labelled%s, %d unlabelled, %d validation slices; %d iterations/epoch, "
              "%d in total, this run stops at %d; lr %.3g (head x%g), batch %d x %d processes",
-             len(labeled), n_unlabeled, len(val) if val else 0, ipe, total_iters, stop, lr,
-             t.head_lr_mult, t.batch_size, env.world_size)
+             len(labeled), per_plane(data.splits["labeled"], cfg.data.axis), n_unlabeled,
+             len(val) if val else 0, ipe, total_iters, stop, lr, t.head_lr_mult,
+             t.batch_size, env.world_size)
+    if semi and t.epochs <= t.sup_only_epochs:
+        log.warning("train.epochs %d <= train.sup_only_epochs %d: no pseudo-labels are ever "
+                    "used, this AugSeg run trains supervised only; raise train.epochs",
+                    t.epochs, t.sup_only_epochs)
 
     def checkpoint_dict(with_train_state: bool) -> dict:
         return {
@@ -786,6 +826,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
                         miou, drop, best["teacher_miou"], best["iteration"], best["iteration"])
         if env.is_main:
             append_metrics(output_dir, record)
+            board.evaluation(record, validation_panels(teacher, val, cfg, env))
             if improved:
                 from magseg_hpc.models.checkpoint import save_checkpoint
 
@@ -801,6 +842,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
             log.info("checkpoint at iteration %d written to %s", iteration, checkpoint_path)
         dist_util.barrier(env)
 
+    board = Board(output_dir, iteration, cfg.class_table, env.is_main)
     last_eval: dict = dict(ckpt["metrics"].get("last_eval", {})) if ckpt is not None else {}
     collapses: list[dict] = list(ckpt["metrics"].get("collapses", [])) if ckpt else []
     window: list[dict] = []
@@ -849,8 +891,13 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
                      "%.2f s/it", iteration, stop, epoch, record["loss"], record["loss_sup"],
                      record["loss_uns"], record["pseudo_ratio"], lr_now,
                      record["seconds_per_iter"])
+            thresholds = [w["thresholds"] for w in window if "thresholds" in w]
+            if thresholds:  # this rank's mean over the window: what the pseudo-labels met
+                record["class_thresholds"] = dict(zip(cfg.class_table.names,
+                                                      np.mean(thresholds, axis=0).tolist()))
             if env.is_main:
                 append_metrics(output_dir, record)
+                board.step(record)
             window, window_start = [], time.perf_counter()
         epoch_end = iteration % ipe == 0
         if (t.eval_every and iteration % t.eval_every == 0) or (
@@ -858,17 +905,22 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
             run_eval()
         if iteration % t.checkpoint_every == 0 or iteration == stop:
             save()
+    board.close()
     if iteration == start_iteration:
         log.info("nothing to do: %s is already at iteration %d of %d", output_dir, iteration,
                  stop)
+    fusion = None
     if iteration == stop and len(train_axes(cfg)) > 1 and data.splits["val"]:
         # --axes auto's evidence: fused vs the labelled axis alone, on validation (fusion_check)
         if env.is_main:
             from magseg_hpc.train.fusion_check import record_fusion_check
 
-            record_fusion_check(output_dir / BEST_FILE, data.val_source, data.splits["val"],
-                                train_axes(cfg), cfg.class_table.num_classes, env.device,
-                                resolve_precision(t.precision, env.device))
+            log.info("orthoplane fusion check: segmenting the validation volume along %s and "
+                     "scoring %d validation slices (minutes on a CPU for a real-size volume)",
+                     ",".join(train_axes(cfg)), len(data.splits["val"]))
+            fusion = record_fusion_check(
+                output_dir / BEST_FILE, data.val_source, data.splits["val"], train_axes(cfg),
+                cfg.class_table.num_classes, env.device, resolve_precision(t.precision, env.device))
         dist_util.barrier(env)
     if collapses:
         worst = max(collapses, key=lambda c: c["drop"])
@@ -894,9 +946,15 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
         "best": str(output_dir / BEST_FILE) if (output_dir / BEST_FILE).is_file() else None,
         "config": str(output_dir / CONFIG_FILE),
         "metrics": str(output_dir / METRICS_FILE),
+        "fusion_check": ({k: fusion[k] for k in ("axis", "axis_miou", "axes", "fused_miou")}
+                         if fusion else None),
         "student_digest": state_digest(student),
         "teacher_digest": state_digest(teacher),
     }
-    if env.is_main and (output_dir / METRICS_FILE).is_file():
-        plot_curves(output_dir)
+    if env.is_main:
+        if (output_dir / METRICS_FILE).is_file():
+            plot_curves(output_dir)
+        tmp = output_dir / f".{SUMMARY_FILE}.tmp"
+        tmp.write_text(json.dumps(_finite(summary), indent=2) + "\n")
+        tmp.replace(output_dir / SUMMARY_FILE)
     return summary
