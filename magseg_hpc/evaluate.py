@@ -201,9 +201,13 @@ def format_table(ev: Evaluation) -> str:
 
 
 def default_slices(ev: Evaluation) -> list[int]:
-    """Quartile slices plus the worst-scoring slice, so users see typical and failing cases."""
-    nz = ev.shape[0]
-    picks = [nz // 4, nz // 2, (3 * nz) // 4]
+    """The quartiles of the labelled slices plus the worst-scoring one, so users see typical
+    and failing cases (not unlabelled slices of a sparsely labelled truth, all grey)."""
+    scored = np.flatnonzero(~np.isnan(ev.per_slice_miou))
+    if not scored.size:
+        scored = np.arange(ev.shape[0])
+    n = len(scored)
+    picks = [int(scored[i]) for i in (n // 4, n // 2, (3 * n) // 4)]
     if not np.isnan(ev.per_slice_miou).all():
         picks.append(int(np.nanargmin(ev.per_slice_miou)))
     return sorted(set(picks))

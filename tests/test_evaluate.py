@@ -178,3 +178,20 @@ def test_incomplete_store_refused_unless_allowed(stores, tmp_path, capsys):
     assert main(["evaluate", str(pred_path), str(truth_path)]) == 2
     assert "marked incomplete" in capsys.readouterr().err
     assert main(["evaluate", str(pred_path), str(truth_path), "--allow-incomplete"]) == 0
+
+
+def test_default_figures_show_labelled_slices_of_a_sparse_truth(tmp_path):
+    """A truth painted on 3 of 40 slices: the figures show those, not grey unlabelled ones."""
+    truth = np.full((40, 8, 8), 255, np.uint8)
+    for z in (5, 20, 33):
+        truth[z] = 1
+        truth[z, :4] = 0
+    pred = np.where(truth == 255, 0, truth).astype(np.uint8)
+    pred[33, 0, 0] = 2  # the worst slice
+    write_image_store(tmp_path / "t.zarr", np.zeros(truth.shape, np.float32), labels=truth)
+    _pred_store(tmp_path / "p.zarr", pred, chunks=(8, 8, 8))
+    figures = tmp_path / "figs"
+    assert main(["evaluate", str(tmp_path / "p.zarr"), str(tmp_path / "t.zarr"),
+                 "--figures", str(figures)]) == 0
+    shown = sorted(p.name for p in figures.glob("slice_*.png"))
+    assert shown == ["slice_z00005.png", "slice_z00020.png", "slice_z00033.png"]

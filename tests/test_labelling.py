@@ -17,6 +17,7 @@ from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.cli import main
 from magseg_hpc.config import config_from_dict
 from magseg_hpc.data.labelling import (
+    SAMPLE_FLOOR,
     index_from_name,
     intensity_window,
     read_slice_list,
@@ -152,6 +153,29 @@ def test_window_leaves_out_a_masked_zero_background():
     assert w["zeros_excluded"] and w["low"] > 10 and w["high"] < 20
     assert not intensity_window(inside)["zeros_excluded"]
     assert to_uint8(np.array([0.0, w["low"], w["high"], 1e9]), w).tolist() == [0, 0, 255, 255]
+
+
+def test_masked_export_tells_a_zero_dark_domain_from_the_outside(tmp_path, capsys):
+    """A disc sample, masked to 0 outside, crossed edge to edge by a dark domain clipped to 0
+    too: in the picture the outside is black, the domain dark grey, the rest brighter."""
+    yy, xx = np.mgrid[:40, :40]
+    disc = (yy - 20) ** 2 + (xx - 20) ** 2 < 15**2
+    stripe = np.abs(yy - 20) < 4
+    bright = disc & ~stripe
+    vol = np.zeros((4, 40, 40), np.float32)
+    vol[:, bright] = 200.0 + np.linspace(0, 10, int(bright.sum()))
+    np.save(tmp_path / "vol.npy", vol)
+    out = tmp_path / "shots"
+    code, _, err = run(capsys, "export-slices", tmp_path / "vol.npy", out, "--slices", "1")
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["grey_levels"]["0"].startswith("outside the sample support")
+    assert "dark is domain_minus" in m["grey_levels"][f"{SAMPLE_FLOOR}-255"]
+    with Image.open(out / "z00001.png") as im:
+        pixels = np.asarray(im)
+    assert (pixels[(yy - 20) ** 2 + (xx - 20) ** 2 >= 16**2] == 0).all()  # hull: +-1 px
+    assert (pixels[stripe & (np.abs(xx - 20) < 14)] == SAMPLE_FLOOR).all()
+    assert (pixels[bright] >= SAMPLE_FLOOR).all() and np.median(pixels[bright]) > 128
 
 
 def test_export_along_y_as_tiff_from_a_plain_npy(tmp_path, capsys):

@@ -138,6 +138,35 @@ def to_uint8(image: np.ndarray, window: dict) -> np.ndarray:
     return np.rint(np.clip(np.nan_to_num(scaled), 0, 1) * 255).astype(np.uint8)
 
 
+# On a masked reconstruction the sample is drawn in SAMPLE_FLOOR..255 and only the outside is
+# black: a dark domain clipped to the masked zero is dark grey, not the outside's black.
+SAMPLE_FLOOR = 64
+
+
+def picture(plane: np.ndarray, window: dict) -> np.ndarray:
+    """A slice as the 8-bit picture to paint on (see SAMPLE_FLOOR for masked volumes)."""
+    pixels = to_uint8(plane, window)
+    if not window["zeros_excluded"]:
+        return pixels
+    from magseg_hpc.data.normalize import masked_support
+
+    support = masked_support(np.asarray(plane), 0.0)
+    inside = SAMPLE_FLOOR + np.rint(pixels * ((255 - SAMPLE_FLOOR) / 255)).astype(np.uint8)
+    return np.where(support, inside, 0).astype(np.uint8)
+
+
+def grey_levels(window: dict, table: ClassTable) -> dict:
+    """What the pictures' grey levels mean, for the manifest."""
+    if not window["zeros_excluded"]:
+        return {"0-255": f"intensity window {window['low']:.4g}..{window['high']:.4g}"}
+    inside = "the sample"
+    if table.names[:3] == ClassTable.default().names:
+        inside += (f": dark is {table.names[1]}, bright {table.names[2]} (a dark domain at the "
+                   "masked value is drawn at the floor, dark grey)")
+    return {"0": f"outside the sample support (the masked value 0): paint {table.names[0]}",
+            f"{SAMPLE_FLOOR}-255": inside}
+
+
 def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, axis: str = "z",
                   var: str | None = None, fmt: str = "png", overwrite: bool = False,
                   class_table: ClassTable | None = None) -> dict:
@@ -173,6 +202,7 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
         "indices": indices,
         "files": names,
         "window": window,
+        "grey_levels": grey_levels(window, table),
         "colors": {n: list(c) for n, c in zip(table.names, table.colors, strict=True)},
         "class_table": table.to_dict(),
         "ignore_label": IGNORE_LABEL,
@@ -184,7 +214,7 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
     with staged_output(out_dir, overwrite) as tmp:
         tmp.mkdir(parents=True)
         for i, name in zip(indices, names, strict=True):
-            pixels = to_uint8(volume.isel({axis: i}).values, window)
+            pixels = picture(volume.isel({axis: i}).values, window)
             if fmt == "png":
                 Image.fromarray(pixels).save(tmp / name)
             else:
