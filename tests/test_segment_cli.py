@@ -149,9 +149,15 @@ def test_killed_run_resumes_to_identical_output_and_dashboard_serves(files, tmp_
     # Without --resume an existing output is refused; with it, the run finishes.
     refused = subprocess.run(args + ["--dashboard-address", ":0"], capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = subprocess.run(args + ["--resume", "--dashboard-address", ":0"],
-                             capture_output=True, text=True)
+    with socket.socket() as busy:  # the asked port is taken: another one, and why, is said
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        resumed = subprocess.run(args + ["--resume", "--dashboard-address", f"127.0.0.1:{taken}"],
+                                 capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"dashboard port {taken} on 127.0.0.1 is taken" in resumed.stderr
+    assert f"dashboard: http://127.0.0.1:{taken}/" not in resumed.stdout
     assert f"{done_at_kill} already done" in resumed.stdout
     assert "voxels/s" in resumed.stdout and "dashboard: http://127.0.0.1:" in resumed.stdout
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,

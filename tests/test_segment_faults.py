@@ -42,7 +42,7 @@ def test_killed_worker_reruns_its_slabs_and_output_is_unchanged(tmp_path):
         summary = segment_volume(
             SegmentOptions(str(inp), str(tmp_path / "out.zarr"), model=str(ckpt), slab_size=1,
                            torch_threads=1, normalization="checkpoint"),  # as the oracle
-            client, progress=False, max_in_flight=6, on_result=kill_other_worker,
+            client, progress=False, on_result=kill_other_worker,
         )
         new_pids = set(client.run(os.getpid).values())
     assert killed and killed[0] not in new_pids  # a worker really died (the nanny restarted it)

@@ -190,3 +190,48 @@ def test_nan_slab_fails_by_name_and_output_stays_incomplete(work, client, tmp_pa
         run(work, client, out, input=inp, slab_size=4)
     assert not is_complete(out)
     assert len(DoneMarkers(out).done()) == 3
+
+
+def test_the_scheduler_knows_every_slab_of_the_run_from_the_start(work, client, tmp_path):
+    """The dashboard's progress is the job's: at the first finished slab the scheduler holds
+    every pass and fusion slab, all in one task group named by number and plane."""
+    from collections import Counter
+
+    seen = []
+
+    def snapshot(stats):
+        if not seen:
+            seen.append(client.run_on_scheduler(
+                lambda dask_scheduler: sorted(str(k) for k in dask_scheduler.tasks)))
+
+    out = tmp_path / "out.zarr"
+    opts = SegmentOptions(input=str(work["input"]), output=str(out), model=str(work["ckpt"]),
+                          axes=("z", "y", "x"), slab_size=5, normalization="checkpoint")
+    summary = segment_volume(opts, client, progress=False, on_result=snapshot)
+    runs = Counter(k.rsplit("-", 1)[1] for k in seen[0] if k.startswith("segment-slab-"))
+    token = runs.most_common(1)[0][0]  # (an earlier test's failed run may linger)
+    slabs = [k for k in seen[0] if k.startswith("segment-slab-") and k.endswith(token)]
+    assert len(slabs) == summary.slabs_total  # finished ones are still held by their futures
+    stages = {k.split("-")[3] for k in slabs}
+    assert stages == {"z", "y", "x", "fuse"}
+    assert sorted(int(k.split("-")[2]) for k in slabs) == list(range(summary.slabs_total))
+    from distributed.utils import key_split
+
+    assert {key_split(k) for k in slabs} == {"segment-slab"}  # one progress bar on the dashboard
+    np.testing.assert_array_equal(read_labels(out), reference_fusion(work["ckpt"],
+                                                                     work["volume"])[0])
+
+
+def test_a_failed_pass_cancels_the_fusion_and_counts_once(work, client, tmp_path, monkeypatch):
+    from magseg_hpc.segment import pipeline
+
+    monkeypatch.setattr(pipeline, "PRECHECK_BYTES", 0)
+    volume = work["volume"].copy()
+    volume[5, 3, 3] = np.nan
+    inp = write_input(tmp_path / "in.zarr", volume, (4, 16, 16))
+    out = tmp_path / "out.zarr"
+    with pytest.raises(MagsegError, match=r"\d of \d+ slabs failed \([zyx]\[") as err:
+        run(work, client, out, input=inp, axes=("z", "y", "x"), slab_size=5)
+    assert "fuse" not in str(err.value)
+    assert not any(k.startswith("fuse") for k in DoneMarkers(out).done())
+    assert not is_complete(out)

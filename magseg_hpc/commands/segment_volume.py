@@ -127,8 +127,7 @@ def run(args) -> int:
         dashboard_address=args.dashboard_address, processes=not args.in_process,
     ) as handle:
         prepared.job = _with_threads(prepared.job, handle.torch_threads)
-        print(f"{handle.description}", flush=True)
-        print(f"dashboard: {handle.dashboard_link}", flush=True)
+        handle.announce()
         print(f"{len(prepared.slabs)} slabs -> {prepared.target}"
               + (f" (written to {prepared.job.output}, swapped in when complete)"
                  if prepared.staged else ""), flush=True)

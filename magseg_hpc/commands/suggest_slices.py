@@ -82,6 +82,7 @@ def run(args) -> int:
                       threads_per_worker=args.threads_per_worker, device=args.device,
                       dashboard_address=args.dashboard_address,
                       processes=not args.in_process) as handle:
+        handle.announce()
         plan.prepared.job = replace(plan.prepared.job, torch_threads=handle.torch_threads)
         result = suggest_slices(plan, handle.client)
     header = (f"magseg-hpc suggest-slices: {args.n} slices to label next, best first\n"

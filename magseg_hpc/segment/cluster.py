@@ -41,6 +41,12 @@ class ClusterHandle:
     description: str
     cluster: object = None
 
+    def announce(self) -> None:
+        """The cluster and dashboard lines every command with a cluster prints first."""
+        print(self.description, flush=True)
+        print(f"dashboard: {self.dashboard_link or 'none (no dashboard on this scheduler)'}",
+              flush=True)
+
 
 def available_cores() -> int:
     try:
@@ -100,13 +106,45 @@ def dashboard_origins(address: str) -> tuple[str, list[str] | None]:
     if host in ("0.0.0.0", "::", "[::]"):
         return address, None
     try:
-        port = _port_free(host.strip("[]"), int(port or 8787))
+        wanted = int(port or 8787)
+        port = _port_free(host.strip("[]"), wanted)
     except (OSError, ValueError):
         return address, None
+    if wanted and port != wanted:
+        log.warning("dashboard port %d on %s is taken (another dashboard or program); using "
+                    "%d instead (--dashboard-address HOST:PORT picks one)", wanted, host, port)
     origins = [f"{host}:{port}"]
     if host in ("127.0.0.1", "localhost"):
         origins = [f"127.0.0.1:{port}", f"localhost:{port}"]
     return f"{host}:{port}", origins
+
+
+# Loggers of the dashboard's web server: a browser opening or closing a page makes them log
+# renderer warnings, websocket errors and tracebacks that say nothing about the run.
+DASHBOARD_LOGGERS = ("bokeh", "tornado", "distributed.dashboard", "distributed.http")
+
+
+@contextlib.contextmanager
+def dashboard_noise_to(path: Path) -> Iterator[None]:
+    """Send the dashboard server's log records to ``path`` instead of the terminal."""
+    from magseg_hpc.logfile import AppendFileHandler
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = AppendFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in DASHBOARD_LOGGERS]
+    saved = [(lg, lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+        lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, propagate, level in saved:
+            lg.removeHandler(handler)
+            lg.propagate, lg.level = propagate, level
+        handler.close()
 
 
 def quiet_dask_logs() -> None:

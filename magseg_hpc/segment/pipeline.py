@@ -2,10 +2,10 @@
 
 Flow: ``prepare`` validates everything (input, variable, checkpoint, axes, a finite-voxel
 sample, an existing output) without writing anything; ``segment_volume`` then creates (or
-reopens, with ``--resume``) the label store, submits slab tasks with ``client.submit`` (at most
-``max_in_flight`` at once, so neither the scheduler nor the workers hold more than that many
-slabs), marks each slab done when its future returns, and marks the store complete only when
-every slab succeeded.
+reopens, with ``--resume``) the label store, submits every slab task at once with
+``client.submit`` (the scheduler queues them: a worker holds as many as it has threads, and
+the dashboard shows the whole run), marks each slab done when its future returns, and marks
+the store complete only when every slab succeeded.
 
 Orthoplane (``axes`` with several entries): each pass writes uint8-quantised class
 probabilities (C, z, y, x) to its own scratch array under ``OUT/.magseg/scratch.zarr``; once
@@ -40,6 +40,7 @@ from magseg_hpc.segment.blocks import (
     plan_passes,
     scratch_chunks,
 )
+from magseg_hpc.segment.cluster import dashboard_noise_to
 from magseg_hpc.segment.resume import (
     DoneMarkers,
     check_resumable,
@@ -59,6 +60,8 @@ from magseg_hpc.staging import (
 from magseg_hpc.volume.store import LABEL_FORMAT
 
 log = logging.getLogger(__name__)
+
+DASHBOARD_LOG = "dashboard.log"  # under OUT/.magseg/: the dashboard server's own log lines
 
 METHODS = ("model", "threshold")
 NORMALIZATIONS = ("input", "checkpoint")
@@ -420,27 +423,21 @@ def warm_workers(prep: Prepared, client) -> float:
     return time.perf_counter() - t0
 
 
-def default_in_flight(client) -> int:
-    threads = sum(client.nthreads().values()) if client is not None else 1
-    return max(2, 2 * threads)
-
-
 def segment_volume(
     opts: SegmentOptions | Prepared,
     client,
     *,
     progress: bool | None = None,
-    max_in_flight: int | None = None,
     on_result: Callable[[dict], None] | None = None,
 ) -> RunSummary:
     """Segment a volume on ``client``'s cluster, holding the output's writer lock. Raises
     MagsegError if any slab failed."""
     prep = opts if isinstance(opts, Prepared) else prepare(opts)
     with writer_lock(prep.target, prep.options.command_line):
-        return _segment_locked(prep, client, progress, max_in_flight, on_result)
+        return _segment_locked(prep, client, progress, on_result)
 
 
-def _segment_locked(prep: Prepared, client, progress, max_in_flight, on_result) -> RunSummary:
+def _segment_locked(prep: Prepared, client, progress, on_result) -> RunSummary:
     from tqdm import tqdm
 
     _open_output(prep)
@@ -450,19 +447,14 @@ def _segment_locked(prep: Prepared, client, progress, max_in_flight, on_result) 
     shape = tuple(int(n) for n in prep.volume.shape)
     summary = RunSummary(prep.target, shape, prep.options.axes, len(prep.slabs))
     summary.slabs_skipped = sum(s.key in done for s in prep.slabs)
-    in_flight = max_in_flight or default_in_flight(client)
-    passes = [s for s in prep.slabs if s.stage != "fuse" and s.key not in done]
-    fuses = [s for s in prep.slabs if s.stage == "fuse" and s.key not in done]
+    todo = [s for s in prep.slabs if s.key not in done]
     resources = _gpu_resources(client, prep.options.device)
     t0 = time.perf_counter()
-    failures: list[tuple[Slab, BaseException]] = []
-    with tqdm(total=len(passes) + len(fuses), unit="slab", desc="segment",
-              disable=(not progress) if progress is not None else None) as bar:
-        for stage in (passes, fuses):
-            if failures:  # fusion needs every pass slab
-                break
-            failures += _run_stage(client, prep.job, stage, markers, summary, bar,
-                                   in_flight, resources, on_result)
+    with tqdm(total=len(todo), unit="slab", desc="segment",
+              disable=(not progress) if progress is not None else None) as bar, \
+            dashboard_noise_to(Path(out) / ".magseg" / DASHBOARD_LOG):
+        failures = _run_slabs(client, prep.job, todo, markers, summary, bar, resources,
+                              on_result, numbers={s.key: n for n, s in enumerate(prep.slabs)})
     summary.seconds = time.perf_counter() - t0
     summary.failed = [s.name for s, _ in failures]
     if failures:
@@ -498,44 +490,53 @@ def _gpu_resources(client, device: str) -> dict | None:
     return None
 
 
-def _run_stage(client, job, slabs, markers, summary, bar, in_flight, resources, on_result):
+def task_key(number: int, slab: Slab, token: str) -> str:
+    """``segment-slab-0032-z-<token>``: the slab's number in the run and its plane. Dask
+    groups keys by their leading words, so every slab of the run is one progress group
+    (``segment-slab``) on the dashboard, whatever its plane."""
+    return f"segment-slab-{number:04d}-{slab.stage}-{token}"
+
+
+def _run_slabs(client, job, slabs, markers, summary, bar, resources, on_result, numbers):
+    """Submit every slab to be done at once, so that the scheduler (and its dashboard) knows
+    the whole run from the start; fusion slabs wait on every pass slab. Tasks have no inputs,
+    so the scheduler queues them and each worker holds only as many as it has threads.
+    Returns [(slab, exception)] of the slabs that failed; after a pass slab fails the fusion
+    slabs are cancelled (they would read its missing output), not counted as failed."""
     from distributed import as_completed
 
     if not slabs:
         return []
     token = uuid.uuid4().hex[:8]
-    pending = iter(slabs)
-    futures = {}
-
-    def submit_next(ac=None) -> None:
-        slab = next(pending, None)
-        if slab is None:
-            return
-        fut = client.submit(run_slab, job, slab, key=f"segment-{slab.stage}-{slab.start}-{token}",
-                            resources=resources, pure=False)
-        futures[fut] = slab
-        if ac is not None:
-            ac.add(fut)
-
-    for _ in range(min(in_flight, len(slabs))):
-        submit_next()
+    passes = [s for s in slabs if s.stage != "fuse"]
+    futures = {client.submit(run_slab, job, slab, key=task_key(numbers[slab.key], slab, token),
+                             resources=resources, pure=False): slab for slab in passes}
+    waits_on = list(futures)
+    futures |= {client.submit(run_slab, job, slab, *waits_on,
+                              key=task_key(numbers[slab.key], slab, token),
+                              resources=resources, pure=False): slab
+                for slab in slabs if slab.stage == "fuse"}
     failures = []
-    ac = as_completed(list(futures))
     try:
-        for fut in ac:
-            slab = futures.pop(fut)
+        for fut in as_completed(list(futures)):
+            slab = futures.pop(fut, None)
+            if slab is None:  # a fusion slab cancelled below
+                continue
             try:
                 stats = fut.result()
             except Exception as e:  # noqa: BLE001 - every failure is reported by slab name
                 log.error("slab %s failed: %s: %s", slab.name, type(e).__name__, e)
                 failures.append((slab, e))
+                fusions = [f for f, s in futures.items() if s.stage == "fuse"]
+                client.cancel(fusions)
+                for f in fusions:
+                    del futures[f]
             else:
                 markers.mark(slab.key)  # only after the write returned
                 _account(summary, stats, len(job.axes))
                 if on_result is not None:
                     on_result(stats)
             bar.update(1)
-            submit_next(ac)
     except BaseException:
         client.cancel(list(futures))
         raise

@@ -167,8 +167,10 @@ def _set_threads(job: SlabJob) -> None:
         torch.set_num_threads(threads)
 
 
-def run_slab(job: SlabJob, slab: Slab) -> dict:
-    """One task: read, segment (or fuse), write. Returns timings for the run summary."""
+def run_slab(job: SlabJob, slab: Slab, *waited_for: dict) -> dict:
+    """One task: read, segment (or fuse), write. Returns timings for the run summary.
+    ``waited_for``: the results of the slabs this one reads (a fusion slab's passes), passed
+    only so that Dask runs it after them."""
     t0 = time.perf_counter()
     if slab.stage == "fuse":
         return _run_fuse(job, slab, t0)
