@@ -7,6 +7,7 @@ import os
 
 from magseg_hpc.commands.common import int_triple
 from magseg_hpc.data.phantom import (
+    ACQUISITIONS,
     DEFAULTS,
     PATTERNS,
     PRESETS,
@@ -52,8 +53,14 @@ FLAGS = [
      "--dark-level/--bright-level"),
     ("dark-level", float, "8-bit grey level of the minus domains"),
     ("bright-level", float, "8-bit grey level of the plus domains"),
+    ("acquisition", str, "image: artefacts painted on the reconstruction; projections: the "
+     "tilt series simulated (photon noise, detector offsets, drift) and reconstructed by FBP"),
+    ("detector-offsets", float, "projections: ring strength (std in the sample) relative to "
+     "the domain contrast"),
+    ("z-drift", float, "projections: peak relative gain drift along z"),
 ]
-CHOICES = {"support": SUPPORTS, "pattern": PATTERNS, "bit-depth": (0, 8)}
+CHOICES = {"support": SUPPORTS, "pattern": PATTERNS, "bit-depth": (0, 8),
+           "acquisition": ACQUISITIONS}
 
 # Peak working memory of make_phantom per voxel (float64 fields, FFTs, the FBP per slice),
 # measured with tracemalloc at 32x96x96 (54 B) and rounded up.
@@ -98,7 +105,9 @@ def register(subparsers) -> None:
                    "float), elongated (a tilted elliptic pillar, domains elongated in the "
                    "plane, rings) or sweep (like a published 8-bit reconstruction: a small tilted "
                    "elliptic pillar in a large field of view, masked exact-zero background, "
-                   "dark domains near it, rings, 8-bit); flags below override it")
+                   "dark domains near it, rings, 8-bit) or tomo (the acquisition simulated: "
+                   "a 130 degree tilt series with photon noise, detector offsets and drift, "
+                   "reconstructed by filtered back-projection, SNR 1); flags below override it")
     for flag, kind, help_text in FLAGS:
         default = d[flag.replace("-", "_")]
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default

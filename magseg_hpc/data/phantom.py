@@ -65,6 +65,7 @@ from magseg_hpc.errors import MagsegError
 log = logging.getLogger(__name__)
 
 SUPPORTS = ("pillar", "cylinder", "slab")
+ACQUISITIONS = ("image", "projections")
 PATTERNS = ("labyrinth", "stripes")
 
 # Defaults of make_phantom, also used by the CLI so both document the same numbers.
@@ -96,6 +97,9 @@ DEFAULTS: dict[str, Any] = {
     "bit_depth": 0,
     "dark_level": 9.0,
     "bright_level": 120.0,
+    "acquisition": "image",
+    "detector_offsets": 0.0,
+    "z_drift": 0.0,
 }
 
 # Named parameter sets; explicit arguments override a preset's values.
@@ -133,6 +137,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dark_level": 6.0,
         "snr": 4.0,
         "shading": 0.2,
+    },
+    # The acquisition simulated instead of painted (acquisition: projections): each slice of
+    # the object projected over a 130 degree tilt range (a 50 degree missing wedge), photon
+    # noise in the projections, miscalibrated detector pixels (rings), a slow gain drift along
+    # z, reconstructed by filtered back-projection. Masked with --mask-margin N.
+    "tomo": {
+        "acquisition": "projections",
+        "tilt_deg": 10.0,
+        "ellipticity": 1.3,
+        "elongation": 2.0,
+        "elongation_deg": 30.0,
+        "n_angles": 65,
+        "missing_wedge_deg": 50.0,
+        "detector_offsets": 0.3,
+        "z_drift": 0.3,
+        "snr": 1.0,
     },
 }
 
@@ -175,6 +195,9 @@ def make_phantom(
     bit_depth: int = DEFAULTS["bit_depth"],
     dark_level: float = DEFAULTS["dark_level"],
     bright_level: float = DEFAULTS["bright_level"],
+    acquisition: str = DEFAULTS["acquisition"],
+    detector_offsets: float = DEFAULTS["detector_offsets"],
+    z_drift: float = DEFAULTS["z_drift"],
 ) -> Phantom:
     """Generate a phantom volume and its ground-truth labels.
 
@@ -217,6 +240,14 @@ def make_phantom(
             reconstruction's own background.
         bit_depth: 0 keeps float32; 8 quantises to uint8 with the noise-free minus and plus
             domain means at ``dark_level`` and ``bright_level`` (values below 0 clip to 0).
+        acquisition: ``image`` paints the artefacts on the reconstruction (steps 5-7 of the
+            module docstring); ``projections`` simulates the acquisition instead (see
+            ``_acquire``): ``snr`` then sets the photon noise, ``detector_offsets`` and
+            ``z_drift`` the detector and beam errors; ``rings``, ``shading`` and
+            ``noise_correlation`` are not used.
+        detector_offsets: projections only: std of the per-detector-pixel offsets (rings in
+            the reconstruction), as the rings' std in the sample over the domain contrast.
+        z_drift: projections only: peak relative gain drift along z (slow, random).
     """
     shape = _check_shape(shape)
     _check_choice("support", support, SUPPORTS)
@@ -241,6 +272,11 @@ def make_phantom(
     _check_range("rings", rings, 0.0, None)
     _check_range("mask_margin", mask_margin, -1, None)
     _check_choice("bit_depth", bit_depth, (0, 8))
+    _check_choice("acquisition", acquisition, ACQUISITIONS)
+    _check_range("detector_offsets", detector_offsets, 0.0, None)
+    _check_range("z_drift", z_drift, 0.0, 0.9)
+    if acquisition == "projections" and n_angles < 2:
+        raise MagsegError("acquisition projections needs n_angles >= 2 (the tilt series)")
     _check_range("dark_level", dark_level, 0.0, 255.0)
     _check_range("bright_level", bright_level, dark_level + 1.0, 255.0)
     if snr is not None and not (snr > 0):
@@ -278,18 +314,22 @@ def make_phantom(
         signal += edge_glow * _rim(support_mask)
     if blur_sigma > 0:
         signal = ndimage.gaussian_filter(signal, blur_sigma, mode="constant")
-    if n_angles > 0:
+    if acquisition == "projections":
+        signal, contrast, noise_std = _acquire(
+            signal, labels, support_mask, n_angles, missing_wedge_deg, snr if noisy else None,
+            detector_offsets, z_drift, rng_noise, rng_shading)
+    elif n_angles > 0:
         signal = _limited_angle_reconstruction(signal, n_angles, missing_wedge_deg)
 
-    contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
-    if rings > 0:
-        signal += rings * abs(contrast) * _rings(shape[1:], rng_shading)[None]
-    if shading > 0:
-        signal = _shade(signal, rng_shading, shading, contrast)
-
-    contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
-    noise_std = 0.0
-    if noisy:
+    if acquisition == "image":
+        contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
+        if rings > 0:
+            signal += rings * abs(contrast) * _rings(shape[1:], rng_shading)[None]
+        if shading > 0:
+            signal = _shade(signal, rng_shading, shading, contrast)
+        contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
+        noise_std = 0.0
+    if noisy and acquisition == "image":
         noise_std = abs(contrast) / float(snr)
         if not noise_std < np.finfo(np.float32).max / 1e3:  # the image is float32
             raise MagsegError(f"snr {snr:g} is too small: noise of std {noise_std:g} overflows "
@@ -337,6 +377,9 @@ def make_phantom(
         "bit_depth": int(bit_depth),
         "dark_level": float(dark_level),
         "bright_level": float(bright_level),
+        "acquisition": acquisition,
+        "detector_offsets": float(detector_offsets),
+        "z_drift": float(z_drift),
         "contrast": contrast,
         "noise_std": float(noise_std),
         "snr_definition": "(mean of noise-free image over label 2 - over label 1) / noise std",
@@ -561,6 +604,82 @@ def _limited_angle_reconstruction(
             out[z] = recon[pad_y : pad_y + ny, pad_x : pad_x + nx]
     # FBP over a partial range loses intensity in proportion to the missing range.
     return out * (180.0 / span)
+
+
+BAD_PIXELS = 0.03  # the share of detector pixels with a large offset (rings)
+
+
+def _acquire(obj: np.ndarray, labels: np.ndarray, support: np.ndarray, n_angles: int,
+             missing_wedge_deg: float, snr: float | None, detector_offsets: float,
+             z_drift: float, rng_noise: np.random.Generator,
+             rng_detector: np.random.Generator) -> tuple[np.ndarray, float, float]:
+    """A limited-angle tomography of ``obj`` and its filtered back-projection, per z slice
+    (each detector row sees one slice, parallel beam): (reconstruction, contrast, noise std).
+
+    - projections over ``180 - missing_wedge_deg`` degrees (the missing wedge);
+    - a slow gain drift along z: ``1 + z_drift g(z)``, g a sum of two random cosines of at
+      most one period over the volume, scaled to max |g| = 1 (beam profile, sample drift);
+    - detector offsets: a few bad detector pixels (BAD_PIXELS of them, offsets 10x the
+      others'), the same for every row within +-1/3, constant over the tilt series (flat-field
+      errors), which FBP turns into rings;
+    - photon noise, Gaussian limit of Poisson counts: a projection value p is measured with
+      std proportional to ``sqrt(exp(p / p_max))``, noisier through the thickest paths.
+
+    FBP is linear, so the clean, ring and noise parts are reconstructed apart and scaled in
+    the image: rings to ``detector_offsets`` times the domain contrast (std in the sample),
+    noise to contrast / ``snr`` (the SNR definition of make_phantom).
+    """
+    import warnings
+
+    from skimage.transform import iradon, radon
+
+    nz, ny, nx = obj.shape
+    size = max(ny, nx)
+    pad_y, pad_x = (size - ny) // 2, (size - nx) // 2
+    theta = _angles(n_angles, missing_wedge_deg)
+    zz = np.linspace(0.0, 1.0, nz)
+    drift = sum(np.cos(2 * math.pi * rng_detector.uniform(0.2, 1.0) * zz
+                       + rng_detector.uniform(0, 2 * math.pi)) for _ in range(2))
+    gain = 1.0 + z_drift * drift / max(float(np.abs(drift).max()), 1e-12)
+    square = np.zeros((size, size))
+    parts = {k: np.empty(obj.shape) for k in ("clean", "rings", "noise")}
+    base_offsets = None
+
+    def fbp(sinogram):
+        recon = iradon(sinogram, theta=theta, output_size=size, circle=False,
+                       filter_name="ramp")
+        return recon[pad_y:pad_y + ny, pad_x:pad_x + nx]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # radon: corners outside the circle
+        for z in range(nz):
+            square[pad_y:pad_y + ny, pad_x:pad_x + nx] = obj[z]
+            sinogram = radon(square, theta=theta, circle=False) * gain[z]
+            n_det = sinogram.shape[0]
+            if base_offsets is None:  # a few bad pixels on a small spread: sharp rings
+                bad = rng_detector.random(n_det) < BAD_PIXELS
+                base_offsets = rng_detector.standard_normal(n_det) * np.where(bad, 1.0, 0.1)
+            offsets = base_offsets * (1 + rng_detector.standard_normal(n_det) / 3)
+            photon_std = np.sqrt(np.exp(sinogram / max(float(sinogram.max()), 1e-12)))
+            parts["clean"][z] = fbp(sinogram)
+            parts["rings"][z] = fbp(np.repeat(offsets[:, None], len(theta), axis=1))
+            parts["noise"][z] = fbp(photon_std * rng_noise.standard_normal(sinogram.shape))
+    # FBP over a partial range loses intensity in proportion to the missing range.
+    signal = parts["clean"] * (180.0 / (180.0 - missing_wedge_deg))
+    contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
+    if detector_offsets > 0:
+        rings = parts["rings"]
+        signal += rings * (detector_offsets * abs(contrast)
+                           / max(float(rings[support].std()), 1e-12))
+    noise_std = 0.0
+    if snr is not None:
+        noise_std = abs(contrast) / float(snr)
+        if not noise_std < np.finfo(np.float32).max / 1e3:  # the image is float32
+            raise MagsegError(f"snr {snr:g} is too small: noise of std {noise_std:g} overflows "
+                              "the float32 image; use snr >= 1e-30")
+        noise = parts["noise"]
+        signal += noise * (noise_std / max(float(noise.std()), 1e-12))
+    return signal, contrast, noise_std
 
 
 def _shade(signal: np.ndarray, rng: np.random.Generator, strength: float,
