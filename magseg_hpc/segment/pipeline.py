@@ -516,9 +516,11 @@ def _run_slabs(client, job, slabs, markers, summary, bar, resources, on_result, 
                               key=task_key(numbers[slab.key], slab, token),
                               resources=resources, pure=False): slab
                 for slab in slabs if slab.stage == "fuse"}
+    # held to the end: the scheduler keeps finished slabs, so its progress counts all of them
+    submitted = list(futures)
     failures = []
     try:
-        for fut in as_completed(list(futures)):
+        for fut in as_completed(submitted):
             slab = futures.pop(fut, None)
             if slab is None:  # a fusion slab cancelled below
                 continue
