@@ -479,7 +479,7 @@ def seg_run(prep, client, batch: int, workers: int, s: dict, args) -> dict:
 
 
 def section_segment(s: dict, tmp: Path, budget: Budget, args, notes) -> dict:
-    from magseg_hpc.segment.cluster import open_cluster
+    from magseg_hpc.launch.dask_cluster import open_cluster
     from magseg_hpc.segment.pipeline import SegmentOptions, prepare
     from magseg_hpc.volume.store import write_image_store
 

@@ -29,6 +29,7 @@ import yaml
 
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.paths import absolute_spec
 
 __all__ = [
     "ModelConfig",
@@ -554,18 +555,12 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
                 "labeled_split", "unlabeled_split", "val_split"):
         value = getattr(d, key)
         if value:
-            setattr(d, key, _absolute(value))
+            setattr(d, key, absolute_spec(value))
     for key in ("pretrained", "checkpoint"):
         value = getattr(cfg.model, key)
         if value and value.lower() not in ("none", "null"):
-            setattr(cfg.model, key, _absolute(value))
+            setattr(cfg.model, key, absolute_spec(value))
     return cfg
-
-
-def _absolute(path: str) -> str:
-    # keep an HDF5 "file.h5:/dataset" suffix intact
-    head, sep, tail = path.partition(".h5:")
-    return str(Path(head).expanduser().absolute()) + sep + tail
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:

@@ -1,4 +1,4 @@
-"""The log-file handler of the rank logs (``logs/rank<R>.log``).
+"""Log files: the handler of the rank logs (``logs/rank<R>.log``), and loggers sent to a file.
 
 ``logging.FileHandler`` writes through a buffered stream. submitit calls a task's
 ``checkpoint()`` from its SIGUSR2 handler, which runs in the main thread between two bytecodes
@@ -10,8 +10,10 @@ re-enter, and lines from several processes appending to one file never interleav
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -36,3 +38,30 @@ class AppendFileHandler(logging.Handler):
                 os.close(self._fd)
                 self._fd = None
         super().close()
+
+
+# Loggers of the dashboard's web server: a browser opening or closing a page makes them log
+# renderer warnings, websocket errors and tracebacks that say nothing about the run.
+DASHBOARD_LOGGERS = ("bokeh", "tornado", "distributed.dashboard", "distributed.http")
+
+
+@contextlib.contextmanager
+def loggers_to_file(names, path: Path) -> Iterator[None]:
+    """Send the records of the loggers ``names`` to ``path`` only (not the terminal), INFO
+    and up, for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = AppendFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [(lg, lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+        lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, propagate, level in saved:
+            lg.removeHandler(handler)
+            lg.propagate, lg.level = propagate, level
+        handler.close()

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.paths import volume_file
 
 TOOL_FORMAT_PREFIX = "magseg-hpc/"
 
@@ -131,8 +132,6 @@ def check_no_overlap(
 ) -> None:
     """Refuse an output that is an input or lies inside one; with ``replaces`` (outputs that
     replace a whole store) also one that contains an input."""
-    from magseg_hpc.volume.io import volume_file
-
     if output is None:
         return
     out = Path(output).resolve()

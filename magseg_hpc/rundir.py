@@ -6,6 +6,10 @@ keeps other things in. A folder is a run folder of ours when it holds RUN_MARKER
 when a run claims the folder, before anything else), the launcher's SUBMISSION_FILE, or a
 checkpoint (folders of versions before the marker). Anything else that is not empty is
 refused, by training and by the launcher's pre-submit check alike.
+
+A run folder with a checkpoint belongs to one experiment: training resumes it with the same
+config (runtime keys such as the device may change) and refuses any other, and the launcher
+refuses it before submitting anything (``check_run_folder``, the one check of both).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import socket
 import time
 from pathlib import Path
 
+import yaml
+
+from magseg_hpc.config import RUNTIME_KEYS, experiment_differences, load_yaml
 from magseg_hpc.errors import MagsegError
 
 CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE = "config.yaml", "checkpoint.pt", "best.pt"
@@ -23,6 +30,11 @@ SUMMARY_FILE = "summary.json"  # the finished (or stopped) run, as data
 TENSORBOARD_DIR = "tensorboard"  # event files: tensorboard --logdir RUN_DIR
 SUBMISSION_FILE = "submission.json"  # the submission a job belongs to (launch/tasks.py)
 RUN_MARKER = ".magseg-run.json"
+
+
+def has_checkpoint(path: Path) -> bool:
+    """A run that got as far as its first checkpoint (before that nothing binds the folder)."""
+    return any((path / name).is_file() for name in (CHECKPOINT_FILE, BEST_FILE))
 
 
 def is_run_folder(path: Path) -> bool:
@@ -55,3 +67,42 @@ def claim(path: Path) -> None:
         tmp = path / f".{RUN_MARKER}.tmp"
         tmp.write_text(json.dumps(record) + "\n")
         tmp.replace(marker)
+
+
+def saved_experiment(path: Path, flag: str = "--output-dir") -> dict | None:
+    """The experiment config a run folder holds: config.yaml, else (lost) the checkpoint's."""
+    saved = path / CONFIG_FILE
+    if saved.is_file():
+        try:
+            config = load_yaml(saved.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise MagsegError(f"cannot read {saved} ({reason}); use a new {flag}") from None
+        if not isinstance(config, dict):
+            raise MagsegError(f"{saved} is not a config mapping; use a new {flag}")
+        return config
+    if (path / CHECKPOINT_FILE).is_file():
+        from magseg_hpc.models.checkpoint import load_checkpoint  # torch: only when needed
+
+        return load_checkpoint(path / CHECKPOINT_FILE).get("config")
+    return None
+
+
+def check_run_folder(path: Path, config: dict, flag: str = "--output-dir", *,
+                     check_claim: bool = True) -> None:
+    """Refuse ``path`` for the experiment ``config`` unless it is claimable (absent, empty or
+    ours; skip with ``check_claim`` where another process claims it) and holds no checkpoint
+    of another experiment."""
+    if check_claim:
+        check_claimable(path, flag)
+    if not has_checkpoint(path):
+        return
+    old = saved_experiment(path, flag)
+    diff = experiment_differences(old, config) if old else []
+    if diff:
+        shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+        raise MagsegError(
+            f"{flag} {path} holds another experiment (config differs in {shown}); use a new "
+            f"{flag}, or the same config to resume it (only {', '.join(sorted(RUNTIME_KEYS))} "
+            "may change)"
+        )

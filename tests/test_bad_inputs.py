@@ -530,7 +530,7 @@ TRAIN = [
     C("unknown-key", "train --config unknown.yaml --output-dir r", "unknown config key 'trian'"),
     C("bad-type", "train --config badtype.yaml --output-dir r", "seed"),
     C("binary-config", "train --config binary.yaml --output-dir r", "not a text|not valid YAML"),
-    C("missing-config", "train --config nope.yaml --output-dir r", "cannot read config"),
+    C("missing-config", "train --config nope.yaml --output-dir r", "no shipped config"),
     C("config-is-folder", "train --config d --output-dir r", "cannot read config"),
     C("missing-volume", "train --config novolume.yaml --output-dir r", "does not exist"),
     C("override-missing-volume", "train --config tiny.yaml --output-dir r data.volume=nope.zarr",

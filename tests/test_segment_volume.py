@@ -18,8 +18,8 @@ from segment_utils import (
 )
 
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.launch.dask_cluster import local_cluster_size, slurm_cluster_kwargs
 from magseg_hpc.segment.blocks import aligned_slab_size, output_chunks, plan_axis, plan_passes
-from magseg_hpc.segment.cluster import local_cluster_size, slurm_cluster_kwargs
 from magseg_hpc.segment.pipeline import SegmentOptions, segment_volume
 from magseg_hpc.segment.resume import DoneMarkers
 

@@ -18,7 +18,7 @@ from magseg_hpc.errors import MagsegError
 from magseg_hpc.submit import (
     CommandTask,
     JobProfile,
-    check_output_dir,
+    check_run_folder,
     executor_parameters,
     load_job_profile,
     main,
@@ -267,16 +267,16 @@ def test_output_dir_with_another_experiment_is_refused(tmp_path):
     other = config_to_dict(cfg)
     other["train"]["lr"] = 0.5
     (out / "config.yaml").write_text(yaml.safe_dump(other))
-    with pytest.raises(MagsegError, match=r"different experiment \(differs in train.lr\)"):
-        check_output_dir(out, config_to_dict(cfg))
+    with pytest.raises(MagsegError, match=r"another experiment \(config differs in train.lr\)"):
+        check_run_folder(out, config_to_dict(cfg))
     # runtime keys may change: the same experiment with a new max_iters resumes
     same = config_to_dict(cfg)
     same["train"]["max_iters"] = 99
     (out / "config.yaml").write_text(yaml.safe_dump(same))
-    check_output_dir(out, config_to_dict(cfg))
+    check_run_folder(out, config_to_dict(cfg))
     result = run_submit("train", "--config", "configs/cpu_tiny.yaml", "--cluster", "local",
                         "--output-dir", out, "train.lr=0.2")
-    assert result.returncode == 2 and "holds a different experiment" in result.stderr
+    assert result.returncode == 2 and "holds another experiment" in result.stderr
 
 
 # --- a real run on submitit's local executor (two processes, DDP over gloo) -----------------

@@ -81,7 +81,7 @@ def _incomplete(path) -> bool:
     import json
 
     from magseg_hpc.outputs import tool_store_format
-    from magseg_hpc.volume.io import volume_file
+    from magseg_hpc.paths import volume_file
 
     p = volume_file(path)
     if tool_store_format(p) is None:

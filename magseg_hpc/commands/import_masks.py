@@ -86,7 +86,7 @@ def run(args) -> int:
     from magseg_hpc.classes import ClassTable
     from magseg_hpc.data.labelling import import_label_volume, import_sparse_masks
     from magseg_hpc.outputs import check_no_overlap
-    from magseg_hpc.volume.io import volume_file
+    from magseg_hpc.paths import volume_file
 
     check_no_overlap(args.out, [p for p in (args.masks_dir, args.colors, args.like) if p])
     refuse_existing(args.out, args.overwrite, LABEL_FORMAT)

@@ -8,8 +8,8 @@ import shlex
 import sys
 
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD, open_cluster
 from magseg_hpc.precision import PRECISIONS
-from magseg_hpc.segment.cluster import DEFAULT_DASHBOARD, open_cluster
 from magseg_hpc.segment.pipeline import SegmentOptions, prepare, segment_volume
 from magseg_hpc.staging import writer_lock
 

@@ -32,14 +32,13 @@ from magseg_hpc.launch.resources import CLUSTERS, executor_parameters, resolve_c
 from magseg_hpc.launch.sbatch import sbatch_script
 from magseg_hpc.launch.submission import (
     Submission,
-    check_output_dir,
     job_failure_line,
     job_state,
     submit_callable,
 )
 from magseg_hpc.launch.tasks import CommandTask, TrainTask
-from magseg_hpc.rundir import claim
-from magseg_hpc.volume.io import volume_file
+from magseg_hpc.paths import volume_file
+from magseg_hpc.rundir import check_run_folder, claim
 
 __all__ = ["register", "build_parser", "main", "check_command_args"]
 
@@ -191,7 +190,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if args.output_dir:
         output_dir = Path(args.output_dir).absolute()
-        check_output_dir(output_dir, config)
+        check_run_folder(output_dir, config)
     # the run dir is usable and (unless a dry run) the data exist, before anything is submitted
     check_run_paths(cfg, args.output_dir, check_data=not args.dry_run)
     if args.output_dir:

@@ -7,8 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD
 from magseg_hpc.precision import PRECISIONS
-from magseg_hpc.segment.cluster import DEFAULT_DASHBOARD
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def run(args) -> int:
 
     from magseg_hpc.data.labelling import write_slice_list
     from magseg_hpc.errors import MagsegError
-    from magseg_hpc.segment.cluster import open_cluster
+    from magseg_hpc.launch.dask_cluster import open_cluster
     from magseg_hpc.segment.pipeline import SegmentOptions
     from magseg_hpc.segment.suggest import plan_suggestions, suggest_slices
     from magseg_hpc.volume.store import refuse_existing

@@ -37,7 +37,7 @@ def check_run_paths(cfg, output_dir, check_data: bool = True) -> None:
     submit before anything is submitted; a dry run skips the data)."""
     from magseg_hpc.errors import MagsegError
     from magseg_hpc.outputs import check_no_overlap, check_output
-    from magseg_hpc.volume.io import volume_file
+    from magseg_hpc.paths import volume_file
 
     inputs = [getattr(cfg.data, k) for k in DATA_PATH_KEYS]
     for key in DATA_PATH_KEYS if check_data else ():

@@ -174,8 +174,9 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
     the manifest. Slices are read twice (window, then pictures), one at a time."""
     from PIL import Image
 
+    from magseg_hpc.paths import volume_file
     from magseg_hpc.staging import staged_output
-    from magseg_hpc.volume.io import open_volume, volume_file
+    from magseg_hpc.volume.io import open_volume
     from magseg_hpc.volume.store import refuse_existing
 
     refuse_existing(out_dir, overwrite)

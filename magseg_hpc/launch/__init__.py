@@ -1,4 +1,4 @@
-"""The launcher: everything that talks to submitit, split by concern.
+"""Where jobs run: submitit jobs (training, one command) and Dask clusters, split by concern.
 
 - :mod:`~magseg_hpc.launch.profile`: the job-profile schema (``jobs/*.yaml``), shared by
   submitit and dask-jobqueue.
@@ -6,6 +6,8 @@
 - :mod:`~magseg_hpc.launch.sbatch`: the batch script for ``--dry-run``.
 - :mod:`~magseg_hpc.launch.tasks`: the callables a job runs (training, one command).
 - :mod:`~magseg_hpc.launch.submission`: submitting, waiting, SLURM's errors in one line.
+- :mod:`~magseg_hpc.launch.dask_cluster`: the Dask cluster a segmentation runs on (local,
+  an existing scheduler, or SLURM workers through dask-jobqueue) and its dashboard.
 
 The command line is :mod:`magseg_hpc.commands.submit` (``python -m magseg_hpc.submit`` and
 ``magseg-hpc submit``).

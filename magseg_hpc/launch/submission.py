@@ -13,38 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-import yaml
 
-from magseg_hpc.config import experiment_differences
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.rundir import BEST_FILE, CHECKPOINT_FILE, CONFIG_FILE, check_claimable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Submission", "submit_callable", "check_output_dir", "job_state", "job_failure_line"]
-
-
-def check_output_dir(output_dir: Path, config: dict) -> None:
-    """Refuse, before submitting, an output dir that is not a run folder of ours or holds a
-    different experiment."""
-    check_claimable(output_dir)
-    saved = output_dir / CONFIG_FILE
-    if not saved.exists() or not any((output_dir / f).is_file()
-                                     for f in (CHECKPOINT_FILE, BEST_FILE)):
-        return  # no config, or a run that failed before its first checkpoint: nothing binds
-    try:
-        previous = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MagsegError(f"cannot read {saved} ({e}); choose another --output-dir") from None
-    if not isinstance(previous, dict):
-        raise MagsegError(f"{saved} is not a config mapping; choose another --output-dir")
-    differences = experiment_differences(previous, config)
-    if differences:
-        shown = ", ".join(differences[:8]) + (" ..." if len(differences) > 8 else "")
-        raise MagsegError(
-            f"output dir {output_dir} holds a different experiment (differs in {shown}); "
-            "choose another --output-dir, or the same config to resume it"
-        )
+__all__ = ["Submission", "submit_callable", "job_state", "job_failure_line"]
 
 
 def _sbatch_refusal(error: Exception) -> str:

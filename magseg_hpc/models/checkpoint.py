@@ -261,3 +261,10 @@ def load_inference_model(
         # Not for SAM: a ViT (measured on DeepLabV3+ only)
         model = model.to(memory_format=torch.channels_last)
     return model, ckpt
+
+
+def fuses(check: dict) -> bool:
+    """A checkpoint's ``fusion_check`` (train/fusion_check.py) says fuse the planes: only when
+    fusion scored strictly better than the labelled axis alone (a tie keeps the single axis:
+    a third of the work)."""
+    return check["fused_miou"] > check["axis_miou"]

@@ -31,7 +31,9 @@ import numpy as np
 from magseg_hpc import __version__
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.logfile import DASHBOARD_LOGGERS, loggers_to_file
 from magseg_hpc.outputs import check_no_overlap, check_output
+from magseg_hpc.paths import absolute_spec
 from magseg_hpc.precision import check_precision
 from magseg_hpc.segment.blocks import (
     AXES,
@@ -40,7 +42,6 @@ from magseg_hpc.segment.blocks import (
     plan_passes,
     scratch_chunks,
 )
-from magseg_hpc.segment.cluster import dashboard_noise_to
 from magseg_hpc.segment.resume import (
     DoneMarkers,
     check_resumable,
@@ -249,7 +250,8 @@ def prepare(opts: SegmentOptions) -> Prepared:
     )
     slabs = plan_passes(shape, opts.axes, pass_chunks, chunks[0], opts.slab_size)
     job = SlabJob(
-        input=_abs_input(opts.input), var=opts.var, output=str(Path(opts.output).resolve()),
+        input=absolute_spec(opts.input, resolve=True), var=opts.var,
+        output=str(Path(opts.output).resolve()),
         axes=opts.axes, num_classes=class_table.num_classes, method=opts.method,
         model=model_path, model_sha256=sha256, threshold=threshold,
         batch_size=opts.batch_size, tta=opts.tta, probabilities=opts.probabilities,
@@ -309,7 +311,7 @@ def axes_for_auto(ckpt: dict) -> tuple[str, ...]:
     """What ``--axes auto`` segments along: the trained planes fused when the checkpoint's
     fusion check (validation slices segmented both ways) scored fusion higher, else the
     labelled axis alone."""
-    from magseg_hpc.train.fusion_check import fuses
+    from magseg_hpc.models.checkpoint import fuses
 
     trained = trained_axes(ckpt)
     data = (ckpt.get("config") or {}).get("data") or {}
@@ -345,15 +347,6 @@ def _warn_untrained_axes(ckpt: dict, axes: tuple[str, ...]) -> None:
                     "fusion is then usually worse than --axes %s (train with data.axes: "
                     "[z, y, x])", ",".join(axes), ",".join(trained), ",".join(untrained),
                     trained[0])
-
-
-def _abs_input(text: str) -> str:
-    for suffix in (".h5:", ".hdf5:", ".hdf:", ".nxs:"):
-        i = text.lower().find(suffix)
-        if i >= 0:
-            cut = i + len(suffix) - 1
-            return str(Path(text[:cut]).resolve()) + text[cut:]
-    return str(Path(text).resolve())
 
 
 def _open_output(prep: Prepared) -> None:
@@ -452,7 +445,7 @@ def _segment_locked(prep: Prepared, client, progress, on_result) -> RunSummary:
     t0 = time.perf_counter()
     with tqdm(total=len(todo), unit="slab", desc="segment",
               disable=(not progress) if progress is not None else None) as bar, \
-            dashboard_noise_to(Path(out) / ".magseg" / DASHBOARD_LOG):
+            loggers_to_file(DASHBOARD_LOGGERS, Path(out) / ".magseg" / DASHBOARD_LOG):
         failures = _run_slabs(client, prep.job, todo, markers, summary, bar, resources,
                               on_result, numbers={s.key: n for n, s in enumerate(prep.slabs)})
     summary.seconds = time.perf_counter() - t0

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.paths import volume_file
 from magseg_hpc.segment.blocks import AXES, Slab
-from magseg_hpc.volume.io import volume_file
 
 log = logging.getLogger(__name__)
 

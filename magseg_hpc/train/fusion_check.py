@@ -104,7 +104,7 @@ def record_fusion_check(best_path, source, val_keys, axes: list[str], num_classe
     """Measure fusion for best.pt's teacher on the validation slices ``val_keys`` of
     ``source`` (the validation volume) and store it in best.pt; kept when best.pt already
     holds the check for its iteration (a finished run resumed)."""
-    from magseg_hpc.models.checkpoint import load_inference_model, save_checkpoint
+    from magseg_hpc.models.checkpoint import fuses, load_inference_model, save_checkpoint
 
     if not best_path.is_file() or not val_keys:
         return None
@@ -127,7 +127,3 @@ def record_fusion_check(best_path, source, val_keys, axes: list[str], num_classe
     return result
 
 
-def fuses(check: dict) -> bool:
-    """Fuse only when it scored strictly better than the labelled axis alone (a tie keeps the
-    single axis: a third of the work)."""
-    return check["fused_miou"] > check["axis_miou"]

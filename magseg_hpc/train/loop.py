@@ -29,17 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
 from magseg_hpc.classes import IGNORE_LABEL
 from magseg_hpc.config import (
-    RUNTIME_KEYS,
     ExperimentConfig,
     config_to_dict,
-    experiment_differences,
-    load_yaml,
     save_config,
 )
 from magseg_hpc.data.augment import resolve_strong_pool
@@ -74,8 +70,9 @@ from magseg_hpc.rundir import (
     METRICS_FILE,
     SPLITS_DIR,
     SUMMARY_FILE,
-    check_claimable,
+    check_run_folder,
     claim,
+    has_checkpoint,
 )
 from magseg_hpc.train import distributed as dist_util
 from magseg_hpc.train.augseg import (
@@ -101,44 +98,15 @@ log = logging.getLogger(__name__)
 
 
 def check_output_dir(cfg: ExperimentConfig, output_dir: Path) -> None:
-    """Refuse an output dir that is not a run folder of ours (rank 0 checks; the others
-    start once it has claimed it) or holds another experiment (runtime keys may differ)."""
-    if os.environ.get("RANK", "0") == "0":
-        check_claimable(output_dir)
-    old = None
-    config_path = output_dir / CONFIG_FILE
-    if config_path.is_file():
-        try:
-            old = load_yaml(config_path.read_text())
-        except yaml.YAMLError as e:
-            raise MagsegError(
-                f"{config_path} is not valid YAML ({e}); use a new --output-dir"
-            ) from None
-    elif (output_dir / CHECKPOINT_FILE).is_file():
-        # config.yaml lost: the checkpoint carries the config it was trained with
-        from magseg_hpc.models.checkpoint import load_checkpoint
-
-        old = load_checkpoint(output_dir / CHECKPOINT_FILE).get("config")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise MagsegError(f"--output-dir {output_dir} is a file; give a folder")
-    if not any((output_dir / f).is_file() for f in (CHECKPOINT_FILE, BEST_FILE)):
-        # A run that failed before its first checkpoint holds nothing to resume: its
-        # config, splits and metrics do not bind the next try (rank 0 clears them).
-        if os.environ.get("RANK", "0") == "0" and output_dir.is_dir():
-            for stale in [output_dir / METRICS_FILE,
-                          *(output_dir / SPLITS_DIR).glob("*.txt")] if old else []:
-                stale.unlink(missing_ok=True)
-        return
-    if not isinstance(old, dict) or not old:
-        return
-    diff = experiment_differences(old, config_to_dict(cfg))
-    if diff:
-        shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
-        raise MagsegError(
-            f"{output_dir} holds another experiment (config differs in {shown}); use a new "
-            f"--output-dir, or the same config to resume (only {', '.join(sorted(RUNTIME_KEYS))} "
-            "may change)"
-        )
+    """rundir.check_run_folder (rank 0 checks the claim; the others start once it has
+    claimed the folder); then rank 0 clears what a run that failed before its first
+    checkpoint left: its config, splits and metrics do not bind the next try."""
+    main_rank = os.environ.get("RANK", "0") == "0"
+    check_run_folder(output_dir, config_to_dict(cfg), check_claim=main_rank)
+    if main_rank and output_dir.is_dir() and not has_checkpoint(output_dir) and (
+            output_dir / CONFIG_FILE).is_file():
+        for stale in [output_dir / METRICS_FILE, *(output_dir / SPLITS_DIR).glob("*.txt")]:
+            stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

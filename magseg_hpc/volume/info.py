@@ -10,7 +10,8 @@ import dask.array as da
 import numpy as np
 
 from magseg_hpc.classes import ClassTable
-from magseg_hpc.volume.io import ZARR_MARKERS, open_volume, reading, volume_file
+from magseg_hpc.paths import volume_file
+from magseg_hpc.volume.io import ZARR_MARKERS, open_volume, reading
 from magseg_hpc.volume.store import open_group
 
 log = logging.getLogger(__name__)

@@ -107,7 +107,8 @@ def _warn_absent_chunks(src, var) -> None:
     """Zarr reads a chunk with no file as its fill value: say so, it may be a lost file."""
     import zarr
 
-    from magseg_hpc.volume.io import ZARR_MARKERS, volume_file
+    from magseg_hpc.paths import volume_file
+    from magseg_hpc.volume.io import ZARR_MARKERS
 
     path = volume_file(src)
     if not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):

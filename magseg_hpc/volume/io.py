@@ -25,13 +25,13 @@ import xarray as xr
 import zarr
 
 from magseg_hpc.errors import USER_ERRNOS, MagsegError
+from magseg_hpc.paths import HDF5_SUFFIXES, split_hdf5
 
 log = logging.getLogger(__name__)
 
 DIMS = ("z", "y", "x")
 ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
 TIFF_SUFFIXES = (".tif", ".tiff")
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
 SUPPORTED = "zarr, TIFF (file or folder), HDF5 (file.h5:/dataset), NPY, GIF or a folder of PNGs"
 
 
@@ -46,7 +46,7 @@ def open_volume(
     TIFF or an HDF5 file with one 3D dataset needs no name).
     """
     text = str(path)
-    h5_path, h5_var = _split_hdf5_path(text)
+    h5_path, h5_var = split_hdf5(text)
     if h5_path is not None:
         text, var = h5_path, var or h5_var
     p = Path(text)
@@ -90,21 +90,6 @@ def reading(source) -> Iterator[None]:
             f"{source}: cannot read its voxels ({type(e).__name__}: {text}); the file is "
             "damaged or truncated, re-export or re-copy it"
         ) from e
-
-
-def volume_file(spec: str | os.PathLike) -> Path:
-    """The file or folder behind a volume argument (``file.h5:/dataset`` names ``file.h5``)."""
-    h5_path, _ = _split_hdf5_path(str(spec))
-    return Path(h5_path if h5_path is not None else spec)
-
-
-def _split_hdf5_path(text: str) -> tuple[str | None, str | None]:
-    for suffix in HDF5_SUFFIXES:
-        marker = suffix + ":"
-        i = text.lower().find(marker)
-        if i >= 0:
-            return text[: i + len(suffix)], text[i + len(marker) :] or None
-    return None, None
 
 
 def _as_zyx(arr: xr.DataArray, path: Path) -> xr.DataArray:

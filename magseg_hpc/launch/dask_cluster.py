@@ -119,34 +119,6 @@ def dashboard_origins(address: str) -> tuple[str, list[str] | None]:
     return f"{host}:{port}", origins
 
 
-# Loggers of the dashboard's web server: a browser opening or closing a page makes them log
-# renderer warnings, websocket errors and tracebacks that say nothing about the run.
-DASHBOARD_LOGGERS = ("bokeh", "tornado", "distributed.dashboard", "distributed.http")
-
-
-@contextlib.contextmanager
-def dashboard_noise_to(path: Path) -> Iterator[None]:
-    """Send the dashboard server's log records to ``path`` instead of the terminal."""
-    from magseg_hpc.logfile import AppendFileHandler
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = AppendFileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(name) for name in DASHBOARD_LOGGERS]
-    saved = [(lg, lg.propagate, lg.level) for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.propagate = False
-        lg.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        for lg, propagate, level in saved:
-            lg.removeHandler(handler)
-            lg.propagate, lg.level = propagate, level
-        handler.close()
-
-
 def quiet_dask_logs() -> None:
     """Dask sets its own log levels when imported: keep its chatter out unless -v."""
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
