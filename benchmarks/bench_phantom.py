@@ -187,7 +187,7 @@ README_MARKERS = ("<!-- bench_phantom tables: begin -->", "<!-- bench_phantom ta
 
 def update_readme(text: str) -> None:
     """The README's copy of the mean and margin tables, taken from the results text."""
-    readme = ROOT / "README.md"
+    readme = ROOT / "benchmarks" / "README.md"
     body = readme.read_text()
     begin, end = README_MARKERS
     if begin not in body or end not in body:
