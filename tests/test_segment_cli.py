@@ -172,3 +172,17 @@ def test_killed_run_resumes_to_identical_output_and_dashboard_serves(files, tmp_
     assert is_complete(out)
     np.testing.assert_array_equal(a["labels"][:], b["labels"][:])
     np.testing.assert_array_equal(a["probabilities"][:], b["probabilities"][:])
+
+
+def test_a_small_volume_runs_its_one_worker_in_this_process(files, capsys, tmp_path):
+    """No worker process for a volume that fits one worker; --workers 1 still starts one."""
+    rc = main(["segment-volume", str(files["input"]), str(tmp_path / "a.zarr"), "--model",
+               str(files["ckpt"]), "--dashboard-address", ":0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "one worker in this process" in out
+    rc = main(["segment-volume", str(files["input"]), str(tmp_path / "b.zarr"), "--model",
+               str(files["ckpt"]), "--dashboard-address", ":0", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "one worker in this process" not in out
+    np.testing.assert_array_equal(read_labels(tmp_path / "a.zarr"),
+                                  read_labels(tmp_path / "b.zarr"))

@@ -68,7 +68,8 @@ def register(subparsers) -> None:
     g.add_argument("--dashboard-address", default=DEFAULT_DASHBOARD,
                    help=f"Dask dashboard HOST:PORT (default {DEFAULT_DASHBOARD}; :0 picks a port)")
     g.add_argument("--in-process", action="store_true",
-                   help="run local workers as threads of this process (debugging)")
+                   help="run the local worker as threads of this process (the default for a "
+                   f"volume of up to {SMALL_VOLUME_BYTES // 2**20} MiB on one local worker)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same model and options")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -120,20 +121,35 @@ def run(args) -> int:
     )
     # Every check that can fail on bad input runs before any cluster or output exists.
     prepared = prepare(opts)
+    in_process = args.in_process or runs_in_process(args, prepared.volume.nbytes)
     # the output's one writer from here on: a second one is refused before any cluster starts
     with writer_lock(prepared.target, opts.command_line), open_cluster(
         scheduler=args.scheduler, cluster=args.cluster, job=args.job, jobs=args.jobs,
         workers=args.workers, threads_per_worker=args.threads_per_worker, device=args.device,
-        dashboard_address=args.dashboard_address, processes=not args.in_process,
+        dashboard_address=args.dashboard_address, processes=not in_process,
     ) as handle:
         prepared.job = _with_threads(prepared.job, handle.torch_threads)
         handle.announce()
+        if in_process and not args.in_process:
+            print(f"one worker in this process: a {prepared.volume.nbytes / 2**20:.0f} MiB volume "
+                  "needs no worker process started (--workers N starts N)", flush=True)
         print(f"{len(prepared.slabs)} slabs -> {prepared.target}"
               + (f" (written to {prepared.job.output}, swapped in when complete)"
                  if prepared.staged else ""), flush=True)
         summary = segment_volume(prepared, handle.client)
     print(summary.format())
     return 0
+
+
+# A volume this small is done by one worker, and starting a worker process (Python, torch,
+# the model: seconds) would dominate: the local worker then runs in this process.
+SMALL_VOLUME_BYTES = 256 * 2**20
+
+
+def runs_in_process(args, volume_bytes: int) -> bool:
+    """The default local cluster on a small volume: its one worker in this process."""
+    return (args.scheduler is None and args.cluster is None and args.workers is None
+            and volume_bytes <= SMALL_VOLUME_BYTES)
 
 
 def _with_threads(job, threads):
