@@ -536,6 +536,9 @@ TRAIN = [
     C("override-missing-volume", "train --config tiny.yaml --output-dir r data.volume=nope.zarr",
       "does not exist"),
     C("override-not-key-value", "train --config tiny.yaml --output-dir r lr", "not key=value"),
+    # refused inside training, after the run folder was claimed: no half-made folder remains
+    C("train-no-training-slices", "train --config tiny.yaml --output-dir r data.n_val=8",
+      "leaves no training slices"),
     C("override-unknown-key", "train --config tiny.yaml --output-dir r train.lrr=1",
       "unknown config key"),
     C("override-bad-value", "train --config tiny.yaml --output-dir r train.lr=abc", "train.lr"),

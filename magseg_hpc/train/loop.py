@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -655,12 +656,18 @@ def run_training(cfg: ExperimentConfig, output_dir: str | Path) -> dict:
     """
     output_dir = Path(output_dir).absolute()
     check_output_dir(cfg, output_dir)
+    created = not output_dir.exists()
     if os.environ.get("RANK", "0") == "0":
         claim(output_dir)
     env = dist_util.init_distributed(cfg.train.device)
     try:
         with rank_log(output_dir, env.rank):
             return _train(cfg, output_dir, env)
+    except MagsegError:
+        # a refusal (bad data, a diverged first epoch) leaves no half-made run folder behind
+        if created and env.is_main and not has_checkpoint(output_dir):
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     finally:
         dist_util.shutdown(env)
 
@@ -675,13 +682,12 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
         torch.set_num_threads(threads)
     if env.is_main:
         save_config(cfg, output_dir / CONFIG_FILE)
+    # data (a refusal here is the command's one line: nothing is logged before it)
+    data = open_data(cfg, output_dir, env)
     log.info("experiment %s: method %s, rank %d of %d on %s (%s), output %s", cfg.name,
              t.method, env.rank, env.world_size, env.device,
              describe_precision(resolve_precision(t.precision, env.device), env.device),
              output_dir)
-
-    # data
-    data = open_data(cfg, output_dir, env)
     checkpoint_path = output_dir / CHECKPOINT_FILE
     ckpt = None
     if checkpoint_path.is_file():
