@@ -7,13 +7,13 @@ import os
 
 import pytest
 
+from magseg_hpc.cpus import process_cpus
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.launch.dask_cluster import slurm_cluster_kwargs
 from magseg_hpc.launch.profile import JobProfile, dask_jobqueue_kwargs, job_profile_from_dict
 from magseg_hpc.launch.resources import executor_parameters
 from magseg_hpc.launch.sbatch import sbatch_script
 from magseg_hpc.launch.tasks import one_gpu_per_process
-from magseg_hpc.train.distributed import process_cpus
 
 
 @pytest.mark.parametrize("visible, local_rank, local_world, expected", [

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from magseg_hpc.cpus import available_cores
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.launch.profile import (
     JobProfile,
@@ -46,13 +46,6 @@ class ClusterHandle:
         print(self.description, flush=True)
         print(f"dashboard: {self.dashboard_link or 'none (no dashboard on this scheduler)'}",
               flush=True)
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def local_cluster_size(

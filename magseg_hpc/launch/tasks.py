@@ -26,6 +26,7 @@ from typing import Any
 import submitit
 
 from magseg_hpc.config import config_from_dict
+from magseg_hpc.cpus import process_cpus
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import AppendFileHandler
 from magseg_hpc.rundir import LOGS_DIR, SUBMISSION_FILE
@@ -146,7 +147,6 @@ class TrainTask:
         self._claim_output_dir(output_dir, env.job_id, dist_env.rank)
         module, _, function = self.entry_point.partition(":")
         run_training = getattr(importlib.import_module(module), function)
-        from magseg_hpc.train.distributed import process_cpus  # torch: inside the job only
 
         config = copy.deepcopy(self.config)
         if not config.get("train", {}).get("threads"):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from magseg_hpc.cpus import available_cores
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.paths import volume_file
 from magseg_hpc.segment.blocks import AXES, Slab
@@ -158,11 +159,7 @@ def _set_threads(job: SlabJob) -> None:
             per_task = get_worker().state.nthreads
         except (ImportError, ValueError, AttributeError):
             per_task = 1
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cpus = os.cpu_count() or 1
-        threads = max(1, cpus // max(1, per_task))
+        threads = max(1, available_cores() // max(1, per_task))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 

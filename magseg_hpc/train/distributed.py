@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DistEnv",
     "read_world",
-    "process_cpus",
     "resolve_device",
     "init_distributed",
     "shutdown",
@@ -102,20 +101,6 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
             f"LOCAL_RANK={local_rank} but only {n} GPU(s) are visible; start one process per GPU"
         )
     return torch.device("cuda", local_rank)
-
-
-def process_cpus(local_world_size: int = 1) -> int:
-    """CPUs this process may use: ``SLURM_CPUS_PER_TASK`` (capped by the affinity mask) under
-    SLURM, else the affinity mask shared by the node's ``local_world_size`` processes. Not
-    ``os.cpu_count()``: on a 128-core node with 8 allocated CPUs that oversubscribes 16x."""
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        affinity = os.cpu_count() or 1
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if per_task.isdigit() and int(per_task) > 0:
-        return max(1, min(int(per_task), affinity))
-    return max(1, affinity // max(1, local_world_size))
 
 
 def timeout_seconds() -> float:

@@ -39,6 +39,7 @@ from magseg_hpc.config import (
     config_to_dict,
     save_config,
 )
+from magseg_hpc.cpus import process_cpus
 from magseg_hpc.data.augment import resolve_strong_pool
 from magseg_hpc.data.slices import (
     AugmentSettings,
@@ -676,10 +677,9 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     t = cfg.train
     started = time.perf_counter()
     if env.device.type == "cpu":
-        # several processes on one CPU node share its cores instead of oversubscribing them
+        # several processes on one CPU node share its allocated cores, not the node's
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-        threads = t.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(t.threads or process_cpus(local_world))
     if env.is_main:
         save_config(cfg, output_dir / CONFIG_FILE)
     # data (a refusal here is the command's one line: nothing is logged before it)
