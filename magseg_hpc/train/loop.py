@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ from magseg_hpc.config import (
 )
 from magseg_hpc.cpus import process_cpus
 from magseg_hpc.data.augment import resolve_strong_pool
+from magseg_hpc.data.normalize import fit_normalization
 from magseg_hpc.data.slices import (
     AugmentSettings,
     FolderSlices,
@@ -60,6 +61,9 @@ from magseg_hpc.data.slices import (
 )
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import AppendFileHandler
+from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
+from magseg_hpc.models import build_model, param_groups
+from magseg_hpc.models.checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 from magseg_hpc.precision import autocast as precision_autocast
 from magseg_hpc.precision import describe as describe_precision
 from magseg_hpc.precision import resolve_precision
@@ -90,6 +94,7 @@ from magseg_hpc.train.augseg import (
 )
 from magseg_hpc.train.board import Board, panel, panel_indices
 from magseg_hpc.train.distributed import DistEnv
+from magseg_hpc.train.fusion_check import record_fusion_check
 from magseg_hpc.train.losses import supervised_loss
 
 log = logging.getLogger(__name__)
@@ -261,8 +266,6 @@ def train_axes(cfg: ExperimentConfig) -> list[str]:
 def fit_data_normalization(cfg: ExperimentConfig, data: TrainData) -> dict:
     """Fitted once, on the training images (labelled + unlabelled, never validation), with
     the model's input encoding (data.mark_outside)."""
-    from magseg_hpc.data.normalize import fit_normalization
-
     train_keys = data.splits["labeled"] + data.splits["unlabeled"]
     if isinstance(data.source, VolumeSlices | MultiAxisSlices):
         axis = data.source.axis
@@ -324,8 +327,6 @@ def augment_settings(cfg: ExperimentConfig) -> AugmentSettings:
 
 def build_models(cfg: ExperimentConfig, env: DistEnv) -> tuple[nn.Module, nn.Module]:
     """(student, teacher): the same initial weights on every rank (seeded), teacher frozen."""
-    from magseg_hpc.models import build_model
-
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.model_dict())
     if env.distributed and env.device.type == "cuda":
@@ -347,8 +348,6 @@ def effective_lr(cfg: ExperimentConfig, world_size: int) -> float:
 
 
 def build_optimizer(cfg: ExperimentConfig, student: nn.Module, lr: float):
-    from magseg_hpc.models import param_groups
-
     t = cfg.train
     groups = param_groups(student, lr, t.head_lr_mult)
     # fused: one kernel over all parameters instead of ~10 per tensor (AdamW's step was a
@@ -486,8 +485,6 @@ def check_finite_step(env: DistEnv, stats: dict, iteration: int) -> None:
 
 
 def check_finite_weights(student: nn.Module, teacher: nn.Module, iteration: int) -> None:
-    from magseg_hpc.models.checkpoint import nonfinite_tensors
-
     for who, model in (("student", student), ("teacher", teacher)):
         bad = nonfinite_tensors(model.state_dict())
         if bad:
@@ -507,8 +504,6 @@ def evaluate(model: nn.Module, dataset, cfg: ExperimentConfig, env: DistEnv) -> 
 
     Each rank takes every world_size-th slice (no padding, so no slice counts twice).
     """
-    from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
-
     num_classes = cfg.class_table.num_classes
     was_training = model.training
     model.eval()
@@ -673,6 +668,154 @@ def run_training(cfg: ExperimentConfig, output_dir: str | Path) -> dict:
         dist_util.shutdown(env)
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint restores: the models and optimizer, where the run is, its best
+    validation so far, its last evaluation and the collapses seen."""
+
+    student: nn.Module
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    iteration: int = 0
+    best: dict = field(default_factory=lambda: {"teacher_miou": None, "iteration": None})
+    last_eval: dict = field(default_factory=dict)
+    collapses: list = field(default_factory=list)
+
+    def restore(self, ckpt: dict, world_size: int) -> None:
+        """Continue from ``ckpt`` (checkpoint.pt): weights, optimizer, RNGs, metrics."""
+        self.student.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+        ts = ckpt["train_state"]
+        self.optimizer.load_state_dict(ts["optimizer"])
+        self.iteration = int(ts["iteration"])
+        metrics = ckpt["metrics"]
+        self.best = dict(metrics.get("best", self.best))
+        self.last_eval = dict(metrics.get("last_eval", {}))
+        self.collapses = list(metrics.get("collapses", []))
+        if ts.get("world_size", world_size) != world_size:
+            log.warning("resuming a run of %d processes with %d: the epoch length and the "
+                        "data order change from here on", ts["world_size"], world_size)
+        set_rng_state(ts["rng"])
+
+
+@dataclass
+class Run:
+    """A training's fixed context: config, world, run folder, schedule, validation data."""
+
+    cfg: ExperimentConfig
+    env: DistEnv
+    output_dir: Path
+    normalization: dict
+    labelled_share: float
+    iters_per_epoch: int
+    total_iters: int
+    val: ValSlices | None
+    board: Board | None = None
+
+    def checkpoint(self, state: TrainState, with_train_state: bool) -> dict:
+        """checkpoint.pt (with the training state) or best.pt (without) as a dict."""
+        student = state.student
+        return {
+            "model": student.config if hasattr(student, "config") else self.cfg.model_dict(),
+            "class_table": self.cfg.class_table.to_dict(),
+            "normalization": dict(self.normalization),
+            "student": _cpu_state(student),
+            "teacher": _cpu_state(state.teacher),
+            "train_state": {
+                "iteration": state.iteration, "epoch": state.iteration // self.iters_per_epoch,
+                "iters_per_epoch": self.iters_per_epoch, "total_iters": self.total_iters,
+                "world_size": self.env.world_size,
+                "optimizer": state.optimizer.state_dict(), "rng": rng_state(),
+            } if with_train_state else {},
+            "config": config_to_dict(self.cfg),
+            "labelled_share": self.labelled_share,
+            "metrics": {"best": dict(state.best), "last_eval": dict(state.last_eval),
+                        "collapses": list(state.collapses)},
+        }
+
+
+def validate(run: Run, state: TrainState) -> None:
+    """Score teacher and student on the validation slices; keep the best teacher in best.pt;
+    say so in one log line when validation collapses (COLLAPSE_DROP below its best)."""
+    cfg, env, it = run.cfg, run.env, state.iteration
+    check_finite_weights(state.student, state.teacher, it)
+    if run.val is None:
+        return
+    scores = {who: evaluate(m, run.val, cfg, env)
+              for who, m in (("teacher", state.teacher), ("student", state.student))}
+    record = {"iteration": it, "epoch": it // run.iters_per_epoch}
+    for who, s in scores.items():
+        record[f"{who}_miou"] = s["miou"]
+        record[f"{who}_iou"] = dict(zip(cfg.class_table.names, s["iou"], strict=True))
+    record["teacher_confusion"] = scores["teacher"]["confusion"]
+    miou = scores["teacher"]["miou"]
+    state.last_eval = {"iteration": it, "teacher_miou": miou,
+                       "student_miou": scores["student"]["miou"]}
+    log.info("iteration %d: mIoU teacher %.4f, student %.4f", it, miou,
+             scores["student"]["miou"])
+    improved = math.isfinite(miou) and (state.best["teacher_miou"] is None
+                                        or miou > state.best["teacher_miou"])
+    if improved:
+        state.best = {"teacher_miou": miou, "iteration": it}
+    drop = collapse_drop(miou, state.best, it // run.iters_per_epoch, cfg.train.sup_only_epochs)
+    if drop is not None:
+        best = state.best
+        state.collapses.append({"iteration": it, "teacher_miou": miou, "drop": drop,
+                                "best_iteration": best["iteration"]})
+        log.warning("validation collapsed at iteration %d: teacher mIoU %.4f is %.3f below "
+                    "its best %.4f (iteration %d); best.pt keeps iteration %d", it, miou, drop,
+                    best["teacher_miou"], best["iteration"], best["iteration"])
+    if env.is_main:
+        append_metrics(run.output_dir, record)
+        run.board.evaluation(record, validation_panels(state.teacher, run.val, cfg, env))
+        if improved:
+            save_checkpoint(run.output_dir / BEST_FILE, run.checkpoint(state, False))
+        plot_curves(run.output_dir)
+
+
+def save(run: Run, state: TrainState) -> None:
+    """checkpoint.pt (rank 0), then every rank waits for it."""
+    check_finite_weights(state.student, state.teacher, state.iteration)
+    if run.env.is_main:
+        path = run.output_dir / CHECKPOINT_FILE
+        save_checkpoint(path, run.checkpoint(state, True))
+        log.info("checkpoint at iteration %d written to %s", state.iteration, path)
+    dist_util.barrier(run.env)
+
+
+class LogWindow:
+    """The steps since the last log line, averaged over all ranks into one metrics record."""
+
+    KEYS = ("loss", "loss_sup", "loss_uns", "pseudo_ratio")
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self.started = time.perf_counter()
+
+    def add(self, stats: dict) -> None:
+        self.steps.append(stats)
+
+    def record(self, run: Run, iteration: int, epoch: int, images_per_step: int) -> dict:
+        env, steps = run.env, self.steps
+        sums = torch.tensor([[sum(w[k] for w in steps) for k in self.KEYS]],
+                            dtype=torch.float64, device=env.device)
+        dist_util.all_reduce_sum(env, sums)
+        n = len(steps) * env.world_size
+        seconds = time.perf_counter() - self.started
+        last = steps[-1]
+        record = {"iteration": iteration, "epoch": epoch,
+                  **{k: float(v) / n for k, v in zip(self.KEYS, sums[0].tolist(), strict=True)},
+                  "lr": last["lr"], "ema_decay": last["ema_decay"],
+                  "seconds_per_iter": seconds / len(steps),
+                  "images_per_s": len(steps) * images_per_step * env.world_size / seconds}
+        thresholds = [w["thresholds"] for w in steps if "thresholds" in w]
+        if thresholds:  # this rank's mean over the window: what the pseudo-labels met
+            record["class_thresholds"] = dict(zip(run.cfg.class_table.names,
+                                                  np.mean(thresholds, axis=0).tolist()))
+        self.steps, self.started = [], time.perf_counter()
+        return record
+
+
 def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     t = cfg.train
     started = time.perf_counter()
@@ -691,8 +834,6 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     checkpoint_path = output_dir / CHECKPOINT_FILE
     ckpt = None
     if checkpoint_path.is_file():
-        from magseg_hpc.models.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(checkpoint_path, expect_class_table=cfg.class_table,
                                expect_model=cfg.model_dict())
         data.normalization = dict(ckpt["normalization"])
@@ -705,34 +846,25 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     semi = t.method == "augseg"
     unlabeled = (UnlabeledSlices(data.source, data.splits["unlabeled"], norm, aug, cfg.seed)
                  if semi else None)
-    val = (ValSlices(data.val_source, data.splits["val"], norm, cfg.model.context_slices)
-           if data.splits["val"] else None)
     n_unlabeled = len(data.splits["unlabeled"])  # sets the epoch length for both methods
-    share = labelled_share(cfg, data.splits)
     ipe = t.iters_per_epoch or iters_per_epoch(len(labeled), n_unlabeled, t.batch_size,
                                                env.world_size)
-    total_iters = t.epochs * ipe
-    stop = min(total_iters, t.max_iters) if t.max_iters else total_iters
+    run = Run(cfg, env, output_dir, norm, labelled_share(cfg, data.splits), ipe,
+              t.epochs * ipe,
+              ValSlices(data.val_source, data.splits["val"], norm, cfg.model.context_slices)
+              if data.splits["val"] else None)
+    stop = min(run.total_iters, t.max_iters) if t.max_iters else run.total_iters
 
-    # models and optimizer
+    # models, optimizer and where the run stands
     student, teacher = build_models(cfg, env)
     lr = effective_lr(cfg, env.world_size)
-    optimizer = build_optimizer(cfg, student, lr)
-    iteration, best = 0, {"teacher_miou": None, "iteration": None}
+    state = TrainState(student, teacher, build_optimizer(cfg, student, lr))
     if ckpt is not None:
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        ts = ckpt["train_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        iteration = int(ts["iteration"])
-        best = dict(ckpt["metrics"].get("best", best))
-        if ts.get("world_size", env.world_size) != env.world_size:
-            log.warning("resuming a run of %d processes with %d: the epoch length and the "
-                        "data order change from here on", ts["world_size"], env.world_size)
-        set_rng_state(ts["rng"])
+        state.restore(ckpt, env.world_size)
         if env.is_main:
-            truncate_metrics(output_dir, iteration)
-        log.info("resumed from %s at iteration %d of %d", checkpoint_path, iteration, stop)
+            truncate_metrics(output_dir, state.iteration)
+        log.info("resumed from %s at iteration %d of %d", checkpoint_path, state.iteration,
+                 stop)
     ddp_student = student
     if env.distributed:
         ddp_student = nn.parallel.DistributedDataParallel(
@@ -743,152 +875,63 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     log.info("%d labelled%s, %d unlabelled, %d validation slices; %d iterations/epoch, "
              "%d in total, this run stops at %d; lr %.3g (head x%g), batch %d x %d processes",
              len(labeled), per_plane(data.splits["labeled"], cfg.data.axis), n_unlabeled,
-             len(val) if val else 0, ipe, total_iters, stop, lr, t.head_lr_mult,
+             len(run.val) if run.val else 0, ipe, run.total_iters, stop, lr, t.head_lr_mult,
              t.batch_size, env.world_size)
     if semi and t.epochs <= t.sup_only_epochs:
         log.warning("train.epochs %d <= train.sup_only_epochs %d: no pseudo-labels are ever "
                     "used, this AugSeg run trains supervised only; raise train.epochs",
                     t.epochs, t.sup_only_epochs)
 
-    def checkpoint_dict(with_train_state: bool) -> dict:
-        return {
-            "model": student.config if hasattr(student, "config") else cfg.model_dict(),
-            "class_table": cfg.class_table.to_dict(),
-            "normalization": dict(norm),
-            "student": _cpu_state(student),
-            "teacher": _cpu_state(teacher),
-            "train_state": {
-                "iteration": iteration, "epoch": iteration // ipe,
-                "iters_per_epoch": ipe, "total_iters": total_iters,
-                "world_size": env.world_size,
-                "optimizer": optimizer.state_dict(), "rng": rng_state(),
-            } if with_train_state else {},
-            "config": config_to_dict(cfg),
-            "labelled_share": share,
-            "metrics": {"best": dict(best), "last_eval": dict(last_eval),
-                        "collapses": list(collapses)},
-        }
-
-    def run_eval() -> None:
-        nonlocal best, last_eval
-        check_finite_weights(student, teacher, iteration)
-        if val is None:
-            return
-        scores = {who: evaluate(m, val, cfg, env) for who, m in (("teacher", teacher),
-                                                                ("student", student))}
-        names = cfg.class_table.names
-        record = {"iteration": iteration, "epoch": iteration // ipe}
-        for who, s in scores.items():
-            record[f"{who}_miou"] = s["miou"]
-            record[f"{who}_iou"] = dict(zip(names, s["iou"], strict=True))
-        record["teacher_confusion"] = scores["teacher"]["confusion"]
-        last_eval = {"iteration": iteration, "teacher_miou": scores["teacher"]["miou"],
-                     "student_miou": scores["student"]["miou"]}
-        log.info("iteration %d: mIoU teacher %.4f, student %.4f", iteration,
-                 scores["teacher"]["miou"], scores["student"]["miou"])
-        miou = scores["teacher"]["miou"]
-        improved = math.isfinite(miou) and (best["teacher_miou"] is None
-                                            or miou > best["teacher_miou"])
-        if improved:
-            best = {"teacher_miou": miou, "iteration": iteration}
-        drop = collapse_drop(miou, best, iteration // ipe, t.sup_only_epochs)
-        if drop is not None:
-            collapses.append({"iteration": iteration, "teacher_miou": miou, "drop": drop,
-                              "best_iteration": best["iteration"]})
-            log.warning("validation collapsed at iteration %d: teacher mIoU %.4f is %.3f below "
-                        "its best %.4f (iteration %d); best.pt keeps iteration %d", iteration,
-                        miou, drop, best["teacher_miou"], best["iteration"], best["iteration"])
-        if env.is_main:
-            append_metrics(output_dir, record)
-            board.evaluation(record, validation_panels(teacher, val, cfg, env))
-            if improved:
-                from magseg_hpc.models.checkpoint import save_checkpoint
-
-                save_checkpoint(output_dir / BEST_FILE, checkpoint_dict(False))
-            plot_curves(output_dir)
-
-    def save() -> None:
-        check_finite_weights(student, teacher, iteration)
-        if env.is_main:
-            from magseg_hpc.models.checkpoint import save_checkpoint
-
-            save_checkpoint(checkpoint_path, checkpoint_dict(True))
-            log.info("checkpoint at iteration %d written to %s", iteration, checkpoint_path)
-        dist_util.barrier(env)
-
-    board = Board(output_dir, iteration, cfg.class_table, env.is_main)
-    last_eval: dict = dict(ckpt["metrics"].get("last_eval", {})) if ckpt is not None else {}
-    collapses: list[dict] = list(ckpt["metrics"].get("collapses", [])) if ckpt else []
-    window: list[dict] = []
-    window_start = time.perf_counter()
-    start_iteration = iteration
+    run.board = Board(output_dir, state.iteration, cfg.class_table, env.is_main)
+    window = LogWindow()
+    start_iteration = state.iteration
     plan_kw = {"n_labeled": len(labeled), "n_unlabeled": n_unlabeled,
                "batch_size": t.batch_size, "seed": cfg.seed, "rank": env.rank,
                "world_size": env.world_size, "iters": t.iters_per_epoch}
-    lab_loader = make_loader(labeled, StepBatches("labeled", iteration, stop, ipe, plan_kw),
-                             cfg, env)
-    unl_loader = (make_loader(unlabeled, StepBatches("unlabeled", iteration, stop, ipe, plan_kw),
-                              cfg, env) if semi else [None] * (stop - iteration))
+    lab_loader = make_loader(
+        labeled, StepBatches("labeled", state.iteration, stop, ipe, plan_kw), cfg, env)
+    unl_loader = (make_loader(unlabeled, StepBatches("unlabeled", state.iteration, stop, ipe,
+                                                     plan_kw), cfg, env)
+                  if semi else [None] * (stop - state.iteration))
     for batch_l, batch_u in zip(lab_loader, unl_loader, strict=True):
-        epoch = iteration // ipe
-        lr_now = set_lr(optimizer, iteration, total_iters, t.poly_power)
+        it, epoch = state.iteration, state.iteration // ipe
+        lr_now = set_lr(state.optimizer, it, run.total_iters, t.poly_power)
         if semi:
-            stats = augseg_step(ddp_student, teacher, optimizer, batch_l, batch_u, cfg=cfg,
-                                env=env, epoch=epoch,
-                                generator=step_generator(cfg.seed, env.rank, iteration),
-                                uns_factor=uns_ramp(iteration, ipe, t.sup_only_epochs,
-                                                    t.uns_rampup_epochs))
+            stats = augseg_step(
+                ddp_student, teacher, state.optimizer, batch_l, batch_u, cfg=cfg, env=env,
+                epoch=epoch, generator=step_generator(cfg.seed, env.rank, it),
+                uns_factor=uns_ramp(it, ipe, t.sup_only_epochs, t.uns_rampup_epochs))
         else:
-            stats = supervised_step(ddp_student, optimizer, batch_l, cfg=cfg, env=env)
-        check_finite_step(env, stats, iteration)
+            stats = supervised_step(ddp_student, state.optimizer, batch_l, cfg=cfg, env=env)
+        check_finite_step(env, stats, it)
         if sync_buffers:
             dist_util.broadcast_buffers(env, student)
-        decay = ema_decay(iteration, ipe, t.sup_only_epochs, t.ema_decay, t.ema_schedule)
+        decay = ema_decay(it, ipe, t.sup_only_epochs, t.ema_decay, t.ema_schedule)
         ema_update(teacher, student, decay)
-        iteration += 1
-        window.append({**stats, "lr": lr_now, "ema_decay": decay})
+        state.iteration = it = it + 1
+        window.add({**stats, "lr": lr_now, "ema_decay": decay})
 
-        if iteration % t.log_every == 0 or iteration == stop:
-            keys = ("loss", "loss_sup", "loss_uns", "pseudo_ratio")
-            sums = torch.tensor([[sum(w[k] for w in window) for k in keys]],
-                                dtype=torch.float64, device=env.device)
-            dist_util.all_reduce_sum(env, sums)
-            n = len(window) * env.world_size
-            seconds = time.perf_counter() - window_start
-            record = {"iteration": iteration, "epoch": epoch,
-                      **{k: float(v) / n for k, v in zip(keys, sums[0].tolist(), strict=True)},
-                      "lr": lr_now, "ema_decay": decay,
-                      "seconds_per_iter": seconds / len(window),
-                      "images_per_s": len(window) * t.batch_size * env.world_size
-                      * (2 if semi else 1) / seconds}
+        if it % t.log_every == 0 or it == stop:
+            record = window.record(run, it, epoch, t.batch_size * (2 if semi else 1))
             log.info("it %d/%d ep %d loss %.4f (sup %.4f uns %.4f) pseudo %.3f lr %.3g "
-                     "%.2f s/it", iteration, stop, epoch, record["loss"], record["loss_sup"],
+                     "%.2f s/it", it, stop, epoch, record["loss"], record["loss_sup"],
                      record["loss_uns"], record["pseudo_ratio"], lr_now,
                      record["seconds_per_iter"])
-            thresholds = [w["thresholds"] for w in window if "thresholds" in w]
-            if thresholds:  # this rank's mean over the window: what the pseudo-labels met
-                record["class_thresholds"] = dict(zip(cfg.class_table.names,
-                                                      np.mean(thresholds, axis=0).tolist()))
             if env.is_main:
                 append_metrics(output_dir, record)
-                board.step(record)
-            window, window_start = [], time.perf_counter()
-        epoch_end = iteration % ipe == 0
-        if (t.eval_every and iteration % t.eval_every == 0) or (
-                not t.eval_every and epoch_end) or iteration == stop:
-            run_eval()
-        if iteration % t.checkpoint_every == 0 or iteration == stop:
-            save()
-    board.close()
-    if iteration == start_iteration:
-        log.info("nothing to do: %s is already at iteration %d of %d", output_dir, iteration,
-                 stop)
+                run.board.step(record)
+        if (it % t.eval_every == 0 if t.eval_every else it % ipe == 0) or it == stop:
+            validate(run, state)
+        if it % t.checkpoint_every == 0 or it == stop:
+            save(run, state)
+    run.board.close()
+    if state.iteration == start_iteration:
+        log.info("nothing to do: %s is already at iteration %d of %d", output_dir,
+                 state.iteration, stop)
     fusion = None
-    if iteration == stop and len(train_axes(cfg)) > 1 and data.splits["val"]:
+    if state.iteration == stop and len(train_axes(cfg)) > 1 and data.splits["val"]:
         # --axes auto's evidence: fused vs the labelled axis alone, on validation (fusion_check)
         if env.is_main:
-            from magseg_hpc.train.fusion_check import record_fusion_check
-
             log.info("orthoplane fusion check: segmenting the validation volume along %s and "
                      "scoring %d validation slices (minutes on a CPU for a real-size volume)",
                      ",".join(train_axes(cfg)), len(data.splits["val"]))
@@ -896,34 +939,40 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
                 output_dir / BEST_FILE, data.val_source, data.splits["val"], train_axes(cfg),
                 cfg.class_table.num_classes, env.device, resolve_precision(t.precision, env.device))
         dist_util.barrier(env)
-    if collapses:
-        worst = max(collapses, key=lambda c: c["drop"])
+    return finish(run, state, start_iteration, fusion, time.perf_counter() - started)
+
+
+def finish(run: Run, state: TrainState, start_iteration: int, fusion: dict | None,
+           seconds: float) -> dict:
+    """The summary of the run (summary.json on rank 0), the collapses in one warning."""
+    output_dir, env, best = run.output_dir, run.env, state.best
+    if state.collapses:
+        worst = max(state.collapses, key=lambda c: c["drop"])
         log.warning("validation collapsed %d time(s) in this training (worst: teacher mIoU %.4f at "
                     "iteration %d, %.3f below the best); best.pt is iteration %s",
-                    len(collapses), worst["teacher_miou"], worst["iteration"], worst["drop"],
-                    best["iteration"])
-    elapsed = time.perf_counter() - started
+                    len(state.collapses), worst["teacher_miou"], worst["iteration"],
+                    worst["drop"], best["iteration"])
     summary = {
         "output_dir": str(output_dir),
         "rank": env.rank,
         "world_size": env.world_size,
-        "iterations": iteration,
-        "total_iterations": total_iters,
-        "iterations_per_epoch": ipe,
-        "iterations_this_run": iteration - start_iteration,
-        "seconds": elapsed,
+        "iterations": state.iteration,
+        "total_iterations": run.total_iters,
+        "iterations_per_epoch": run.iters_per_epoch,
+        "iterations_this_run": state.iteration - start_iteration,
+        "seconds": seconds,
         "best_teacher_miou": best["teacher_miou"],
         "best_iteration": best["iteration"],
-        "last_eval": last_eval,
-        "collapses": collapses,
-        "checkpoint": str(checkpoint_path),
+        "last_eval": state.last_eval,
+        "collapses": state.collapses,
+        "checkpoint": str(output_dir / CHECKPOINT_FILE),
         "best": str(output_dir / BEST_FILE) if (output_dir / BEST_FILE).is_file() else None,
         "config": str(output_dir / CONFIG_FILE),
         "metrics": str(output_dir / METRICS_FILE),
         "fusion_check": ({k: fusion[k] for k in ("axis", "axis_miou", "axes", "fused_miou")}
                          if fusion else None),
-        "student_digest": state_digest(student),
-        "teacher_digest": state_digest(teacher),
+        "student_digest": state_digest(state.student),
+        "teacher_digest": state_digest(state.teacher),
     }
     if env.is_main:
         if (output_dir / METRICS_FILE).is_file():
