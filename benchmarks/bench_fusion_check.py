@@ -32,7 +32,7 @@ from magseg_hpc.data.slices import VolumeSlices, read_split  # noqa: E402
 from magseg_hpc.models.checkpoint import load_inference_model  # noqa: E402
 from magseg_hpc.segment.pipeline import FUSION_MIN_SHARE  # noqa: E402
 from magseg_hpc.train.fusion_check import check_fusion, fuses  # noqa: E402
-from magseg_hpc.train.loop import train_axes  # noqa: E402
+from magseg_hpc.train.setup import train_axes  # noqa: E402
 
 METHODS = ("supervised", "augseg", "ceiling")
 

@@ -57,16 +57,16 @@ from magseg_hpc.models import build_model, param_groups  # noqa: E402
 from magseg_hpc.precision import autocast, cpu_has_bf16  # noqa: E402
 from magseg_hpc.train import distributed as dist_util  # noqa: E402
 from magseg_hpc.train.augseg import ema_update  # noqa: E402
-from magseg_hpc.train.loop import (  # noqa: E402
+from magseg_hpc.train.setup import (  # noqa: E402
     StepBatches,
     augment_settings,
-    augseg_step,
     build_models,
     build_optimizer,
     fit_data_normalization,
     make_loader,
     open_data,
 )
+from magseg_hpc.train.steps import augseg_step  # noqa: E402
 from magseg_hpc.volume.io import open_volume  # noqa: E402
 
 CONFIG = "configs/cpu_best.yaml"

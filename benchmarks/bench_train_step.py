@@ -1,6 +1,6 @@
 """AugSeg training step throughput against the cost of its parts, measured in the same run.
 
-The step is ``magseg_hpc.train.loop.augseg_step`` past the supervised-only epochs (teacher
+The step is ``magseg_hpc.train.steps.augseg_step`` past the supervised-only epochs (teacher
 forward, confidence, adaptive CutMix, one student forward over labelled + strong views,
 both losses, backward, SGD), plus the EMA update the loop does after it. Its parts, measured
 alone on the same batches with the same models:
@@ -45,10 +45,9 @@ from magseg_hpc.data.slices import (
 )
 from magseg_hpc.train import distributed as dist_util
 from magseg_hpc.train.augseg import ema_update
-from magseg_hpc.train.loop import (
+from magseg_hpc.train.setup import (
     StepBatches,
     augment_settings,
-    augseg_step,
     build_models,
     build_optimizer,
     effective_lr,
@@ -56,6 +55,7 @@ from magseg_hpc.train.loop import (
     make_loader,
     open_data,
 )
+from magseg_hpc.train.steps import augseg_step
 
 
 def sync(env) -> None:

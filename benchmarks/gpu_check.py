@@ -3,7 +3,7 @@
 Sections, each through the project's own code paths, each skipped (and said so) once the
 budget is spent:
 
-1. augseg: ``magseg_hpc.train.loop.augseg_step`` + the EMA update at the study's settings
+1. augseg: ``magseg_hpc.train.steps.augseg_step`` + the EMA update at the study's settings
    (configs/augseg_semi128.yaml: DeepLabV3+ ResNet-101 deep stem, OS16, crop 513, 8 labelled
    + 8 unlabelled per GPU, bf16 autocast), batches from the project's loader over a phantom
    (pre-loaded: data loading is timed apart). Variants: eager, channels_last,
@@ -181,7 +181,7 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
     from magseg_hpc.data.slices import LabeledSlices, UnlabeledSlices
     from magseg_hpc.data.slices import iters_per_epoch as ipe_of
     from magseg_hpc.train import distributed as dist_util
-    from magseg_hpc.train.loop import (
+    from magseg_hpc.train.setup import (
         StepBatches,
         augment_settings,
         fit_data_normalization,
@@ -228,13 +228,8 @@ def measure_train(kind: str, variant: str, cfg, env, lab, unl, s: dict, budget: 
                   peak_tflops: float, notes: list[str]) -> dict:
     from magseg_hpc.data.slices import step_generator
     from magseg_hpc.train.augseg import ema_update
-    from magseg_hpc.train.loop import (
-        augseg_step,
-        build_models,
-        build_optimizer,
-        effective_lr,
-        supervised_step,
-    )
+    from magseg_hpc.train.setup import build_models, build_optimizer, effective_lr
+    from magseg_hpc.train.steps import augseg_step, supervised_step
 
     t, dev = cfg.train, env.device
     if variant == "compile" and not budget.allows(s["compile_min_left_s"]):
@@ -349,7 +344,8 @@ def sam_row(s: dict, b: int, budget: Budget, notes: list[str]) -> dict:
     """One SAM batch size; everything it allocates is freed on return."""
     from magseg_hpc.config import load_config
     from magseg_hpc.train import distributed as dist_util
-    from magseg_hpc.train.loop import build_models, build_optimizer, effective_lr, supervised_step
+    from magseg_hpc.train.setup import build_models, build_optimizer, effective_lr
+    from magseg_hpc.train.steps import supervised_step
 
     cfg = load_config(ROOT / s["sam_config"], [
         f"model.name={s['sam_model']}", "model.checkpoint=null",

@@ -9,7 +9,7 @@ from torch import nn
 
 from magseg_hpc.config import config_from_dict
 from magseg_hpc.train.distributed import DistEnv
-from magseg_hpc.train.loop import augseg_step
+from magseg_hpc.train.steps import augseg_step
 
 
 class _SignNet(nn.Module):

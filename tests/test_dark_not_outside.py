@@ -30,7 +30,7 @@ from magseg_hpc.data.slices import (
 )
 from magseg_hpc.segment.kernel import segment_slab
 from magseg_hpc.train import run_training
-from magseg_hpc.train.loop import COLLAPSE_DROP, collapse_drop
+from magseg_hpc.train.records import COLLAPSE_DROP, collapse_drop
 
 
 def clipped_sweep(shape, seed):

@@ -19,7 +19,7 @@ from magseg_hpc.models.checkpoint import load_inference_model
 from magseg_hpc.segment.kernel import segment_slab
 from magseg_hpc.segment.pipeline import SegmentOptions, prepare
 from magseg_hpc.train.distributed import DistEnv
-from magseg_hpc.train.loop import autocast as train_autocast
+from magseg_hpc.train.steps import autocast as train_autocast
 
 
 @pytest.mark.parametrize(("flags", "native"), [

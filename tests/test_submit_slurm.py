@@ -17,7 +17,7 @@ import torch
 
 from magseg_hpc.data.phantom import make_phantom, write_phantom
 from magseg_hpc.models import build_model
-from magseg_hpc.train.loop import state_digest
+from magseg_hpc.train.records import state_digest
 
 pytestmark = pytest.mark.slurm
 
