@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from magseg_hpc.axes import AXES
+
 log = logging.getLogger(__name__)
 
 
@@ -33,7 +35,7 @@ def register(subparsers) -> None:
     which.add_argument("--slices", type=int_list, metavar="N,N,...", help="these slice indices")
     which.add_argument("--suggestions", metavar="FILE",
                        help="a slice list, e.g. from `magseg-hpc suggest-slices`")
-    p.add_argument("--axis", choices=("z", "y", "x"), default=None,
+    p.add_argument("--axis", choices=AXES, default=None,
                    help="slice axis (default z, or the suggestions file's axis)")
     p.add_argument("--var", default=None, help="variable of a zarr group / HDF5 dataset")
     p.add_argument("--format", choices=("png", "tiff"), default="png", dest="fmt",

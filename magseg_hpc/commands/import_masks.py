@@ -12,6 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from magseg_hpc.axes import AXES
 from magseg_hpc.data.masks import import_masks, load_colors
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.volume.store import LABEL_FORMAT, refuse_existing
@@ -48,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--like", metavar="VOLUME", default=None,
                    help="the volume the masks label: its shape, axis and coordinates (sparse)")
     p.add_argument("--var", default=None, help="variable of --like (zarr group / HDF5)")
-    p.add_argument("--axis", choices=("z", "y", "x"), default=None,
+    p.add_argument("--axis", choices=AXES, default=None,
                    help="axis of the mask slices (default: from the file names, else z)")
     p.add_argument("--unlabelled-value", "--unlabeled-value", dest="unlabelled_value", type=int,
                    default=None, metavar="V", help="label arrays: the value meaning unlabelled")

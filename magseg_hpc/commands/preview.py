@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from magseg_hpc.axes import AXES
 from magseg_hpc.volume.preview import render_preview
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def run(args) -> int:
     check_no_overlap(args.output, [args.path, args.labels], replaces=False, flag="-o")
     check_output(args.output, kind="file", flag="-o")
     axis, index = "z", None
-    for name in ("z", "y", "x"):
+    for name in AXES:
         if getattr(args, name) is not None:
             axis, index = name, getattr(args, name)
     summary = render_preview(

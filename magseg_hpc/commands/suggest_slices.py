@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from magseg_hpc.axes import AXES
 from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD
 from magseg_hpc.precision import PRECISIONS
 
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("volume", help="volume in any readable format")
     p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint from train")
     p.add_argument("--n", type=int, required=True, help="slices to suggest")
-    p.add_argument("--axis", choices=("z", "y", "x"), default="z", help="slice axis (default z)")
+    p.add_argument("--axis", choices=AXES, default="z", help="slice axis (default z)")
     p.add_argument("-o", "--output", default="suggestions.txt", metavar="FILE",
                    help="slice list to write (default suggestions.txt)")
     p.add_argument("--labels", metavar="LABELS", default=None,

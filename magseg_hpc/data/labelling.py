@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.data.masks import MaskImport, _pack, colors_to_labels, mask_files, read_mask
 from magseg_hpc.errors import MagsegError
 
 log = logging.getLogger(__name__)
 
-AXES = ("z", "y", "x")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "magseg-hpc/slices/1"
 FORMATS = {"png": ".png", "tiff": ".tif"}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.errors import MagsegError
 
@@ -213,7 +214,7 @@ def import_masks(
     shape = (len(files), first.shape[0], first.shape[1])
     chunks = default_chunks(shape, chunks)
     # Only the shape and coordinates of `like` are used; nothing is computed from it.
-    like = xr.DataArray(da.zeros(shape, dtype=np.uint8, chunks=chunks), dims=("z", "y", "x"))
+    like = xr.DataArray(da.zeros(shape, dtype=np.uint8, chunks=chunks), dims=AXES)
     counts = np.zeros(IGNORE_LABEL + 1, dtype=np.int64)
     unknown_colors: dict[int, int] = {}
     provenance = {

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.data.masks import colors_to_labels, read_mask
 from magseg_hpc.errors import MagsegError
@@ -60,7 +61,6 @@ __all__ = [
 ]
 
 SPLIT_NAMES = ("labeled", "unlabeled", "val")
-AXES = ("z", "y", "x")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 # Streams keep the random draws of different purposes independent.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-AXES = ("z", "y", "x")
+from magseg_hpc.axes import AXES
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import dask
 import numpy as np
 
 from magseg_hpc import __version__
+from magseg_hpc.axes import AXES
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import DASHBOARD_LOGGERS, loggers_to_file
@@ -36,7 +37,6 @@ from magseg_hpc.outputs import check_no_overlap, check_output
 from magseg_hpc.paths import absolute_spec
 from magseg_hpc.precision import check_precision
 from magseg_hpc.segment.blocks import (
-    AXES,
     Slab,
     output_chunks,
     plan_passes,

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL
 from magseg_hpc.errors import MagsegError
 
 log = logging.getLogger(__name__)
 
-AXES = ("z", "y", "x")
 SCORES = ("entropy", "margin")
 MIN_SAMPLE_FRACTION = 0.01  # a candidate slice shows at least this much predicted sample
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from magseg_hpc.axes import AXES
 from magseg_hpc.cpus import available_cores
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.paths import volume_file
-from magseg_hpc.segment.blocks import AXES, Slab
+from magseg_hpc.segment.blocks import Slab
 
 log = logging.getLogger(__name__)
 

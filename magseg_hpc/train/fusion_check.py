@@ -21,10 +21,10 @@ import time
 import numpy as np
 import torch
 
+from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL
 from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
 from magseg_hpc.segment import kernel
-from magseg_hpc.segment.blocks import AXES
 
 log = logging.getLogger(__name__)
 

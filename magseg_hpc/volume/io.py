@@ -24,12 +24,12 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from magseg_hpc.axes import AXES as DIMS
 from magseg_hpc.errors import USER_ERRNOS, MagsegError
 from magseg_hpc.paths import HDF5_SUFFIXES, split_hdf5
 
 log = logging.getLogger(__name__)
 
-DIMS = ("z", "y", "x")
 ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
 TIFF_SUFFIXES = (".tif", ".tiff")
 SUPPORTED = "zarr, TIFF (file or folder), HDF5 (file.h5:/dataset), NPY, GIF or a folder of PNGs"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.errors import MagsegError
 
 log = logging.getLogger(__name__)
 
-AXES = ("z", "y", "x")
 DPI = 100
 HEADER_PX = 70  # title (two lines) and the legend row above the slice
 MARGIN_PX = (55, 15, 45)  # left, right, bottom: axis ticks and labels

@@ -27,13 +27,13 @@ import zarr
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from magseg_hpc import __version__
+from magseg_hpc.axes import AXES as DIMS
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.staging import staged_output
 
 log = logging.getLogger(__name__)
 
-DIMS = ("z", "y", "x")
 LABEL_FORMAT = "magseg-hpc/labels/1"
 DEFAULT_CHUNKS = (32, 256, 256)
 CODECS = {
