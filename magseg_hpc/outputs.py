@@ -1,10 +1,11 @@
 """The checks every command that writes runs before writing: nothing a user owns is lost.
 
 - ``check_output``: an output path may be created, or replaced with ``--overwrite`` only when
-  it is a store magseg-hpc wrote itself (a zarr group whose ``zarr.json`` attributes carry
-  ``magseg_hpc.format`` = ``magseg-hpc/...``, as every image and label store this tool
-  writes does). A plain folder, a regular file or another program's zarr store is refused
-  with the reason, and never suggested for ``--overwrite``.
+  it is a store magseg-hpc wrote itself (its ownership manifest ``.magseg/owner.json`` names
+  a ``magseg-hpc/...`` format, or an export folder's ``manifest.json`` does) of the kind the
+  command writes, holding nothing the manifest does not list. A plain folder, a regular file
+  or another program's zarr store (one written from ours by xarray too) is refused with the
+  reason, and never suggested for ``--overwrite``.
 - ``check_no_overlap``: an output must not be an input, lie inside one, or (for outputs that
   replace a whole store) contain one.
 - ``remove_tool_store``: the one place a store is deleted, re-checked right before.
@@ -23,20 +24,59 @@ from magseg_hpc.errors import MagsegError
 from magseg_hpc.paths import volume_file
 
 TOOL_FORMAT_PREFIX = "magseg-hpc/"
+# A store's ownership manifest: its format and the entries this tool wrote in it. A file, not a
+# zarr attribute, so a store a user writes from one of ours (xarray copies attributes) is not
+# taken for ours; an export folder's manifest.json plays the same part.
+OWNER_FILE = Path(".magseg") / "owner.json"
+EXPORT_MANIFEST = "manifest.json"
+
+
+def record_owner(path: str | os.PathLike, fmt: str, entries: Iterable[str]) -> None:
+    """Write ``path``'s ownership manifest: ``fmt`` and the top-level ``entries`` this tool
+    created (named by the writer, never read from the folder: nothing a user put there is
+    adopted)."""
+    p = Path(path)
+    entries = sorted(set(entries))
+    target = p / OWNER_FILE
+    target.parent.mkdir(exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps({"format": fmt, "entries": entries}, indent=1) + "\n")
+    tmp.replace(target)
+
+
+def _manifest(path: Path) -> tuple[str, list[str]] | None:
+    """(format, entries written by this tool) of a store or export folder of ours."""
+    try:
+        if (path / OWNER_FILE).is_file():
+            record = json.loads((path / OWNER_FILE).read_text())
+            fmt, entries = record.get("format"), list(record.get("entries") or [])
+            entries += [".magseg", "zarr.json"]
+        elif (path / EXPORT_MANIFEST).is_file() and not (path / "zarr.json").exists():
+            record = json.loads((path / EXPORT_MANIFEST).read_text())
+            fmt, entries = record.get("format"), [*record.get("files", []), EXPORT_MANIFEST]
+        else:
+            return None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    if not (isinstance(fmt, str) and fmt.startswith(TOOL_FORMAT_PREFIX)):
+        return None
+    return fmt, [str(e) for e in entries]
 
 
 def tool_store_format(path: str | os.PathLike) -> str | None:
-    """The ``magseg_hpc.format`` of a zarr group this tool wrote, or the ``format`` of the
-    manifest.json of a folder of exported slices, else None (never raises)."""
-    try:
-        if (Path(path) / "zarr.json").is_file():
-            attrs = json.loads((Path(path) / "zarr.json").read_text()).get("attributes") or {}
-            fmt = (attrs.get("magseg_hpc") or {}).get("format")
-        else:
-            fmt = json.loads((Path(path) / "manifest.json").read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return fmt if isinstance(fmt, str) and fmt.startswith(TOOL_FORMAT_PREFIX) else None
+    """The format of a store or export folder this tool wrote (its ownership manifest), else
+    None (never raises)."""
+    found = _manifest(Path(path))
+    return found[0] if found else None
+
+
+def foreign_entries(path: str | os.PathLike) -> list[str]:
+    """Top-level entries of a store of ours that this tool did not write (a user's)."""
+    p = Path(path)
+    found = _manifest(p)
+    if found is None or not p.is_dir():
+        return []
+    return sorted(set(e.name for e in p.iterdir()) - set(found[1]))
 
 
 def _what_is(path: Path) -> str:
@@ -121,6 +161,17 @@ def check_output(
     if not overwrite:
         hint = "pass --resume to continue it or --overwrite" if resume_hint else "pass --overwrite"
         raise MagsegError(f"{_name(flag, path)} already exists; {hint} to replace it")
+    _refuse_foreign(p, flag)
+
+
+def _refuse_foreign(p: Path, flag: str = "output") -> None:
+    extra = foreign_entries(p)
+    if extra:
+        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise MagsegError(
+            f"{_name(flag, p)} holds entries magseg-hpc did not write ({shown}); they would be "
+            "lost: move them out, or choose another output path"
+        )
 
 
 def check_no_overlap(
@@ -158,6 +209,7 @@ def remove_tool_store(path: str | os.PathLike) -> None:
     p = Path(path)
     if p.is_symlink() or tool_store_format(p) is None:
         raise MagsegError(f"refusing to delete {path}: it is {_what_is(p)}")
+    _refuse_foreign(p)
     shutil.rmtree(p)
 
 

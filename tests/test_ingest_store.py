@@ -132,3 +132,46 @@ def test_image_store_refuses_existing_and_keeps_it(tmp_path, oracle_volume):
     with pytest.raises(MagsegError, match="already exists"):
         write_image_store(tmp_path / "i.zarr", oracle_volume[:2])
     assert open_volume(tmp_path / "i.zarr").shape == oracle_volume.shape
+
+
+def _files(path):
+    return {str(f.relative_to(path)): f.read_bytes() for f in path.rglob("*") if f.is_file()}
+
+
+def test_ownership_is_the_manifest_not_an_inherited_attribute(tmp_path, oracle_volume):
+    """A store a user writes from one of ours with xarray carries our attributes but not our
+    manifest: --overwrite refuses it. One of ours that holds a user's extra file refuses too,
+    naming it; one of ours as written is replaced."""
+    from magseg_hpc.cli import main
+
+    np.save(tmp_path / "v.npy", oracle_volume)
+    ours = tmp_path / "ours.zarr"
+    assert main(["ingest", str(tmp_path / "v.npy"), str(ours)]) == 0
+    ds = xr.open_zarr(ours)
+    copy = tmp_path / "copy.zarr"
+    ds.assign(extra=ds["image"] * 2).to_zarr(copy)  # the user's derived store
+    assert xr.open_zarr(copy).attrs["magseg_hpc"]["format"] == "magseg-hpc/image/1"
+    before = _files(copy)
+    assert main(["ingest", str(tmp_path / "v.npy"), str(copy), "--overwrite"]) == 2
+    assert _files(copy) == before
+
+    (ours / "notes.txt").write_text("mine")
+    before = _files(ours)
+    assert main(["ingest", str(tmp_path / "v.npy"), str(ours), "--overwrite"]) == 2
+    assert _files(ours) == before
+    (ours / "notes.txt").unlink()
+    assert main(["ingest", str(tmp_path / "v.npy"), str(ours), "--overwrite"]) == 0
+
+
+def test_overwrite_refusals_name_the_reason(tmp_path, oracle_volume, capsys):
+    from magseg_hpc.cli import main
+
+    np.save(tmp_path / "v.npy", oracle_volume)
+    ours = tmp_path / "ours.zarr"
+    assert main(["ingest", str(tmp_path / "v.npy"), str(ours)]) == 0
+    (ours / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["ingest", str(tmp_path / "v.npy"), str(ours), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "holds entries magseg-hpc did not write (notes.txt)" in err

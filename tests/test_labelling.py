@@ -428,3 +428,19 @@ def test_slice_scores_inside_the_sample(tmp_path):
     assert margin[0] == pytest.approx(1 - (230 - 26) / 255, abs=0.01)  # quantised 0.9, 0.1
     assert margin[1] > margin[0]
     assert slice_scores(store, "y", "entropy")[0].shape == (10,)
+
+
+def test_export_overwrite_replaces_only_an_export_folder(phantoms, tmp_path, capsys):
+    """export-slices --overwrite never puts a PNG folder in the place of an image store."""
+    train_vol, _ = phantoms
+    store = tmp_path / "copy.zarr"
+    code, _, err = run(capsys, "ingest", train_vol, store)
+    assert code == 0, err
+    before = sorted(str(p.relative_to(store)) for p in store.rglob("*"))
+    code, _, err = run(capsys, "export-slices", train_vol, store, "--n", 2, "--overwrite")
+    assert code == 2 and "image store, and this command writes slices" in err
+    assert sorted(str(p.relative_to(store)) for p in store.rglob("*")) == before
+    shots = tmp_path / "shots"
+    assert run(capsys, "export-slices", train_vol, shots, "--n", 2)[0] == 0
+    assert run(capsys, "export-slices", train_vol, shots, "--n", 3, "--overwrite")[0] == 0
+    assert len(list(shots.glob("z*.png"))) == 3

@@ -69,6 +69,9 @@ def test_bad_input_one_line_exit_2_nothing_clobbered(files, capsys, tmp_path, ca
     # a store of ours (so --overwrite gets past the output check to the bad input)
     (out / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": '
                                    '{"magseg_hpc": {"format": "magseg-hpc/labels/1"}}}')
+    (out / ".magseg").mkdir()
+    (out / ".magseg" / "owner.json").write_text(
+        '{"format": "magseg-hpc/labels/1", "entries": ["precious"]}')
     (out / "precious").write_text("keep me")
     fmt = {"d": files["dir"], "input": files["input"], "nan": files["nan"]}
     args = [a.format(**fmt) for a in args]

@@ -104,7 +104,9 @@ def test_killed_overwrite_keeps_the_old_result_and_resume_completes_it(tmp_path)
     """A second --overwrite while one runs is refused; a SIGKILL half-way through leaves the
     previous result byte-identical; --resume continues the staged run to the same bytes as
     an uninterrupted one, and swaps it in."""
-    volume = make_volume((80, 64, 64), seed=3)
+    # slow enough (40 slabs of 2 x 160 x 160 with TTA) that the run is still going when the
+    # second writer, a fresh interpreter, has started
+    volume = make_volume((80, 160, 160), seed=3)
     inp = write_input(tmp_path / "in.zarr", volume, (16, 32, 32))
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     out, ref = tmp_path / "out.zarr", tmp_path / "ref.zarr"

@@ -179,7 +179,7 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
     from magseg_hpc.volume.io import open_volume
     from magseg_hpc.volume.store import refuse_existing
 
-    refuse_existing(out_dir, overwrite)
+    refuse_existing(out_dir, overwrite, MANIFEST_FORMAT)
     _check_axis(axis)
     if fmt not in FORMATS:
         raise MagsegError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -212,7 +212,7 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
                  "magseg-hpc import-masks MASKS_DIR LABELS.zarr --colors manifest.json "
                  "--like VOLUME",
     }
-    with staged_output(out_dir, overwrite) as tmp:
+    with staged_output(out_dir, overwrite, MANIFEST_FORMAT) as tmp:
         tmp.mkdir(parents=True)
         for i, name in zip(indices, names, strict=True):
             pixels = picture(volume.isel({axis: i}).values, window)

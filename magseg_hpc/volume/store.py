@@ -30,6 +30,7 @@ from magseg_hpc import __version__
 from magseg_hpc.axes import AXES as DIMS
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.outputs import record_owner
 from magseg_hpc.staging import staged_output
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ def create_label_store(
     # --resume or --overwrite recognise.
     group.attrs["magseg_hpc"] = {"format": LABEL_FORMAT, "version": __version__,
                                  "complete": False}
+    record_owner(path, LABEL_FORMAT, [])
     group.create_array(
         "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=fill_value,
         compressors=codec("zstd"), dimension_names=list(DIMS),
@@ -183,6 +185,7 @@ def create_label_store(
             attributes={"long_name": "class probability x 255", "scale_factor": 1 / 255},
         )
     _create_coords(group, _coord_values(like, shape))
+    record_owner(path, LABEL_FORMAT, list(group.keys()))  # the arrays created just now
     group.attrs.update(
         {
             "magseg_hpc": {"format": LABEL_FORMAT, "version": __version__, "complete": False},
@@ -289,6 +292,7 @@ def write_image_store(
                 compressors=codec("zstd"), dimension_names=list(DIMS),
             )
         _create_coords(group, _coord_values(like, shape))
+        record_owner(tmp, IMAGE_FORMAT, list(group.keys()))
         for z0 in range(0, shape[0], chunks[0]):
             z1 = min(z0 + chunks[0], shape[0])
             with reading(like.attrs.get("source", "input") if like is not None else "input"):
