@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from magseg_hpc.config import (
     ExperimentConfig,
@@ -415,23 +418,29 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     batches = [make_loader(dataset, StepBatches(name, state.iteration, stop, ipe, plan), cfg,
                            env) if dataset is not None else [None] * (stop - state.iteration)
                for name, dataset in (("labeled", labeled), ("unlabeled", unlabeled))]
-    for batch_l, batch_u in zip(*batches, strict=True):
-        epoch = state.iteration // ipe
-        window.add(train_step(run, state, model, batch_l, batch_u))
-        it = state.iteration
-        if it % t.log_every == 0 or it == stop:
-            record = window.record(run, it, epoch, t.batch_size * (1 if batch_u is None else 2))
-            log.info("it %d/%d ep %d loss %.4f (sup %.4f uns %.4f) pseudo %.3f lr %.3g "
-                     "%.2f s/it", it, stop, epoch, record["loss"], record["loss_sup"],
-                     record["loss_uns"], record["pseudo_ratio"], record["lr"],
-                     record["seconds_per_iter"])
-            if env.is_main:
-                append_metrics(output_dir, record)
-                run.board.step(record)
-        if (it % t.eval_every == 0 if t.eval_every else it % ipe == 0) or it == stop:
-            validate(run, state)
-        if it % t.checkpoint_every == 0 or it == stop:
-            save(run, state)
+    # a bar with the ETA on rank 0 in a terminal (log lines printed above it); in a log
+    # file (SLURM) the log lines are the progress
+    with logging_redirect_tqdm(), tqdm(
+            total=stop, initial=state.iteration, unit="it", desc="train",
+            dynamic_ncols=True, disable=not (env.is_main and sys.stderr.isatty())) as bar:
+        for batch_l, batch_u in zip(*batches, strict=True):
+            epoch = state.iteration // ipe
+            window.add(train_step(run, state, model, batch_l, batch_u))
+            it = state.iteration
+            bar.update(1)
+            if it % t.log_every == 0 or it == stop:
+                record = window.record(run, it, epoch, t.batch_size * (1 if batch_u is None else 2))
+                log.info("it %d/%d ep %d loss %.4f (sup %.4f uns %.4f) pseudo %.3f lr %.3g "
+                         "%.2f s/it", it, stop, epoch, record["loss"], record["loss_sup"],
+                         record["loss_uns"], record["pseudo_ratio"], record["lr"],
+                         record["seconds_per_iter"])
+                if env.is_main:
+                    append_metrics(output_dir, record)
+                    run.board.step(record)
+            if (it % t.eval_every == 0 if t.eval_every else it % ipe == 0) or it == stop:
+                validate(run, state)
+            if it % t.checkpoint_every == 0 or it == stop:
+                save(run, state)
     run.board.close()
     if state.iteration == start_iteration:
         log.info("nothing to do: %s is already at iteration %d of %d", output_dir,
