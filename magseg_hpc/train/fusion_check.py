@@ -119,11 +119,18 @@ def record_fusion_check(best_path, source, val_keys, axes: list[str], num_classe
                           precision=precision)
     result["iteration"] = iteration
     save_checkpoint(best_path, {**ckpt, "fusion_check": result})
+    trained = ckpt["metrics"].get("best", {}).get("teacher_miou")
     log.info("orthoplane check on %d validation slices: %s alone mIoU %.4f, fused %s %.4f "
              "(%.0f s); segment-volume --axes auto will use %s", len(result["slices"]),
              result["axis"], result["axis_miou"], ",".join(result["axes"]),
              result["fused_miou"], result["seconds"],
              ",".join(result["axes"]) if fuses(result) else result["axis"])
+    if trained is not None:
+        # the same teacher (best.pt, iteration N) scored two ways: why the numbers differ
+        log.info("(best.pt scored %.4f on these slices during training: model input alone; "
+                 "%.4f along %s is segment-volume's output, with the masked-support rule and "
+                 "intensity statistics fitted on the validation volume)", trained,
+                 result["axis_miou"], result["axis"])
     return result
 
 
