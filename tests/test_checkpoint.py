@@ -128,3 +128,25 @@ def test_class_table_and_architecture_mismatch(tmp_path, ckpt):
         load_checkpoint(path, expect_model={"backbone": "resnet50", "num_classes": 3})
     with pytest.raises(MagsegError, match="num_classes"):
         load_checkpoint(path, expect_model={"backbone": "resnet18", "num_classes": 4})
+
+
+def test_a_full_disk_is_said_as_such(tmp_path, ckpt):
+    """torch reports a full disk as a RuntimeError; the checkpoint writer says ENOSPC (one
+    line at the CLI: "No space left on device"), and leaves no partial file. A real full
+    disk: a 1 MiB tmpfs (mounting needs root, as CI runs)."""
+    import errno
+    import subprocess
+
+    if os.geteuid() != 0 and not os.environ.get("CI"):
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)], check=True)
+    try:
+        big = dict(ckpt, student={"w": torch.zeros(2**20)})  # 4 MiB of weights
+        with pytest.raises(OSError) as err:
+            save_checkpoint(tiny / "checkpoint.pt", big)
+        assert err.value.errno == errno.ENOSPC
+        assert list(tiny.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(tiny)], check=True)

@@ -21,9 +21,11 @@ convert them with ``torch.from_numpy``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -90,6 +92,17 @@ def read_weights(path: str | Path, *, missing: str, unreadable: str, fix: str):
         raise MagsegError(f"{unreadable} ({type(e).__name__}: {first_line}); {fix}") from e
 
 
+def _tensor_bytes(value) -> int:
+    """The bytes of the tensors in a nested checkpoint dict: about its size on disk."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 def save_checkpoint(path: str | Path, ckpt: dict) -> None:
     """Write ``ckpt`` to ``path`` atomically: a temporary file in the same directory, fsync,
     then ``os.replace``, so a crash leaves either the old file or the new one, never half.
@@ -112,6 +125,12 @@ def save_checkpoint(path: str | Path, ckpt: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as e:
+        Path(tmp).unlink(missing_ok=True)
+        # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ...")
+        if shutil.disk_usage(path.parent).free < _tensor_bytes(ckpt) + (1 << 20):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
