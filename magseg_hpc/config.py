@@ -151,7 +151,10 @@ class TrainConfig:
     # min(1 - 1/(t + 1), ema_decay) (Tarvainen & Valpola): from its first pseudo-label on, the
     # teacher averages instead of copying the student it teaches, so one bad student step is
     # not fed back as the next step's targets.
-    ema_schedule: Literal["study", "mean_teacher"] = "study"
+    # average: min(1 - 1/(t + 1), ema_decay) from the first step, supervised-only epochs
+    # included: the teacher (validated, best.pt, the first pseudo-labels) smooths the
+    # student's swings from the start.
+    ema_schedule: Literal["study", "mean_teacher", "average"] = "study"
     sup_only_epochs: int = 0
     uns_weight: float = 1.0
     # Epochs over which the unsupervised weight rises linearly from 0 to uns_weight once

@@ -46,6 +46,13 @@ def test_mean_teacher_schedule_averages_from_the_first_pseudo_label():
     assert ema_decay(5, n, 0, 0.99, mt) == pytest.approx(1 - 1 / 6)  # from scratch: the ramp
 
 
+def test_average_schedule_averages_from_the_first_step():
+    n = 100
+    assert ema_decay(0, n, 3, 0.99, "average") == 0.0  # the first step: a copy
+    assert ema_decay(1, n, 3, 0.99, "average") == pytest.approx(0.5)
+    assert ema_decay(150, n, 3, 0.99, "average") == 0.99  # supervised-only epochs included
+
+
 def _net():
     return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
 

@@ -32,8 +32,13 @@ def ema_decay(
     pseudo-labels in general; afterwards min(1 - 1 / (t - N * e0 + 1), max_decay).
     ``mean_teacher``: 0 while epoch < e0 (supervised only), then min(1 - 1 / (t + 1),
     max_decay): the teacher averages from the first pseudo-labelled step on.
+    ``average``: min(1 - 1 / (t + 1), max_decay) from the first step (Tarvainen & Valpola's
+    mean teacher, supervised epochs included): the teacher smooths the student's swings
+    before it makes its first pseudo-label too.
     """
     epoch = iteration // iters_per_epoch
+    if schedule == "average":
+        return min(1.0 - 1.0 / (iteration + 1), max_decay)
     if schedule == "mean_teacher":
         return 0.0 if epoch < sup_only_epochs else min(1.0 - 1.0 / (iteration + 1), max_decay)
     if epoch <= sup_only_epochs:
