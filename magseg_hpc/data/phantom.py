@@ -60,6 +60,13 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from magseg_hpc.data.tomography import (
+    acquire,
+    limited_angle_reconstruction,
+    reconstruction_noise,
+    ring_pattern,
+    shade,
+)
 from magseg_hpc.errors import MagsegError
 
 log = logging.getLogger(__name__)
@@ -249,40 +256,8 @@ def make_phantom(
             the reconstruction), as the rings' std in the sample over the domain contrast.
         z_drift: projections only: peak relative gain drift along z (slow, random).
     """
-    shape = _check_shape(shape)
-    _check_choice("support", support, SUPPORTS)
-    _check_choice("pattern", pattern, PATTERNS)
-    _check_range("tilt_deg", tilt_deg, -180.0, 180.0)
-    _check_range("domain_period", domain_period, 2.0, None)
-    _check_range("anisotropy", anisotropy, 1.0, None)
-    _check_range("wall_width", wall_width, 0.0, None)
-    _check_range("blur_sigma", blur_sigma, 0.0, None)
-    _check_range("n_angles", n_angles, 0, None)
-    _check_range("missing_wedge_deg", missing_wedge_deg, 0.0, 170.0)
-    _check_range("edge_glow", edge_glow, 0.0, None)
-    _check_range("swirl", swirl, 0.0, None)
-    _check_range("net_magnetization", net_magnetization, -0.9, 0.9)
-    _check_range("minus_level", minus_level, 0.0, 0.99)
-    _check_range("noise_correlation", noise_correlation, 0.0, None)
-    _check_range("shading", shading, 0.0, 0.9)
-    _check_range("support_radius", support_radius, 0.02, 0.5)
-    _check_range("ellipticity", ellipticity, 1.0, 10.0)
-    _check_range("elongation", elongation, 1.0, 10.0)
-    _check_range("elongation_deg", elongation_deg, -360.0, 360.0)
-    _check_range("rings", rings, 0.0, None)
-    _check_range("mask_margin", mask_margin, -1, None)
-    _check_choice("bit_depth", bit_depth, (0, 8))
-    _check_choice("acquisition", acquisition, ACQUISITIONS)
-    _check_range("detector_offsets", detector_offsets, 0.0, None)
-    _check_range("z_drift", z_drift, 0.0, 0.9)
-    if acquisition == "projections" and n_angles < 2:
-        raise MagsegError("acquisition projections needs n_angles >= 2 (the tilt series)")
-    _check_range("dark_level", dark_level, 0.0, 255.0)
-    _check_range("bright_level", bright_level, dark_level + 1.0, 255.0)
-    if snr is not None and not (snr > 0):
-        raise MagsegError(f"snr must be > 0 (or None for no noise), got {snr}")
-    if seed is None or int(seed) < 0:
-        raise MagsegError(f"seed must be a non-negative integer, got {seed}")
+    args = dict(locals())  # every parameter, for the checks and the record
+    shape = _check_params(args)
     noisy = snr is not None and math.isfinite(snr)
 
     # spawn(4) keeps the first three children of spawn(3): old phantoms are unchanged.
@@ -315,18 +290,18 @@ def make_phantom(
     if blur_sigma > 0:
         signal = ndimage.gaussian_filter(signal, blur_sigma, mode="constant")
     if acquisition == "projections":
-        signal, contrast, noise_std = _acquire(
+        signal, contrast, noise_std = acquire(
             signal, labels, support_mask, n_angles, missing_wedge_deg, snr if noisy else None,
             detector_offsets, z_drift, rng_noise, rng_shading)
     elif n_angles > 0:
-        signal = _limited_angle_reconstruction(signal, n_angles, missing_wedge_deg)
+        signal = limited_angle_reconstruction(signal, n_angles, missing_wedge_deg)
 
     if acquisition == "image":
         contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
         if rings > 0:
-            signal += rings * abs(contrast) * _rings(shape[1:], rng_shading)[None]
+            signal += rings * abs(contrast) * ring_pattern(shape[1:], rng_shading)[None]
         if shading > 0:
-            signal = _shade(signal, rng_shading, shading, contrast)
+            signal = shade(signal, rng_shading, shading, contrast)
         contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
         noise_std = 0.0
     if noisy and acquisition == "image":
@@ -334,7 +309,7 @@ def make_phantom(
         if not noise_std < np.finfo(np.float32).max / 1e3:  # the image is float32
             raise MagsegError(f"snr {snr:g} is too small: noise of std {noise_std:g} overflows "
                               "the float32 image; use snr >= 1e-30")
-        signal += noise_std * _noise(
+        signal += noise_std * reconstruction_noise(
             shape, rng_noise, noise_correlation, n_angles, missing_wedge_deg
         )
 
@@ -348,42 +323,9 @@ def make_phantom(
         inside = signal != 0.0 if mask_margin >= 0 else np.ones(shape, bool)
         quantised = np.clip(np.rint((signal - dark) * gain + dark_level), 0, 255)
         signal = np.where(inside, quantised, 0.0)
-    params = {
-        "generator": "magseg_hpc.data.phantom.make_phantom",
-        "shape": list(shape),
-        "snr": float(snr) if noisy else None,
-        "seed": int(seed),
-        "support": support,
-        "tilt_deg": float(tilt_deg),
-        "domain_period": float(domain_period),
-        "pattern": pattern,
-        "anisotropy": float(anisotropy),
-        "wall_width": float(wall_width),
-        "blur_sigma": float(blur_sigma),
-        "n_angles": int(n_angles),
-        "missing_wedge_deg": float(missing_wedge_deg),
-        "edge_glow": float(edge_glow),
-        "swirl": float(swirl),
-        "net_magnetization": float(net_magnetization),
-        "minus_level": float(minus_level),
-        "noise_correlation": float(noise_correlation),
-        "shading": float(shading),
-        "support_radius": float(support_radius),
-        "ellipticity": float(ellipticity),
-        "elongation": float(elongation),
-        "elongation_deg": float(elongation_deg),
-        "rings": float(rings),
-        "mask_margin": int(mask_margin),
-        "bit_depth": int(bit_depth),
-        "dark_level": float(dark_level),
-        "bright_level": float(bright_level),
-        "acquisition": acquisition,
-        "detector_offsets": float(detector_offsets),
-        "z_drift": float(z_drift),
-        "contrast": contrast,
-        "noise_std": float(noise_std),
-        "snr_definition": "(mean of noise-free image over label 2 - over label 1) / noise std",
-    }
+    params = {"generator": "magseg_hpc.data.phantom.make_phantom", **_record(args, noisy),
+              "contrast": contrast, "noise_std": float(noise_std), "snr_definition":
+              "(mean of noise-free image over label 2 - over label 1) / noise std"}
     log.debug("phantom %s: contrast %.3f, noise std %.3f", shape, contrast, noise_std)
     image = signal.astype(np.uint8 if bit_depth == 8 else np.float32)
     return Phantom(image=image, labels=labels, params=params)
@@ -413,6 +355,60 @@ def write_phantom(path: str | Path, phantom: Phantom, overwrite: bool = False) -
 
 
 # --- validation -----------------------------------------------------------------------------
+
+
+def _check_params(a: dict) -> tuple[int, int, int]:
+    """Refuse a parameter out of its range, in one line naming it; the checked shape."""
+    shape = _check_shape(a["shape"])
+    _check_choice("support", a["support"], SUPPORTS)
+    _check_choice("pattern", a["pattern"], PATTERNS)
+    _check_range("tilt_deg", a["tilt_deg"], -180.0, 180.0)
+    _check_range("domain_period", a["domain_period"], 2.0, None)
+    _check_range("anisotropy", a["anisotropy"], 1.0, None)
+    _check_range("wall_width", a["wall_width"], 0.0, None)
+    _check_range("blur_sigma", a["blur_sigma"], 0.0, None)
+    _check_range("n_angles", a["n_angles"], 0, None)
+    _check_range("missing_wedge_deg", a["missing_wedge_deg"], 0.0, 170.0)
+    _check_range("edge_glow", a["edge_glow"], 0.0, None)
+    _check_range("swirl", a["swirl"], 0.0, None)
+    _check_range("net_magnetization", a["net_magnetization"], -0.9, 0.9)
+    _check_range("minus_level", a["minus_level"], 0.0, 0.99)
+    _check_range("noise_correlation", a["noise_correlation"], 0.0, None)
+    _check_range("shading", a["shading"], 0.0, 0.9)
+    _check_range("support_radius", a["support_radius"], 0.02, 0.5)
+    _check_range("ellipticity", a["ellipticity"], 1.0, 10.0)
+    _check_range("elongation", a["elongation"], 1.0, 10.0)
+    _check_range("elongation_deg", a["elongation_deg"], -360.0, 360.0)
+    _check_range("rings", a["rings"], 0.0, None)
+    _check_range("mask_margin", a["mask_margin"], -1, None)
+    _check_choice("bit_depth", a["bit_depth"], (0, 8))
+    _check_choice("acquisition", a["acquisition"], ACQUISITIONS)
+    _check_range("detector_offsets", a["detector_offsets"], 0.0, None)
+    _check_range("z_drift", a["z_drift"], 0.0, 0.9)
+    if a["acquisition"] == "projections" and a["n_angles"] < 2:
+        raise MagsegError("acquisition projections needs n_angles >= 2 (the tilt series)")
+    _check_range("dark_level", a["dark_level"], 0.0, 255.0)
+    _check_range("bright_level", a["bright_level"], a["dark_level"] + 1.0, 255.0)
+    if a["snr"] is not None and not (a["snr"] > 0):
+        raise MagsegError(f"snr must be > 0 (or None for no noise), got {a['snr']}")
+    if a["seed"] is None or int(a["seed"]) < 0:
+        raise MagsegError(f"seed must be a non-negative integer, got {a['seed']}")
+    return shape
+
+
+def _record(a: dict, noisy: bool) -> dict:
+    """The parameters as plain JSON values, for the store's attributes."""
+    ints, texts = ("seed", "n_angles", "mask_margin", "bit_depth"), ("support", "pattern",
+                                                                   "acquisition")
+    out = {}
+    for key, value in a.items():
+        if key == "shape":
+            out[key] = [int(n) for n in value]
+        elif key == "snr":
+            out[key] = float(value) if noisy else None
+        else:
+            out[key] = int(value) if key in ints else value if key in texts else float(value)
+    return out
 
 
 def _check_shape(shape: Any) -> tuple[int, int, int]:
@@ -557,185 +553,3 @@ def _walls(domain_field: np.ndarray, wall_width: float) -> np.ndarray:
     grad = np.sqrt(sum(g**2 for g in np.gradient(domain_field)))
     scale = float(np.median(grad)) * wall_width / 2.0
     return np.tanh(domain_field / max(scale, 1e-12))
-
-
-def _rings(plane: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Ring artifacts: thin concentric rings of random sign about the rotation axis, peak 1."""
-    ny, nx = plane
-    y = (np.arange(ny) - (ny - 1) / 2.0)[:, None]
-    x = (np.arange(nx) - (nx - 1) / 2.0)[None, :]
-    r = np.sqrt(y**2 + x**2)
-    out = np.zeros(plane)
-    for _ in range(max(3, min(ny, nx) // 16)):
-        radius = rng.uniform(2.0, 0.5 * min(ny, nx))
-        out += rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 1.0) * np.exp(
-            -0.5 * ((r - radius) / 0.7) ** 2)
-    return out / max(float(np.abs(out).max()), 1e-12)
-
-
-# --- image formation ------------------------------------------------------------------------
-
-
-def _limited_angle_reconstruction(
-    volume: np.ndarray, n_angles: int, missing_wedge_deg: float
-) -> np.ndarray:
-    """Radon-project each z slice over a limited range and reconstruct by filtered BP."""
-    import warnings
-
-    from skimage.transform import iradon, radon
-
-    nz, ny, nx = volume.shape
-    size = max(ny, nx)
-    pad_y, pad_x = (size - ny) // 2, (size - nx) // 2
-    span = 180.0 - missing_wedge_deg
-    theta = _angles(n_angles, missing_wedge_deg)
-    square = np.zeros((size, size), dtype=np.float64)
-    out = np.empty(volume.shape, dtype=np.float64)
-    with warnings.catch_warnings():
-        # radon warns when a slab's corners poke out of the inscribed circle; circle=False
-        # pads to the diagonal, so nothing is lost.
-        warnings.simplefilter("ignore", UserWarning)
-        for z in range(nz):
-            square[pad_y : pad_y + ny, pad_x : pad_x + nx] = volume[z]
-            sinogram = radon(square, theta=theta, circle=False)
-            recon = iradon(
-                sinogram, theta=theta, output_size=size, circle=False, filter_name="ramp"
-            )
-            out[z] = recon[pad_y : pad_y + ny, pad_x : pad_x + nx]
-    # FBP over a partial range loses intensity in proportion to the missing range.
-    return out * (180.0 / span)
-
-
-BAD_PIXELS = 0.03  # the share of detector pixels with a large offset (rings)
-
-
-def _acquire(obj: np.ndarray, labels: np.ndarray, support: np.ndarray, n_angles: int,
-             missing_wedge_deg: float, snr: float | None, detector_offsets: float,
-             z_drift: float, rng_noise: np.random.Generator,
-             rng_detector: np.random.Generator) -> tuple[np.ndarray, float, float]:
-    """A limited-angle tomography of ``obj`` and its filtered back-projection, per z slice
-    (each detector row sees one slice, parallel beam): (reconstruction, contrast, noise std).
-
-    - projections over ``180 - missing_wedge_deg`` degrees (the missing wedge);
-    - a slow gain drift along z: ``1 + z_drift g(z)``, g a sum of two random cosines of at
-      most one period over the volume, scaled to max |g| = 1 (beam profile, sample drift);
-    - detector offsets: a few bad detector pixels (BAD_PIXELS of them, offsets 10x the
-      others'), the same for every row within +-1/3, constant over the tilt series (flat-field
-      errors), which FBP turns into rings;
-    - photon noise, Gaussian limit of Poisson counts: a projection value p is measured with
-      std proportional to ``sqrt(exp(p / p_max))``, noisier through the thickest paths.
-
-    FBP is linear, so the clean, ring and noise parts are reconstructed apart and scaled in
-    the image: rings to ``detector_offsets`` times the domain contrast (std in the sample),
-    noise to contrast / ``snr`` (the SNR definition of make_phantom).
-    """
-    import warnings
-
-    from skimage.transform import iradon, radon
-
-    nz, ny, nx = obj.shape
-    size = max(ny, nx)
-    pad_y, pad_x = (size - ny) // 2, (size - nx) // 2
-    theta = _angles(n_angles, missing_wedge_deg)
-    zz = np.linspace(0.0, 1.0, nz)
-    drift = sum(np.cos(2 * math.pi * rng_detector.uniform(0.2, 1.0) * zz
-                       + rng_detector.uniform(0, 2 * math.pi)) for _ in range(2))
-    gain = 1.0 + z_drift * drift / max(float(np.abs(drift).max()), 1e-12)
-    square = np.zeros((size, size))
-    parts = {k: np.empty(obj.shape) for k in ("clean", "rings", "noise")}
-    base_offsets = None
-
-    def fbp(sinogram):
-        recon = iradon(sinogram, theta=theta, output_size=size, circle=False,
-                       filter_name="ramp")
-        return recon[pad_y:pad_y + ny, pad_x:pad_x + nx]
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # radon: corners outside the circle
-        for z in range(nz):
-            square[pad_y:pad_y + ny, pad_x:pad_x + nx] = obj[z]
-            sinogram = radon(square, theta=theta, circle=False) * gain[z]
-            n_det = sinogram.shape[0]
-            if base_offsets is None:  # a few bad pixels on a small spread: sharp rings
-                bad = rng_detector.random(n_det) < BAD_PIXELS
-                base_offsets = rng_detector.standard_normal(n_det) * np.where(bad, 1.0, 0.1)
-            offsets = base_offsets * (1 + rng_detector.standard_normal(n_det) / 3)
-            photon_std = np.sqrt(np.exp(sinogram / max(float(sinogram.max()), 1e-12)))
-            parts["clean"][z] = fbp(sinogram)
-            parts["rings"][z] = fbp(np.repeat(offsets[:, None], len(theta), axis=1))
-            parts["noise"][z] = fbp(photon_std * rng_noise.standard_normal(sinogram.shape))
-    # FBP over a partial range loses intensity in proportion to the missing range.
-    signal = parts["clean"] * (180.0 / (180.0 - missing_wedge_deg))
-    contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
-    if detector_offsets > 0:
-        rings = parts["rings"]
-        signal += rings * (detector_offsets * abs(contrast)
-                           / max(float(rings[support].std()), 1e-12))
-    noise_std = 0.0
-    if snr is not None:
-        noise_std = abs(contrast) / float(snr)
-        if not noise_std < np.finfo(np.float32).max / 1e3:  # the image is float32
-            raise MagsegError(f"snr {snr:g} is too small: noise of std {noise_std:g} overflows "
-                              "the float32 image; use snr >= 1e-30")
-        noise = parts["noise"]
-        signal += noise * (noise_std / max(float(noise.std()), 1e-12))
-    return signal, contrast, noise_std
-
-
-def _shade(signal: np.ndarray, rng: np.random.Generator, strength: float,
-           contrast: float) -> np.ndarray:
-    """Radial cupping x smooth 3D gain drift + per-slice offsets (module docstring)."""
-    nz, ny, nx = signal.shape
-    y = (np.arange(ny) - (ny - 1) / 2.0)[:, None]
-    x = (np.arange(nx) - (nx - 1) / 2.0)[None, :]
-    rho2 = (y**2 + x**2) / (0.5 * min(ny, nx)) ** 2
-    cupping = 1.0 - strength * np.clip(1.0 - rho2, 0.0, 1.0)
-    # Lowest frequencies only: 0 to 1 periods across the volume along each axis.
-    zz, yy, xx = (np.linspace(0.0, 1.0, n)[idx] for n, idx in
-                  ((nz, np.s_[:, None, None]), (ny, np.s_[None, :, None]),
-                   (nx, np.s_[None, None, :])))
-    drift = np.zeros((nz, ny, nx))
-    for _ in range(3):
-        kz, ky, kx = rng.uniform(0.0, 1.0, 3)
-        phase = rng.uniform(0.0, 2.0 * math.pi)
-        drift += np.cos(2.0 * math.pi * (kz * zz + ky * yy + kx * xx) + phase)
-    drift /= max(float(np.abs(drift).max()), 1e-12)
-    offsets = (strength / 3.0) * abs(contrast) * rng.standard_normal(nz)[:, None, None]
-    return signal * cupping[None] * (1.0 + 0.5 * strength * drift) + offsets
-
-
-def _noise(
-    shape: tuple[int, int, int],
-    rng: np.random.Generator,
-    correlation: float,
-    n_angles: int,
-    missing_wedge_deg: float,
-) -> np.ndarray:
-    """Unit-std Gaussian noise with the texture of the reconstruction.
-
-    With projections, the noise is white noise in each slice's sinogram pushed through the
-    same filtered back-projection: ramp-filtered, streaky along the projection angles,
-    independent between slices. Without, it is white. ``correlation`` smooths it further.
-    """
-    if n_angles > 0:
-        from skimage.transform import iradon
-
-        nz, ny, nx = shape
-        size = max(ny, nx)
-        pad_y, pad_x = (size - ny) // 2, (size - nx) // 2
-        theta = _angles(n_angles, missing_wedge_deg)
-        n_det = int(math.ceil(math.sqrt(2) * size))
-        noise = np.empty(shape, dtype=np.float64)
-        for z in range(nz):
-            sinogram = rng.standard_normal((n_det, n_angles))
-            recon = iradon(sinogram, theta=theta, output_size=size, circle=False)
-            noise[z] = recon[pad_y : pad_y + ny, pad_x : pad_x + nx]
-    else:
-        noise = rng.standard_normal(shape)
-    if correlation > 0:
-        noise = ndimage.gaussian_filter(noise, correlation, mode="wrap")
-    return noise / float(noise.std())
-
-
-def _angles(n_angles: int, missing_wedge_deg: float) -> np.ndarray:
-    return np.linspace(0.0, 180.0 - missing_wedge_deg, n_angles, endpoint=False)
