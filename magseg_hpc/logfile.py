@@ -40,9 +40,12 @@ class AppendFileHandler(logging.Handler):
         super().close()
 
 
-# Loggers of the dashboard's web server: a browser opening or closing a page makes them log
-# renderer warnings, websocket errors and tracebacks that say nothing about the run.
-DASHBOARD_LOGGERS = ("bokeh", "tornado", "distributed.dashboard", "distributed.http")
+# Loggers of the Dask cluster in this process: the dashboard's web server (a browser opening
+# or closing a page makes it log renderer warnings, websocket errors and tracebacks that say
+# nothing about the run) and an in-process worker (a failed task's traceback, which the run
+# reports in one line and keeps in its own failures log).
+CLUSTER_LOGGERS = ("bokeh", "tornado", "distributed.dashboard", "distributed.http",
+                   "distributed.worker")
 
 
 @contextlib.contextmanager

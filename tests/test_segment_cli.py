@@ -189,3 +189,23 @@ def test_a_small_volume_runs_its_one_worker_in_this_process(files, capsys, tmp_p
     assert rc == 0 and "one worker in this process" not in out
     np.testing.assert_array_equal(read_labels(tmp_path / "a.zarr"),
                                   read_labels(tmp_path / "b.zarr"))
+
+
+def test_a_failed_slab_is_one_line_in_the_terminal(files, capsys, tmp_path, monkeypatch):
+    """A slab that fails in a worker: one line on stderr naming it and the log with its
+    traceback; the worker's own traceback goes to OUT/.magseg/cluster.log."""
+    from magseg_hpc.segment import pipeline
+
+    monkeypatch.setattr(pipeline, "PRECHECK_BYTES", 0)  # as for a volume too big to scan
+    volume = make_volume((13, 37, 29), seed=1)
+    volume[5, 3, 3] = np.nan  # not among the pre-checked slices (0, 4, 8, 12)
+    inp = write_input(tmp_path / "in.zarr", volume, (4, 16, 16))
+    out = tmp_path / "out.zarr"
+    capsys.readouterr()
+    rc = main(["segment-volume", str(inp), str(out), "--model", str(files["ckpt"]),
+               "--slab-size", "4", "--dashboard-address", ":0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0, err
+    assert "1 of 4 slabs failed (z[4:8])" in err and "failures.log" in err
+    assert "Compute Failed" in (out / ".magseg" / "cluster.log").read_text()

@@ -186,9 +186,12 @@ def test_nan_slab_fails_by_name_and_output_stays_incomplete(work, client, tmp_pa
     volume[5, 3, 3] = np.nan  # slice 5 is not in the pre-check sample (0, 4, 8, 12)
     inp = write_input(tmp_path / "in.zarr", volume, (4, 16, 16))
     out = tmp_path / "out.zarr"
-    with pytest.raises(MagsegError, match=r"1 of 4 slabs failed \(z\[4:8\]\).*NaN"):
+    with pytest.raises(MagsegError, match=r"1 of 4 slabs failed \(z\[4:8\]\).*NaN.*"
+                       r"details in .*failures\.log"):
         run(work, client, out, input=inp, slab_size=4)
     assert not is_complete(out)
+    details = (out / ".magseg" / "failures.log").read_text()  # the traceback, for the curious
+    assert details.count("slab z[4:8]: MagsegError") == 1 and "File " in details
     assert len(DoneMarkers(out).done()) == 3
 
 

@@ -170,7 +170,8 @@ def open_cluster(
         local = LocalCluster(
             n_workers=n, threads_per_worker=1, processes=processes,
             dashboard_address=address, resources={"GPU": 1} if gpus else None,
-            silence_logs=logging.ERROR,
+            # worker processes: a failed task is reported by the run, in one line
+            silence_logs=logging.CRITICAL,
         )
     client = Client(local)
     link = f"http://{address}/status" if origins else client.dashboard_link

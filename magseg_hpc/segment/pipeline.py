@@ -32,7 +32,7 @@ from magseg_hpc import __version__
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.logfile import DASHBOARD_LOGGERS, loggers_to_file
+from magseg_hpc.logfile import CLUSTER_LOGGERS, loggers_to_file
 from magseg_hpc.outputs import check_no_overlap, check_output
 from magseg_hpc.paths import absolute_spec
 from magseg_hpc.precision import check_precision
@@ -62,7 +62,7 @@ from magseg_hpc.volume.store import LABEL_FORMAT
 
 log = logging.getLogger(__name__)
 
-DASHBOARD_LOG = "dashboard.log"  # under OUT/.magseg/: the dashboard server's own log lines
+CLUSTER_LOG = "cluster.log"  # under OUT/.magseg/: the dashboard server's and worker's lines
 
 METHODS = ("model", "threshold")
 NORMALIZATIONS = ("input", "checkpoint")
@@ -445,7 +445,7 @@ def _segment_locked(prep: Prepared, client, progress, on_result) -> RunSummary:
     t0 = time.perf_counter()
     with tqdm(total=len(todo), unit="slab", desc="segment",
               disable=(not progress) if progress is not None else None) as bar, \
-            loggers_to_file(DASHBOARD_LOGGERS, Path(out) / ".magseg" / DASHBOARD_LOG):
+            loggers_to_file(CLUSTER_LOGGERS, Path(out) / ".magseg" / CLUSTER_LOG):
         failures = _run_slabs(client, prep.job, todo, markers, summary, bar, resources,
                               on_result, numbers={s.key: n for n, s in enumerate(prep.slabs)})
     summary.seconds = time.perf_counter() - t0
@@ -461,6 +461,7 @@ def _segment_locked(prep: Prepared, client, progress, on_result) -> RunSummary:
             f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}; "
             f"{out} is incomplete, {fix}"
             + (f" (the previous {prep.target} is untouched)" if prep.staged else "")
+            + f"; details in {Path(out) / '.magseg' / FAILURES_LOG}"
         )
     if len(prep.options.axes) > 1:
         shutil.rmtree(prep.job.scratch, ignore_errors=True)
@@ -520,7 +521,9 @@ def _run_slabs(client, job, slabs, markers, summary, bar, resources, on_result, 
             try:
                 stats = fut.result()
             except Exception as e:  # noqa: BLE001 - every failure is reported by slab name
-                log.error("slab %s failed: %s: %s", slab.name, type(e).__name__, e)
+                # the terminal gets one line at the end; the traceback goes to the run's log
+                log.debug("slab %s failed: %s: %s", slab.name, type(e).__name__, e)
+                _log_failure(job.output, slab, e, fut)
                 failures.append((slab, e))
                 fusions = [f for f, s in futures.items() if s.stage == "fuse"]
                 client.cancel(fusions)
@@ -536,6 +539,23 @@ def _run_slabs(client, job, slabs, markers, summary, bar, resources, on_result, 
         client.cancel(list(futures))
         raise
     return failures
+
+
+FAILURES_LOG = "failures.log"  # under OUT/.magseg/: each failed slab's error and traceback
+
+
+def _log_failure(output: str, slab: Slab, error: BaseException, future) -> None:
+    import traceback
+
+    try:
+        tb = "".join(traceback.format_tb(future.traceback())) if future is not None else ""
+    except Exception:  # noqa: BLE001 - the traceback is a courtesy: never fail the report
+        tb = ""
+    path = Path(output) / ".magseg" / FAILURES_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"{_dt.datetime.now().isoformat(timespec='seconds')} slab {slab.name}: "
+                f"{type(error).__name__}: {error}\n{tb}\n")
 
 
 def _account(summary: RunSummary, stats: dict, n_axes: int) -> None:
