@@ -120,3 +120,22 @@ def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.name == name
     assert cfg.train.method == ("supervised" if "supervised" in name else "augseg")
+
+
+def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    """--config cpu_best works outside the repository; `magseg-hpc configs` lists them."""
+    from magseg_hpc.cli import main
+    from magseg_hpc.config import config_path, load_config, shipped_configs
+
+    monkeypatch.chdir(tmp_path)
+    assert {"cpu_best", "cpu_best_supervised", "cpu_tiny", "augseg_semi128"} <= set(
+        shipped_configs())
+    assert load_config("cpu_best").name == "cpu_best"
+    assert config_path("cpu_best.yaml") == shipped_configs()["cpu_best"]
+    (tmp_path / "cpu_best").write_text("seed: 3\nmodel: {backbone: resnet18}\n")
+    assert config_path("cpu_best") == Path("cpu_best")  # a file here wins
+    with pytest.raises(MagsegError, match="no shipped config of that name"):
+        config_path("nope")
+    assert main(["configs"]) == 0
+    listed = capsys.readouterr().out
+    assert "cpu_best " in listed and "The recommended CPU recipe" in listed
