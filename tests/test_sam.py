@@ -247,7 +247,8 @@ def test_train_and_segment_volume_through_the_cli(tmp_path, capsys):
     run = tmp_path / "run"
     rc = main(["train", "--config", str(config), "--output-dir", str(run), "train.max_iters=2"])
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out)
+    assert "training stopped at iteration 2" in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["iterations"] == 2
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["model"]["name"] == "sam_tiny" and ckpt["model"]["box_jitter"] == 2.0
