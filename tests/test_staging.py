@@ -153,3 +153,44 @@ def test_killed_overwrite_keeps_the_old_result_and_resume_completes_it(tmp_path)
     np.testing.assert_array_equal(a["labels"][:], b["labels"][:])
     np.testing.assert_array_equal(a["probabilities"][:], b["probabilities"][:])
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_random_kills_of_ingest_overwrite_never_damage_the_old_result(tmp_path):
+    """20 SIGKILLs at random moments of `ingest --overwrite`: the output is always the old
+    result or the new one, byte for byte, never a mixture; a rerun then completes to the
+    same bytes as an uninterrupted run and leaves nothing beside it."""
+    import random
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", rng.random((24, 64, 64), dtype=np.float32))
+    out, ref = tmp_path / "out.zarr", tmp_path / "ref.zarr"
+
+    def ingest(src: str, dest: Path, *flags: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "magseg_hpc.cli", "ingest",
+                                 str(tmp_path / f"{src}.npy"), str(dest), "--chunks", "2,64,64",
+                                 *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    assert ingest("a", out).wait() == 0
+    started = time.monotonic()
+    assert ingest("b", ref).wait() == 0
+    one_run = time.monotonic() - started
+    old, new = snapshot(out), snapshot(ref)
+    assert old != new
+    moments = random.Random(0)
+    outcomes = []
+    for _ in range(20):
+        proc = ingest("b", out, "--overwrite")
+        time.sleep(moments.uniform(0.0, one_run))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        got = snapshot(out)
+        assert got in (old, new), "the output is neither the old nor the new result"
+        outcomes.append("new" if got == new else "old")
+        if got == new:  # back to the old result for the next trial
+            assert ingest("a", out, "--overwrite").wait() == 0
+    assert ingest("b", out, "--overwrite").wait() == 0  # the rerun completes
+    assert snapshot(out) == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy", "out.zarr",
+                                                          "ref.zarr"]
+    assert "old" in outcomes  # some kills landed before the swap
