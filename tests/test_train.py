@@ -370,3 +370,42 @@ def test_training_on_a_phantom_beats_chance(tmp_path):
     assert len(read_split(tmp_path / "run/splits/unlabeled.txt")) == 10
     last = summary["last_eval"]
     assert max(last["teacher_miou"], last["student_miou"]) > 0.45, last
+
+
+def test_random_kills_of_training_resume_to_the_uninterrupted_weights(phantom, tmp_path):
+    """20 SIGKILLs at random moments of `magseg-hpc train`: each leaves a checkpoint that
+    loads (written atomically) and the run resumable; the last rerun ends with the weights of
+    an uninterrupted run, bit for bit."""
+    import random
+    import signal
+    import time
+
+    raw = tiny(phantom, epochs=3, checkpoint_every=2, eval_every=5)
+    straight = run_training(config_from_dict(raw), tmp_path / "straight")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "killed"
+
+    def train(folder: Path = out) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "magseg_hpc.cli", "train", "--config",
+                                 str(config), "--output-dir", str(folder)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    started = time.monotonic()  # how long a whole run takes as a command, start-up included
+    assert train(tmp_path / "timed").wait() == 0
+    one_run = time.monotonic() - started
+    moments = random.Random(0)
+    reached = []
+    for _ in range(20):
+        proc = train()
+        time.sleep(moments.uniform(0.0, one_run))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if (out / "checkpoint.pt").exists():  # never a half-written file
+            reached.append(load_checkpoint(out / "checkpoint.pt")["train_state"]["iteration"])
+    assert any(0 < it < 15 for it in reached), reached  # some kills landed mid-training
+    assert train().wait() == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == straight["iterations"] == 15
+    assert summary["student_digest"] == straight["student_digest"]
+    assert summary["teacher_digest"] == straight["teacher_digest"]
