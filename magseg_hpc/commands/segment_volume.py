@@ -121,16 +121,17 @@ def run(args) -> int:
     )
     # Every check that can fail on bad input runs before any cluster or output exists.
     prepared = prepare(opts)
-    in_process = args.in_process or runs_in_process(args, prepared.volume.nbytes)
+    small = runs_in_process(args, prepared.volume.nbytes)
     # the output's one writer from here on: a second one is refused before any cluster starts
     with writer_lock(prepared.target, opts.command_line), open_cluster(
         scheduler=args.scheduler, cluster=args.cluster, job=args.job, jobs=args.jobs,
-        workers=args.workers, threads_per_worker=args.threads_per_worker, device=args.device,
-        dashboard_address=args.dashboard_address, processes=not in_process,
+        workers=1 if small else args.workers, threads_per_worker=args.threads_per_worker,
+        device=args.device, dashboard_address=args.dashboard_address,
+        processes=not (args.in_process or small),
     ) as handle:
         prepared.job = _with_threads(prepared.job, handle.torch_threads)
         handle.announce()
-        if in_process and not args.in_process:
+        if small and not args.in_process:
             print(f"one worker in this process: a {prepared.volume.nbytes / 2**20:.0f} MiB volume "
                   "needs no worker process started (--workers N starts N)", flush=True)
         print(f"{len(prepared.slabs)} slabs -> {prepared.target}"
