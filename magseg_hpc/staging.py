@@ -7,15 +7,20 @@ Beside an output ``DIR/NAME`` this tool keeps, hidden:
   from the file's contents. The holder removes the file as it lets go (a waiter that locked
   the removed file notices and retries on the new one); the kernel drops the lock when its
   holder dies, so a killed run leaves at most an unlocked file, never a lock to obey.
-- ``DIR/.NAME.magseg-staging``: where ``--overwrite`` writes the new result while the old one
-  stays in place (``staging_path``). Only when it is complete does ``promote`` swap it in:
-  rename the old result to ``DIR/.NAME.magseg-old``, rename the staging to ``NAME``, delete the
-  old one. A kill at any moment leaves either the old result or the new complete one at
-  ``NAME``; ``recover`` (run under the lock before anything else) finishes or undoes a swap
-  that a kill interrupted. An interrupted ``--overwrite`` is continued with ``--resume``.
+- ``DIR/.NAME.magseg-staging/NAME``: where ``--overwrite`` writes the new result while the
+  old one stays in place (``staging_path``). The hidden folder around it is marked as this
+  tool's (``.magseg-staging``, the target's path) before anything is written into it, so a
+  run killed at any moment leaves a leftover that the next run recognises and clears. Only
+  when the new result is complete does ``promote`` swap it in: rename the old result to
+  ``DIR/.NAME.magseg-old``, rename the new one to ``NAME``, delete the old one and the empty
+  staging folder. A kill at any moment leaves either the old result or the new complete one
+  at ``NAME``; ``recover`` (run under the lock before anything else) finishes or undoes a
+  swap that a kill interrupted. An interrupted ``--overwrite`` is continued with
+  ``--resume``.
 
-A staging folder carries a marker (``.magseg/staging``, the target's path) from its creation
-until it is swapped in; a leftover is removed only when it is recognisably ours.
+Leftovers are deleted by renaming them to ``DIR/.NAME.magseg-trash`` first (one atomic step)
+and then removing that, so a kill in the middle of a deletion never leaves a half-deleted
+folder that no longer looks like ours.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 
 from magseg_hpc.errors import MagsegError
 
-STAGING_MARKER = Path(".magseg") / "staging"
+STAGING_MARK = ".magseg-staging"  # the file that makes a staging folder ours
 
 
 def _sibling(target: str | os.PathLike, suffix: str) -> Path:
@@ -42,11 +47,23 @@ def _sibling(target: str | os.PathLike, suffix: str) -> Path:
 
 
 def staging_path(target: str | os.PathLike) -> Path:
-    return _sibling(target, "staging")
+    """Where a replacement of ``target`` is written (inside its marked staging folder)."""
+    return _sibling(target, "staging") / Path(target).absolute().name
 
 
 def is_staging(path: Path) -> bool:
-    return (path / STAGING_MARKER).is_file()
+    """Whether ``path`` is a staged result inside a staging folder of ours."""
+    return path.exists() and (path.parent / STAGING_MARK).is_file()
+
+
+def _discard(target: str | os.PathLike, path: Path) -> None:
+    """Delete a leftover of ``target``'s: renamed aside in one step, then removed."""
+    trash = _sibling(target, "trash")
+    if path != trash:
+        if trash.exists():  # what a kill during an earlier deletion left
+            shutil.rmtree(trash)
+        os.rename(path, trash)
+    shutil.rmtree(trash)
 
 
 _HELD: dict[Path, int] = {}  # locks this process holds: path -> nesting depth
@@ -106,25 +123,19 @@ def _holder(path: Path) -> str:
 
 
 def begin_staging(target: str | os.PathLike) -> Path:
-    """The staging path of ``target``, cleared of what an earlier interrupted run left there
-    (ours: marked, a store this tool wrote, or empty); anything else is refused."""
-    from magseg_hpc.outputs import tool_store_format
-
-    path = staging_path(target)
-    if path.exists() or path.is_symlink():
-        ours = path.is_dir() and not path.is_symlink() and (
-            is_staging(path) or tool_store_format(path) is not None
-            or not any(path.iterdir()))
+    """A fresh, marked staging folder for ``target`` (what an interrupted run left there is
+    cleared when it is ours: marked, or empty); the path to write the new result to."""
+    folder = _sibling(target, "staging")
+    if folder.exists() or folder.is_symlink():
+        ours = folder.is_dir() and not folder.is_symlink() and (
+            (folder / STAGING_MARK).is_file() or not any(folder.iterdir()))
         if not ours:
-            raise MagsegError(f"{path} exists and is not a magseg-hpc staging folder; move it "
+            raise MagsegError(f"{folder} exists and is not a magseg-hpc staging folder; move it "
                               "away and rerun")
-        shutil.rmtree(path)
-    return path
-
-
-def mark_staging(path: Path, target: str | os.PathLike) -> None:
-    (path / STAGING_MARKER).parent.mkdir(parents=True, exist_ok=True)
-    (path / STAGING_MARKER).write_text(str(Path(target).absolute()))
+        _discard(target, folder)
+    folder.mkdir(parents=True)
+    (folder / STAGING_MARK).write_text(str(Path(target).absolute()))
+    return staging_path(target)
 
 
 def promote(staging: Path, target: str | os.PathLike) -> None:
@@ -139,21 +150,23 @@ def promote(staging: Path, target: str | os.PathLike) -> None:
 
 def recover(target: str | os.PathLike) -> None:
     """Finish or undo a ``promote`` that a kill interrupted (under the writer lock). An old
-    result beside the target means a swap was under way, and only complete stagings are
-    swapped in."""
+    result beside a missing target means a swap was under way: promote only moves the old
+    result aside once the new one is complete."""
     target, old, staging = (Path(target).absolute(), _sibling(target, "old"),
                             staging_path(target))
+    trash = _sibling(target, "trash")
+    if trash.is_dir() and not trash.is_symlink():  # a deletion that a kill interrupted
+        shutil.rmtree(trash)
     if old.exists() and not target.exists():
-        if not is_staging(staging):  # the swap had not begun: the old result goes back
+        if not is_staging(staging):  # nothing to swap in: the old result goes back
             os.rename(old, target)
             return
         os.rename(staging, target)
-    if is_staging(target):
-        (target / STAGING_MARKER).unlink()
-        with contextlib.suppress(OSError):  # not empty: a segment-volume run record
-            (target / STAGING_MARKER).parent.rmdir()
     if old.exists():
-        shutil.rmtree(old)
+        _discard(target, old)
+    folder = staging.parent
+    if (folder / STAGING_MARK).is_file() and not staging.exists():  # swapped in, or never used
+        _discard(target, folder)
 
 
 @contextlib.contextmanager
@@ -173,8 +186,7 @@ def staged_output(path: str | os.PathLike, overwrite: bool, expect: str | None =
             yield tmp
             if path.exists():
                 check_output(path, overwrite, expect=expect)  # still one of ours, just before
-            mark_staging(tmp, path)
             promote(tmp, path)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.parent.exists():  # a failed or refused write
+                _discard(path, tmp.parent)

@@ -4,6 +4,7 @@ complete: a kill at any moment keeps the old result byte for byte (magseg_hpc/st
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,6 @@ from magseg_hpc.segment.resume import DoneMarkers
 from magseg_hpc.staging import (
     begin_staging,
     is_staging,
-    mark_staging,
     promote,
     recover,
     staging_path,
@@ -43,7 +43,6 @@ def test_a_swap_killed_at_any_step_is_finished_by_recover(tmp_path, killed_after
     target = make_result(tmp_path / "out.zarr", "old")
     staging = begin_staging(target)
     make_result(staging, "new")
-    mark_staging(staging, target)
     old = tmp_path / ".out.zarr.magseg-old"
     if killed_after in ("old moved aside", "new moved in"):  # promote's steps, one by one
         os.rename(target, old)
@@ -52,8 +51,8 @@ def test_a_swap_killed_at_any_step_is_finished_by_recover(tmp_path, killed_after
     recover(target)
     expected = "old" if killed_after == "nothing" else "new"
     assert (target / "data" / "c0").read_text() == expected
-    assert not old.exists() and not is_staging(target)
-    assert staging.exists() == (killed_after == "nothing")  # an unswapped staging stays
+    assert not old.exists()
+    assert is_staging(staging) == (killed_after == "nothing")  # an unswapped staging stays
     if staging.exists():
         promote(staging, target)
     assert (target / "data" / "c0").read_text() == "new" and not staging.exists()
@@ -62,13 +61,21 @@ def test_a_swap_killed_at_any_step_is_finished_by_recover(tmp_path, killed_after
 
 def test_a_leftover_staging_is_cleared_only_when_it_is_ours(tmp_path):
     target = tmp_path / "out.zarr"
-    foreign = staging_path(target)
+    foreign = staging_path(target).parent
     make_result(foreign, "someone's")
     with pytest.raises(MagsegError, match="not a magseg-hpc staging folder"):
         begin_staging(target)
     assert (foreign / "data" / "c0").read_text() == "someone's"
-    mark_staging(foreign, target)
-    assert begin_staging(target) == foreign and not foreign.exists()
+    shutil.rmtree(foreign)
+    # Ours from its creation: whatever a kill left inside, half written, is cleared
+    staging = begin_staging(target)
+    make_result(staging, "half")
+    assert begin_staging(target) == staging and not staging.exists()
+    # ... and so is a leftover whose deletion a kill interrupted (renamed aside first)
+    make_result(staging, "half")
+    os.rename(staging.parent, tmp_path / ".out.zarr.magseg-trash")
+    recover(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 HOLD = """
@@ -186,11 +193,12 @@ def test_random_kills_of_ingest_overwrite_never_damage_the_old_result(tmp_path):
         proc.wait()
         got = snapshot(out)
         assert got in (old, new), "the output is neither the old nor the new result"
-        outcomes.append("new" if got == new else "mid-write" if staging_path(out).exists()
+        outcomes.append("new" if got == new else "mid-write" if staging_path(out).parent.exists()
                         else "old")
         if got == new:  # back to the old result for the next trial
             assert ingest("a", out, "--overwrite").wait() == 0
-    assert ingest("b", out, "--overwrite").wait() == 0  # the rerun completes
+    rerun = ingest("b", out, "--overwrite")
+    assert rerun.wait() == 0, rerun.stderr.read().decode()  # the rerun completes
     assert snapshot(out) == new
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy", "out.zarr",
                                                           "ref.zarr"]

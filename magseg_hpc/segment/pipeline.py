@@ -53,7 +53,6 @@ from magseg_hpc.segment.worker import SlabJob, run_slab
 from magseg_hpc.staging import (
     begin_staging,
     is_staging,
-    mark_staging,
     promote,
     staging_path,
     writer_lock,
@@ -365,8 +364,6 @@ def _open_output(prep: Prepared) -> None:
             chunks=prep.chunks, with_probabilities=opts.probabilities,
             overwrite=opts.overwrite and not prep.staged,
         )
-        if prep.staged:
-            mark_staging(Path(out), prep.target)
         write_run_record(out, prep.fields)
     actual = tuple(open_group(out)["labels"].chunks)
     if actual != tuple(prep.chunks):  # the plan's chunk alignment is what makes writes safe
