@@ -203,3 +203,54 @@ def test_random_kills_of_ingest_overwrite_never_damage_the_old_result(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy", "out.zarr",
                                                           "ref.zarr"]
     assert "mid-write" in outcomes, outcomes  # some kills landed while the new one was written
+
+
+def test_random_kills_of_segment_volume_overwrite_never_damage_the_old_result(tmp_path):
+    """20 SIGKILLs at random moments of `segment-volume --overwrite` over a complete result:
+    the output is always the old result byte for byte, or the complete new one; a rerun then
+    completes to the labels of an uninterrupted run and leaves nothing beside it."""
+    import random
+
+    import zarr
+
+    inp = write_input(tmp_path / "in.zarr", make_volume((24, 96, 96), seed=4), (4, 96, 96))
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    out, ref = tmp_path / "out.zarr", tmp_path / "ref.zarr"
+
+    def segment(dest: Path, *flags: str, model: bool = True) -> subprocess.Popen:
+        how = ["--model", str(ckpt), "--slab-size", "2"] if model else ["--method", "threshold"]
+        return subprocess.Popen([sys.executable, "-m", "magseg_hpc.cli", "segment-volume",
+                                 str(inp), str(dest), "--dashboard-address", ":0", *how, *flags],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+
+    assert segment(out, model=False).wait() == 0
+    started = time.monotonic()
+    assert segment(ref).wait() == 0
+    one_run = time.monotonic() - started
+    old, new_labels = snapshot(out), zarr.open_group(str(ref))["labels"][:]
+
+    def is_new() -> bool:
+        return is_complete(out) and np.array_equal(zarr.open_group(str(out))["labels"][:],
+                                                   new_labels)
+
+    moments = random.Random(0)
+    outcomes = []
+    for _ in range(20):
+        proc = segment(out, "--overwrite")
+        time.sleep(moments.uniform(0.0, one_run))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if snapshot(out) == old:
+            outcomes.append("mid-write" if staging_path(out).parent.exists() else "old")
+        else:
+            assert is_new(), "the output is neither the old nor the new result"
+            outcomes.append("new")
+            assert segment(out, "--overwrite", model=False).wait() == 0  # the old one back
+            old = snapshot(out)  # the same labels, a new time stamp
+    rerun = segment(out, "--overwrite")
+    assert rerun.wait() == 0, rerun.stderr.read().decode()  # the rerun completes
+    assert is_new()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "in.zarr", "out.zarr",
+                                                          "ref.zarr"]
+    assert "mid-write" in outcomes, outcomes  # some kills landed while the new one was written
