@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_results  # noqa: E402
 
 from magseg_hpc.config import config_from_dict  # noqa: E402
-from magseg_hpc.data.slices import VolumeSlices, read_split  # noqa: E402
+from magseg_hpc.data.slices import VolumeSlices  # noqa: E402
+from magseg_hpc.data.splits import read_split  # noqa: E402
 from magseg_hpc.models.checkpoint import load_inference_model  # noqa: E402
 from magseg_hpc.segment.pipeline import FUSION_MIN_SHARE  # noqa: E402
 from magseg_hpc.train.fusion_check import check_fusion, fuses  # noqa: E402

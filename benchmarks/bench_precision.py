@@ -47,12 +47,8 @@ from paint import clear_labels  # noqa: E402
 
 from magseg_hpc.classes import IGNORE_LABEL  # noqa: E402
 from magseg_hpc.config import load_config  # noqa: E402
-from magseg_hpc.data.slices import (  # noqa: E402
-    LabeledSlices,
-    UnlabeledSlices,
-    iters_per_epoch,
-    step_generator,
-)
+from magseg_hpc.data.sampling import iters_per_epoch, step_generator  # noqa: E402
+from magseg_hpc.data.slices import LabeledSlices, UnlabeledSlices  # noqa: E402
 from magseg_hpc.models import build_model, param_groups  # noqa: E402
 from magseg_hpc.precision import autocast, cpu_has_bf16  # noqa: E402
 from magseg_hpc.train import distributed as dist_util  # noqa: E402

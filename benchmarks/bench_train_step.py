@@ -37,12 +37,8 @@ from _results import write_results
 from magseg_hpc.classes import IGNORE_LABEL
 from magseg_hpc.config import load_config
 from magseg_hpc.data.phantom import make_phantom, write_phantom
-from magseg_hpc.data.slices import (
-    LabeledSlices,
-    UnlabeledSlices,
-    iters_per_epoch,
-    step_generator,
-)
+from magseg_hpc.data.sampling import iters_per_epoch, step_generator
+from magseg_hpc.data.slices import LabeledSlices, UnlabeledSlices
 from magseg_hpc.train import distributed as dist_util
 from magseg_hpc.train.augseg import ema_update
 from magseg_hpc.train.setup import (

@@ -178,8 +178,8 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
     """(cfg, env, labelled batches, unlabelled batches, loader timing) from the project's
     loader over a synthetic image + labels store, as benchmarks/bench_train_step.py does."""
     from magseg_hpc.config import load_config
+    from magseg_hpc.data.sampling import iters_per_epoch as ipe_of
     from magseg_hpc.data.slices import LabeledSlices, UnlabeledSlices
-    from magseg_hpc.data.slices import iters_per_epoch as ipe_of
     from magseg_hpc.train import distributed as dist_util
     from magseg_hpc.train.setup import (
         StepBatches,
@@ -226,7 +226,7 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
 
 def measure_train(kind: str, variant: str, cfg, env, lab, unl, s: dict, budget: Budget,
                   peak_tflops: float, notes: list[str]) -> dict:
-    from magseg_hpc.data.slices import step_generator
+    from magseg_hpc.data.sampling import step_generator
     from magseg_hpc.train.augseg import ema_update
     from magseg_hpc.train.setup import build_models, build_optimizer, effective_lr
     from magseg_hpc.train.steps import augseg_step, supervised_step
@@ -292,7 +292,7 @@ def measure_train(kind: str, variant: str, cfg, env, lab, unl, s: dict, budget: 
 
 
 def projection(ms_per_iter: float, batch: int) -> dict:
-    from magseg_hpc.data.slices import iters_per_epoch
+    from magseg_hpc.data.sampling import iters_per_epoch
 
     out = {}
     for gpus in (1, 2):

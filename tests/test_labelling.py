@@ -25,7 +25,7 @@ from magseg_hpc.data.labelling import (
     write_slice_list,
 )
 from magseg_hpc.data.phantom import make_phantom, write_phantom
-from magseg_hpc.data.slices import make_splits, read_split
+from magseg_hpc.data.splits import make_splits, read_split
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.segment.suggest import pick_spread
 from magseg_hpc.train import run_training

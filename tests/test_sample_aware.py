@@ -21,7 +21,8 @@ from magseg_hpc.data.normalize import (
     masked_support,
 )
 from magseg_hpc.data.phantom import make_phantom, preset_params, write_phantom
-from magseg_hpc.data.slices import MultiAxisSlices, VolumeSlices, other_axis_keys
+from magseg_hpc.data.slices import MultiAxisSlices, VolumeSlices
+from magseg_hpc.data.splits import other_axis_keys
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
 from magseg_hpc.segment.pipeline import SegmentOptions, segment_volume
@@ -292,7 +293,7 @@ def test_model_skips_planes_of_masked_background_only():
 # --- schedule and planes ----------------------------------------------------------------------
 
 def test_fixed_length_epochs_cover_any_volume_size():
-    from magseg_hpc.data.slices import epoch_plan
+    from magseg_hpc.data.sampling import epoch_plan
 
     long = epoch_plan(0, n_labeled=3, n_unlabeled=5, batch_size=2, seed=0, iters=10)
     assert long.iters == 10 and len(long.unlabeled) == 10  # more steps than one pass
@@ -359,7 +360,7 @@ def multi_axis_run(tmp_path_factory):
 
 
 def test_training_with_context_axes_and_foreground_crops(multi_axis_run):
-    from magseg_hpc.data.slices import read_split
+    from magseg_hpc.data.splits import read_split
     from magseg_hpc.models.checkpoint import load_checkpoint
 
     _, summary = multi_axis_run
@@ -383,7 +384,7 @@ def test_fusion_check_scores_validation_slices_as_segment_volume_does(multi_axis
                                                                        tmp_path):
     """best.pt's fusion check (training's end) gives the mIoUs that segment-volume's outputs
     along z alone and fused over z, y, x score on the validation slices."""
-    from magseg_hpc.data.slices import read_split
+    from magseg_hpc.data.splits import read_split
     from magseg_hpc.models.checkpoint import load_checkpoint
     from magseg_hpc.segment.pipeline import axes_for_auto
 

@@ -21,15 +21,9 @@ import yaml
 from magseg_hpc.cli import main as cli_main
 from magseg_hpc.config import config_from_dict
 from magseg_hpc.data.phantom import make_phantom, write_phantom
-from magseg_hpc.data.slices import (
-    AugmentSettings,
-    FolderSlices,
-    UnlabeledSlices,
-    VolumeSlices,
-    epoch_plan,
-    make_splits,
-    read_split,
-)
+from magseg_hpc.data.sampling import epoch_plan
+from magseg_hpc.data.slices import AugmentSettings, FolderSlices, UnlabeledSlices, VolumeSlices
+from magseg_hpc.data.splits import make_splits, read_split
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.models.checkpoint import load_checkpoint
 from magseg_hpc.train import run_training

@@ -8,7 +8,7 @@ import os
 from magseg_hpc.commands.common import int_triple
 from magseg_hpc.data.phantom import (
     ACQUISITIONS,
-    DEFAULTS,
+    PARAMETERS,
     PATTERNS,
     PRESETS,
     SUPPORTS,
@@ -21,44 +21,40 @@ from magseg_hpc.volume.store import IMAGE_FORMAT, refuse_existing
 
 log = logging.getLogger(__name__)
 
-# (flag, type, help): every make_phantom parameter as a flag; None means "the preset's value".
-FLAGS = [
-    ("shape", int_triple, "volume shape Z,Y,X"),
-    ("snr", float, "(mean plus-domain - mean minus-domain) / noise std, > 0; inf for no noise"),
-    ("seed", int, "random seed"),
-    ("support", str, "sample shape"),
-    ("pattern", str, "domain pattern"),
-    ("tilt-deg", float, "support tilt about x in degrees"),
-    ("support-radius", float, "support radius (short semi-axis) / smaller in-plane side"),
-    ("ellipticity", float, ">= 1: the support's cross-section this many times longer along x"),
-    ("domain-period", float, "domain period in voxels"),
-    ("anisotropy", float, ">= 1: domains elongated along z by this factor"),
-    ("elongation", float, ">= 1: domains elongated in the plane by this factor"),
-    ("elongation-deg", float, "direction of the in-plane elongation, degrees from x"),
-    ("wall-width", float, "domain wall width in voxels"),
-    ("blur-sigma", float, "resolution blur sigma in voxels"),
-    ("n-angles", int, "projection angles per slice, 0 for no tomography artifacts"),
-    ("missing-wedge-deg", float, "missing angular range in degrees"),
-    ("edge-glow", float, "brightness of the rim at the sample boundary"),
-    ("rings", float, "ring-artifact amplitude relative to the domain contrast, 0 off"),
-    ("swirl", float, "vortex-like swirl strength in radians, 0 off"),
-    ("net-magnetization", float, "plus fraction minus minus fraction of the sample"),
-    ("minus-level", float, "brightness of minus domains relative to plus"),
-    ("noise-correlation", float, "noise smoothing sigma in voxels"),
-    ("shading", float, "low-frequency intensity errors (radial cupping, smooth 3D drift, "
-     "per-slice offsets) relative to the domain contrast, 0 off"),
-    ("mask-margin", int, "mask the reconstruction: exactly 0 beyond this many voxels outside "
-     "the sample; -1 off"),
-    ("bit-depth", int, "0: float32 image; 8: uint8 with the minus/plus domain means at "
-     "--dark-level/--bright-level"),
-    ("dark-level", float, "8-bit grey level of the minus domains"),
-    ("bright-level", float, "8-bit grey level of the plus domains"),
-    ("acquisition", str, "image: artefacts painted on the reconstruction; projections: the "
-     "tilt series simulated (photon noise, detector offsets, drift) and reconstructed by FBP"),
-    ("detector-offsets", float, "projections: ring strength (std in the sample) relative to "
-     "the domain contrast"),
-    ("z-drift", float, "projections: peak relative gain drift along z"),
-]
+# Every make_phantom parameter as a flag (its help is the parameter's meaning in PARAMETERS);
+# a flag left out means the preset's value.
+FLAGS = {
+    "shape": int_triple,
+    "snr": float,
+    "seed": int,
+    "support": str,
+    "pattern": str,
+    "tilt-deg": float,
+    "support-radius": float,
+    "ellipticity": float,
+    "domain-period": float,
+    "anisotropy": float,
+    "elongation": float,
+    "elongation-deg": float,
+    "wall-width": float,
+    "blur-sigma": float,
+    "n-angles": int,
+    "missing-wedge-deg": float,
+    "edge-glow": float,
+    "rings": float,
+    "swirl": float,
+    "net-magnetization": float,
+    "minus-level": float,
+    "noise-correlation": float,
+    "shading": float,
+    "mask-margin": int,
+    "bit-depth": int,
+    "dark-level": float,
+    "bright-level": float,
+    "acquisition": str,
+    "detector-offsets": float,
+    "z-drift": float,
+}
 CHOICES = {"support": SUPPORTS, "pattern": PATTERNS, "bit-depth": (0, 8),
            "acquisition": ACQUISITIONS}
 
@@ -91,7 +87,6 @@ def check_phantom_args(params: dict) -> None:
 
 
 def register(subparsers) -> None:
-    d = DEFAULTS
     p = subparsers.add_parser(
         "make-phantom",
         help="write a synthetic magnetization-tomography volume (image + ground-truth labels)",
@@ -108,8 +103,8 @@ def register(subparsers) -> None:
                    "dark domains near it, rings, 8-bit) or tomo (the acquisition simulated: "
                    "a 130 degree tilt series with photon noise, detector offsets and drift, "
                    "reconstructed by filtered back-projection, SNR 1); flags below override it")
-    for flag, kind, help_text in FLAGS:
-        default = d[flag.replace("-", "_")]
+    for flag, kind in FLAGS.items():
+        default, help_text = PARAMETERS[flag.replace("-", "_")]
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         p.add_argument(f"--{flag}", type=kind, default=None,
                        choices=CHOICES.get(flag),
@@ -121,7 +116,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     # Refuse bad arguments and an existing output before spending seconds on the volume.
     params = preset_params(args.preset, **{flag.replace("-", "_"): getattr(
-        args, flag.replace("-", "_")) for flag, _, _ in FLAGS})
+        args, flag.replace("-", "_")) for flag in FLAGS})
     check_phantom_args(params)
     refuse_existing(args.out, args.overwrite, IMAGE_FORMAT)
     shape = params.pop("shape")

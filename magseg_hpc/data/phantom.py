@@ -76,38 +76,59 @@ ACQUISITIONS = ("image", "projections")
 PATTERNS = ("labyrinth", "stripes")
 
 # Defaults of make_phantom, also used by the CLI so both document the same numbers.
-DEFAULTS: dict[str, Any] = {
-    "shape": (64, 128, 128),
-    "snr": 2.0,
-    "seed": 0,
-    "support": "pillar",
-    "tilt_deg": 4.0,
-    "domain_period": 14.0,
-    "pattern": "labyrinth",
-    "anisotropy": 2.0,
-    "wall_width": 2.0,
-    "blur_sigma": 1.0,
-    "n_angles": 60,
-    "missing_wedge_deg": 30.0,
-    "edge_glow": 0.4,
-    "swirl": 0.0,
-    "net_magnetization": 0.0,
-    "minus_level": 0.3,
-    "noise_correlation": 0.5,
-    "shading": 0.3,
-    "support_radius": 0.38,
-    "ellipticity": 1.0,
-    "elongation": 1.0,
-    "elongation_deg": 0.0,
-    "rings": 0.0,
-    "mask_margin": -1,
-    "bit_depth": 0,
-    "dark_level": 9.0,
-    "bright_level": 120.0,
-    "acquisition": "image",
-    "detector_offsets": 0.0,
-    "z_drift": 0.0,
+# Every parameter of make_phantom: its default and its meaning (the CLI's flags and help too).
+PARAMETERS: dict[str, tuple[Any, str]] = {
+    "shape": ((64, 128, 128), "volume shape Z,Y,X; each at least 4"),
+    "snr": (2.0, "(mean of the noise-free image over domain_plus - over domain_minus) / noise "
+            "std, > 0; inf adds no noise"),
+    "seed": (0, "random seed; the same seed and parameters give a bit-identical phantom"),
+    "support": ("pillar", "sample shape: pillar (a vertical cylinder through all z), cylinder "
+                "(finite, flat caps) or slab (a film, normal along y)"),
+    "tilt_deg": (4.0, "tilt of the support (and of the domains' anisotropy axis) about x, "
+                 "degrees"),
+    "domain_period": (14.0, "typical period of the domain pattern (one plus and one minus "
+                      "domain) in voxels"),
+    "pattern": ("labyrinth", "domain pattern: labyrinth (isotropic in the plane) or stripes"),
+    "anisotropy": (2.0, ">= 1: domains this many times longer along the (tilted) z axis"),
+    "wall_width": (2.0, "domain wall width in voxels (tanh profile)"),
+    "blur_sigma": (1.0, "resolution blur (Gaussian sigma) in voxels, 0 off"),
+    "n_angles": (60, "projection angles per slice of the tomography, 0 for no tomography "
+                 "artifacts"),
+    "missing_wedge_deg": (30.0, "angular range missing from the 180 degree tilt series"),
+    "edge_glow": (0.4, "brightness of the rim at the sample boundary, relative to the bright "
+                  "domain"),
+    "swirl": (0.0, "strength of vortex-like swirls (rotation in radians at a swirl centre), "
+              "0 off"),
+    "net_magnetization": (0.0, "in (-1, 1): plus fraction minus minus fraction of the sample "
+                          "(0: equal classes)"),
+    "minus_level": (0.3, "brightness of minus domains relative to plus, in [0, 1)"),
+    "noise_correlation": (0.5, "Gaussian sigma (voxels) correlating the noise, 0 white"),
+    "shading": (0.3, "low-frequency intensity errors (radial cupping, smooth 3D drift, "
+                "per-slice offsets) relative to the domain contrast, in [0, 0.9], 0 off"),
+    "support_radius": (0.38, "pillar/cylinder radius (the ellipse's short semi-axis) / the "
+                       "smaller in-plane side"),
+    "ellipticity": (1.0, ">= 1: the support's cross-section this many times longer along x "
+                    "than along y (a tilted pillar seen in a slice)"),
+    "elongation": (1.0, ">= 1: domains this many times longer along the in-plane direction "
+                   "at elongation_deg"),
+    "elongation_deg": (0.0, "direction of the in-plane elongation, degrees from x"),
+    "rings": (0.0, "ring-artifact amplitude (concentric rings about the rotation axis, "
+              "constant along z) relative to the domain contrast, 0 off"),
+    "mask_margin": (-1, "mask the reconstruction: exactly 0 beyond this many voxels outside "
+                    "the sample (as published reconstructions are); -1 keeps its background"),
+    "bit_depth": (0, "0: float32 image; 8: uint8 with the noise-free minus and plus domain "
+                  "means at dark_level and bright_level (below 0 clips to 0)"),
+    "dark_level": (9.0, "8-bit grey level of the minus domains"),
+    "bright_level": (120.0, "8-bit grey level of the plus domains"),
+    "acquisition": ("image", "image: artefacts painted on the reconstruction; projections: "
+                    "the tilt series simulated (photon noise set by snr, detector offsets, "
+                    "drift) and reconstructed by FBP, without rings, shading or "
+                    "noise_correlation"),
+    "detector_offsets": (0.0, "projections only: per-detector-pixel offsets (rings), as the "
+                         "rings' std in the sample over the domain contrast"),
+    "z_drift": (0.0, "projections only: peak relative gain drift along z (slow, random)"),
 }
+DEFAULTS: dict[str, Any] = {name: default for name, (default, _) in PARAMETERS.items()}
 
 # Named parameter sets; explicit arguments override a preset's values.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -206,55 +227,9 @@ def make_phantom(
     detector_offsets: float = DEFAULTS["detector_offsets"],
     z_drift: float = DEFAULTS["z_drift"],
 ) -> Phantom:
-    """Generate a phantom volume and its ground-truth labels.
-
-    Args:
-        shape: (z, y, x) voxels; each at least 4.
-        snr: signal-to-noise ratio, defined as ``(mean_plus - mean_minus) / noise_std`` where
-            the means are those of the noise-free image over voxels labelled ``domain_plus``
-            (2) and ``domain_minus`` (1), and ``noise_std`` is the standard deviation of the
-            added noise. ``None`` or ``inf`` adds no noise (the noise-free image).
-        seed: integer seed; same seed and parameters give bit-identical output.
-        support: ``pillar`` (vertical cylinder through all z), ``cylinder`` (finite, with flat
-            caps) or ``slab`` (a film, normal along y).
-        tilt_deg: tilt of the support (and domains' anisotropy axis) about the x axis.
-        domain_period: typical period of the domain pattern (one plus and one minus domain)
-            in voxels.
-        pattern: ``labyrinth`` (isotropic in-plane spectrum) or ``stripes`` (one direction).
-        anisotropy: >= 1; domains are this many times longer along the (tilted) z axis.
-        wall_width: domain wall width in voxels (tanh profile).
-        blur_sigma: Gaussian blur sigma in voxels (resolution limit); 0 disables.
-        n_angles: projection angles per slice for the tomographic artifacts; 0 disables.
-        missing_wedge_deg: angular range missing from the 180 degree tilt series.
-        edge_glow: brightness of the rim at the sample boundary relative to the bright domain.
-        swirl: strength of vortex-like swirls (rotation in radians at a swirl centre); 0 off.
-        net_magnetization: in (-1, 1); fraction plus minus fraction of in-support voxels
-            (0 gives equal classes).
-        minus_level: intensity of negative domains relative to positive ones (0 <= . < 1).
-        noise_correlation: Gaussian sigma (voxels) correlating the noise; 0 gives white noise.
-        shading: strength of the low-frequency intensity errors (radial cupping, smooth 3D
-            drift, per-slice offsets; module docstring), in [0, 0.9]; 0 disables.
-        support_radius: pillar/cylinder radius (the ellipse's short semi-axis) as a fraction
-            of the smaller in-plane side.
-        ellipticity: >= 1; the support's cross-section is an ellipse this many times longer
-            along x than along y (a tilted pillar seen in a slice).
-        elongation, elongation_deg: >= 1; domains this many times longer along the in-plane
-            direction at ``elongation_deg`` degrees from x (anisotropic band-passed domains).
-        rings: ring-artifact amplitude (concentric rings about the rotation axis, constant
-            along z, as from miscalibrated detector pixels) relative to the domain contrast.
-        mask_margin: >= 0 masks the reconstruction: every voxel farther than this many voxels
-            outside the support is exactly 0 (as published reconstructions are); -1 keeps the
-            reconstruction's own background.
-        bit_depth: 0 keeps float32; 8 quantises to uint8 with the noise-free minus and plus
-            domain means at ``dark_level`` and ``bright_level`` (values below 0 clip to 0).
-        acquisition: ``image`` paints the artefacts on the reconstruction (steps 5-7 of the
-            module docstring); ``projections`` simulates the acquisition instead (see
-            ``_acquire``): ``snr`` then sets the photon noise, ``detector_offsets`` and
-            ``z_drift`` the detector and beam errors; ``rings``, ``shading`` and
-            ``noise_correlation`` are not used.
-        detector_offsets: projections only: std of the per-detector-pixel offsets (rings in
-            the reconstruction), as the rings' std in the sample over the domain contrast.
-        z_drift: projections only: peak relative gain drift along z (slow, random).
+    """Generate a phantom volume and its ground-truth labels: domains in a sample support,
+    seen through blur, tomography and noise (module docstring). ``PARAMETERS`` says what each
+    keyword means; the same seed and parameters give a bit-identical phantom.
     """
     args = dict(locals())  # every parameter, for the checks and the record
     shape = _check_params(args)
@@ -297,22 +272,45 @@ def make_phantom(
         signal = limited_angle_reconstruction(signal, n_angles, missing_wedge_deg)
 
     if acquisition == "image":
-        contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
-        if rings > 0:
-            signal += rings * abs(contrast) * ring_pattern(shape[1:], rng_shading)[None]
-        if shading > 0:
-            signal = shade(signal, rng_shading, shading, contrast)
-        contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
-        noise_std = 0.0
-    if noisy and acquisition == "image":
+        signal, contrast, noise_std = _paint_artefacts(
+            signal, labels, rings, shading, snr if noisy else None, noise_correlation, n_angles,
+            missing_wedge_deg, rng_noise, rng_shading)
+    signal = _as_published(signal, labels, support_mask, contrast, mask_margin, bit_depth,
+                           dark_level, bright_level)
+    params = {"generator": "magseg_hpc.data.phantom.make_phantom", **_record(args, noisy),
+              "contrast": contrast, "noise_std": float(noise_std), "snr_definition":
+              "(mean of noise-free image over label 2 - over label 1) / noise std"}
+    log.debug("phantom %s: contrast %.3f, noise std %.3f", shape, contrast, noise_std)
+    image = signal.astype(np.uint8 if bit_depth == 8 else np.float32)
+    return Phantom(image=image, labels=labels, params=params)
+
+
+def _paint_artefacts(signal, labels, rings, shading, snr, noise_correlation, n_angles,
+                     missing_wedge_deg, rng_noise, rng_shading):
+    """Steps 5-7 of the module docstring on the reconstruction: rings, shading, then noise
+    at ``snr`` (None: none); (signal, contrast, noise std)."""
+    contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
+    if rings > 0:
+        signal += rings * abs(contrast) * ring_pattern(signal.shape[1:], rng_shading)[None]
+    if shading > 0:
+        signal = shade(signal, rng_shading, shading, contrast)
+    contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
+    noise_std = 0.0
+    if snr is not None:
         noise_std = abs(contrast) / float(snr)
         if not noise_std < np.finfo(np.float32).max / 1e3:  # the image is float32
             raise MagsegError(f"snr {snr:g} is too small: noise of std {noise_std:g} overflows "
                               "the float32 image; use snr >= 1e-30")
         signal += noise_std * reconstruction_noise(
-            shape, rng_noise, noise_correlation, n_angles, missing_wedge_deg
+            signal.shape, rng_noise, noise_correlation, n_angles, missing_wedge_deg
         )
+    return signal, contrast, noise_std
 
+
+def _as_published(signal, labels, support_mask, contrast, mask_margin, bit_depth, dark_level,
+                  bright_level):
+    """Masked to exact 0 beyond ``mask_margin`` voxels outside the sample (-1: not masked)
+    and quantised to 8 bits (``bit_depth`` 8), as published reconstructions are."""
     if mask_margin >= 0:
         outside = ~ndimage.binary_dilation(support_mask, iterations=int(mask_margin)) \
             if mask_margin > 0 else ~support_mask
@@ -320,15 +318,10 @@ def make_phantom(
     if bit_depth == 8:
         dark = float(signal[labels == 1].mean())
         gain = (bright_level - dark_level) / max(abs(contrast), 1e-12)
-        inside = signal != 0.0 if mask_margin >= 0 else np.ones(shape, bool)
+        inside = signal != 0.0 if mask_margin >= 0 else np.ones(signal.shape, bool)
         quantised = np.clip(np.rint((signal - dark) * gain + dark_level), 0, 255)
         signal = np.where(inside, quantised, 0.0)
-    params = {"generator": "magseg_hpc.data.phantom.make_phantom", **_record(args, noisy),
-              "contrast": contrast, "noise_std": float(noise_std), "snr_definition":
-              "(mean of noise-free image over label 2 - over label 1) / noise std"}
-    log.debug("phantom %s: contrast %.3f, noise std %.3f", shape, contrast, noise_std)
-    image = signal.astype(np.uint8 if bit_depth == 8 else np.float32)
-    return Phantom(image=image, labels=labels, params=params)
+    return signal
 
 
 def preset_params(preset: str, **overrides: Any) -> dict[str, Any]:

@@ -1,24 +1,17 @@
-"""2D slice datasets for training: sources, explicit splits, and the per-epoch sampling plan.
+"""2D slice datasets for training: where slices come from, and what one sample is.
 
 Two sources of slices:
 
 * a volume store (image + labels zarr group, e.g. from ``magseg-hpc make-phantom``); slices
-  are taken along ``data.axis`` and named by their index;
+  are taken along ``data.axis`` and named by their index (``MultiAxisSlices``: along several
+  axes, keys like ``"y:40"``);
 * an image folder in the original study's layout: ``images/{id}.png``, ``masks/{id}.png``
   (colour PNGs, colours from the class table, any other colour -> 255 ignore) and the lists
   ``labeled.txt`` / ``unlabeled.txt`` / ``val.txt`` (one id or file name per line).
 
-Splits are plain text files (one slice index or image id per line, ``#`` comments) written
-to ``output_dir/splits/`` when a run starts and reused when it resumes. The unlabelled
-dataset never opens the labels.
-
-Sampling (identical on every rank, so the oversampled labelled list agrees across ranks):
-one epoch is one pass over the unlabelled list; the labelled list is repeated in fresh
-random orders up to that length. A global batch of ``batch_size * world_size`` is cut into
-per-rank batches. Each sample carries the key ``(epoch, position)``, its place in the epoch,
-and its augmentation generator is derived from ``(seed, stream, epoch, position)``: the data
-pipeline is a pure function of (seed, epoch, iteration, rank), so resuming needs no state and
-the number of DataLoader workers does not change the result.
+Which slices are labelled, unlabelled or validation is ``splits.py``; which sample each rank
+sees at each step, and its random generator, is ``sampling.py``. The unlabelled dataset
+never opens the labels.
 """
 
 from __future__ import annotations
@@ -37,36 +30,22 @@ from torch.utils.data import Dataset
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.data.masks import colors_to_labels, read_mask
+from magseg_hpc.data.sampling import STREAM_LABELED_AUG, STREAM_UNLABELED_AUG, sample_rng
 from magseg_hpc.errors import MagsegError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SPLIT_NAMES",
     "VolumeSlices",
+    "MultiAxisSlices",
     "FolderSlices",
-    "make_splits",
-    "sparse_label_slices",
-    "write_split",
-    "read_split",
-    "EpochPlan",
-    "epoch_plan",
-    "sample_rng",
-    "step_generator",
     "LabeledSlices",
     "UnlabeledSlices",
     "ValSlices",
     "AugmentSettings",
-    "iters_per_epoch",
 ]
 
-SPLIT_NAMES = ("labeled", "unlabeled", "val")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-
-# Streams keep the random draws of different purposes independent.
-STREAM_SPLIT, STREAM_UNLABELED_ORDER, STREAM_LABELED_ORDER = 1, 2, 3
-STREAM_LABELED_AUG, STREAM_UNLABELED_AUG, STREAM_STEP = 4, 5, 6
-
 
 # --- sources ---------------------------------------------------------------------------------
 
@@ -266,23 +245,6 @@ class MultiAxisSlices:
         return out
 
 
-def other_axis_keys(primary: VolumeSlices, axes: Sequence[str],
-                    n_labeled: int) -> tuple[list[str], list[str]]:
-    """(labelled, unlabelled) keys along the axes other than the primary one: every slice is
-    unlabelled; ``n_labeled`` evenly spread slices per axis are labelled (each carries the
-    lines where it crosses the labelled primary slices), so each axis has as many labelled
-    slices as the primary one."""
-    labeled, unlabeled = [], []
-    shape = tuple(primary.image_volume().shape)
-    for axis in axes:
-        if axis == primary.axis:
-            continue
-        n = shape[AXES.index(axis)]
-        unlabeled += [f"{axis}:{i}" for i in range(n)]
-        labeled += [f"{axis}:{i}" for i in _even(list(range(n)), n_labeled)]
-    return labeled, unlabeled
-
-
 class FolderSlices:
     """Images and colour masks in the original study's folder layout."""
 
@@ -340,247 +302,6 @@ class FolderSlices:
             raise MagsegError(f"{self.root}: no training images to fit the normalisation")
         idx = np.unique(np.linspace(0, len(keys) - 1, min(max_images, len(keys))).astype(int))
         return np.concatenate([self.read_image(keys[i]).ravel() for i in idx])
-
-
-# --- splits ----------------------------------------------------------------------------------
-
-
-def _even(indices: Sequence[int], n: int) -> list[int]:
-    """``n`` of ``indices`` spread evenly, ends included."""
-    if n >= len(indices):
-        return list(indices)
-    pos = np.round(np.linspace(0, len(indices) - 1, n)).astype(int)
-    return [indices[i] for i in pos]
-
-
-def make_splits(
-    n_slices: int,
-    *,
-    n_labeled: int,
-    n_val: int = 0,
-    labeled_selection: str = "even",
-    val_selection: str = "block",
-    seed: int = 0,
-    n_val_slices: int | None = None,
-    labelled: Sequence[int] | None = None,
-    val_labelled: Sequence[int] | None = None,
-) -> dict[str, list[int]]:
-    """Split the slice indices ``0..n_slices-1`` of a training volume.
-
-    Validation: with ``n_val_slices`` (the depth of a separate validation volume), ``n_val``
-    evenly spread slices of that volume (all of them when ``n_val`` is 0); otherwise
-    ``n_val`` slices held out of the training volume, as a contiguous block at the end of
-    the axis (``block``) or evenly spread (``even``). Of the remaining slices ``n_labeled``
-    are labelled (evenly spread, or a seeded random choice) and the rest unlabelled.
-
-    Sparse labels: ``labelled`` lists the slices of the training volume that carry labels
-    (``val_labelled`` those of the validation volume). Then every one of them is labelled and
-    ``n_labeled`` is not used; validation is ``n_val`` of the labelled slices held out (the
-    last ones for ``block``, evenly spread for ``even``) or, with a validation volume, its
-    labelled slices (``n_val`` of them evenly spread, all when 0).
-    """
-    if n_slices < 1:
-        raise MagsegError("the training volume has no slices along data.axis")
-    if labelled is not None:
-        return _sparse_splits(n_slices, labelled, n_val, val_selection, n_val_slices,
-                              val_labelled)
-    all_idx = list(range(n_slices))
-    if n_val_slices is not None:
-        pool = list(range(n_val_slices)) if val_labelled is None else list(val_labelled)
-        if not pool:
-            raise MagsegError("the validation label volume (data.val_volume) carries no labels")
-        val = pool if n_val == 0 else _even(pool, n_val)
-        rest = all_idx
-    else:
-        if n_val >= n_slices:
-            raise MagsegError(
-                f"data.n_val={n_val} leaves no training slices of {n_slices}; lower it or give "
-                "data.val_volume"
-            )
-        if val_selection == "block":
-            val = all_idx[n_slices - n_val:]
-        elif val_selection == "even":
-            val = _even(all_idx, n_val)
-        else:
-            raise MagsegError(f"data.val_selection must be block or even, got {val_selection!r}")
-        held = set(val)
-        rest = [i for i in all_idx if i not in held]
-    if n_labeled > len(rest):
-        raise MagsegError(
-            f"data.n_labeled={n_labeled} but only {len(rest)} training slices remain "
-            f"(of {n_slices}, {len(all_idx) - len(rest)} held out for validation); lower it"
-        )
-    if labeled_selection == "even":
-        labeled = _even(rest, n_labeled)
-    elif labeled_selection == "random":
-        rng = np.random.default_rng([seed, STREAM_SPLIT])
-        labeled = sorted(rng.choice(rest, size=n_labeled, replace=False).tolist())
-    else:
-        raise MagsegError(
-            f"data.labeled_selection must be even or random, got {labeled_selection!r}"
-        )
-    chosen = set(labeled)
-    unlabeled = [i for i in rest if i not in chosen]
-    return {"labeled": labeled, "unlabeled": unlabeled, "val": val}
-
-
-def _sparse_splits(n_slices: int, labelled: Sequence[int], n_val: int,
-                   val_selection: str, n_val_slices: int | None,
-                   val_labelled: Sequence[int] | None) -> dict[str, list[int]]:
-    """``make_splits`` for label volumes whose labels cover only some slices."""
-    labelled = sorted(int(i) for i in labelled)
-    if not labelled:
-        raise MagsegError(
-            "the label volume carries no labels (every voxel is 255, unlabelled); import "
-            "masks of a few slices with `magseg-hpc import-masks --like VOLUME`"
-        )
-    if n_val_slices is not None:
-        val = make_splits(n_val_slices, n_labeled=1, n_val=n_val, n_val_slices=n_val_slices,
-                          val_labelled=val_labelled)["val"]
-    elif val_selection not in ("block", "even"):
-        raise MagsegError(f"data.val_selection must be block or even, got {val_selection!r}")
-    else:
-        if n_val >= len(labelled):
-            raise MagsegError(
-                f"only {len(labelled)} slices carry labels and data.n_val={n_val} of them are "
-                "held out for validation, leaving none to train on; label more slices, lower "
-                "data.n_val or give a separate data.val_volume"
-            )
-        val = (labelled[len(labelled) - n_val:] if val_selection == "block"
-               else _even(labelled, n_val)) if n_val else []
-        labelled = [i for i in labelled if i not in set(val)]
-    held = set(labelled) | (set(val) if n_val_slices is None else set())
-    unlabeled = [i for i in range(n_slices) if i not in held]
-    return {"labeled": labelled, "unlabeled": unlabeled, "val": val}
-
-
-def sparse_label_slices(d) -> dict:
-    """``make_splits`` keywords for a config's ``data`` section: the slices that carry labels
-    in the training (and validation) label volume, None where every slice does."""
-    kw = {"image_var": d.image_var, "label_var": d.label_var, "cache_mb": 0}
-    found = {"labelled": VolumeSlices(d.volume, d.axis, label_path=d.label_volume,
-                                      **kw).labelled_slices()}
-    if d.val_volume:
-        found["val_labelled"] = VolumeSlices(d.val_volume, d.axis,
-                                             label_path=d.val_label_volume,
-                                             **kw).labelled_slices()
-    return found
-
-
-def write_split(path: str | Path, keys: Sequence, header: str = "") -> None:
-    """One key per line, after ``#`` header lines; written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {line}" for line in header.splitlines() if line] + [str(k) for k in keys]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-
-
-def read_split(path: str | Path) -> list[str]:
-    """Keys of a split file: the first whitespace-separated field of each non-comment line.
-
-    The study's lists sometimes hold "image_path mask_path" pairs; the id is the image
-    file's stem in that case.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise MagsegError(f"cannot read split file {path}: {e.strerror}") from None
-    keys = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key = Path(line.split()[0])
-        keys.append(key.stem if key.suffix.lower() in IMAGE_SUFFIXES else key.name)
-    return keys
-
-
-# --- sampling --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """Which samples each rank sees at each step of one epoch.
-
-    ``labeled[s]`` / ``unlabeled[s]`` are this rank's batches at step ``s``: lists of
-    ``(epoch, position, index)`` with ``index`` into the split list and ``position`` the
-    sample's place in the epoch-wide order (unique across ranks).
-    """
-
-    epoch: int
-    iters: int
-    labeled: list[list[tuple[int, int, int]]]
-    unlabeled: list[list[tuple[int, int, int]]]
-
-
-def iters_per_epoch(n_labeled: int, n_unlabeled: int, batch_size: int, world_size: int) -> int:
-    """Steps per epoch: one pass over the unlabelled list (the labelled one when longer)."""
-    epoch_len = max(n_unlabeled, n_labeled)
-    iters = epoch_len // (batch_size * world_size)
-    if iters < 1:
-        raise MagsegError(
-            f"an epoch of {epoch_len} slices is shorter than one global batch "
-            f"({batch_size} x {world_size} processes); lower train.batch_size or use more slices"
-        )
-    return iters
-
-
-def _oversampled(n: int, length: int, rng: np.random.Generator) -> np.ndarray:
-    """``length`` indices of ``0..n-1``: fresh random orders of the whole list, concatenated."""
-    reps = math.ceil(length / n)
-    return np.concatenate([rng.permutation(n) for _ in range(reps)])[:length]
-
-
-def epoch_plan(
-    epoch: int,
-    *,
-    n_labeled: int,
-    n_unlabeled: int,
-    batch_size: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    iters: int | None = None,
-) -> EpochPlan:
-    """This rank's batches for ``epoch``; the orders depend only on (seed, epoch).
-
-    ``iters`` fixes the epoch's length in steps (train.iters_per_epoch) instead of one pass
-    over the unlabelled list: shorter epochs see part of it, longer ones repeat it."""
-    natural = iters_per_epoch(n_labeled, n_unlabeled, batch_size, world_size)
-    iters = iters or natural
-    epoch_len = max(n_unlabeled, n_labeled, iters * batch_size * world_size)
-    lab_order = _oversampled(
-        n_labeled, epoch_len, np.random.default_rng([seed, STREAM_LABELED_ORDER, epoch])
-    )
-    unl_order = (
-        _oversampled(n_unlabeled, epoch_len,
-                     np.random.default_rng([seed, STREAM_UNLABELED_ORDER, epoch]))
-        if n_unlabeled else None
-    )
-    labeled, unlabeled = [], []
-    for step in range(iters):
-        start = (step * world_size + rank) * batch_size
-        positions = range(start, start + batch_size)
-        labeled.append([(epoch, p, int(lab_order[p])) for p in positions])
-        if unl_order is not None:
-            unlabeled.append([(epoch, p, int(unl_order[p])) for p in positions])
-    return EpochPlan(epoch, iters, labeled, unlabeled)
-
-
-def sample_rng(seed: int, stream: int, epoch: int, position: int) -> np.random.Generator:
-    """The augmentation generator of one sample."""
-    return np.random.default_rng([seed, stream, epoch, position])
-
-
-def step_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
-    """The generator of the batch-level draws (CutMix) of one step on one rank."""
-    state = np.random.SeedSequence([seed, STREAM_STEP, rank, iteration]).generate_state(2)
-    g = torch.Generator()
-    g.manual_seed(int(state[0]) << 32 | int(state[1]))
-    return g
 
 
 # --- datasets --------------------------------------------------------------------------------

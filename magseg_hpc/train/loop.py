@@ -7,7 +7,7 @@ checkpoints (``records.py``), and at the end the fusion check and the run's summ
 
 Determinism: the model is initialised from ``seed`` (identical on every rank); every sample's
 augmentation and every step's CutMix draws come from generators derived from (seed, epoch,
-position) and (seed, rank, iteration) (see ``magseg_hpc.data.slices``). The training state is
+position) and (seed, rank, iteration) (see ``magseg_hpc.data.sampling``). The training state is
 therefore the weights, optimizer state and iteration alone, and a run stopped after a
 checkpoint and resumed ends bit-identical on CPU to an uninterrupted one. The global RNG
 states are saved and restored as well, for any code that uses them.
@@ -38,13 +38,8 @@ from magseg_hpc.config import (
     save_config,
 )
 from magseg_hpc.cpus import process_cpus
-from magseg_hpc.data.slices import (
-    LabeledSlices,
-    UnlabeledSlices,
-    ValSlices,
-    iters_per_epoch,
-    step_generator,
-)
+from magseg_hpc.data.sampling import iters_per_epoch, step_generator
+from magseg_hpc.data.slices import LabeledSlices, UnlabeledSlices, ValSlices
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import AppendFileHandler
 from magseg_hpc.models.checkpoint import load_checkpoint, save_checkpoint

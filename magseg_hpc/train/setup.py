@@ -19,12 +19,9 @@ from magseg_hpc.config import (
 )
 from magseg_hpc.data.augment import resolve_strong_pool
 from magseg_hpc.data.normalize import fit_normalization
-from magseg_hpc.data.slices import (
-    AugmentSettings,
-    FolderSlices,
-    MultiAxisSlices,
-    VolumeSlices,
-    epoch_plan,
+from magseg_hpc.data.sampling import epoch_plan
+from magseg_hpc.data.slices import AugmentSettings, FolderSlices, MultiAxisSlices, VolumeSlices
+from magseg_hpc.data.splits import (
     make_splits,
     other_axis_keys,
     read_split,
@@ -59,7 +56,7 @@ def resolve_splits(cfg: ExperimentConfig, output_dir: Path, env: DistEnv,
     """The run's splits: reused from output_dir/splits when present (resume), otherwise made
     (or copied from the given split files) and written there by rank 0. With ``multi_axis``
     (the primary-axis source of a data.axes run) the slices along the other axes are added
-    (``slices.other_axis_keys``)."""
+    (``splits.other_axis_keys``)."""
     d = cfg.data
     split_dir = output_dir / SPLITS_DIR
     paths = {name: split_dir / f"{name}.txt" for name in ("labeled", "unlabeled", "val")}

@@ -11,6 +11,8 @@ import numpy as np
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.volume.io import open_volume, reading
+from magseg_hpc.volume.store import open_labels
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,6 @@ def render_preview(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    from magseg_hpc.volume.io import open_volume, reading
-    from magseg_hpc.volume.store import open_labels
 
     out = Path(out)
     if out.suffix.lower() != ".png":
@@ -120,22 +118,7 @@ def render_preview(
         ax.set_xlabel(cols_dim)
         ax.set_ylabel(rows_dim)
         if label_slice is not None and class_table is not None:
-            overlay = np.zeros((*label_slice.shape, 4), dtype=np.float32)
-            handles = []
-            pairs = zip(class_table.names, class_table.colors, strict=True)
-            for value, (name, color) in enumerate(pairs):
-                hit = label_slice == value
-                overlay[hit] = (*(np.asarray(color) / 255.0), alpha)
-                handles.append(Patch(color=np.asarray(color) / 255.0, label=f"{value} {name}"))
-            n_ignore = int((label_slice == IGNORE_LABEL).sum())
-            if n_ignore:
-                handles.append(Patch(facecolor="none", edgecolor="grey", label="255 ignore"))
-            ax.imshow(overlay, interpolation="nearest")
-            # One row in the header, so the legend never hides voxels.
-            fig.legend(
-                handles=handles, loc="upper center", ncol=len(handles), fontsize=8,
-                frameon=False, bbox_to_anchor=(0.5, 1.0 - 34 / height),
-            )
+            _overlay(fig, ax, label_slice, class_table, alpha, height)
         name = f"{path}" + (f" [{var}]" if var else "")
         fig.suptitle(
             f"{name}\n{axis} = {index} (of 0..{sizes[axis] - 1}), "
@@ -150,3 +133,22 @@ def render_preview(
         plt.close(fig)
     log.debug("wrote %s (%s = %d)", out, axis, index)
     return {"axis": axis, "index": index, "size_px": (width, height), "path": str(out)}
+
+
+def _overlay(fig, ax, label_slice: np.ndarray, class_table: ClassTable, alpha: float,
+             height: int) -> None:
+    """The classes over the image in their colours, with a one-row legend in the header (so
+    it never hides voxels); ignore (255) pixels stay uncoloured."""
+    from matplotlib.patches import Patch
+
+    overlay = np.zeros((*label_slice.shape, 4), dtype=np.float32)
+    handles = []
+    pairs = zip(class_table.names, class_table.colors, strict=True)
+    for value, (name, color) in enumerate(pairs):
+        overlay[label_slice == value] = (*(np.asarray(color) / 255.0), alpha)
+        handles.append(Patch(color=np.asarray(color) / 255.0, label=f"{value} {name}"))
+    if (label_slice == IGNORE_LABEL).any():
+        handles.append(Patch(facecolor="none", edgecolor="grey", label="255 ignore"))
+    ax.imshow(overlay, interpolation="nearest")
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8,
+               frameon=False, bbox_to_anchor=(0.5, 1.0 - 34 / height))
