@@ -10,22 +10,15 @@ import sys
 from magseg_hpc import __version__
 from magseg_hpc.errors import USER_ERRNOS, MagsegError
 
-# Each module exposes register(subparsers), which adds its parser with func=run(args) -> int.
-COMMAND_MODULES = [
-    "magseg_hpc.commands.ingest",
-    "magseg_hpc.commands.info",
-    "magseg_hpc.commands.evaluate",
-    "magseg_hpc.commands.make_phantom",
-    "magseg_hpc.commands.import_masks",
-    "magseg_hpc.commands.export_slices",
-    "magseg_hpc.commands.suggest_slices",
-    "magseg_hpc.commands.preview",
-    "magseg_hpc.commands.segment_volume",
-    "magseg_hpc.commands.train",
-    "magseg_hpc.commands.configs",
-    "magseg_hpc.commands.demo",
-    "magseg_hpc.commands.submit",
-]
+# Each command lives in magseg_hpc.commands.<name, "-" as "_">, whose register(subparsers)
+# adds its parser with func=run(args) -> int. Only the command being run is imported (its
+# module imports what the command needs, torch or dask included); `magseg-hpc -h` lists all.
+COMMANDS = ("ingest", "info", "evaluate", "make-phantom", "import-masks", "export-slices",
+            "suggest-slices", "preview", "segment-volume", "train", "configs", "demo", "submit")
+
+
+def command_module(name: str) -> str:
+    return f"magseg_hpc.commands.{name.replace('-', '_')}"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -35,7 +28,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} -h`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``magseg-hpc argv``: the command named in ``argv`` only, else all."""
     parser = OneLineParser(
         prog="magseg-hpc",
         description="Segment 3D magnetization-domain volumes: prepare data, train, segment.",
@@ -43,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"magseg-hpc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    chosen = next((a for a in argv or () if not a.startswith("-")), None)
+    for name in (chosen,) if chosen in COMMANDS else COMMANDS:
+        importlib.import_module(command_module(name)).register(subparsers)
     return parser
 
 
@@ -79,7 +74,8 @@ def run_command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     setup_logging(args.verbose)
     return run_command(args)
 

@@ -359,6 +359,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _check_values(cfg: ExperimentConfig) -> None:
     cfg.class_table  # noqa: B018 - raises MagsegError for a malformed class table
+    # at call time: the model registry sits above config (it imports it); an import-linter
+    # exception in pyproject.toml
     from magseg_hpc.models import resolve_model_config
 
     resolve_model_config(cfg.model_dict())
@@ -419,7 +421,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     if t.num_strong_augs < 0:
         raise MagsegError(f"train.num_strong_augs must be >= 0, got {t.num_strong_augs}")
     if t.strong_ops is not None:
-        from magseg_hpc.data.augment import resolve_strong_pool
+        from magseg_hpc.data.augment import resolve_strong_pool  # at call time, as above
 
         resolve_strong_pool(t.strong_ops)
     if d.axes is not None:

@@ -23,6 +23,7 @@ import xarray as xr
 from magseg_hpc.classes import IGNORE_COLOR, IGNORE_LABEL, ClassTable
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.metrics import miou_from_slices, per_slice_confusion, scores_from_confusion
+from magseg_hpc.volume.store import open_labels
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ def load_pair(
     truth_var: str = "labels",
 ) -> tuple[xr.DataArray, xr.DataArray, ClassTable]:
     """Open prediction and truth label volumes; refuse shape or class-table disagreements."""
-    from magseg_hpc.volume.store import open_labels
-
     pred, pred_table = open_labels(pred_path, var=pred_var)
     truth, truth_table = open_labels(truth_path, var=truth_var)
     if tuple(pred.shape) != tuple(truth.shape):

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.outputs import check_output
 
 STAGING_MARK = ".magseg-staging"  # the file that makes a staging folder ours
 
@@ -176,8 +177,6 @@ def staged_output(path: str | os.PathLike, overwrite: bool, expect: str | None =
     lock: the output is the old one or the complete new one, never half of either. For
     outputs written in one go (ingest, make-phantom, import-masks, export-slices); a failed
     or refused write leaves no staging behind."""
-    from magseg_hpc.outputs import check_output
-
     path = Path(path)
     check_output(path, overwrite, expect=expect)
     with writer_lock(path):

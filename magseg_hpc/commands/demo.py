@@ -16,7 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
-from magseg_hpc.config import config_path
+from magseg_hpc.cli import main
+from magseg_hpc.config import config_path, load_config
 from magseg_hpc.errors import MagsegError
 
 # Everything the demo writes in its folder: only such a folder is replaced by --overwrite.
@@ -49,8 +50,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from magseg_hpc.cli import main
-
     out = Path(args.output_dir)
     args.config = str(config_path(args.config))  # refused here, before OUT_DIR is touched
     if not Path(args.config).is_file():
@@ -121,7 +120,6 @@ def _schedule(config: str, iters: int | None) -> list[str]:
         return []
     if iters < 1:
         raise MagsegError(f"--iters must be >= 1, got {iters}")
-    from magseg_hpc.config import load_config
 
     per_epoch = load_config(config).train.iters_per_epoch
     if per_epoch is None:

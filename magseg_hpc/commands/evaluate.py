@@ -6,6 +6,19 @@ import argparse
 import logging
 
 from magseg_hpc.classes import IGNORE_LABEL
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.evaluate import (
+    REPORT_FORMAT,
+    evaluate_volumes,
+    format_table,
+    load_pair,
+    report_dict,
+    write_figures,
+    write_report,
+)
+from magseg_hpc.outputs import check_no_overlap, check_output, tool_store_format
+from magseg_hpc.paths import volume_file
+from magseg_hpc.volume.io import open_volume, reading
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +93,6 @@ def _incomplete(path) -> bool:
     """True for a label store this tool marked incomplete (segment-volume did not finish)."""
     import json
 
-    from magseg_hpc.outputs import tool_store_format
-    from magseg_hpc.paths import volume_file
 
     p = volume_file(path)
     if tool_store_format(p) is None:
@@ -95,9 +106,6 @@ def check_args(args) -> None:
     import json
     from pathlib import Path
 
-    from magseg_hpc.errors import MagsegError
-    from magseg_hpc.evaluate import REPORT_FORMAT
-    from magseg_hpc.outputs import check_no_overlap, check_output
 
     if args.slices and not args.figures:
         raise MagsegError("--slices chooses figure slices; add --figures DIR")
@@ -131,9 +139,6 @@ def check_args(args) -> None:
 
 
 def _figure_image(args):
-    from magseg_hpc.errors import MagsegError
-    from magseg_hpc.volume.io import open_volume
-
     if args.image:
         return open_volume(args.image, var=args.image_var)
     try:
@@ -146,16 +151,6 @@ def _figure_image(args):
 def run(args) -> int:
     import dask
 
-    from magseg_hpc.errors import MagsegError
-    from magseg_hpc.evaluate import (
-        evaluate_volumes,
-        format_table,
-        load_pair,
-        report_dict,
-        write_figures,
-        write_report,
-    )
-    from magseg_hpc.volume.io import reading
 
     check_args(args)
     pred, truth, table = load_pair(

@@ -6,6 +6,11 @@ import argparse
 import logging
 
 from magseg_hpc.axes import AXES
+from magseg_hpc.data.labelling import choose_indices, export_slices, read_slice_list
+from magseg_hpc.data.masks import load_colors
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.volume.io import open_volume
+from magseg_hpc.volume.store import refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +52,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from magseg_hpc.data.labelling import choose_indices, export_slices, read_slice_list
-    from magseg_hpc.data.masks import load_colors
-    from magseg_hpc.errors import MagsegError
-    from magseg_hpc.volume.io import open_volume
-    from magseg_hpc.volume.store import refuse_existing
-
     refuse_existing(args.out_dir, args.overwrite)
     axis, indices = args.axis, args.slices
     if args.suggestions:

@@ -13,8 +13,13 @@ import logging
 from pathlib import Path
 
 from magseg_hpc.axes import AXES
+from magseg_hpc.classes import ClassTable
+from magseg_hpc.data.labelling import import_label_volume, import_sparse_masks, index_from_name
 from magseg_hpc.data.masks import import_masks, load_colors
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.outputs import check_no_overlap
+from magseg_hpc.paths import volume_file
+from magseg_hpc.volume.io import ZARR_MARKERS
 from magseg_hpc.volume.store import LABEL_FORMAT, refuse_existing
 
 log = logging.getLogger(__name__)
@@ -60,8 +65,6 @@ def register(subparsers) -> None:
 
 
 def _is_png_folder(path: Path) -> bool:
-    from magseg_hpc.volume.io import ZARR_MARKERS
-
     if not path.is_dir() or any((path / m).exists() for m in ZARR_MARKERS):
         return False
     return any(f.suffix.lower() == ".png" for f in path.iterdir()) or not any(
@@ -70,8 +73,6 @@ def _is_png_folder(path: Path) -> bool:
 
 def _warn_if_sparse(folder: Path) -> None:
     """Masks named by slice index (z00042.png) but not 0..N-1 were probably meant sparse."""
-    from magseg_hpc.data.labelling import index_from_name
-
     try:
         names = sorted(f for f in folder.iterdir() if f.suffix.lower() == ".png")
         indices = [index_from_name(f)[1] for f in names]
@@ -84,11 +85,6 @@ def _warn_if_sparse(folder: Path) -> None:
 
 
 def run(args) -> int:
-    from magseg_hpc.classes import ClassTable
-    from magseg_hpc.data.labelling import import_label_volume, import_sparse_masks
-    from magseg_hpc.outputs import check_no_overlap
-    from magseg_hpc.paths import volume_file
-
     check_no_overlap(args.out, [p for p in (args.masks_dir, args.colors, args.like) if p])
     refuse_existing(args.out, args.overwrite, LABEL_FORMAT)
     src = Path(args.masks_dir)

@@ -7,9 +7,10 @@ import sys
 from tqdm import tqdm
 
 from magseg_hpc.commands.common import int_triple
+from magseg_hpc.outputs import check_no_overlap
 from magseg_hpc.volume.ingest import ingest
 from magseg_hpc.volume.io import open_volume
-from magseg_hpc.volume.store import CODECS
+from magseg_hpc.volume.store import CODECS, IMAGE_FORMAT, refuse_existing
 
 
 def register(subparsers) -> None:
@@ -33,9 +34,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from magseg_hpc.outputs import check_no_overlap
-    from magseg_hpc.volume.store import IMAGE_FORMAT, refuse_existing
-
     check_no_overlap(args.out, [args.src])
     refuse_existing(args.out, args.overwrite, IMAGE_FORMAT)
     total = open_volume(args.src, var=args.var).shape[0]

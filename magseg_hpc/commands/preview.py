@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 from magseg_hpc.axes import AXES
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.outputs import check_no_overlap, check_output
 from magseg_hpc.volume.preview import render_preview
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from magseg_hpc.errors import MagsegError
-    from magseg_hpc.outputs import check_no_overlap, check_output
-
     if not 0 <= args.alpha <= 1:
         raise MagsegError(f"--alpha {args.alpha}: must be in [0, 1]")
     check_no_overlap(args.output, [args.path, args.labels], replaces=False, flag="-o")

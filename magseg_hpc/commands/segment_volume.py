@@ -9,9 +9,11 @@ import sys
 
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD, open_cluster
+from magseg_hpc.outputs import check_no_overlap, check_output
 from magseg_hpc.precision import PRECISIONS
 from magseg_hpc.segment.pipeline import SegmentOptions, prepare, segment_volume
 from magseg_hpc.staging import writer_lock
+from magseg_hpc.volume.store import LABEL_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,6 @@ def check_dashboard_address(text: str) -> None:
 
 def check_args(args) -> None:
     """Every check of the flags that needs no reading of data (also run by submit)."""
-    from magseg_hpc.outputs import check_no_overlap, check_output
-
     for flag, value in (("--batch-size", args.batch_size), ("--slab-size", args.slab_size),
                         ("--workers", args.workers),
                         ("--threads-per-worker", args.threads_per_worker),
@@ -103,7 +103,6 @@ def check_args(args) -> None:
         raise MagsegError("--resume and --overwrite exclude each other; pick one")
     check_dashboard_address(args.dashboard_address)
     check_no_overlap(args.output, [args.input, args.model])
-    from magseg_hpc.volume.store import LABEL_FORMAT
 
     check_output(args.output, args.overwrite or args.resume, resume_hint=True,
                  expect=LABEL_FORMAT)

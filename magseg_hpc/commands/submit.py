@@ -25,6 +25,9 @@ from typing import Any
 import submitit
 import yaml
 
+from magseg_hpc import cli
+from magseg_hpc.cli import OneLineParser, run_command, setup_logging
+from magseg_hpc.commands.train import check_run_paths
 from magseg_hpc.config import config_to_dict, load_config
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.launch.profile import JobProfile, load_job_profile
@@ -186,7 +189,6 @@ def _run_train(args: argparse.Namespace) -> int:
         profile, cluster=cluster, name=name, nodes=args.nodes,
         gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
     )
-    from magseg_hpc.commands.train import check_run_paths
 
     if args.output_dir:
         output_dir = Path(args.output_dir).absolute()
@@ -208,13 +210,11 @@ def _run_train(args: argparse.Namespace) -> int:
 def check_command_args(command: str, argv: Sequence[str]) -> list[str]:
     """Parse ``magseg-hpc <command> argv`` as the job will, and check that its inputs exist,
     so bad input fails at submission in one line. Returns the job's full argv."""
-    from magseg_hpc import cli
-
     full = [command, *argv]
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            parsed = cli.build_parser().parse_args(full)
+            parsed = cli.build_parser(full).parse_args(full)
     except SystemExit:
         lines = [ln for ln in captured.getvalue().splitlines() if "error:" in ln]
         reason = lines[-1].split("error:", 1)[1].strip() if lines else "bad arguments"
@@ -269,8 +269,6 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from magseg_hpc.cli import OneLineParser
-
     parser = OneLineParser(
         prog="python -m magseg_hpc.submit",
         description="Submit magseg-hpc jobs to SLURM (or local processes) through submitit.",
@@ -281,8 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from magseg_hpc.cli import run_command, setup_logging
-
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, level=logging.WARNING)
     return run_command(args)

@@ -8,8 +8,13 @@ import sys
 from pathlib import Path
 
 from magseg_hpc.axes import AXES
-from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD
+from magseg_hpc.data.labelling import write_slice_list
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD, open_cluster
 from magseg_hpc.precision import PRECISIONS
+from magseg_hpc.segment.pipeline import SegmentOptions
+from magseg_hpc.segment.suggest import plan_suggestions, suggest_slices
+from magseg_hpc.volume.store import refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +65,6 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from dataclasses import replace
 
-    from magseg_hpc.data.labelling import write_slice_list
-    from magseg_hpc.errors import MagsegError
-    from magseg_hpc.launch.dask_cluster import open_cluster
-    from magseg_hpc.segment.pipeline import SegmentOptions
-    from magseg_hpc.segment.suggest import plan_suggestions, suggest_slices
-    from magseg_hpc.volume.store import refuse_existing
 
     out = Path(args.output)
     refuse_existing(out, args.overwrite)

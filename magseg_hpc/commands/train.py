@@ -7,6 +7,12 @@ resumes from checkpoint.pt.
 
 from __future__ import annotations
 
+from magseg_hpc.config import load_config
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.outputs import check_no_overlap, check_output
+from magseg_hpc.paths import volume_file
+from magseg_hpc.train import run_training
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -35,10 +41,6 @@ DATA_PATH_KEYS = ("volume", "label_volume", "val_volume", "val_label_volume", "f
 def check_run_paths(cfg, output_dir, check_data: bool = True) -> None:
     """The data paths exist, and the run dir is a writable folder outside them (also run by
     submit before anything is submitted; a dry run skips the data)."""
-    from magseg_hpc.errors import MagsegError
-    from magseg_hpc.outputs import check_no_overlap, check_output
-    from magseg_hpc.paths import volume_file
-
     inputs = [getattr(cfg.data, k) for k in DATA_PATH_KEYS]
     for key in DATA_PATH_KEYS if check_data else ():
         spec = getattr(cfg.data, key)
@@ -51,9 +53,6 @@ def check_run_paths(cfg, output_dir, check_data: bool = True) -> None:
 
 
 def run(args) -> int:
-    from magseg_hpc.config import load_config
-    from magseg_hpc.train import run_training
-
     cfg = load_config(args.config, args.overrides)
     check_run_paths(cfg, args.output_dir)
     summary = run_training(cfg, args.output_dir)

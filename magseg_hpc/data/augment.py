@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from magseg_hpc.classes import IGNORE_LABEL
 from magseg_hpc.data.rng import Rng
+from magseg_hpc.errors import MagsegError
 
 Generator = torch.Generator | np.random.Generator
 
@@ -257,8 +258,6 @@ STRONG_POOLS: dict[str, tuple[str, ...]] = {
 
 def resolve_strong_pool(spec: str | Sequence[str] | None) -> list[str]:
     """A pool name ("study", "intensity_safe"), a list of op names, or None (the study's)."""
-    from magseg_hpc.errors import MagsegError
-
     if spec is None:
         return list(STRONG_POOL)
     if isinstance(spec, str):

@@ -23,7 +23,18 @@ import numpy as np
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.data.masks import MaskImport, _pack, colors_to_labels, mask_files, read_mask
+from magseg_hpc.data.normalize import masked_support
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.paths import volume_file
+from magseg_hpc.staging import staged_output
+from magseg_hpc.volume.io import open_volume, soft_var
+from magseg_hpc.volume.store import (
+    create_label_store,
+    default_chunks,
+    refuse_existing,
+    set_complete,
+    write_label_region,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +159,6 @@ def picture(plane: np.ndarray, window: dict) -> np.ndarray:
     pixels = to_uint8(plane, window)
     if not window["zeros_excluded"]:
         return pixels
-    from magseg_hpc.data.normalize import masked_support
 
     support = masked_support(np.asarray(plane), 0.0)
     inside = SAMPLE_FLOOR + np.rint(pixels * ((255 - SAMPLE_FLOOR) / 255)).astype(np.uint8)
@@ -174,10 +184,6 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
     the manifest. Slices are read twice (window, then pictures), one at a time."""
     from PIL import Image
 
-    from magseg_hpc.paths import volume_file
-    from magseg_hpc.staging import staged_output
-    from magseg_hpc.volume.io import open_volume
-    from magseg_hpc.volume.store import refuse_existing
 
     refuse_existing(out_dir, overwrite, MANIFEST_FORMAT)
     _check_axis(axis)
@@ -264,15 +270,6 @@ def import_sparse_masks(masks_dir: str | Path, out: str | Path, class_table: Cla
     Each mask's slice is the index in its file name (``z00042.png``: z slice 42); slices
     without a mask are 255 (unlabelled). Everything is checked before anything is written.
     """
-    from magseg_hpc.staging import staged_output
-    from magseg_hpc.volume.io import open_volume
-    from magseg_hpc.volume.store import (
-        create_label_store,
-        refuse_existing,
-        set_complete,
-        write_label_region,
-    )
-
     refuse_existing(out, overwrite)
     files = mask_files(masks_dir)
     named = [(f, *index_from_name(f)) for f in files]
@@ -348,16 +345,6 @@ def import_label_volume(src: str, out: str | Path, class_table: ClassTable, *,
     """A label array (zarr, TIFF, NPY, HDF5) -> a label store. ``class_values[k]`` is the
     value that means class ``k`` (default ``k``); ``unlabelled_value`` and any other value
     become 255 (others are counted in a warning). Streams z slabs."""
-    from magseg_hpc.staging import staged_output
-    from magseg_hpc.volume.io import open_volume, soft_var
-    from magseg_hpc.volume.store import (
-        create_label_store,
-        default_chunks,
-        refuse_existing,
-        set_complete,
-        write_label_region,
-    )
-
     refuse_existing(out, overwrite)
     _check_axis(axis)
     labels = open_volume(src, **soft_var(var, "labels"))

@@ -24,7 +24,17 @@ import numpy as np
 
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
+from magseg_hpc.config import load_yaml
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.staging import staged_output
+from magseg_hpc.volume.store import (
+    LABEL_FORMAT,
+    create_label_store,
+    default_chunks,
+    refuse_existing,
+    set_complete,
+    write_label_region,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +65,6 @@ def load_colors(path: str | Path) -> ClassTable:
     """Read a colour file (YAML or JSON) into a ClassTable; a bad file is one clear error."""
     import yaml
 
-    from magseg_hpc.config import load_yaml
 
     path = Path(path)
     if not path.is_file():
@@ -198,15 +207,6 @@ def import_masks(
     import dask.array as da
     import xarray as xr
 
-    from magseg_hpc.staging import staged_output
-    from magseg_hpc.volume.store import (
-        LABEL_FORMAT,
-        create_label_store,
-        default_chunks,
-        refuse_existing,
-        set_complete,
-        write_label_region,
-    )
 
     refuse_existing(out, overwrite, LABEL_FORMAT)
     files = mask_files(masks_dir)

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from magseg_hpc.classes import ClassTable
 from magseg_hpc.data.tomography import (
     acquire,
     limited_angle_reconstruction,
@@ -68,6 +69,7 @@ from magseg_hpc.data.tomography import (
     shade,
 )
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.volume.store import write_image_store
 
 log = logging.getLogger(__name__)
 
@@ -334,9 +336,6 @@ def preset_params(preset: str, **overrides: Any) -> dict[str, Any]:
 
 def write_phantom(path: str | Path, phantom: Phantom, overwrite: bool = False) -> None:
     """Write ``phantom`` as an image store with ground-truth ``labels``; params go to attrs."""
-    from magseg_hpc.classes import ClassTable
-    from magseg_hpc.volume.store import write_image_store
-
     write_image_store(
         path,
         phantom.image,

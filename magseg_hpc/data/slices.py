@@ -29,9 +29,19 @@ from torch.utils.data import Dataset
 
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
+from magseg_hpc.data.augment import strong_augment, weak_augment
 from magseg_hpc.data.masks import colors_to_labels, read_mask
+from magseg_hpc.data.normalize import (
+    apply_normalization,
+    mark_outside,
+    marks_outside,
+    outside_planes,
+    scale_to_unit,
+    standardize,
+)
 from magseg_hpc.data.sampling import STREAM_LABELED_AUG, STREAM_UNLABELED_AUG, sample_rng
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.volume.io import open_volume, soft_var
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +86,6 @@ class VolumeSlices:
 
     def _image_array(self):
         if self._image is None:
-            from magseg_hpc.volume.io import open_volume, soft_var
-
             self._image = open_volume(self.path, **soft_var(self.image_var, "image"))
         return self._image
 
@@ -96,8 +104,6 @@ class VolumeSlices:
 
     def _labels_array(self):
         if self._labels is None:
-            from magseg_hpc.volume.io import open_volume, soft_var
-
             # A separate label volume may be a plain array; labels inside the image store
             # must be named (its only array is the image).
             kw = (soft_var(self.label_var, "labels") if self.label_path != self.path
@@ -160,8 +166,6 @@ class VolumeSlices:
         """``normalize.outside_planes`` of ``read_image(key, context)``; each plane's is
         computed once per process when the volume is held in memory (training reads every
         slice many times)."""
-        from magseg_hpc.data.normalize import outside_planes
-
         planes = []
         for i in ([int(key)] if context == 1 else self._context(key, context)):
             name = f"outside:{masked_value}:{i}"
@@ -287,8 +291,6 @@ class FolderSlices:
         return arr.astype(np.float32)
 
     def read_outside(self, key: str, context: int, masked_value: float) -> np.ndarray:
-        from magseg_hpc.data.normalize import outside_planes
-
         return outside_planes(self.read_image(key, context), masked_value)
 
     def read_labels(self, key: str) -> np.ndarray:
@@ -335,8 +337,6 @@ class LabeledSlices(Dataset):
         return len(self.keys)
 
     def _weak(self, image01, mask, rng, focus=None):
-        from magseg_hpc.data.augment import weak_augment
-
         return weak_augment(
             image01, mask, crop_size=self.aug.crop_size, generator=rng,
             scale_range=self.aug.scale_range, vflip=self.aug.vflip, rot90=self.aug.rot90,
@@ -347,8 +347,6 @@ class LabeledSlices(Dataset):
     def _read(self, key):
         """(raw image (H, W) or (context, H, W), its values in [0, 1], the outside of a
         masked sample marked when the normalisation says so)."""
-        from magseg_hpc.data.normalize import mark_outside, marks_outside, scale_to_unit
-
         raw = self.source.read_image(key, self.aug.context)
         x01 = scale_to_unit(raw, self.norm)
         if marks_outside(self.norm):
@@ -357,8 +355,6 @@ class LabeledSlices(Dataset):
         return raw, x01
 
     def __getitem__(self, item):
-        from magseg_hpc.data.normalize import standardize
-
         epoch, position, index = item
         key = self.keys[index]
         rng = sample_rng(self.seed, self.stream, epoch, position)
@@ -381,9 +377,6 @@ class UnlabeledSlices(LabeledSlices):
     stream = STREAM_UNLABELED_AUG
 
     def __getitem__(self, item):
-        from magseg_hpc.data.augment import strong_augment
-        from magseg_hpc.data.normalize import standardize
-
         epoch, position, index = item
         key = self.keys[index]
         rng = sample_rng(self.seed, self.stream, epoch, position)
@@ -415,8 +408,6 @@ class ValSlices(Dataset):
         return len(self.keys)
 
     def __getitem__(self, index: int):
-        from magseg_hpc.data.normalize import apply_normalization, marks_outside
-
         key = self.keys[index]
         outside = (self.source.read_outside(key, self.context, self.norm["masked_value"])
                    if marks_outside(self.norm) else None)

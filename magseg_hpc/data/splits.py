@@ -8,17 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from magseg_hpc.axes import AXES
 from magseg_hpc.data.sampling import STREAM_SPLIT
-from magseg_hpc.data.slices import IMAGE_SUFFIXES, VolumeSlices
+from magseg_hpc.data.slices import IMAGE_SUFFIXES, MultiAxisSlices, VolumeSlices
 from magseg_hpc.errors import MagsegError
-
-if TYPE_CHECKING:
-    from magseg_hpc.data.slices import MultiAxisSlices
 
 SPLIT_NAMES = ("labeled", "unlabeled", "val")
 

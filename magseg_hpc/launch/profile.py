@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from magseg_hpc.config import load_yaml
 from magseg_hpc.errors import MagsegError
 
 __all__ = ["JobProfile", "job_profile_from_dict", "load_job_profile", "dask_jobqueue_kwargs"]
@@ -115,7 +116,6 @@ def load_job_profile(path: str | Path | None) -> JobProfile:
         raise MagsegError(
             f"cannot read job profile {path}: {e.strerror}; see jobs/ for examples"
         ) from None
-    from magseg_hpc.config import load_yaml
 
     try:
         raw = load_yaml(text)

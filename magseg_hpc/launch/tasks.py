@@ -184,6 +184,8 @@ class CommandTask:
         self.run_dir = run_dir  # may contain %j: replaced by the job id inside the job
 
     def __call__(self) -> dict:
+        # the job runs a magseg-hpc command, above this layer: an import-linter exception in
+        # pyproject.toml (typed command specs would remove it)
         from magseg_hpc import cli
 
         env = submitit.JobEnvironment()

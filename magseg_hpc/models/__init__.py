@@ -28,7 +28,13 @@ from torch import nn
 
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.models.deeplab import BACKBONES, DeepLabV3Plus, load_pretrained_backbone
-from magseg_hpc.models.sam import SAM_ARCHITECTURE_KEYS, SAM_NAMES
+from magseg_hpc.models.sam import (
+    SAM_ARCHITECTURE_KEYS,
+    SAM_NAMES,
+    SamSemantic,
+    load_sam_weights,
+    resolve_sam_config,
+)
 
 MODEL_NAMES = ("deeplabv3plus", *SAM_NAMES)
 # Keys that define the architecture: a checkpoint is refused when these differ (a key a model
@@ -61,8 +67,6 @@ def resolve_model_config(model_cfg: dict) -> dict:
     if name not in MODEL_NAMES:
         raise MagsegError(f"model.name {name!r} is not one of {list(MODEL_NAMES)}")
     if name in SAM_NAMES:
-        from magseg_hpc.models.sam import resolve_sam_config
-
         return resolve_sam_config(model_cfg, _DEFAULTS)
     unknown = sorted(set(model_cfg) - set(_DEFAULTS))
     if unknown:
@@ -99,8 +103,6 @@ def build_model(model_cfg: dict) -> nn.Module:
     output logits (B, num_classes, H, W). ``model.config`` holds the resolved config."""
     cfg = resolve_model_config(model_cfg)
     if cfg["name"] in SAM_NAMES:
-        from magseg_hpc.models.sam import SamSemantic, load_sam_weights
-
         model = SamSemantic(cfg)
         if cfg["pretrained"]:
             load_sam_weights(model, cfg["pretrained"])

@@ -35,6 +35,8 @@ from torch import nn
 
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.models import ARCHITECTURE_KEYS, build_model, resolve_model_config
+from magseg_hpc.models.weights import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +64,6 @@ def _check_plain(obj, where: str) -> None:
         "tensors, dicts, lists, str, int, float, bool and None load with weights_only=True "
         "(convert numpy arrays with torch.from_numpy)"
     )
-
-
-def read_weights(path: str | Path, *, missing: str, unreadable: str, fix: str):
-    """``torch.load(path, weights_only=True)`` on the CPU with one-line errors.
-
-    ``missing`` is the message for an absent file; ``unreadable`` and ``fix`` frame the
-    message for a file torch cannot read. Files holding pickled objects are always refused.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MagsegError(missing)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    # torch.save writes a zip archive; the legacy format starts with a pickle protocol byte
-    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
-        raise MagsegError(f"{unreadable} (not a torch file: it starts with {head!r}); {fix}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = str(e)
-        if "weights_only" in text or "Unsupported global" in text:
-            raise MagsegError(
-                f"refusing to load {path}: it holds pickled Python objects, not only tensors "
-                "(a file from an unknown or untrusted source); use a file that holds tensors "
-                "only (torch.save of a state dict)"
-            ) from e
-        first_line = text.splitlines()[0][:120] if text else ""
-        raise MagsegError(f"{unreadable} ({type(e).__name__}: {first_line}); {fix}") from e
 
 
 def _tensor_bytes(value) -> int:
@@ -155,8 +129,6 @@ def load_checkpoint(
     Raises MagsegError for a missing, unreadable or foreign file, and when the class table
     (names, in order) or the architecture keys of the model config differ from the expected.
     """
-    from magseg_hpc.models import ARCHITECTURE_KEYS, resolve_model_config
-
     path = Path(path)
     ckpt = read_weights(
         path,
@@ -255,8 +227,6 @@ def load_inference_model(
 ) -> tuple[nn.Module, dict]:
     """Build the checkpoint's model, load its ``which`` weights ("teacher" or "student"),
     move it to ``device`` and put it in eval mode. Returns (model, ckpt)."""
-    from magseg_hpc.models import build_model
-
     if which not in ("teacher", "student"):
         raise MagsegError(f"which={which!r}: choose 'teacher' or 'student'")
     ckpt = load_checkpoint(path)

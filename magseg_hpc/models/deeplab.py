@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.models.checkpoint import read_weights
+from magseg_hpc.models.weights import read_weights
 
 log = logging.getLogger(__name__)
 

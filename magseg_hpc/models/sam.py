@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.models.weights import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +397,6 @@ def load_sam_weights(model: SamSemantic, path: str) -> dict:
     with keys ``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``) into ``model``,
     adapting what our class count and image size change; logs and returns the report."""
 
-    from magseg_hpc.models.checkpoint import read_weights
 
     state = read_weights(
         path,

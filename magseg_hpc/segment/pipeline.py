@@ -31,8 +31,10 @@ import numpy as np
 from magseg_hpc import __version__
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import ClassTable
+from magseg_hpc.data.normalize import refit_normalization
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import CLUSTER_LOGGERS, loggers_to_file
+from magseg_hpc.models.checkpoint import checkpoint_sha256, fuses, load_inference_model
 from magseg_hpc.outputs import check_no_overlap, check_output
 from magseg_hpc.paths import absolute_spec
 from magseg_hpc.precision import check_precision
@@ -49,7 +51,8 @@ from magseg_hpc.segment.resume import (
     state_dir,
     write_run_record,
 )
-from magseg_hpc.segment.worker import SlabJob, run_slab
+from magseg_hpc.segment.threshold import fit_threshold_params
+from magseg_hpc.segment.worker import SlabJob, run_slab, warm_up
 from magseg_hpc.staging import (
     begin_staging,
     is_staging,
@@ -57,7 +60,8 @@ from magseg_hpc.staging import (
     staging_path,
     writer_lock,
 )
-from magseg_hpc.volume.store import LABEL_FORMAT
+from magseg_hpc.volume.io import open_volume, reading
+from magseg_hpc.volume.store import LABEL_FORMAT, create_label_store, open_group, set_complete
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +200,6 @@ def _sample_slices(volume) -> np.ndarray:
 
 def prepare(opts: SegmentOptions) -> Prepared:
     """Validate everything and plan the run; writes nothing."""
-    from magseg_hpc.volume.io import open_volume, reading
-
     auto_axes = opts.axes == "auto"
     opts.axes = ("z",) if auto_axes else parse_axes(opts.axes)
     _check_options(opts)
@@ -214,13 +216,10 @@ def prepare(opts: SegmentOptions) -> Prepared:
     model_path = str(Path(opts.model).resolve()) if opts.model else None
     sha256, threshold, normalization, context = None, {}, None, 1
     if opts.method == "model":
-        from magseg_hpc.models.checkpoint import checkpoint_sha256, load_inference_model
-
         # Build it once here (CPU) so a checkpoint whose weights do not fit fails now, with
         # nothing written; workers load their own copy from the path.
         _, ckpt = load_inference_model(model_path, device="cpu")
         class_table = ClassTable.from_dict(ckpt["class_table"])
-        from magseg_hpc.data.normalize import refit_normalization
 
         with dask.config.set(scheduler="synchronous"):
             normalization = refit_normalization(volume.data, ckpt["normalization"])
@@ -236,8 +235,6 @@ def prepare(opts: SegmentOptions) -> Prepared:
         model_cfg = ckpt["model"]
         del ckpt
     else:
-        from magseg_hpc.segment.threshold import fit_threshold_params
-
         with dask.config.set(scheduler="synchronous"), reading(opts.input):
             threshold = fit_threshold_params(volume.data)
         class_table, model_cfg = ClassTable.default(), None
@@ -310,8 +307,6 @@ def axes_for_auto(ckpt: dict) -> tuple[str, ...]:
     """What ``--axes auto`` segments along: the trained planes fused when the checkpoint's
     fusion check (validation slices segmented both ways) scored fusion higher, else the
     labelled axis alone."""
-    from magseg_hpc.models.checkpoint import fuses
-
     trained = trained_axes(ckpt)
     data = (ckpt.get("config") or {}).get("data") or {}
     primary = data.get("axis") or "z"
@@ -350,8 +345,6 @@ def _warn_untrained_axes(ckpt: dict, axes: tuple[str, ...]) -> None:
 
 def _open_output(prep: Prepared) -> None:
     """Create the label store (or reuse it on resume) and the run record."""
-    from magseg_hpc.volume.store import create_label_store, open_group
-
     opts, out = prep.options, prep.job.output
     if opts.resume and read_run_record(out) is not None:
         log.info("resuming %s: %d of %d slabs already done", out,
@@ -401,7 +394,6 @@ def warm_workers(prep: Prepared, client) -> float:
     """
     from distributed import wait
 
-    from magseg_hpc.segment.worker import warm_up
 
     t0 = time.perf_counter()
     futures = [client.submit(warm_up, prep.job, workers=[addr], allow_other_workers=False,
@@ -462,7 +454,6 @@ def _segment_locked(prep: Prepared, client, progress, on_result) -> RunSummary:
         )
     if len(prep.options.axes) > 1:
         shutil.rmtree(prep.job.scratch, ignore_errors=True)
-    from magseg_hpc.volume.store import set_complete
 
     set_complete(out, True, finished=_dt.datetime.now(_dt.timezone.utc).isoformat(
         timespec="seconds"))

@@ -28,6 +28,8 @@ import numpy as np
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.segment.pipeline import prepare, segment_volume
+from magseg_hpc.volume.store import open_group, open_labels
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ def slice_scores(store: str | Path, axis: str,
     import dask
     import dask.array as da
 
-    from magseg_hpc.volume.store import open_group
 
     group = open_group(store)
     probs = da.from_zarr(group["probabilities"])
@@ -102,7 +103,6 @@ def labelled_along(labels_path: str, axis: str, shape: tuple) -> list[int]:
     """Slices along ``axis`` of a label volume that carry labels (any voxel not 255)."""
     import dask
 
-    from magseg_hpc.volume.store import open_labels
 
     labels, _ = open_labels(labels_path)
     if tuple(labels.shape) != tuple(shape):
@@ -131,7 +131,6 @@ def plan_suggestions(opts, *, n: int, score: str = "entropy", labels: str | None
     ``SegmentOptions`` with one axis; its ``output`` is replaced by a scratch store."""
     from dataclasses import replace
 
-    from magseg_hpc.segment.pipeline import prepare
 
     if score not in SCORES:
         raise MagsegError(f"--score {score}: choose one of {', '.join(SCORES)}")
@@ -159,8 +158,6 @@ def plan_suggestions(opts, *, n: int, score: str = "entropy", labels: str | None
 
 def suggest_slices(plan: SuggestPlan, client, *, progress: bool | None = None) -> Suggestion:
     """Segment with probabilities on ``client``'s cluster, score the slices, pick."""
-    from magseg_hpc.segment.pipeline import segment_volume
-
     scratch = plan.prepared.job.output
     try:
         segment_volume(plan.prepared, client, progress=progress)

@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from magseg_hpc.data.normalize import detect_masked_value, masked_support
 from magseg_hpc.errors import MagsegError
 
 log = logging.getLogger(__name__)
@@ -211,8 +212,6 @@ def _array(volume: Any):
 
 
 def _masked_value(data, stride: int) -> float | None:
-    from magseg_hpc.data.normalize import detect_masked_value
-
     nz = data.shape[0]
     idx = np.unique(np.linspace(0, nz - 1, min(nz, 16)).astype(int))
     sample = np.asarray(data[idx][:, ::stride, ::stride]).astype(np.float64).ravel()
@@ -221,8 +220,6 @@ def _masked_value(data, stride: int) -> float | None:
 
 def _masked_features(arr: np.ndarray, opts: dict[str, Any], masked_value: float):
     """(support, domain feature) of a masked slab: smoothing normalised over the support."""
-    from magseg_hpc.data.normalize import masked_support
-
     support = np.stack([masked_support(plane, masked_value) for plane in arr])
     sigma = float(opts["domain_sigma"])
     weight = ndimage.gaussian_filter(support.astype(np.float32), sigma, mode="nearest")

@@ -22,8 +22,14 @@ import numpy as np
 from magseg_hpc.axes import AXES
 from magseg_hpc.cpus import available_cores
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.models.checkpoint import checkpoint_sha256, load_inference_model
 from magseg_hpc.paths import volume_file
+from magseg_hpc.precision import autocast, resolve_precision
 from magseg_hpc.segment.blocks import Slab
+from magseg_hpc.segment.kernel import fuse_probabilities, segment_slab, support_outside
+from magseg_hpc.segment.threshold import apply_threshold, threshold_halo
+from magseg_hpc.volume.io import open_volume
+from magseg_hpc.volume.store import write_label_region
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +101,6 @@ def resolve_device(device: str) -> str:
 
 def get_model(path: str, sha256: str, device: str):
     """The (model, checkpoint) for ``path`` on ``device``, loaded once per worker process."""
-    from magseg_hpc.models.checkpoint import checkpoint_sha256, load_inference_model
-
     key = (path, sha256, device)
     with _LOCK:
         if key not in _MODELS:
@@ -116,8 +120,6 @@ def get_model(path: str, sha256: str, device: str):
 
 def get_volume(path: str, var: str | None):
     """The input DataArray, opened once per worker (metadata only; reads are per slab)."""
-    from magseg_hpc.volume.io import open_volume
-
     key = (path, var)
     with _LOCK:
         if key not in _VOLUMES:
@@ -174,8 +176,6 @@ def run_slab(job: SlabJob, slab: Slab, *waited_for: dict) -> dict:
         return _run_fuse(job, slab, t0)
     _set_threads(job)
     if job.method == "threshold":
-        from magseg_hpc.segment.threshold import apply_threshold, threshold_halo
-
         # The threshold's smoothing is 3D: read context slices so slabs match the whole volume.
         data, before = read_slab(job, slab, threshold_halo(job.threshold))
         t_read = time.perf_counter()
@@ -183,9 +183,6 @@ def run_slab(job: SlabJob, slab: Slab, *waited_for: dict) -> dict:
         labels, probs, precision = labels[before:before + slab.num_slices()], None, None
         data = data[before:before + slab.num_slices()]
     else:
-        from magseg_hpc.precision import resolve_precision
-        from magseg_hpc.segment.kernel import segment_slab
-
         data, before = read_slab(job, slab, job.context // 2)
         t_read = time.perf_counter()
         device = resolve_device(job.device)
@@ -209,8 +206,6 @@ def run_slab(job: SlabJob, slab: Slab, *waited_for: dict) -> dict:
 
         zarr.open_array(f"{job.scratch}/{slab.axis}", mode="r+")[(slice(None), *region)] = probs
     else:
-        from magseg_hpc.volume.store import write_label_region
-
         write_label_region(job.output, region, labels, probs if job.probabilities else None)
     t_write = time.perf_counter()
     stats = _stats(slab, labels.size, labels.shape[AXES.index(slab.axis)], t0, t_read,
@@ -225,8 +220,6 @@ def _shape(job: SlabJob) -> tuple[int, int, int]:
 def _run_fuse(job: SlabJob, slab: Slab, t0: float) -> dict:
     import zarr
 
-    from magseg_hpc.segment.kernel import fuse_probabilities, support_outside
-    from magseg_hpc.volume.store import write_label_region
 
     parts = []
     for axis in job.axes:
@@ -256,7 +249,6 @@ def warm_up(job: SlabJob) -> str:
     model and run one z-slice batch through it (the first forward of a shape is slow)."""
     import torch
 
-    from magseg_hpc.precision import autocast, resolve_precision
 
     _set_threads(job)
     volume = get_volume(job.input, job.var)

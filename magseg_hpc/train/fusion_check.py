@@ -23,7 +23,9 @@ import torch
 
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL
+from magseg_hpc.data.normalize import refit_normalization
 from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
+from magseg_hpc.models.checkpoint import fuses, load_inference_model, save_checkpoint
 from magseg_hpc.segment import kernel
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,6 @@ def check_fusion(model: torch.nn.Module, source, val_keys, *, axes: list[str],
     """``measure_fusion`` on the validation slices ``val_keys`` of ``source`` (a volume's
     slices; a MultiAxisSlices' labelled-axis volume), normalised as segment-volume's default
     (fitted on that volume, the model's input encoding kept), with the seconds it took."""
-    from magseg_hpc.data.normalize import refit_normalization
-
     volume = getattr(source, "primary", source)
     image = np.asarray(volume.image_volume())
     started = time.perf_counter()
@@ -104,8 +104,6 @@ def record_fusion_check(best_path, source, val_keys, axes: list[str], num_classe
     """Measure fusion for best.pt's teacher on the validation slices ``val_keys`` of
     ``source`` (the validation volume) and store it in best.pt; kept when best.pt already
     holds the check for its iteration (a finished run resumed)."""
-    from magseg_hpc.models.checkpoint import fuses, load_inference_model, save_checkpoint
-
     if not best_path.is_file() or not val_keys:
         return None
     model, ckpt = load_inference_model(best_path, device)

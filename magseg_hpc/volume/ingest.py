@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.volume.io import open_volume
+from magseg_hpc.outputs import check_no_overlap
+from magseg_hpc.paths import volume_file
+from magseg_hpc.volume.io import ZARR_MARKERS, open_volume
 from magseg_hpc.volume.store import (
     IMAGE_FORMAT,
     default_chunks,
@@ -57,7 +59,6 @@ def ingest(
     """
     import math
 
-    from magseg_hpc.outputs import check_no_overlap
 
     if fill_nonfinite is not None and not math.isfinite(fill_nonfinite):
         raise MagsegError(
@@ -107,8 +108,6 @@ def _warn_absent_chunks(src, var) -> None:
     """Zarr reads a chunk with no file as its fill value: say so, it may be a lost file."""
     import zarr
 
-    from magseg_hpc.paths import volume_file
-    from magseg_hpc.volume.io import ZARR_MARKERS
 
     path = volume_file(src)
     if not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):

@@ -30,8 +30,9 @@ from magseg_hpc import __version__
 from magseg_hpc.axes import AXES as DIMS
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.outputs import record_owner
+from magseg_hpc.outputs import check_output, record_owner, remove_tool_store
 from magseg_hpc.staging import staged_output
+from magseg_hpc.volume.io import open_volume, reading, soft_var
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ IMAGE_FORMAT = "magseg-hpc/image/1"
 def refuse_existing(path: str | Path, overwrite: bool, expect: str | None = None) -> None:
     """Refuse an existing output unless it is a store this tool wrote (of the ``expect``
     format, when given) and ``overwrite``."""
-    from magseg_hpc.outputs import check_output
-
     check_output(path, overwrite, expect=expect)
 
 
@@ -158,8 +157,6 @@ def create_label_store(
 ) -> None:
     """Create an empty label store shaped like ``like`` (a volume with dims z, y, x);
     unwritten voxels read as ``fill_value`` (255 for sparse hand labels)."""
-    from magseg_hpc.outputs import remove_tool_store
-
     refuse_existing(path, overwrite, LABEL_FORMAT)
     shape = tuple(int(n) for n in like.shape)
     chunks = default_chunks(shape, chunks)
@@ -234,8 +231,6 @@ def open_labels(path: str | Path, var: str | None = None) -> tuple[xr.DataArray,
     Without ``var``: a store's ``labels`` variable, else its only array (a plain zarr array,
     TIFF, NPY or HDF5 file as labelling tools save them).
     """
-    from magseg_hpc.volume.io import open_volume, soft_var
-
     labels = open_volume(path, **soft_var(var, "labels"))
     if labels.dtype.kind not in "iu":  # other integer types (e.g. TIFF masks) are fine
         name = repr(var) if var else "the label volume"
@@ -272,8 +267,6 @@ def write_image_store(
     ``path`` only once complete. ``slab_callback(z0, z1, slab)`` sees every image slab
     before it is written (progress, checks); raising from it aborts without output.
     """
-    from magseg_hpc.volume.io import reading
-
     shape = tuple(int(n) for n in image.shape)
     if len(shape) != 3:
         raise MagsegError(f"expected a 3D volume, got shape {shape}")
