@@ -359,8 +359,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _check_values(cfg: ExperimentConfig) -> None:
     cfg.class_table  # noqa: B018 - raises MagsegError for a malformed class table
-    # at call time: the model registry sits above config (it imports it); an import-linter
-    # exception in pyproject.toml
+    # at call time: models import config (an import-linter exception in pyproject.toml)
     from magseg_hpc.models import resolve_model_config
 
     resolve_model_config(cfg.model_dict())
