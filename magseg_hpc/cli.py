@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 
 from magseg_hpc import __version__
@@ -37,6 +38,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"magseg-hpc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # provenance records the command line as given (a submitted job's too)
+    parser.set_defaults(command_line=shlex.join(["magseg-hpc", *(argv or ())]))
     chosen = next((a for a in argv or () if not a.startswith("-")), None)
     for name in (chosen,) if chosen in COMMANDS else COMMANDS:
         importlib.import_module(command_module(name)).register(subparsers)

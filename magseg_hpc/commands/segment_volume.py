@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shlex
-import sys
 
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD, open_cluster
@@ -116,7 +114,7 @@ def run(args) -> int:
         device=args.device, slab_size=args.slab_size, resume=args.resume,
         overwrite=args.overwrite, method=args.method, normalization=args.normalization,
         precision=args.precision,
-        command_line=shlex.join(["magseg-hpc", *sys.argv[1:]]),
+        command_line=args.command_line,
     )
     # Every check that can fail on bad input runs before any cluster or output exists.
     prepared = prepare(opts)

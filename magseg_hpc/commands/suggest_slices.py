@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 from pathlib import Path
 
 from magseg_hpc.axes import AXES
@@ -73,7 +71,7 @@ def run(args) -> int:
     opts = SegmentOptions(
         input=args.volume, output="", model=args.model, var=args.var, axes=(args.axis,),
         batch_size=args.batch_size, device=args.device, precision=args.precision,
-        command_line=shlex.join(["magseg-hpc", *sys.argv[1:]]),
+        command_line=args.command_line,
     )
     # Every check that can fail on bad input runs before any cluster or output exists.
     plan = plan_suggestions(opts, n=args.n, score=args.score, labels=args.labels,

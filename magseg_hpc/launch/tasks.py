@@ -194,12 +194,7 @@ class CommandTask:
         os.chdir(self.cwd)  # relative paths mean what they meant at submission
         command = shlex.join(["magseg-hpc", *self.argv])
         log.info("job %s on %s: %s (in %s)", env.job_id, env.hostname, command, self.cwd)
-        saved_argv = sys.argv
-        sys.argv = ["magseg-hpc", *self.argv]  # provenance records the command line
-        try:
-            status = cli.main(self.argv)
-        finally:
-            sys.argv = saved_argv
+        status = cli.main(self.argv)  # the command line it records is this argv
         if status != 0:
             raise MagsegError(f"{command} exited with status {status}; "
                               f"see {run_dir / LOGS_DIR / 'rank0.log'}")
