@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+import zarr
 from distributed import Client, LocalCluster
 from segment_utils import is_complete, make_checkpoint, make_volume, read_labels, write_input
 
@@ -189,6 +191,11 @@ def test_a_small_volume_runs_its_one_worker_in_this_process(files, capsys, tmp_p
     assert rc == 0 and "one worker in this process" not in out
     np.testing.assert_array_equal(read_labels(tmp_path / "a.zarr"),
                                   read_labels(tmp_path / "b.zarr"))
+    # the provenance records the command as run (main's argv, not this process's sys.argv)
+    recorded = zarr.open_group(str(tmp_path / "b.zarr"), mode="r").attrs["provenance"]
+    assert recorded["command_line"] == shlex.join(
+        ["magseg-hpc", "segment-volume", str(files["input"]), str(tmp_path / "b.zarr"),
+         "--model", str(files["ckpt"]), "--dashboard-address", ":0", "--workers", "1"])
 
 
 def test_a_failed_slab_is_one_line_in_the_terminal(files, capsys, tmp_path, monkeypatch):
