@@ -374,7 +374,8 @@ def test_random_kills_of_training_resume_to_the_uninterrupted_weights(phantom, t
     import signal
     import time
 
-    raw = tiny(phantom, epochs=3, checkpoint_every=2, eval_every=5)
+    # a checkpoint (~0.9 s to write here) every 5 iterations: kills land between them too
+    raw = tiny(phantom, epochs=3, checkpoint_every=5, eval_every=5)
     straight = run_training(config_from_dict(raw), tmp_path / "straight")
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(raw))
