@@ -93,7 +93,6 @@ def _incomplete(path) -> bool:
     """True for a label store this tool marked incomplete (segment-volume did not finish)."""
     import json
 
-
     p = volume_file(path)
     if tool_store_format(p) is None:
         return False
@@ -105,7 +104,6 @@ def check_args(args) -> None:
     """Every check of the arguments that needs no computation (also run by submit)."""
     import json
     from pathlib import Path
-
 
     if args.slices and not args.figures:
         raise MagsegError("--slices chooses figure slices; add --figures DIR")
@@ -150,7 +148,6 @@ def _figure_image(args):
 
 def run(args) -> int:
     import dask
-
 
     check_args(args)
     pred, truth, table = load_pair(

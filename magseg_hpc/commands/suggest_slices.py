@@ -63,7 +63,6 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from dataclasses import replace
 
-
     out = Path(args.output)
     refuse_existing(out, args.overwrite)
     if out.is_dir():

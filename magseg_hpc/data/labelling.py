@@ -184,7 +184,6 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
     the manifest. Slices are read twice (window, then pictures), one at a time."""
     from PIL import Image
 
-
     refuse_existing(out_dir, overwrite, MANIFEST_FORMAT)
     _check_axis(axis)
     if fmt not in FORMATS:

@@ -65,7 +65,6 @@ def load_colors(path: str | Path) -> ClassTable:
     """Read a colour file (YAML or JSON) into a ClassTable; a bad file is one clear error."""
     import yaml
 
-
     path = Path(path)
     if not path.is_file():
         raise MagsegError(
@@ -206,7 +205,6 @@ def import_masks(
     """
     import dask.array as da
     import xarray as xr
-
 
     refuse_existing(out, overwrite, LABEL_FORMAT)
     files = mask_files(masks_dir)

@@ -397,7 +397,6 @@ def load_sam_weights(model: SamSemantic, path: str) -> dict:
     with keys ``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``) into ``model``,
     adapting what our class count and image size change; logs and returns the report."""
 
-
     state = read_weights(
         path,
         missing=f"SAM weights not found: {path}; download sam_vit_b_01ec64.pth (or _l/_h) from "

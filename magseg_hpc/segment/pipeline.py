@@ -394,7 +394,6 @@ def warm_workers(prep: Prepared, client) -> float:
     """
     from distributed import wait
 
-
     t0 = time.perf_counter()
     futures = [client.submit(warm_up, prep.job, workers=[addr], allow_other_workers=False,
                              pure=False, key=f"warm-up-{uuid.uuid4().hex[:8]}")

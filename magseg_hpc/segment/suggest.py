@@ -54,7 +54,6 @@ def slice_scores(store: str | Path, axis: str,
     import dask
     import dask.array as da
 
-
     group = open_group(store)
     probs = da.from_zarr(group["probabilities"])
     c = probs.shape[0]
@@ -103,7 +102,6 @@ def labelled_along(labels_path: str, axis: str, shape: tuple) -> list[int]:
     """Slices along ``axis`` of a label volume that carry labels (any voxel not 255)."""
     import dask
 
-
     labels, _ = open_labels(labels_path)
     if tuple(labels.shape) != tuple(shape):
         raise MagsegError(f"{labels_path}: labels have shape {tuple(labels.shape)} but the "
@@ -130,7 +128,6 @@ def plan_suggestions(opts, *, n: int, score: str = "entropy", labels: str | None
     """Check everything (volume, model, labels, n) and plan; writes nothing. ``opts`` is a
     ``SegmentOptions`` with one axis; its ``output`` is replaced by a scratch store."""
     from dataclasses import replace
-
 
     if score not in SCORES:
         raise MagsegError(f"--score {score}: choose one of {', '.join(SCORES)}")

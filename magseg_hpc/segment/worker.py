@@ -220,7 +220,6 @@ def _shape(job: SlabJob) -> tuple[int, int, int]:
 def _run_fuse(job: SlabJob, slab: Slab, t0: float) -> dict:
     import zarr
 
-
     parts = []
     for axis in job.axes:
         parts.append(zarr.open_array(f"{job.scratch}/{axis}", mode="r")[:, slab.start:slab.stop])
@@ -248,7 +247,6 @@ def warm_up(job: SlabJob) -> str:
     """Ahead of the first slab (optional): import the I/O stack, open the input, load the
     model and run one z-slice batch through it (the first forward of a shape is slow)."""
     import torch
-
 
     _set_threads(job)
     volume = get_volume(job.input, job.var)

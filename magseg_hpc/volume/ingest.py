@@ -59,7 +59,6 @@ def ingest(
     """
     import math
 
-
     if fill_nonfinite is not None and not math.isfinite(fill_nonfinite):
         raise MagsegError(
             f"--fill-nonfinite {fill_nonfinite}: the fill value must be a finite number (e.g. 0)"
@@ -107,7 +106,6 @@ def ingest(
 def _warn_absent_chunks(src, var) -> None:
     """Zarr reads a chunk with no file as its fill value: say so, it may be a lost file."""
     import zarr
-
 
     path = volume_file(src)
     if not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
