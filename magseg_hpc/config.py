@@ -65,6 +65,8 @@ class ModelConfig:
     deep_stem: bool | None = None  # null: the AugSeg deep stem for resnet50/101, not resnet18
     output_stride: int = 16
     zero_init_residual: bool = True
+    # batch: BatchNorm as the study; group: GroupNorm, the same in training and evaluation.
+    norm: Literal["batch", "group"] = "batch"
     # SAM models (name sam_vit_b|sam_vit_l|sam_vit_h|sam_tiny, magseg_hpc/models/sam.py):
     # the official weights file (e.g. sam_vit_b_01ec64.pth) or null; input size; box jitter
     # in pixels (training only). null: the model's default (1024, 20 px).

@@ -14,6 +14,7 @@ Model config keys (``resolve_model_config`` fills defaults and rejects anything 
 | output_stride | 16 | only 16 (the study's setting) |
 | decoder_channels | 256 | ASPP and decoder width (the study: 256; 64 trains ~3x faster on CPU) |
 | zero_init_residual | True | zero last BN gamma per block (AugSeg); pretrained overwrites it |
+| norm | "batch" | batch (the study's BatchNorm) or group (GroupNorm: no running statistics) |
 
 SAM models (``magseg_hpc.models.sam``) take name, num_classes, in_channels (1),
 ``checkpoint`` (alias ``pretrained``: the official ``sam_vit_b_01ec64.pth`` or null),
@@ -27,7 +28,7 @@ from __future__ import annotations
 from torch import nn
 
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.models.deeplab import BACKBONES, DeepLabV3Plus, load_pretrained_backbone
+from magseg_hpc.models.deeplab import BACKBONES, NORMS, DeepLabV3Plus, load_pretrained_backbone
 from magseg_hpc.models.sam import (
     SAM_ARCHITECTURE_KEYS,
     SAM_NAMES,
@@ -41,7 +42,7 @@ MODEL_NAMES = ("deeplabv3plus", *SAM_NAMES)
 # family lacks compares as None).
 ARCHITECTURE_KEYS = (
     "name", "backbone", "num_classes", "in_channels", "context_slices", "deep_stem",
-    "output_stride", "decoder_channels", *SAM_ARCHITECTURE_KEYS,
+    "output_stride", "decoder_channels", "norm", *SAM_ARCHITECTURE_KEYS,
 )
 _DEFAULTS = {
     "name": "deeplabv3plus",
@@ -54,6 +55,7 @@ _DEFAULTS = {
     "output_stride": 16,
     "decoder_channels": 256,
     "zero_init_residual": True,
+    "norm": "batch",
 }
 
 __all__ = ["ARCHITECTURE_KEYS", "build_model", "param_groups", "resolve_model_config"]
@@ -90,11 +92,16 @@ def resolve_model_config(model_cfg: dict) -> dict:
     for key in ("deep_stem", "zero_init_residual"):
         if not isinstance(cfg[key], bool):
             raise MagsegError(f"model.{key} must be true or false, got {cfg[key]!r}")
+    if cfg["norm"] not in NORMS:
+        raise MagsegError(f"model.norm {cfg['norm']!r} is not one of {list(NORMS)}")
     pretrained = cfg["pretrained"]
     if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
         cfg["pretrained"] = None
     elif pretrained is not None and not isinstance(pretrained, str):
         raise MagsegError(f"model.pretrained must be a file path or null, got {pretrained!r}")
+    if cfg["pretrained"] and cfg["norm"] != "batch":
+        raise MagsegError("model.norm group cannot start from ImageNet weights (they were "
+                          "trained with BatchNorm); use model.norm: batch or pretrained: null")
     return cfg
 
 

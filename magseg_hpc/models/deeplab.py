@@ -52,12 +52,26 @@ def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
+NORMS = ("batch", "group")
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """BatchNorm (the study's) or GroupNorm with 16 channels a group (at most 32 groups).
+
+    GroupNorm computes the same thing in training and in evaluation and has no running
+    statistics, so an EMA teacher is exactly an average of weights.
+    """
+    if kind == "group":
+        return nn.GroupNorm(min(32, max(1, channels // 16)), channels)
+    return nn.BatchNorm2d(channels)
+
+
 def _init_conv_bn(module: nn.Module) -> None:
-    """torchvision's ResNet init: Kaiming fan-out convolutions, unit-scale BatchNorm."""
+    """torchvision's ResNet init: Kaiming fan-out convolutions, unit-scale normalisation."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -67,13 +81,13 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, norm="batch"):
         super().__init__()
         self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(norm, planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes, 1, dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(norm, planes)
         self.downsample = downsample
 
     def forward(self, x):
@@ -88,14 +102,14 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, norm="batch"):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(norm, planes)
         self.conv2 = _conv3x3(planes, planes, stride, dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(norm, planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = norm_layer(norm, planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -116,23 +130,25 @@ class ResNetBackbone(nn.Module):
         in_channels: int = 1,
         deep_stem: bool = True,
         zero_init_residual: bool = True,
+        norm: str = "batch",
     ):
         super().__init__()
         kind, layers = BACKBONES[backbone]
+        self.norm = norm
         block = BasicBlock if kind == "basic" else Bottleneck
         self.deep_stem = deep_stem
         if deep_stem:
             self.conv1 = _conv3x3(in_channels, 64, stride=2)
-            self.bn1 = nn.BatchNorm2d(64)
+            self.bn1 = norm_layer(norm, 64)
             self.conv2 = _conv3x3(64, 64)
-            self.bn2 = nn.BatchNorm2d(64)
+            self.bn2 = norm_layer(norm, 64)
             self.conv3 = _conv3x3(64, 128)
-            self.bn3 = nn.BatchNorm2d(128)
+            self.bn3 = norm_layer(norm, 128)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
             self.inplanes = 128
         else:
             self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
+            self.bn1 = norm_layer(norm, 64)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
             self.inplanes = 64
         self.relu = nn.ReLU(inplace=True)
@@ -161,12 +177,12 @@ class ResNetBackbone(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
+                norm_layer(self.norm, planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, dilations[0], downsample)]
+        layers = [block(self.inplanes, planes, stride, dilations[0], downsample, self.norm)]
         self.inplanes = planes * block.expansion
         for i in range(1, blocks):
-            layers.append(block(self.inplanes, planes, 1, dilations[i]))
+            layers.append(block(self.inplanes, planes, 1, dilations[i], norm=self.norm))
         return nn.Sequential(*layers)
 
     def forward(self, x):
@@ -180,11 +196,12 @@ class ResNetBackbone(nn.Module):
         return low, high
 
 
-def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1, bias: bool = False):
+def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1, bias: bool = False,
+                  norm: str = "batch"):
     pad = 0 if k == 1 else dilation
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=bias),
-        nn.BatchNorm2d(cout),
+        norm_layer(norm, cout),
         nn.ReLU(inplace=True),
     )
 
@@ -192,15 +209,18 @@ def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1, bias: bool = F
 class ASPP(nn.Module):
     """Image pooling + 1x1 + three atrous 3x3 branches, 256 channels each, then 1x1 to 256."""
 
-    def __init__(self, in_channels: int, rates=ASPP_RATES, channels: int = DECODER_CHANNELS):
+    def __init__(self, in_channels: int, rates=ASPP_RATES, channels: int = DECODER_CHANNELS,
+                 norm: str = "batch"):
         super().__init__()
         self.rates = tuple(rates)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_channels, channels, 1))
-        self.branches = nn.ModuleList(
-            [_conv_bn_relu(in_channels, channels, 1)]
-            + [_conv_bn_relu(in_channels, channels, 3, dilation=r) for r in self.rates]
+        self.pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_channels, channels, 1, norm=norm)
         )
-        self.project = _conv_bn_relu(channels * (2 + len(self.rates)), channels, 1)
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(in_channels, channels, 1, norm=norm)]
+            + [_conv_bn_relu(in_channels, channels, 3, dilation=r, norm=norm) for r in self.rates]
+        )
+        self.project = _conv_bn_relu(channels * (2 + len(self.rates)), channels, 1, norm=norm)
 
     def forward(self, x):
         size = x.shape[-2:]
@@ -210,13 +230,13 @@ class ASPP(nn.Module):
 
 class DeepLabV3PlusHead(nn.Module):
     def __init__(self, low_channels: int, high_channels: int, num_classes: int,
-                 channels: int = DECODER_CHANNELS):
+                 channels: int = DECODER_CHANNELS, norm: str = "batch"):
         super().__init__()
-        self.aspp = ASPP(high_channels, channels=channels)
-        self.low_proj = _conv_bn_relu(low_channels, LOW_LEVEL_CHANNELS, 1, bias=True)
+        self.aspp = ASPP(high_channels, channels=channels, norm=norm)
+        self.low_proj = _conv_bn_relu(low_channels, LOW_LEVEL_CHANNELS, 1, bias=True, norm=norm)
         self.classifier = nn.Sequential(
-            _conv_bn_relu(channels + LOW_LEVEL_CHANNELS, channels, 3),
-            _conv_bn_relu(channels, channels, 3),
+            _conv_bn_relu(channels + LOW_LEVEL_CHANNELS, channels, 3, norm=norm),
+            _conv_bn_relu(channels, channels, 3, norm=norm),
             nn.Conv2d(channels, num_classes, 1),
         )
         _init_conv_bn(self)
@@ -243,12 +263,14 @@ class DeepLabV3Plus(nn.Module):
             config["in_channels"] * config.get("context_slices", 1),
             config["deep_stem"],
             config["zero_init_residual"],
+            config.get("norm", "batch"),
         )
         self.decoder = DeepLabV3PlusHead(
             self.backbone.low_level_channels,
             self.backbone.high_level_channels,
             config["num_classes"],
             config.get("decoder_channels", DECODER_CHANNELS),
+            config.get("norm", "batch"),
         )
 
     def forward(self, x):
