@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import xarray as xr
 
 from magseg_hpc.classes import IGNORE_COLOR, IGNORE_LABEL, ClassTable
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.metrics import miou_from_slices, per_slice_confusion, scores_from_confusion
+from magseg_hpc.outputs import check_no_overlap, check_output, tool_store_format
+from magseg_hpc.paths import volume_file
+from magseg_hpc.volume.io import open_volume, reading
 from magseg_hpc.volume.store import open_labels
 
 log = logging.getLogger(__name__)
@@ -298,3 +302,115 @@ def write_figures(
     plt.close(fig)
     written.append(path)
     return written
+
+
+# --- one evaluation run (magseg-hpc evaluate, and a submitted evaluate job) -----------------
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    """What one ``magseg-hpc evaluate`` run does, parsed once."""
+
+    pred: str
+    truth: str
+    ignore: int | None = IGNORE_LABEL
+    report: str | None = None
+    figures: str | None = None
+    slices: tuple[int, ...] | None = None
+    pred_var: str = "labels"
+    truth_var: str = "labels"
+    image: str | None = None
+    image_var: str | None = None
+    allow_incomplete: bool = False
+    command_line: str | None = None
+
+    def resumed(self) -> EvaluateSpec:
+        return self  # an evaluation simply runs again
+
+    def check(self) -> None:
+        """Every check that needs no computation (also run by submit before submitting)."""
+        if self.slices and not self.figures:
+            raise MagsegError("--slices chooses figure slices; add --figures DIR")
+        inputs = [self.pred, self.truth, self.image]
+        if self.report:
+            check_no_overlap(self.report, inputs, replaces=False, flag="--report")
+            check_output(self.report, kind="file", flag="--report")
+            _check_replaceable_report(Path(self.report))
+        if self.figures:
+            check_no_overlap(self.figures, inputs, replaces=False, flag="--figures")
+            check_output(self.figures, kind="dir", flag="--figures")
+        if self.report and self.figures:
+            check_no_overlap(self.report, [self.figures], replaces=False, flag="--report")
+        if not self.allow_incomplete:
+            for path in (self.pred, self.truth):
+                if _incomplete(path):
+                    raise MagsegError(
+                        f"{path} is marked incomplete (its segment-volume run did not finish); "
+                        "finish it with segment-volume --resume, or pass --allow-incomplete"
+                    )
+
+
+def _check_replaceable_report(report: Path) -> None:
+    if not report.is_file():
+        return
+    try:
+        fmt = json.loads(report.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != REPORT_FORMAT:
+        raise MagsegError(
+            f"--report {report} exists and is not a magseg-hpc evaluation report; "
+            "choose another file name"
+        )
+
+
+def _incomplete(path) -> bool:
+    """True for a label store this tool marked incomplete (segment-volume did not finish)."""
+    p = volume_file(path)
+    if tool_store_format(p) is None:
+        return False
+    meta = json.loads((p / "zarr.json").read_text())["attributes"]["magseg_hpc"]
+    return meta.get("complete") is False
+
+
+def _figure_image(spec: EvaluateSpec):
+    if spec.image:
+        return open_volume(spec.image, var=spec.image_var)
+    try:
+        return open_volume(spec.truth, var="image")
+    except MagsegError:
+        log.info("no image variable in %s; figures show labels only", spec.truth)
+        return None
+
+
+def run_evaluation(spec: EvaluateSpec) -> Evaluation:
+    """Score, print the table, write the report and figures asked for."""
+    spec.check()
+    pred, truth, table = load_pair(spec.pred, spec.truth, pred_var=spec.pred_var,
+                                   truth_var=spec.truth_var)
+    image = None
+    if spec.slices:
+        bad = [z for z in spec.slices if not 0 <= z < truth.shape[0]]
+        if bad:
+            raise MagsegError(
+                f"--slices {bad} outside the volume's z range 0..{truth.shape[0] - 1}")
+    if spec.figures:
+        image = _figure_image(spec)
+        if image is not None and tuple(image.shape) != tuple(truth.shape):
+            raise MagsegError(
+                f"--image has shape {'x'.join(map(str, image.shape))} but the labels have "
+                f"{'x'.join(map(str, truth.shape))}; pass the image the labels belong to"
+            )
+    with dask.config.set(scheduler="threads"), reading(f"{spec.pred} or {spec.truth}"):
+        ev = evaluate_volumes(pred, truth, table, ignore=spec.ignore)
+    print(format_table(ev), flush=True)
+    if spec.report:
+        write_report(spec.report, report_dict(ev, prediction=str(spec.pred),
+                                              truth=str(spec.truth), pred_var=spec.pred_var,
+                                              truth_var=spec.truth_var))
+        print(f"report: {spec.report}")
+    if spec.figures:
+        slices = list(spec.slices) if spec.slices else None
+        paths = write_figures(spec.figures, ev, pred, truth, image=image, slices=slices)
+        print(f"figures: {len(paths)} PNGs in {spec.figures}")
+    return ev

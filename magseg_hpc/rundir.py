@@ -28,7 +28,7 @@ CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE = "config.yaml", "checkpoint.pt", "best.
 METRICS_FILE, CURVES_FILE, SPLITS_DIR, LOGS_DIR = "metrics.jsonl", "curves.png", "splits", "logs"
 SUMMARY_FILE = "summary.json"  # the finished (or stopped) run, as data
 TENSORBOARD_DIR = "tensorboard"  # event files: tensorboard --logdir RUN_DIR
-SUBMISSION_FILE = "submission.json"  # the submission a job belongs to (launch/tasks.py)
+SUBMISSION_FILE = "submission.json"  # the submission a job belongs to
 RUN_MARKER = ".magseg-run.json"
 
 
@@ -106,3 +106,24 @@ def check_run_folder(path: Path, config: dict, flag: str = "--output-dir", *,
             f"{flag}, or the same config to resume it (only {', '.join(sorted(RUNTIME_KEYS))} "
             "may change)"
         )
+
+
+def claim_for_submission(path: Path, submission_id: str, job_id: str, *, rank: int,
+                         resume_any: bool) -> None:
+    """Mark ``path`` as the run dir of one submission (``submission.json``); refuse one made
+    by another submission (e.g. job ids reused after a reset), unless ``resume_any`` (an
+    explicit ``--output-dir`` may be resumed by any later submission). Rank 0 writes."""
+    marker = path / SUBMISSION_FILE
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        if previous.get("submission_id") != submission_id and not resume_any:
+            raise MagsegError(
+                f"run dir {path} holds job {previous.get('job_id')} of another "
+                "submission (were SLURM job ids reset?); move it away and resubmit"
+            )
+    if rank == 0:
+        record = {"submission_id": submission_id, "job_id": job_id,
+                  "host": socket.gethostname(), "started": time.strftime("%FT%T%z")}
+        tmp = marker.with_name(f".{marker.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(marker)

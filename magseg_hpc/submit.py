@@ -10,16 +10,18 @@ from __future__ import annotations
 import sys
 
 from magseg_hpc.commands.submit import build_parser, check_command_args, main, register
+from magseg_hpc.launch.jobs import SegmentSpec, TrainSpec
 from magseg_hpc.launch.profile import JobProfile, job_profile_from_dict, load_job_profile
 from magseg_hpc.launch.resources import CLUSTERS, executor_parameters, resolve_cluster
 from magseg_hpc.launch.sbatch import sbatch_script
 from magseg_hpc.launch.submission import Submission, submit_callable
-from magseg_hpc.launch.tasks import CommandTask, TrainTask, one_gpu_per_process
+from magseg_hpc.launch.tasks import Task, one_gpu_per_process
 from magseg_hpc.rundir import check_run_folder
 
 __all__ = [
     "CLUSTERS", "JobProfile", "job_profile_from_dict", "load_job_profile", "resolve_cluster",
-    "executor_parameters", "sbatch_script", "TrainTask", "CommandTask", "one_gpu_per_process",
+    "executor_parameters", "sbatch_script", "Task", "TrainSpec", "SegmentSpec",
+    "one_gpu_per_process",
     "check_run_folder", "Submission", "submit_callable", "register", "build_parser",
     "check_command_args", "main",
 ]

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,9 @@ import yaml
 from magseg_hpc.config import config_to_dict, load_config
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.submit import (
-    CommandTask,
     JobProfile,
+    Task,
+    check_command_args,
     check_run_folder,
     executor_parameters,
     load_job_profile,
@@ -230,13 +232,24 @@ def test_bad_command_input_fails_at_submit_time(tmp_path, capsys, seg_inputs, ar
     assert message.format(d=tmp_path) in err[0]
 
 
-def test_command_task_requeue_resumes_segment_and_reruns_evaluate():
-    seg = CommandTask(["segment-volume", "in", "out", "--overwrite"], "/tmp", "runs/x/%j")
+def test_requeued_task_resumes_segment_and_reruns_evaluate(seg_inputs):
+    # The specs the submit command builds, from the commands' own parsers.
+    vol, out, ckpt = map(str, seg_inputs)
+    _, seg_spec = check_command_args("segment-volume", [vol, out, "--model", ckpt, "--tta"])
+    assert seg_spec.options.tta and not seg_spec.options.resume
+    assert seg_spec.options.command_line == f"magseg-hpc segment-volume {vol} {out} " \
+        f"--model {ckpt} --tta"
+    seg = Task("magseg_hpc.launch.jobs:segment_job", seg_spec, "runs/x/%j", "/tmp")
     again = seg.checkpoint().function
-    assert again.argv == ["segment-volume", "in", "out", "--resume"]
-    assert again.checkpoint().function.argv == again.argv  # --resume only once
-    ev = CommandTask(["evaluate", "p", "t"], "/tmp", "runs/x/%j")
-    assert ev.checkpoint().function.argv == ["evaluate", "p", "t"]
+    assert (again.entry_point, again.run_dir, again.cwd) == (seg.entry_point, seg.run_dir, "/tmp")
+    assert again.spec == seg_spec.resumed() and again.spec.options.resume
+    assert again.spec.options.tta and again.spec.cluster == seg_spec.cluster
+    assert again.checkpoint().function.spec == again.spec  # resumed once is resumed
+    overwriting = replace(seg_spec.options, overwrite=True)
+    assert overwriting.resumed() == replace(seg_spec.options, resume=True)  # never both
+    _, ev_spec = check_command_args("evaluate", [vol, vol, "--ignore", "none"])
+    ev = Task("magseg_hpc.launch.jobs:evaluate_job", ev_spec, "runs/x/%j", "/tmp")
+    assert ev_spec.ignore is None and ev.checkpoint().function.spec == ev_spec
 
 
 # --- bad input at submit time (no job is submitted) ------------------------------------------

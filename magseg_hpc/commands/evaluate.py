@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from magseg_hpc.classes import IGNORE_LABEL
-from magseg_hpc.errors import MagsegError
-from magseg_hpc.evaluate import (
-    REPORT_FORMAT,
-    evaluate_volumes,
-    format_table,
-    load_pair,
-    report_dict,
-    write_figures,
-    write_report,
-)
-from magseg_hpc.outputs import check_no_overlap, check_output, tool_store_format
-from magseg_hpc.paths import volume_file
-from magseg_hpc.volume.io import open_volume, reading
-
-log = logging.getLogger(__name__)
+from magseg_hpc.evaluate import EvaluateSpec, run_evaluation
 
 
 def _int_list(text: str) -> list[int]:
@@ -86,102 +71,26 @@ def register(subparsers) -> None:
     )
     p.add_argument("--allow-incomplete", action="store_true",
                    help="score a label store marked incomplete (an interrupted segment-volume)")
-    p.set_defaults(func=run, check=check_args)
+    p.set_defaults(func=run, check=check_args, job_spec=job_spec)
 
 
-def _incomplete(path) -> bool:
-    """True for a label store this tool marked incomplete (segment-volume did not finish)."""
-    import json
-
-    p = volume_file(path)
-    if tool_store_format(p) is None:
-        return False
-    meta = json.loads((p / "zarr.json").read_text())["attributes"]["magseg_hpc"]
-    return meta.get("complete") is False
+def job_spec(args) -> EvaluateSpec:
+    """The evaluation the arguments ask for, parsed once (also what ``submit evaluate``
+    carries)."""
+    return EvaluateSpec(
+        pred=args.pred, truth=args.truth, ignore=args.ignore, report=args.report,
+        figures=args.figures, slices=tuple(args.slices) if args.slices else None,
+        pred_var=args.pred_var, truth_var=args.truth_var, image=args.image,
+        image_var=args.image_var, allow_incomplete=args.allow_incomplete,
+        command_line=args.command_line,
+    )
 
 
 def check_args(args) -> None:
     """Every check of the arguments that needs no computation (also run by submit)."""
-    import json
-    from pathlib import Path
-
-    if args.slices and not args.figures:
-        raise MagsegError("--slices chooses figure slices; add --figures DIR")
-    inputs = [args.pred, args.truth, args.image]
-    if args.report:
-        check_no_overlap(args.report, inputs, replaces=False, flag="--report")
-        check_output(args.report, kind="file", flag="--report")
-        report = Path(args.report)
-        if report.is_file():
-            try:
-                fmt = json.loads(report.read_text()).get("format")
-            except (OSError, ValueError, AttributeError):
-                fmt = None
-            if fmt != REPORT_FORMAT:
-                raise MagsegError(
-                    f"--report {args.report} exists and is not a magseg-hpc evaluation report; "
-                    "choose another file name"
-                )
-    if args.figures:
-        check_no_overlap(args.figures, inputs, replaces=False, flag="--figures")
-        check_output(args.figures, kind="dir", flag="--figures")
-    if args.report and args.figures:
-        check_no_overlap(args.report, [args.figures], replaces=False, flag="--report")
-    if not args.allow_incomplete:
-        for path in (args.pred, args.truth):
-            if _incomplete(path):
-                raise MagsegError(
-                    f"{path} is marked incomplete (its segment-volume run did not finish); "
-                    "finish it with segment-volume --resume, or pass --allow-incomplete"
-                )
-
-
-def _figure_image(args):
-    if args.image:
-        return open_volume(args.image, var=args.image_var)
-    try:
-        return open_volume(args.truth, var="image")
-    except MagsegError:
-        log.info("no image variable in %s; figures show labels only", args.truth)
-        return None
+    job_spec(args).check()
 
 
 def run(args) -> int:
-    import dask
-
-    check_args(args)
-    pred, truth, table = load_pair(
-        args.pred, args.truth, pred_var=args.pred_var, truth_var=args.truth_var
-    )
-    image = None
-    if args.slices:
-        bad = [z for z in args.slices if not 0 <= z < truth.shape[0]]
-        if bad:
-            raise MagsegError(
-                f"--slices {bad} outside the volume's z range 0..{truth.shape[0] - 1}")
-    if args.figures:
-        image = _figure_image(args)
-        if image is not None and tuple(image.shape) != tuple(truth.shape):
-            raise MagsegError(
-                f"--image has shape {'x'.join(map(str, image.shape))} but the labels have "
-                f"{'x'.join(map(str, truth.shape))}; pass the image the labels belong to"
-            )
-    with dask.config.set(scheduler="threads"), reading(f"{args.pred} or {args.truth}"):
-        ev = evaluate_volumes(pred, truth, table, ignore=args.ignore)
-    print(format_table(ev))
-    if args.report:
-        write_report(
-            args.report,
-            report_dict(
-                ev,
-                prediction=str(args.pred),
-                truth=str(args.truth),
-                pred_var=args.pred_var,
-                truth_var=args.truth_var,
-            ),
-        )
-        print(f"report: {args.report}")
-    if args.figures:
-        paths = write_figures(args.figures, ev, pred, truth, image=image, slices=args.slices)
-        print(f"figures: {len(paths)} PNGs in {args.figures}")
+    run_evaluation(job_spec(args))
     return 0

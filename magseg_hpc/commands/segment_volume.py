@@ -6,11 +6,11 @@ import logging
 import re
 
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD, open_cluster
+from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD
+from magseg_hpc.launch.jobs import SMALL_VOLUME_BYTES, ClusterOptions, SegmentSpec, run_segment
 from magseg_hpc.outputs import check_no_overlap, check_output
 from magseg_hpc.precision import PRECISIONS
-from magseg_hpc.segment.pipeline import SegmentOptions, prepare, segment_volume
-from magseg_hpc.staging import writer_lock
+from magseg_hpc.segment.pipeline import SegmentOptions
 from magseg_hpc.volume.store import LABEL_FORMAT
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same model and options")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.set_defaults(func=run, check=check_args)
+    p.set_defaults(func=run, check=check_args, job_spec=job_spec)
 
 
 def check_dashboard_address(text: str) -> None:
@@ -106,51 +106,25 @@ def check_args(args) -> None:
                  expect=LABEL_FORMAT)
 
 
+def job_spec(args) -> SegmentSpec:
+    """The run the arguments ask for, parsed once (also what ``submit segment`` carries)."""
+    return SegmentSpec(
+        SegmentOptions(
+            input=args.input, output=args.output, model=args.model, var=args.var,
+            axes=args.axes, batch_size=args.batch_size, probabilities=args.probabilities,
+            tta=args.tta, device=args.device, slab_size=args.slab_size, resume=args.resume,
+            overwrite=args.overwrite, method=args.method, normalization=args.normalization,
+            precision=args.precision, command_line=args.command_line,
+        ),
+        ClusterOptions(
+            scheduler=args.scheduler, cluster=args.cluster, job=args.job, jobs=args.jobs,
+            workers=args.workers, threads_per_worker=args.threads_per_worker,
+            dashboard_address=args.dashboard_address, in_process=args.in_process,
+        ),
+    )
+
+
 def run(args) -> int:
     check_args(args)
-    opts = SegmentOptions(
-        input=args.input, output=args.output, model=args.model, var=args.var, axes=args.axes,
-        batch_size=args.batch_size, probabilities=args.probabilities, tta=args.tta,
-        device=args.device, slab_size=args.slab_size, resume=args.resume,
-        overwrite=args.overwrite, method=args.method, normalization=args.normalization,
-        precision=args.precision,
-        command_line=args.command_line,
-    )
-    # Every check that can fail on bad input runs before any cluster or output exists.
-    prepared = prepare(opts)
-    small = runs_in_process(args, prepared.volume.nbytes)
-    # the output's one writer from here on: a second one is refused before any cluster starts
-    with writer_lock(prepared.target, opts.command_line), open_cluster(
-        scheduler=args.scheduler, cluster=args.cluster, job=args.job, jobs=args.jobs,
-        workers=1 if small else args.workers, threads_per_worker=args.threads_per_worker,
-        device=args.device, dashboard_address=args.dashboard_address,
-        processes=not (args.in_process or small),
-    ) as handle:
-        prepared.job = _with_threads(prepared.job, handle.torch_threads)
-        handle.announce()
-        if small and not args.in_process:
-            print(f"one worker in this process: a {prepared.volume.nbytes / 2**20:.0f} MiB volume "
-                  "needs no worker process started (--workers N starts N)", flush=True)
-        print(f"{len(prepared.slabs)} slabs -> {prepared.target}"
-              + (f" (written to {prepared.job.output}, swapped in when complete)"
-                 if prepared.staged else ""), flush=True)
-        summary = segment_volume(prepared, handle.client)
-    print(summary.format())
+    print(run_segment(job_spec(args)).format())
     return 0
-
-
-# A volume this small is done by one worker, and starting a worker process (Python, torch,
-# the model: seconds) would dominate: the local worker then runs in this process.
-SMALL_VOLUME_BYTES = 256 * 2**20
-
-
-def runs_in_process(args, volume_bytes: int) -> bool:
-    """The default local cluster on a small volume: its one worker in this process."""
-    return (args.scheduler is None and args.cluster is None and args.workers is None
-            and volume_bytes <= SMALL_VOLUME_BYTES)
-
-
-def _with_threads(job, threads):
-    from dataclasses import replace
-
-    return replace(job, torch_threads=threads)

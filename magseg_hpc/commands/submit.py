@@ -2,9 +2,11 @@
 or evaluate as SLURM jobs (or local processes) through :mod:`magseg_hpc.launch`.
 
 ``submit train --config FILE [--job jobs/PROFILE.yaml] [flags] [key=value ...]`` runs
-:class:`~magseg_hpc.launch.tasks.TrainTask` (DDP, one process per GPU, resumable) in
+``launch.jobs.train_job`` (DDP, one process per GPU, resumable) in
 ``runs/<name>/<job id>/``; ``submit segment|evaluate [flags] -- ARGS`` runs one
-``magseg-hpc`` command as a one-task job. Flags override the job profile.
+segment-volume or evaluate as a one-task job: the arguments are parsed and checked here into
+the command's spec, which the job runs (:mod:`magseg_hpc.launch.jobs`). Flags override the
+job profile.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from magseg_hpc.cli import OneLineParser, run_command, setup_logging
 from magseg_hpc.commands.train import check_run_paths
 from magseg_hpc.config import config_to_dict, load_config
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.launch.jobs import TrainSpec
 from magseg_hpc.launch.profile import JobProfile, load_job_profile
 from magseg_hpc.launch.resources import CLUSTERS, executor_parameters, resolve_cluster
 from magseg_hpc.launch.sbatch import sbatch_script
@@ -39,7 +42,7 @@ from magseg_hpc.launch.submission import (
     job_state,
     submit_callable,
 )
-from magseg_hpc.launch.tasks import CommandTask, TrainTask
+from magseg_hpc.launch.tasks import Task
 from magseg_hpc.paths import volume_file
 from magseg_hpc.rundir import check_run_folder, claim
 
@@ -203,13 +206,15 @@ def _run_train(args: argparse.Namespace) -> int:
         return _dry_run(cluster, params, folder)
     if args.output_dir:
         claim(output_dir)  # ours before submitit writes its files there
-    task = TrainTask(config, folder, uuid.uuid4().hex, resume_any=bool(args.output_dir))
+    spec = TrainSpec(config, uuid.uuid4().hex, resume_any=bool(args.output_dir))
+    task = Task("magseg_hpc.launch.jobs:train_job", spec, folder, str(Path.cwd()))
     return _submit_and_report("train", task, args, cluster, folder, params, profile)
 
 
-def check_command_args(command: str, argv: Sequence[str]) -> list[str]:
-    """Parse ``magseg-hpc <command> argv`` as the job will, and check that its inputs exist,
-    so bad input fails at submission in one line. Returns the job's full argv."""
+def check_command_args(command: str, argv: Sequence[str]) -> tuple[list[str], Any]:
+    """Parse ``magseg-hpc <command> argv`` into the command's spec and check it and that its
+    inputs exist, so bad input fails at submission in one line. Returns the full argv (for
+    the batch script's comment) and the spec the job runs."""
     full = [command, *argv]
     captured = io.StringIO()
     try:
@@ -229,7 +234,7 @@ def check_command_args(command: str, argv: Sequence[str]) -> list[str]:
             raise MagsegError(f"{what} {spec} does not exist (relative to {Path.cwd()}); "
                               "fix the path and resubmit")
     parsed.check(parsed)  # the command's own flag and output checks, as the job will run them
-    return full
+    return full, parsed.job_spec(parsed)
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -240,7 +245,7 @@ def _run_command(args: argparse.Namespace) -> int:
     if not command_args:
         raise MagsegError(f"no {command} arguments: give them after the submit flags, e.g. "
                           f"`python -m magseg_hpc.submit {kind} --job jobs/local.yaml -- ...`")
-    argv = check_command_args(command, command_args)
+    argv, spec = check_command_args(command, command_args)
     if args.nodes != 1:
         raise MagsegError(f"submit {kind} runs one task on one node, got --nodes {args.nodes}; "
                           "for many nodes use segment-volume's own --cluster slurm --jobs N")
@@ -264,7 +269,7 @@ def _run_command(args: argparse.Namespace) -> int:
         if cluster != "slurm":
             print(f"# magseg-hpc job: {shlex.join(['magseg-hpc', *argv])}")
         return _dry_run(cluster, params, folder)
-    task = CommandTask(argv, str(Path.cwd()), folder)
+    task = Task(f"magseg_hpc.launch.jobs:{kind}_job", spec, folder, str(Path.cwd()))
     return _submit_and_report(kind, task, args, cluster, folder, params, profile)
 
 

@@ -29,7 +29,7 @@ import dask
 import numpy as np
 
 from magseg_hpc import __version__
-from magseg_hpc.axes import AXES
+from magseg_hpc.axes import AXES, parse_axes
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.data.normalize import refit_normalization
 from magseg_hpc.errors import MagsegError
@@ -76,13 +76,17 @@ PRECHECK_SLICES = 4
 PRECHECK_BYTES = 64 * 2**20
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegmentOptions:
+    """What one segment-volume run does: the command's options, parsed once. ``prepare``
+    checks them against the data; a submitted job carries them as they are."""
+
     input: str
     output: str
     model: str | None = None
     var: str | None = None
-    axes: tuple[str, ...] = ("z",)
+    # "auto" (the planes the model was trained on) until ``prepare`` resolves it
+    axes: tuple[str, ...] | str = ("z",)
     batch_size: int = 8
     probabilities: bool = False
     tta: bool = False
@@ -100,6 +104,10 @@ class SegmentOptions:
     command_line: str | None = None
     # the forward's precision (magseg_hpc.precision): auto takes bf16 where it is native
     precision: str = "auto"
+
+    def resumed(self) -> SegmentOptions:
+        """The same run continued from its done markers (a requeued job's options)."""
+        return replace(self, resume=True, overwrite=False)
 
 
 @dataclass
@@ -151,20 +159,6 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def parse_axes(text: str | tuple | list) -> tuple[str, ...]:
-    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
-    bad = [p for p in parts if p not in AXES]
-    if bad or not parts:
-        raise MagsegError(
-            f"--axes {text if isinstance(text, str) else ','.join(text)!s}: unknown axis "
-            f"{', '.join(map(repr, bad)) or '(none)'}; use axes from z, y, x "
-            "(e.g. --axes z, or --axes z,y,x for orthoplane fusion)"
-        )
-    if len(set(parts)) != len(parts):
-        raise MagsegError(f"--axes {text}: an axis is repeated; give each of z, y, x at most once")
-    return tuple(parts)
-
-
 def _check_options(opts: SegmentOptions) -> None:
     if opts.normalization not in NORMALIZATIONS:
         raise MagsegError(f"--normalization {opts.normalization}: choose one of "
@@ -201,7 +195,7 @@ def _sample_slices(volume) -> np.ndarray:
 def prepare(opts: SegmentOptions) -> Prepared:
     """Validate everything and plan the run; writes nothing."""
     auto_axes = opts.axes == "auto"
-    opts.axes = ("z",) if auto_axes else parse_axes(opts.axes)
+    opts = replace(opts, axes=("z",) if auto_axes else parse_axes(opts.axes))
     _check_options(opts)
     volume = open_volume(opts.input, opts.var)
     if min(volume.shape) < 1:
@@ -229,7 +223,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
                              "masked_value": normalization["masked_value"]}
         context = int(ckpt["model"].get("context_slices", 1))
         if auto_axes:
-            opts.axes = axes_for_auto(ckpt)
+            opts = replace(opts, axes=axes_for_auto(ckpt))
         _warn_untrained_axes(ckpt, opts.axes)
         sha256 = checkpoint_sha256(model_path)
         model_cfg = ckpt["model"]

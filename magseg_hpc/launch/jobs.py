@@ -1,0 +1,182 @@
+"""What each kind of job runs, from its spec: training (DDP, one task per rank), one
+segment-volume run (on a Dask cluster of its own), one evaluation.
+
+The command line builds the spec once from its arguments (``magseg-hpc segment-volume`` runs
+``run_segment(spec)`` in its own process); ``submit`` puts the same spec in a
+:class:`~magseg_hpc.launch.tasks.Task` with one of the ``*_job`` functions below as its entry
+point. Every spec is frozen plain data with ``resumed()``: the spec of the same job continued
+after a requeue.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import submitit
+
+from magseg_hpc.config import config_from_dict
+from magseg_hpc.cpus import process_cpus
+from magseg_hpc.errors import MagsegError
+from magseg_hpc.evaluate import EvaluateSpec, run_evaluation
+from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD, open_cluster
+from magseg_hpc.launch.tasks import one_gpu_per_process, setup_rank_logging
+from magseg_hpc.rundir import LOGS_DIR, claim_for_submission
+from magseg_hpc.segment.pipeline import RunSummary, SegmentOptions, prepare, segment_volume
+from magseg_hpc.staging import writer_lock
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainSpec", "ClusterOptions", "SegmentSpec", "SMALL_VOLUME_BYTES", "run_segment",
+           "train_job", "segment_job", "evaluate_job"]
+
+# A volume this small is done by one worker, and starting a worker process (Python, torch,
+# the model: seconds) would dominate: the local worker then runs in this process.
+SMALL_VOLUME_BYTES = 256 * 2**20
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """A training job: the resolved experiment config (a dict, as in config.yaml)."""
+
+    config: dict
+    submission_id: str
+    # An explicit --output-dir may be resumed by any later submission.
+    resume_any: bool = False
+    # "module:function" taking (ExperimentConfig, output_dir) -> dict; imported in the job.
+    entry_point: str = "magseg_hpc.train:run_training"
+
+    def resumed(self) -> TrainSpec:
+        return self  # every start resumes from the run dir's checkpoint.pt
+
+
+def train_job(spec: TrainSpec, run_dir: Path) -> dict:
+    """One rank of a training job: its distributed environment, its GPU, its log, then the
+    training (which resumes from ``checkpoint.pt`` when there is one)."""
+    env = submitit.JobEnvironment()
+    # overwrite: sbatch passes the submitting shell's MASTER_ADDR/RANK... on.
+    # CUDA_VISIBLE_DEVICES: set below from what SLURM gave the node (submitit would set
+    # it to the local rank, which is wrong when SLURM hands out e.g. GPUs 2,3).
+    dist_env = submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=False, overwrite=True
+    )
+    gpu = one_gpu_per_process(dist_env.local_rank, dist_env.local_world_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_rank_logging(run_dir, dist_env.rank)
+    log.info("job %s on %s: rank %d of %d (local rank %d of %d, node %d of %d), "
+             "CUDA_VISIBLE_DEVICES=%s, master %s:%s, output %s",
+             env.job_id, env.hostname, dist_env.rank, dist_env.world_size,
+             dist_env.local_rank, dist_env.local_world_size, env.node, env.num_nodes,
+             gpu if gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
+             dist_env.master_addr, dist_env.master_port, run_dir)
+    claim_for_submission(run_dir, spec.submission_id, env.job_id, rank=dist_env.rank,
+                         resume_any=spec.resume_any)
+    module, _, function = spec.entry_point.partition(":")
+    run_training = getattr(importlib.import_module(module), function)
+
+    config = copy.deepcopy(spec.config)
+    if not config.get("train", {}).get("threads"):
+        # torch threads from this task's allocation, not the node's core count
+        config.setdefault("train", {})["threads"] = process_cpus(dist_env.local_world_size)
+    log.info("torch threads on CPU: %s", config["train"]["threads"])
+    result = run_training(config_from_dict(config), run_dir)
+    log.info("rank %d finished: %s", dist_env.rank, json.dumps(result, default=str))
+    return result
+
+
+# --- segment-volume -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where a segment-volume run computes (``open_cluster``'s arguments)."""
+
+    scheduler: str | None = None
+    cluster: str | None = None
+    job: str | None = None
+    jobs: int = 1
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    dashboard_address: str = DEFAULT_DASHBOARD
+    in_process: bool = False
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One segment-volume run: what it does and where it computes."""
+
+    options: SegmentOptions
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)
+
+    def resumed(self) -> SegmentSpec:
+        return replace(self, options=self.options.resumed())
+
+    def runs_in_process(self, volume_bytes: int) -> bool:
+        """The default local cluster on a small volume: its one worker in this process."""
+        c = self.cluster
+        return (c.scheduler is None and c.cluster is None and c.workers is None
+                and volume_bytes <= SMALL_VOLUME_BYTES)
+
+
+def run_segment(spec: SegmentSpec) -> RunSummary:
+    """Check everything against the data, take the output's writer lock, start the cluster
+    and segment; progress goes to stdout."""
+    opts, c = spec.options, spec.cluster
+    # Every check that can fail on bad input runs before any cluster or output exists.
+    prepared = prepare(opts)
+    small = spec.runs_in_process(prepared.volume.nbytes)
+    # the output's one writer from here on: a second one is refused before any cluster starts
+    with writer_lock(prepared.target, opts.command_line), open_cluster(
+        scheduler=c.scheduler, cluster=c.cluster, job=c.job, jobs=c.jobs,
+        workers=1 if small else c.workers, threads_per_worker=c.threads_per_worker,
+        device=opts.device, dashboard_address=c.dashboard_address,
+        processes=not (c.in_process or small),
+    ) as handle:
+        prepared.job = replace(prepared.job, torch_threads=handle.torch_threads)
+        handle.announce()
+        if small and not c.in_process:
+            print(f"one worker in this process: a {prepared.volume.nbytes / 2**20:.0f} MiB volume "
+                  "needs no worker process started (--workers N starts N)", flush=True)
+        print(f"{len(prepared.slabs)} slabs -> {prepared.target}"
+              + (f" (written to {prepared.job.output}, swapped in when complete)"
+                 if prepared.staged else ""), flush=True)
+        return segment_volume(prepared, handle.client)
+
+
+def _command_job(what: str, run, spec, run_dir: Path) -> dict:
+    """A one-task job: rank 0's log in the run dir, a failure raised so the job fails."""
+    env = submitit.JobEnvironment()
+    setup_rank_logging(run_dir, 0)
+    log.info("job %s on %s: %s (in %s)", env.job_id, env.hostname, what, Path.cwd())
+    try:
+        result = run(spec)
+    except MagsegError as e:
+        raise MagsegError(f"{what}: {e}; see {run_dir / LOGS_DIR / 'rank0.log'}") from e
+    log.info("finished: %s", what)
+    return result
+
+
+def segment_job(spec: SegmentSpec, run_dir: Path) -> dict:
+    def run(s: SegmentSpec) -> dict:
+        summary = run_segment(s)
+        print(summary.format(), flush=True)
+        return {"command": s.options.command_line, "output": summary.output,
+                "slabs_run": summary.slabs_run, "seconds": summary.seconds}
+
+    return _command_job(spec.options.command_line or "segment-volume", run, spec, run_dir)
+
+
+def evaluate_job(spec: EvaluateSpec, run_dir: Path) -> dict:
+    def run(s: EvaluateSpec) -> dict:
+        ev = run_evaluation(s)
+        return {"command": s.command_line, "miou": ev.scores["miou"]}
+
+    return _command_job(spec.command_line or "evaluate", run, spec, run_dir)
