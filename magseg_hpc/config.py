@@ -60,13 +60,11 @@ class ModelConfig:
     context_slices: int = 1
     # ASPP and decoder width: 256 as the study; 64 trains about 3x faster on a CPU.
     decoder_channels: int = 256
-    # Local path to a torchvision ImageNet ResNet state_dict, or null for random init.
-    pretrained: str | None = None
+    pretrained: str | None = None  # a local torchvision ImageNet ResNet state_dict, or null
     deep_stem: bool | None = None  # null: the AugSeg deep stem for resnet50/101, not resnet18
     output_stride: int = 16
     zero_init_residual: bool = True
-    # batch: BatchNorm as the study; group: GroupNorm, the same in training and evaluation.
-    norm: Literal["batch", "group"] = "batch"
+    norm: Literal["batch", "group"] = "batch"  # group: GroupNorm, no running statistics
     # SAM models (name sam_vit_b|sam_vit_l|sam_vit_h|sam_tiny, magseg_hpc/models/sam.py):
     # the official weights file (e.g. sam_vit_b_01ec64.pth) or null; input size; box jitter
     # in pixels (training only). null: the model's default (1024, 20 px).
