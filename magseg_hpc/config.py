@@ -64,7 +64,8 @@ class ModelConfig:
     deep_stem: bool | None = None  # null: the AugSeg deep stem for resnet50/101, not resnet18
     output_stride: int = 16
     zero_init_residual: bool = True
-    norm: Literal["batch", "group"] = "batch"  # group: GroupNorm, no running statistics
+    # group: GroupNorm (no running statistics); auto: group on a masked volume, else batch
+    norm: Literal["batch", "group", "auto"] = "batch"
     # SAM models (name sam_vit_b|sam_vit_l|sam_vit_h|sam_tiny, magseg_hpc/models/sam.py):
     # the official weights file (e.g. sam_vit_b_01ec64.pth) or null; input size; box jitter
     # in pixels (training only). null: the model's default (1024, 20 px).
@@ -362,20 +363,17 @@ def _check_values(cfg: ExperimentConfig) -> None:
     # at call time: models import config (an import-linter exception in pyproject.toml)
     from magseg_hpc.models import resolve_model_config
 
-    resolve_model_config(cfg.model_dict())
+    model = cfg.model_dict()
+    resolve_model_config({**model, "norm": "batch" if model["norm"] == "auto" else model["norm"]})
     t, d = cfg.train, cfg.data
     if t.batch_size < 2:
         # BatchNorm in training mode needs two values a channel; the decoder's image-pooling
         # branch has one a image, so a batch of 1 fails on every rank after submission
         raise MagsegError(f"train.batch_size must be >= 2 (BatchNorm needs two images a "
                           f"process), got {t.batch_size}")
-    positive = {
-        "train.epochs": t.epochs,
-        "train.crop_size": t.crop_size,
-        "train.checkpoint_every": t.checkpoint_every,
-        "train.log_every": t.log_every,
-        "data.n_labeled": d.n_labeled,
-    }
+    positive = {"train.epochs": t.epochs, "train.crop_size": t.crop_size,
+                "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
+                "data.n_labeled": d.n_labeled}
     for key, value in positive.items():
         if value < 1:
             raise MagsegError(f"{key} must be >= 1, got {value}")

@@ -14,7 +14,10 @@ Model config keys (``resolve_model_config`` fills defaults and rejects anything 
 | output_stride | 16 | only 16 (the study's setting) |
 | decoder_channels | 256 | ASPP and decoder width (the study: 256; 64 trains ~3x faster on CPU) |
 | zero_init_residual | True | zero last BN gamma per block (AugSeg); pretrained overwrites it |
-| norm | "batch" | batch (the study's BatchNorm) or group (GroupNorm: no running statistics) |
+| norm | "batch" | batch (the study's BatchNorm) or group (GroupNorm, no running stats) |
+
+A config's ``model.norm: auto`` is resolved per training volume before a model is built
+(``train.setup.resolve_norm``): checkpoints hold batch or group.
 
 SAM models (``magseg_hpc.models.sam``) take name, num_classes, in_channels (1),
 ``checkpoint`` (alias ``pretrained``: the official ``sam_vit_b_01ec64.pth`` or null),

@@ -171,16 +171,21 @@ def load_checkpoint(
         if got.colors != expected.colors:
             log.warning("checkpoint %s has other class colours than expected; names agree", path)
     if expect_model is not None:
-        want = resolve_model_config(expect_model)
-        have = resolve_model_config(ckpt["model"])
-        diff = [k for k in ARCHITECTURE_KEYS if want.get(k) != have.get(k)]
-        if diff:
-            pairs = ", ".join(f"{k}: {have.get(k)!r} (expected {want.get(k)!r})" for k in diff)
-            raise MagsegError(
-                f"checkpoint {path} is for another architecture ({pairs}); set model.* to "
-                "match the checkpoint or start from a matching checkpoint"
-            )
+        check_architecture(path, ckpt, expect_model)
     return ckpt
+
+
+def check_architecture(path: str | Path, ckpt: dict, expect_model: dict) -> None:
+    """Refuse a checkpoint whose model differs from ``expect_model`` in an architecture key."""
+    want = resolve_model_config(expect_model)
+    have = resolve_model_config(ckpt["model"])
+    diff = [k for k in ARCHITECTURE_KEYS if want.get(k) != have.get(k)]
+    if diff:
+        pairs = ", ".join(f"{k}: {have.get(k)!r} (expected {want.get(k)!r})" for k in diff)
+        raise MagsegError(
+            f"checkpoint {path} is for another architecture ({pairs}); set model.* to "
+            "match the checkpoint or start from a matching checkpoint"
+        )
 
 
 def checkpoint_sha256(path: str | Path) -> str:

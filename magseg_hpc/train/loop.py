@@ -42,7 +42,7 @@ from magseg_hpc.data.sampling import iters_per_epoch, step_generator
 from magseg_hpc.data.slices import LabeledSlices, UnlabeledSlices, ValSlices
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import AppendFileHandler
-from magseg_hpc.models.checkpoint import load_checkpoint, save_checkpoint
+from magseg_hpc.models.checkpoint import check_architecture, load_checkpoint, save_checkpoint
 from magseg_hpc.precision import describe as describe_precision
 from magseg_hpc.precision import resolve_precision
 from magseg_hpc.rundir import (
@@ -89,6 +89,7 @@ from magseg_hpc.train.setup import (
     make_loader,
     open_data,
     per_plane,
+    resolve_norm,
     rng_state,
     set_lr,
     set_rng_state,
@@ -336,12 +337,14 @@ def open_run(cfg: ExperimentConfig, output_dir: Path, env: DistEnv):
              output_dir)
     ckpt = None
     if (output_dir / CHECKPOINT_FILE).is_file():
-        ckpt = load_checkpoint(output_dir / CHECKPOINT_FILE, expect_class_table=cfg.class_table,
-                               expect_model=cfg.model_dict())
+        ckpt = load_checkpoint(output_dir / CHECKPOINT_FILE, expect_class_table=cfg.class_table)
         norm = dict(ckpt["normalization"])
     else:
         norm = dist_util.broadcast_object(
             env, fit_data_normalization(cfg, data) if env.is_main else None)
+    cfg = resolve_norm(cfg, norm)  # model.norm auto: from the volume, as the model's input
+    if ckpt is not None:
+        check_architecture(output_dir / CHECKPOINT_FILE, ckpt, cfg.model_dict())
     data.normalization = norm
     aug = augment_settings(cfg)
     labeled = LabeledSlices(data.source, data.splits["labeled"], norm, aug, cfg.seed)
@@ -382,6 +385,7 @@ def train_step(run: Run, state: TrainState, model: nn.Module, batch_l, batch_u) 
 def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
     t, started = cfg.train, time.perf_counter()
     run, data, labeled, unlabeled, ckpt = open_run(cfg, output_dir, env)
+    cfg = run.cfg  # model.norm auto resolved for the volume
     ipe, stop = run.iters_per_epoch, min(run.total_iters, t.max_iters or run.total_iters)
     student, teacher = build_models(cfg, env)
     lr = effective_lr(cfg, env.world_size)
