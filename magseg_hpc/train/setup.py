@@ -190,6 +190,9 @@ def resolve_norm(cfg: ExperimentConfig, normalization: dict) -> ExperimentConfig
         return cfg
     masked = normalization.get("masked_value") is not None and not cfg.model.pretrained
     model = dataclasses.replace(cfg.model, norm="group" if masked else "batch")
+    why = ("a masked volume" if masked else
+           "ImageNet weights" if cfg.model.pretrained else "no masked background")
+    log.info("model.norm auto: %s (%s)", model.norm, why)
     return dataclasses.replace(cfg, model=model)
 
 
