@@ -50,6 +50,7 @@ from magseg_hpc.train.setup import (
     fit_data_normalization,
     make_loader,
     open_data,
+    resolve_norm,
 )
 from magseg_hpc.train.steps import augseg_step
 
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
         env = dist_util.init_distributed(t.device)
         data = open_data(cfg, Path(tmp), env)
         norm = fit_data_normalization(cfg, data)
+        cfg = resolve_norm(cfg, norm)  # model.norm auto, as training resolves it
         aug = augment_settings(cfg)
         labeled = LabeledSlices(data.source, data.splits["labeled"], norm, aug, cfg.seed)
         unlabeled = UnlabeledSlices(data.source, data.splits["unlabeled"], norm, aug, cfg.seed)

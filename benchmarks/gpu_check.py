@@ -447,7 +447,7 @@ def seg_run(prep, client, batch: int, workers: int, s: dict, args) -> dict:
 
     from magseg_hpc.segment.pipeline import segment_volume, warm_workers
 
-    prep.options.batch_size = batch
+    prep.options = dataclasses.replace(prep.options, batch_size=batch)
     prep.provenance["options"]["batch_size"] = batch
     prep.job = dataclasses.replace(prep.job, batch_size=batch)
     shutil.rmtree(prep.job.output, ignore_errors=True)
