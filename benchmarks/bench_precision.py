@@ -9,8 +9,9 @@ All in one run, one heavy process at a time, so the ratios compare like with lik
    best of ``--repeats``.
 2. One training iteration of cpu_best (``augseg_step`` past the supervised-only epochs + the
    EMA update, batches from the project's loader over a phantom): as before this benchmark
-   (fp32, per-tensor AdamW), fp32 with the fused AdamW, and bf16 autocast with it.
-   Interleaved, median of ``--repeats``.
+   (fp32, per-tensor AdamW, oneDNN's dilated kernels in layer4 and the ASPP), fp32 with the
+   fused AdamW, bf16 autocast with it, and each with the atrous convolutions trained on
+   sub-grids (``AtrousConv2d``, what training does now). Interleaved, median of ``--repeats``.
 3. Labels: ``magseg-hpc segment-volume`` (a user's command, ``--axes auto``) with
    ``--precision fp32`` and ``bf16``:
    - on held-out phantoms (preset elongated, seeds 1000 and 1001) with a cpu_best model
@@ -33,6 +34,7 @@ import re
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,7 @@ from magseg_hpc.config import load_config  # noqa: E402
 from magseg_hpc.data.sampling import iters_per_epoch, step_generator  # noqa: E402
 from magseg_hpc.data.slices import LabeledSlices, UnlabeledSlices  # noqa: E402
 from magseg_hpc.models import build_model, param_groups  # noqa: E402
+from magseg_hpc.models.deeplab import AtrousConv2d  # noqa: E402
 from magseg_hpc.precision import autocast, cpu_has_bf16  # noqa: E402
 from magseg_hpc.train import distributed as dist_util  # noqa: E402
 from magseg_hpc.train.augseg import ema_update  # noqa: E402
@@ -116,6 +119,14 @@ def limits(repeats: int) -> dict:
             "batch": list(x.shape)}
 
 
+def dilated_kernels(model: torch.nn.Module) -> None:
+    """Train ``model``'s atrous convolutions with oneDNN's dilated kernel, as before
+    ``AtrousConv2d`` ran them on sub-grids."""
+    for m in model.modules():
+        if isinstance(m, AtrousConv2d):
+            m.forward = types.MethodType(torch.nn.Conv2d.forward, m)
+
+
 def train_iteration(work: Path, repeats: int) -> dict:
     """Median seconds of one cpu_best AugSeg iteration per variant (module docstring)."""
     vol = work / "train_step.zarr"
@@ -139,12 +150,17 @@ def train_iteration(work: Path, repeats: int) -> dict:
     unl = list(make_loader(unlabeled, StepBatches("unlabeled", start, start + n, ipe, plan_kw),
                            cfg, env))
     variants = {}
-    for name, precision, fused in (("fp32, per-tensor AdamW (before)", "fp32", False),
-                                   ("fp32, fused AdamW", "fp32", True),
-                                   ("bf16, fused AdamW", "bf16", True)):
+    for name, precision, fused, atrous in (
+            ("fp32, per-tensor AdamW, dilated kernels (before)", "fp32", False, False),
+            ("fp32, fused AdamW, dilated kernels", "fp32", True, False),
+            ("bf16, fused AdamW, dilated kernels", "bf16", True, False),
+            ("fp32, fused AdamW, sub-grid atrous (now)", "fp32", True, True),
+            ("bf16, fused AdamW, sub-grid atrous (now)", "bf16", True, True)):
         vcfg = resolve_norm(load_config(CONFIG, [f"data.volume={vol}", "train.device=cpu",
                                                  f"train.precision={precision}"]), norm)
         student, teacher = build_models(vcfg, env)
+        if not atrous:
+            dilated_kernels(student)
         optimizer = (build_optimizer(vcfg, student, t.lr) if fused else torch.optim.AdamW(
             param_groups(student, t.lr, t.head_lr_mult), lr=t.lr, weight_decay=t.weight_decay))
         variants[name] = (vcfg, student, teacher, optimizer)
@@ -226,7 +242,7 @@ def report(lim: dict, step: dict, labels: dict) -> str:
               f"{step['batch']} unlabelled, crop {step['crop']}, median):", "",
               "| variant | ms | speed-up over before |", "|---|---|---|"]
     med = step["median_seconds"]
-    base = med["fp32, per-tensor AdamW (before)"]
+    base = med[next(iter(med))]  # the first variant: as before
     for k, v in med.items():
         lines.append(f"| {k} | {1e3 * v:.0f} | {base / v:.2f}x |")
     lines += ["", "segment-volume (`--axes auto`), fp32 against bf16:", "",

@@ -9,6 +9,7 @@ from torch import nn
 
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.models import build_model, param_groups, resolve_model_config
+from magseg_hpc.models.deeplab import AtrousConv2d
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,47 @@ def test_resnet101_deep_stem_forward_backward():
     out.logsumexp(1).mean().backward()
     assert model.backbone.conv1.weight.grad is not None
     assert model.decoder.classifier[-1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dilation", [2, 4, 6, 18])
+@pytest.mark.parametrize("hw", [(4, 4), (5, 7), (13, 9), (38, 38)])
+def test_atrous_conv_on_subgrids_is_the_dilated_conv(dilation, hw):
+    """Training runs dilated convolutions on the d x d sub-grids (or, on a map no larger than
+    d, as the kernel's centre): the output and both gradients must be the dilated kernel's."""
+    torch.manual_seed(0)
+    conv = AtrousConv2d(16, 8, dilation, bias=True)
+    x = torch.randn(3, 16, *hw, dtype=torch.float64, requires_grad=True)
+    conv = conv.double()
+    grad_out = torch.randn(3, 8, *hw, dtype=torch.float64)
+    results = []
+    for forward in (conv.forward, lambda t: nn.Conv2d.forward(conv, t)):
+        y = forward(x)
+        y.backward(grad_out)
+        results.append((y.detach(), x.grad.clone(), conv.weight.grad.clone(),
+                        conv.bias.grad.clone()))
+        x.grad, conv.weight.grad, conv.bias.grad = None, None, None
+    for ours, dilated in zip(*results):
+        torch.testing.assert_close(ours, dilated)
+
+
+def test_model_trains_the_same_with_subgrid_atrous():
+    """The whole network's loss and gradients with the sub-grid path equal oneDNN's dilated
+    kernels (what the model computed before AtrousConv2d)."""
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet18", "num_classes": 3, "in_channels": 5,
+                         "decoder_channels": 64}).double().train()
+    atrous = [m for m in model.modules() if isinstance(m, AtrousConv2d)]
+    assert len(atrous) == 4 + 3  # layer4's four 3x3 convs and the ASPP's three rates
+    x = torch.randn(4, 5, 64, 64, dtype=torch.float64)
+    grads = []
+    for subgrid in (True, False):
+        for m in atrous:
+            m.forward = m.forward if subgrid else (lambda t, m=m: nn.Conv2d.forward(m, t))
+        model.zero_grad()
+        model(x).logsumexp(1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for ours, dilated in zip(*grads):
+        torch.testing.assert_close(ours, dilated)
 
 
 def _save_torchvision_r18(path):

@@ -48,7 +48,36 @@ LOW_LEVEL_CHANNELS = 48
 DECODER_CHANNELS = 256
 
 
+class AtrousConv2d(nn.Conv2d):
+    """A dilated 3x3 convolution (stride 1, padding = dilation) whose training forward on the
+    CPU runs undilated on the d x d interleaved sub-grids of its input (space-to-batch, as in
+    the DeepLab papers): the taps of a dilated kernel at one output pixel all fall in that
+    pixel's sub-grid, so the result is the same. Why: oneDNN's weight gradient of a dilated
+    convolution is ~4x slower than an undilated one in bf16 on the small maps of training
+    crops (layer4 and ASPP: 4 x 4 at crop 64; benchmarks/README.md, "Training step").
+    Inference and no-grad forwards keep the dilated kernel (fast there)."""
+
+    def __init__(self, cin: int, cout: int, dilation: int, bias: bool = False):
+        super().__init__(cin, cout, 3, padding=dilation, dilation=dilation, bias=bias)
+
+    def forward(self, x):
+        d = self.dilation[0]
+        if x.device.type != "cpu" or not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if h <= d and w <= d:  # every tap but the centre reads the zero padding
+            return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias)
+        hs, ws = -(-h // d), -(-w // d)  # sub-grid size; zeros past the edge are the padding
+        x = F.pad(x, (0, ws * d - w, 0, hs * d - h))
+        x = x.view(n, c, hs, d, ws, d).permute(0, 3, 5, 1, 2, 4).reshape(n * d * d, c, hs, ws)
+        y = F.conv2d(x, self.weight, self.bias, padding=1)
+        y = y.view(n, d, d, -1, hs, ws).permute(0, 3, 4, 1, 5, 2).reshape(n, -1, hs * d, ws * d)
+        return y[:, :, :h, :w]
+
+
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    if dilation > 1 and stride == 1:
+        return AtrousConv2d(cin, cout, dilation)
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
@@ -198,9 +227,13 @@ class ResNetBackbone(nn.Module):
 
 def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1, bias: bool = False,
                   norm: str = "batch"):
-    pad = 0 if k == 1 else dilation
+    if k == 3 and dilation > 1:
+        conv = AtrousConv2d(cin, cout, dilation, bias=bias)
+    else:
+        conv = nn.Conv2d(cin, cout, k, padding=0 if k == 1 else dilation, dilation=dilation,
+                         bias=bias)
     return nn.Sequential(
-        nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=bias),
+        conv,
         norm_layer(norm, cout),
         nn.ReLU(inplace=True),
     )
