@@ -164,6 +164,11 @@ def train_iteration(work: Path, repeats: int) -> dict:
         optimizer = (build_optimizer(vcfg, student, t.lr) if fused else torch.optim.AdamW(
             param_groups(student, t.lr, t.head_lr_mult), lr=t.lr, weight_decay=t.weight_decay))
         variants[name] = (vcfg, student, teacher, optimizer)
+    # the step's work: FLOPs of the model as defined (dilated kernels), forward and backward
+    vcfg, student, teacher, optimizer = next(iter(variants.values()))
+    with FlopCounterMode(display=False) as counter:
+        augseg_step(student, teacher, optimizer, lab[0], unl[0], cfg=vcfg, env=env,
+                    epoch=t.sup_only_epochs, generator=step_generator(cfg.seed, 0, start))
     times: dict[str, list[float]] = {k: [] for k in variants}
     for i in range(n):
         for name, (vcfg, student, teacher, optimizer) in variants.items():
@@ -174,7 +179,8 @@ def train_iteration(work: Path, repeats: int) -> dict:
             if i:
                 times[name].append(time.perf_counter() - t0)
     return {"median_seconds": {k: statistics.median(v) for k, v in times.items()},
-            "seconds": times, "batch": t.batch_size, "crop": t.crop_size}
+            "seconds": times, "batch": t.batch_size, "crop": t.crop_size,
+            "flops_per_step": counter.get_total_flops()}
 
 
 def segment_both(volume: Path, model: Path, out: Path) -> dict:
@@ -239,12 +245,17 @@ def report(lim: dict, step: dict, labels: dict) -> str:
     lines += ["", f"Model forward: cpu_best's model on a batch {b[0]}x{b[1]}x{b[2]}x{b[3]}, "
               f"{lim['model_flops_per_batch'] / 1e9:.0f} GFLOP.", "",
               f"One cpu_best training iteration (batch {step['batch']} labelled + "
-              f"{step['batch']} unlabelled, crop {step['crop']}, median):", "",
-              "| variant | ms | speed-up over before |", "|---|---|---|"]
+              f"{step['batch']} unlabelled, crop {step['crop']}, median; "
+              f"{step['flops_per_step'] / 1e9:.1f} GFLOP a step, forward and backward, "
+              "counted on the model with dilated kernels):", "",
+              "| variant | ms | speed-up over before | GFLOP/s | / fp32 matmul | / bf16 matmul |",
+              "|---|---|---|---|---|---|"]
     med = step["median_seconds"]
     base = med[next(iter(med))]  # the first variant: as before
     for k, v in med.items():
-        lines.append(f"| {k} | {1e3 * v:.0f} | {base / v:.2f}x |")
+        rate = step["flops_per_step"] / v / 1e9
+        lines.append(f"| {k} | {1e3 * v:.0f} | {base / v:.2f}x | {rate:.0f} | "
+                     f"{rate / g['matmul fp32']:.2f} | {rate / g['matmul bf16']:.2f} |")
     lines += ["", "segment-volume (`--axes auto`), fp32 against bf16:", "",
               "| volume | mIoU fp32 | mIoU bf16 | change | agreement (mIoU bf16 vs fp32) | "
               "voxels changed | wall fp32 s | wall bf16 s | speed-up | compute share bf16 |",

@@ -225,30 +225,51 @@ def model_rows(args, work, side, small_z, mem_shape, slab, batch, threads, r18, 
                          f"**{np.prod(shape) / secs:,.0f} voxels/s**"))
 
 
-def big_memory_rows(work: Path, shape: tuple[int, int, int], rows, raw) -> None:
-    """Client and worker peak RSS of the threshold pipeline, a volume and 4x its slices."""
+def make_cpu_best_ckpt(path: Path) -> Path:
+    """A checkpoint of cpu_best's model (ResNet-18, 5 context slices, decoder 64), random
+    weights: memory and speed do not depend on them."""
+    from magseg_hpc.models import build_model, resolve_model_config
+    from magseg_hpc.models.checkpoint import save_checkpoint
+
+    cfg = resolve_model_config({"backbone": "resnet18", "num_classes": 3, "in_channels": 1,
+                                "context_slices": 5, "decoder_channels": 64, "pretrained": None})
+    torch.manual_seed(0)
+    state = build_model(cfg).state_dict()
+    save_checkpoint(path, {"model": cfg, "class_table": ClassTable.default().to_dict(),
+                           "normalization": {"low": -2.0, "high": 2.0, "mean": 0.5, "std": 0.25},
+                           "student": state, "teacher": state})
+    return path
+
+
+def big_memory_rows(work: Path, shape: tuple[int, int, int], rows, raw,
+                    ckpt: Path | None = None, threads: int = 1) -> None:
+    """Client and worker peak RSS on a volume and 4x its slices: the threshold pipeline, or
+    with ``ckpt`` the model (z slices only, precision auto)."""
     from bench_ingest import make_source
 
     from magseg_hpc.volume.ingest import ingest
 
     mib, gib = 2**20, 2**30
+    method = "model" if ckpt else "threshold"
     out, shapes = {}, {"small": shape, "big": (4 * shape[0], *shape[1:])}
     for key, shp in shapes.items():
-        npy, store = work / f"thr_{key}.npy", work / f"thr_{key}.zarr"
+        npy, store = work / f"{method}_{key}.npy", work / f"{method}_{key}.zarr"
         make_source(npy, shp)
         ingest(npy, store, chunks=(16, 256, 256))
         npy.unlink()
-        out[key] = run_memory(None, store, work / f"thr_{key}_out.zarr", 16, 8, 1)
+        out[key] = run_memory(ckpt, store, work / f"{method}_{key}_out.zarr", 16, 8, threads)
         out[key]["bytes"] = int(np.prod(shp)) * 4
+        print(key, json.dumps(out[key]), flush=True)
         shutil.rmtree(store)
-        shutil.rmtree(work / f"thr_{key}_out.zarr", ignore_errors=True)
-    raw["big_memory_threshold"] = {"small_shape": list(shapes["small"]),
-                                   "big_shape": list(shapes["big"]), **out}
+        shutil.rmtree(work / f"{method}_{key}_out.zarr", ignore_errors=True)
+    raw[f"big_memory_{method}"] = {"small_shape": list(shapes["small"]),
+                                   "big_shape": list(shapes["big"]), "threads": threads, **out}
     vols = " vs ".join(f"{'x'.join(map(str, shapes[k]))} ({out[k]['bytes'] / gib:.2f} GiB)"
                        for k in ("small", "big"))
+    what = "cpu_best's model, slab 16, batch 8" if ckpt else "threshold, slab 16"
     for who in ("worker", "client"):
         a, b = out["small"][f"{who}_peak_rss"], out["big"][f"{who}_peak_rss"]
-        rows.append((f"{who} peak RSS, --method threshold", "threshold, slab 16", vols, "1x1",
+        rows.append((f"{who} peak RSS, --method {method}", what, vols, f"1x{threads}",
                      f"{a / mib:.0f} MiB vs {b / mib:.0f} MiB "
                      f"({out['small']['seconds']:.0f} s vs {out['big']['seconds']:.0f} s)",
                      f"**{b / a - 1:+.1%}**"))
@@ -269,6 +290,10 @@ def main() -> None:
                     help="also: client and worker peak RSS of --method threshold (the same slab "
                          "pipeline, no model) on a float32 volume of this shape and one with 4x "
                          "Z, made and ingested slab by slab (256,1024,1024 is 1 GiB)")
+    ap.add_argument("--big-memory-method", choices=("threshold", "model"), default="threshold",
+                    help="with --big-memory: the threshold pipeline (1 worker x 1 thread), or "
+                         "cpu_best's model (random weights, z slices, --precision auto, "
+                         "1 worker x 2 threads)")
     ap.add_argument("--skip-model-rows", action="store_true",
                     help="only the --big-memory rows (the efficiency, memory and throughput "
                          "rows of the model are left out)")
@@ -294,7 +319,11 @@ def main() -> None:
         model_rows(args, work, side, small_z, mem_shape, slab, batch, threads, r18, r101,
                    rows, raw)
     if args.big_memory:
-        big_memory_rows(work, tuple(int(v) for v in args.big_memory.split(",")), rows, raw)
+        shape = tuple(int(v) for v in args.big_memory.split(","))
+        if args.big_memory_method == "model":
+            big_memory_rows(work, shape, rows, raw, make_cpu_best_ckpt(work / "cpu_best.pt"), 2)
+        else:
+            big_memory_rows(work, shape, rows, raw)
 
     lines = [f"segment-volume benchmark on {cores} usable CPU cores (shared machine), torch "
              f"{torch.__version__}; random-weight DeepLabV3+ checkpoints. Efficiency = pure "
