@@ -52,12 +52,14 @@ from magseg_hpc.segment.pipeline import (  # noqa: E402
 )
 
 
-def make_ckpt(path: Path, backbone: str) -> Path:
+def make_ckpt(path: Path, backbone: str, **model) -> Path:
+    """A random-weight checkpoint (speed and memory do not depend on the weights); ``model``:
+    other model keys, e.g. cpu_best's context_slices=5, decoder_channels=64."""
     from magseg_hpc.models import build_model
     from magseg_hpc.models.checkpoint import save_checkpoint
 
     cfg = {"name": "deeplabv3plus", "backbone": backbone, "num_classes": 3, "in_channels": 1,
-           "pretrained": None}
+           "pretrained": None, **model}
     torch.manual_seed(0)
     state = build_model(cfg).state_dict()
     save_checkpoint(path, {"model": cfg, "class_table": ClassTable.default().to_dict(),
@@ -225,22 +227,6 @@ def model_rows(args, work, side, small_z, mem_shape, slab, batch, threads, r18, 
                          f"**{np.prod(shape) / secs:,.0f} voxels/s**"))
 
 
-def make_cpu_best_ckpt(path: Path) -> Path:
-    """A checkpoint of cpu_best's model (ResNet-18, 5 context slices, decoder 64), random
-    weights: memory and speed do not depend on them."""
-    from magseg_hpc.models import build_model, resolve_model_config
-    from magseg_hpc.models.checkpoint import save_checkpoint
-
-    cfg = resolve_model_config({"backbone": "resnet18", "num_classes": 3, "in_channels": 1,
-                                "context_slices": 5, "decoder_channels": 64, "pretrained": None})
-    torch.manual_seed(0)
-    state = build_model(cfg).state_dict()
-    save_checkpoint(path, {"model": cfg, "class_table": ClassTable.default().to_dict(),
-                           "normalization": {"low": -2.0, "high": 2.0, "mean": 0.5, "std": 0.25},
-                           "student": state, "teacher": state})
-    return path
-
-
 def big_memory_rows(work: Path, shape: tuple[int, int, int], rows, raw,
                     ckpt: Path | None = None, threads: int = 1) -> None:
     """Client and worker peak RSS on a volume and 4x its slices: the threshold pipeline, or
@@ -321,7 +307,9 @@ def main() -> None:
     if args.big_memory:
         shape = tuple(int(v) for v in args.big_memory.split(","))
         if args.big_memory_method == "model":
-            big_memory_rows(work, shape, rows, raw, make_cpu_best_ckpt(work / "cpu_best.pt"), 2)
+            cpu_best = make_ckpt(work / "cpu_best.pt", "resnet18", context_slices=5,
+                                 decoder_channels=64)
+            big_memory_rows(work, shape, rows, raw, cpu_best, threads=2)
         else:
             big_memory_rows(work, shape, rows, raw)
 
