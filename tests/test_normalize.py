@@ -70,3 +70,19 @@ def test_extreme_finite_values():
     volume[:, :4], volume[:, 4:8] = 1e308, -1e308
     with pytest.raises(MagsegError, match="beyond float32 arithmetic"):
         fit_normalization(volume)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8])
+def test_fit_leaves_the_input_unchanged(dtype):
+    """The sample is filtered, partitioned and scaled in place: on a copy, never the caller's
+    array (a numpy input small enough to be its own sample is the case that could alias)."""
+    rng = np.random.default_rng(2)
+    v = (rng.random((6, 16, 16)) * 200).astype(dtype)
+    v[0, 0, 0] = 0
+    before = v.copy()
+    norm = fit_normalization(v)
+    np.testing.assert_array_equal(v, before)
+    assert norm["low"] < norm["high"]
+    lazy = fit_normalization(da.from_array(v, chunks=(2, 8, 8)))
+    assert lazy == pytest.approx(norm)
+    np.testing.assert_array_equal(v, before)

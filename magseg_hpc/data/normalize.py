@@ -49,6 +49,8 @@ MASKED_FRACTION = 0.15
 
 
 def _strided_sample(values, max_samples: int) -> np.ndarray:
+    """A flat sample this function owns (the caller's array is never modified): float32 for
+    data of float32 precision or less, float64 otherwise (its range is checked later)."""
     # xarray -> its (dask or numpy) array; a numpy array's own .data is a raw memoryview
     data = values if isinstance(values, np.ndarray) else getattr(values, "data", values)
     if not hasattr(data, "shape"):
@@ -58,9 +60,25 @@ def _strided_sample(values, max_samples: int) -> np.ndarray:
         # the same stride on every axis keeps the sample evenly spread
         step = math.ceil((size / max_samples) ** (1.0 / max(data.ndim, 1)))
         data = data[(slice(None, None, step),) * data.ndim]
-    if hasattr(data, "compute"):
-        data = data.compute()
-    return np.asarray(data, dtype=np.float64).ravel()
+    narrow = np.dtype(data.dtype).itemsize <= 4 and np.dtype(data.dtype).kind in "fiub"
+    dtype = np.float32 if narrow else np.float64
+    if hasattr(data, "store"):  # dask: chunk by chunk into one array, no concatenated copy
+        out = np.empty(data.shape, dtype)
+        data.astype(dtype).store(out, lock=False)
+        return out.ravel()
+    return np.array(data, dtype=dtype).ravel()  # a copy: the sample is changed in place
+
+
+def _mean_std(x: np.ndarray, block: int = 1 << 20) -> tuple[float, float]:
+    """Mean and standard deviation accumulated in float64 over blocks: no full-size
+    temporary (the sample can be 16 M values)."""
+    total = squares = 0.0
+    for i in range(0, x.size, block):
+        b = x[i:i + block].astype(np.float64)
+        total += float(b.sum())
+        squares += float(b @ b)
+    mean = total / x.size
+    return mean, math.sqrt(max(squares / x.size - mean * mean, 0.0))
 
 
 def fit_normalization(
@@ -70,6 +88,8 @@ def fit_normalization(
 
     ``values``: numpy array, dask array or xarray DataArray of any shape. Non-finite values
     are ignored. Raises MagsegError when the sample is empty or has no intensity spread.
+    The sample is filtered, partitioned and scaled in place, so the memory it takes does not
+    multiply with the sample's size (segment-volume's client fits it on every input).
     """
     if not 0 <= low_pct < high_pct <= 100:
         raise MagsegError(
@@ -77,7 +97,10 @@ def fit_normalization(
             f"got low={low_pct}, high={high_pct}"
         )
     sample = _strided_sample(values, max_samples)
-    sample = sample[np.isfinite(sample)]
+    finite = np.isfinite(sample)
+    if not finite.all():
+        sample = sample[finite]
+    del finite
     if sample.size == 0:
         raise MagsegError(
             "no finite intensity values to fit the normalisation on; "
@@ -86,7 +109,8 @@ def fit_normalization(
     masked_value = detect_masked_value(sample)
     if masked_value is not None:
         sample = sample[sample != masked_value]
-    low, high = np.percentile(sample, [low_pct, high_pct])
+    low, high = (float(v) for v in np.percentile(sample, [low_pct, high_pct],
+                                                   overwrite_input=True))
     if not high > low:
         raise MagsegError(
             f"intensity percentiles {low_pct}/{high_pct} are both {low:g} (a constant "
@@ -102,12 +126,15 @@ def fit_normalization(
             "float32 arithmetic, which the model computes in; rescale the volume (e.g. to "
             "physical units of order 1) and try again"
         )
-    scaled = np.clip((sample - low) / (high - low), 0.0, 1.0)
-    std = float(scaled.std())
+    with np.errstate(over="ignore"):
+        sample -= sample.dtype.type(low)
+        sample /= sample.dtype.type(high - low)
+    np.clip(sample, 0.0, 1.0, out=sample)
+    mean, std = _mean_std(sample)
     return {
-        "low": float(low),
-        "high": float(high),
-        "mean": float(scaled.mean()),
+        "low": low,
+        "high": high,
+        "mean": mean,
         "std": max(std, 1e-6),
         "masked_value": masked_value,
     }
