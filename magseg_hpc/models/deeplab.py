@@ -75,10 +75,11 @@ class AtrousConv2d(nn.Conv2d):
         return y[:, :, :h, :w]
 
 
-def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1,
+             bias: bool = False) -> nn.Conv2d:
     if dilation > 1 and stride == 1:
-        return AtrousConv2d(cin, cout, dilation)
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+        return AtrousConv2d(cin, cout, dilation, bias=bias)
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=bias)
 
 
 NORMS = ("batch", "group")
@@ -227,13 +228,9 @@ class ResNetBackbone(nn.Module):
 
 def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1, bias: bool = False,
                   norm: str = "batch"):
-    if k == 3 and dilation > 1:
-        conv = AtrousConv2d(cin, cout, dilation, bias=bias)
-    else:
-        conv = nn.Conv2d(cin, cout, k, padding=0 if k == 1 else dilation, dilation=dilation,
-                         bias=bias)
     return nn.Sequential(
-        conv,
+        _conv3x3(cin, cout, dilation=dilation, bias=bias) if k == 3
+        else nn.Conv2d(cin, cout, 1, bias=bias),
         norm_layer(norm, cout),
         nn.ReLU(inplace=True),
     )
