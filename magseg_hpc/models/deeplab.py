@@ -53,8 +53,8 @@ class AtrousConv2d(nn.Conv2d):
     CPU runs undilated on the d x d interleaved sub-grids of its input (space-to-batch, as in
     the DeepLab papers): the taps of a dilated kernel at one output pixel all fall in that
     pixel's sub-grid, so the result is the same. Why: oneDNN's weight gradient of a dilated
-    convolution is ~4x slower than an undilated one in bf16 on the small maps of training
-    crops (layer4 and ASPP: 4 x 4 at crop 64; benchmarks/README.md, bf16 section).
+    convolution is several times slower than an undilated one in bf16 on the small maps of
+    training crops (layer4 and ASPP: 4 x 4 at crop 64; benchmarks/README.md, bf16 section).
     Inference and no-grad forwards keep the dilated kernel (fast there)."""
 
     def __init__(self, cin: int, cout: int, dilation: int, bias: bool = False):
