@@ -2,8 +2,8 @@
 AugSeg from configs/cpu_best.yaml beats the threshold baseline by a clear margin and is not
 worse than its supervised-only twin (configs/cpu_best_supervised.yaml) trained the same way.
 
-The slowest test of the suite: two trainings of half the recipe's schedule (1000 iterations, as
-`magseg-hpc demo` runs it; a few minutes each on 2 cores). Much shorter trainings lose to the
+The slowest test of the suite: two trainings of a third of the recipe's schedule (1000
+iterations, as `magseg-hpc demo` runs it; a few minutes each on 2 cores). Much shorter trainings lose to the
 baseline (benchmarks/results/recipe.md), so length is the point. benchmarks/results/phantom.md
 has the full-length comparison over presets and seeds.
 """
@@ -17,7 +17,7 @@ from magseg_hpc.cli import main
 from magseg_hpc.evaluate import evaluate_volumes, load_pair
 
 pytestmark = pytest.mark.slow
-EPOCHS = 10  # of 100 iterations: half of cpu_best's 20
+EPOCHS = 10  # of 100 iterations: a third of cpu_best's 30, as the demo runs it
 
 
 def miou(pred_path, truth_path) -> float:

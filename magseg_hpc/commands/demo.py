@@ -25,7 +25,7 @@ DEMO_ENTRIES = {"phantom_train.zarr", "phantom_test.zarr", "train", "segmented.z
                 "threshold.zarr", "eval_model.json", "eval_threshold.json", "figures_model"}
 
 
-DEMO_ITERS = 1000  # half of cpu_best's schedule: a demo in ~5 minutes
+DEMO_ITERS = 1000  # a third of cpu_best's schedule: a demo in ~5 minutes
 
 
 def register(subparsers) -> None:
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                    help="training config, a path or a shipped config's name (default cpu_best)")
     p.add_argument("--iters", type=int, default=DEMO_ITERS,
                    help=f"training iterations, as a whole schedule (default {DEMO_ITERS}: about "
-                   "5 minutes on 2 cores; cpu_best's own schedule is 2000)")
+                   "5 minutes on 2 cores; cpu_best's own schedule is 3000)")
     p.add_argument("--preset", default="elongated",
                    help="make-phantom preset (default elongated; sweep for an 8-bit masked "
                    "volume like a published reconstruction)")
