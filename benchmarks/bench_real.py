@@ -216,7 +216,7 @@ def main() -> None:
         + ", 8 painted slices, 2 for validation. Seeds "
         f"{a.seeds} report; seeds 0 and 1 tuned (`data.mark_outside` and `model.norm: group` "
         "on 0, checked on 1; `train.ema_schedule: mean_teacher`, `train.uns_rampup_epochs: 2` "
-        "on 1).", "",
+        "on 1; `train.epochs: 30` on the `tomo` phantom's tuning seeds).", "",
         *lines, "",
         f"Validation curves: `{a.name}_curves.png`; held-out slices {PICTURE_SLICES} "
         f"(image, threshold baseline, model; black outside, blue dark domain, red bright, "
