@@ -3,9 +3,9 @@ AugSeg from configs/cpu_best.yaml beats the threshold baseline by a clear margin
 worse than its supervised-only twin (configs/cpu_best_supervised.yaml) trained the same way.
 
 The slowest test of the suite: two trainings of a third of the recipe's schedule (1000
-iterations, as `magseg-hpc demo` runs it; a few minutes each on 2 cores). Much shorter trainings lose to the
-baseline (benchmarks/results/recipe.md), so length is the point. benchmarks/results/phantom.md
-has the full-length comparison over presets and seeds.
+iterations, as `magseg-hpc demo` runs it; a few minutes each on 2 cores). Much shorter
+trainings lose to the baseline (benchmarks/results/recipe.md), so length is the point.
+benchmarks/results/phantom.md has the full-length comparison over presets and seeds.
 """
 
 from __future__ import annotations
