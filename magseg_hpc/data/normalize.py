@@ -60,8 +60,8 @@ def _strided_sample(values, max_samples: int) -> np.ndarray:
         # the same stride on every axis keeps the sample evenly spread
         step = math.ceil((size / max_samples) ** (1.0 / max(data.ndim, 1)))
         data = data[(slice(None, None, step),) * data.ndim]
-    kind = np.dtype(data.dtype)
-    dtype = np.float32 if kind.itemsize <= 4 and kind.kind in "fiub" else np.float64
+    source = np.dtype(data.dtype)
+    dtype = np.float32 if source.itemsize <= 4 and source.kind in "fiub" else np.float64
     if hasattr(data, "store"):  # dask: chunk by chunk into one array, no concatenated copy
         out = np.empty(data.shape, dtype)
         data.astype(dtype).store(out, lock=False)
