@@ -128,7 +128,8 @@ def test_strong_ops_stay_in_range_and_do_not_move_pixels():
     for name, (op, sample) in STRONG_POOL.items():
         for _ in range(5):
             mag = sample(Rng(rng))
-            args = (mag, torch.randn(48, 48)) if name == "noise" else (mag,)
+            extra = {"noise": (torch.randn(48, 48),), "slice_offset": (torch.tensor([-0.9]),)}
+            args = (mag, *extra.get(name, ()))
             y = op(x, *args)
             assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1, name
             if name not in ("blur", "sharpness", "noise"):
@@ -200,3 +201,26 @@ def test_intensity_safe_pool_keeps_the_grey_level_order():
     assert not all(order_kept(strong_augment(x, np.random.default_rng(s), num_ops=3))
                    for s in range(200))
     assert resolve_strong_pool(None) == list(STRONG_POOL) == list(STRONG_POOLS["study"])
+
+
+def test_slice_offset_shifts_each_context_slice_as_a_whole():
+    """A reconstruction's per-slice offsets: each plane of a (C, H, W) slice stack moves by
+    its own constant (at most 0.2 in [0, 1] units), so the planes differ from one another
+    while within a plane every grey level keeps its distance to the others."""
+    x = 0.3 + 0.4 * torch.rand(5, 16, 16)  # at least 0.2 away from 0 and 1: no clamping
+    shifts = []
+    for seed in range(40):
+        y, ops = strong_augment(x, np.random.default_rng(seed), num_ops=1,
+                                random_num_ops=False, pool=["slice_offset"], return_ops=True)
+        d = y - x
+        per_plane = d.mean(dim=(1, 2))
+        # one constant per plane: the structure inside each plane is untouched
+        torch.testing.assert_close(d, per_plane[:, None, None].expand_as(d))
+        assert float(per_plane.abs().max()) <= sum(m for _, m in ops) + 1e-6
+        shifts.append(per_plane)
+    shifts = torch.stack(shifts)
+    assert float(shifts.std(dim=1).mean()) > 0.01  # the context slices move independently
+    assert float(shifts.min()) < -0.05 < 0.05 < float(shifts.max())  # both directions
+    flat = strong_augment(torch.zeros(8, 8) + 0.95, np.random.default_rng(1), num_ops=3,
+                          random_num_ops=False, pool=["slice_offset"])
+    assert float(flat.max()) <= 1.0 and float(flat.min()) >= 0.0

@@ -228,6 +228,15 @@ def op_noise(x, sigma, noise=None):
     return (x + sigma * noise).clamp(0, 1)
 
 
+def op_slice_offset(x, amplitude, offsets=None):
+    """Each plane (each context slice of (C, H, W)) shifted by amplitude x its offset in
+    [-1, 1] (``offsets``: one per plane): a reconstruction's per-slice offsets (flat-field
+    and projection normalisation errors) move a whole slice and keep its dark domains
+    darker than its bright ones."""
+    shift = offsets.reshape(-1, 1, 1) if x.ndim == 3 else offsets.reshape(())
+    return (x + amplitude * shift.to(x.dtype)).clamp(0, 1)
+
+
 # name -> (op, magnitude sampler)
 STRONG_POOL: dict[str, tuple[Callable, Callable[[Rng], float | None]]] = {
     "identity": (op_identity, lambda r: None),
@@ -242,6 +251,7 @@ STRONG_POOL: dict[str, tuple[Callable, Callable[[Rng], float | None]]] = {
     "solarize": (op_solarize, lambda r: r.integers(1, 257)),
     "gamma": (op_gamma, lambda r: r.uniform(0.5, 2.0)),
     "noise": (op_noise, lambda r: r.uniform(0.01, 0.1)),
+    "slice_offset": (op_slice_offset, lambda r: r.uniform(0.05, 0.2)),
 }
 
 
@@ -306,6 +316,9 @@ def strong_augment(
         mag = sample(rng)
         if name == "noise":
             x = op(x, mag, rng.normal(tuple(x.shape)))
+        elif name == "slice_offset":
+            planes = x.shape[0] if x.ndim == 3 else 1
+            x = op(x, mag, torch.tensor([rng.uniform(-1.0, 1.0) for _ in range(planes)]))
         else:
             x = op(x, mag)
         applied.append((name, mag))
