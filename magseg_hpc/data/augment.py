@@ -257,12 +257,15 @@ STRONG_POOL: dict[str, tuple[Callable, Callable[[Rng], float | None]]] = {
 
 # Pools by name (train.strong_ops). "intensity_safe": operations after which the masked
 # background is still the darkest, a dark domain darker than a bright one (blur, sharpening,
-# added noise). On magnetization data the class is the grey level: solarize, brightness,
-# contrast, autocontrast, equalize and gamma teach the student that an inverted or rescaled
-# domain keeps its label, and posterize merges dark domains into a zero background.
+# added noise, a per-slice offset). On magnetization data the class is the grey level:
+# solarize, brightness, contrast, autocontrast, equalize and gamma teach the student that an
+# inverted or rescaled domain keeps its label, and posterize merges dark domains into a zero
+# background. A slice_offset moves a whole slice, as a reconstruction's per-slice offsets do:
+# the student learns that such a slice keeps its classes (`elongated` tuning seeds 5 and 6,
+# benchmarks/results/elongated_tuning.md).
 STRONG_POOLS: dict[str, tuple[str, ...]] = {
     "study": tuple(STRONG_POOL),
-    "intensity_safe": ("identity", "blur", "sharpness", "noise"),
+    "intensity_safe": ("identity", "blur", "sharpness", "noise", "slice_offset"),
 }
 
 
