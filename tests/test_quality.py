@@ -5,8 +5,8 @@ worse than its supervised-only twin (configs/cpu_best_supervised.yaml) trained t
 The slowest test of the suite: two trainings of a third of the recipe's schedule (1000
 iterations, as `magseg-hpc demo` runs it; a few minutes each on 2 cores). Much shorter
 trainings lose to the baseline (benchmarks/results/recipe.md), so length is the point.
-benchmarks/results/phantom.md (2000 iterations) and phantom_elongated_3000.md have the
-full-length comparison over seeds.
+benchmarks/results/phantom.md (2000 iterations) and phantom_elongated_offset.md (the recipe
+as shipped) have the full-length comparison over seeds.
 """
 
 from __future__ import annotations
