@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from magseg_hpc import precision
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # What the numbers depend on; the results folder itself is left out (it changes on every run).
@@ -45,11 +47,24 @@ def command() -> str:
     return shlex.join([".venv/bin/python", str(script), *sys.argv[1:]])
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine() -> dict:
     """Cores this process may use, torch threads and versions, and the load when asked."""
     info = {"cores_usable": len(os.sched_getaffinity(0)), "cores_total": os.cpu_count(),
             "load_avg_1_5_15": list(os.getloadavg()), "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "cpu": cpu_model(),
+            # Training and segment times differ ~2x with it (precision "auto" takes bf16 there).
+            "cpu_bf16": precision.cpu_has_bf16()}
     try:
         import torch
 
@@ -68,20 +83,24 @@ def machine() -> dict:
 AT_START = {"commit": commit(), "command": command()}
 
 
+def machine_line(m: dict) -> str:
+    """One line of a results file saying which machine the numbers came from."""
+    return (f"Machine: {m['cpu']}, {m['cores_usable']} usable of {m['cores_total']} cores, "
+            f"bf16 {'native' if m['cpu_bf16'] else 'not native (fp32)'}, load average "
+            + "/".join(f"{v:.1f}" for v in m["load_avg_1_5_15"])
+            + (f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else "")
+            + f", Python {m['python']}.")
+
+
 def write_results(name: str, title: str, body: str, raw: dict, *, note: str = "") -> Path:
     """Write ``benchmarks/results/<name>.md`` (body + provenance + raw JSON) and ``.json``."""
     meta = {**AT_START, "machine": machine()}
-    m = meta["machine"]
     lines = [
         f"# {title}",
         "",
         f"Commit {meta['commit']}. Command: `{meta['command']}`",
         "",
-        f"Machine: {m['cores_usable']} usable of {m['cores_total']} cores, load average "
-        + "/".join(f"{v:.1f}" for v in m["load_avg_1_5_15"])
-        + (f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else "")
-        + f", Python {m['python']}."
-        + (f" {note}" if note else ""),
+        machine_line(meta["machine"]) + (f" {note}" if note else ""),
         "",
         body.rstrip(),
         "",

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from _results import commit
+from _results import commit, machine, machine_line
 
 from magseg_hpc.cli import main as cli_main
 
@@ -149,6 +149,8 @@ def write_table(args, results: dict, commands: list[str], timings: dict) -> str:
         f"{args.snr or 'of the preset'}, {args.n_labeled} labelled slices, configs "
         f"{args.augseg_config} and {args.supervised_config}, overrides "
         f"{args.train_override or 'none'}.",
+        "",
+        machine_line(machine()),
         "",
         *rows,
         "",
