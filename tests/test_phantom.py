@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
+from scipy import ndimage
 
-from magseg_hpc.data.phantom import make_phantom, write_phantom
+from magseg_hpc.data.phantom import make_phantom, preset_params, write_phantom
 from magseg_hpc.errors import MagsegError
 
 ODD = (17, 45, 38)
@@ -121,6 +122,7 @@ def test_shading_is_low_frequency_and_seeded():
         ({"snr": -1.0}, "snr"),
         ({"missing_wedge_deg": 179.0}, "missing_wedge_deg"),
         ({"shading": 1.5}, "shading"),
+        ({"encoding": "log"}, "intensity, uint8-masked, signed, signed-nan, unmasked"),
     ],
 )
 def test_bad_parameters_are_one_line_errors(kwargs, words):
@@ -172,6 +174,86 @@ def test_cli_make_phantom_bad_option(tmp_path):
     out = tmp_path / "ph.zarr"
     assert main(["make-phantom", str(out), "--shape", "3,30,30"]) == 2
     assert not out.exists()
+
+
+# --- encodings: one sample, as each kind of reconstruction stores it -------------------------
+
+SMALL = (8, 48, 48)
+
+
+def encoded(encoding, **kw):
+    return make_phantom(SMALL, seed=3, encoding=encoding, **kw)
+
+
+def kept(labels, margin=2):
+    """The support dilated by the default margin of the masked encodings."""
+    return ndimage.binary_dilation(labels > 0, iterations=margin)
+
+
+def test_signed_encodings_are_one_sample_masked_at_the_middle():
+    signed, nan, unmasked = (encoded(e) for e in ("signed", "signed-nan", "unmasked"))
+    keep = kept(signed.labels)
+    assert signed.image.dtype == nan.image.dtype == unmasked.image.dtype == np.float32
+    assert signed.params["encoding"] == "signed" and nan.params["encoding"] == "signed-nan"
+    np.testing.assert_array_equal(nan.image[keep], signed.image[keep])
+    np.testing.assert_array_equal(unmasked.image[keep], signed.image[keep])
+    # NaN exactly where signed is its masked 0.0: outside the dilated support, nowhere inside.
+    np.testing.assert_array_equal(np.isnan(nan.image), ~keep)
+    np.testing.assert_array_equal(signed.image == 0.0, ~keep)
+    # The outside is zero magnetisation: between the classes, not below the dark one.
+    minus, plus = (float(signed.image[signed.labels == c].mean()) for c in (1, 2))
+    assert minus < 0.0 < plus
+    outside = unmasked.image[~keep]
+    assert outside.std() > 0.05 and abs(outside.mean()) < 0.1 * (plus - minus)
+
+
+def test_signed_encodings_honour_mask_margin_and_refuse_a_bit_depth():
+    zero = encoded("signed", mask_margin=0)
+    np.testing.assert_array_equal(zero.image == 0.0, zero.labels == 0)
+    for encoding in ("signed", "signed-nan", "unmasked"):
+        with pytest.raises(MagsegError, match="bit_depth must be 0") as e:
+            encoded(encoding, bit_depth=8)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("blur_sigma, depth", [(0.0, 0), (1.0, 3)])
+def test_uint8_masked_is_the_signed_sample_quantised(blur_sigma, depth):
+    signed = encoded("signed", blur_sigma=blur_sigma)
+    grey = encoded("uint8-masked", blur_sigma=blur_sigma)
+    assert grey.image.dtype == np.uint8 and grey.params["encoding"] == "uint8-masked"
+    assert (grey.image[~kept(grey.labels)] == 0).all()
+    # Affine where blur(S) is 1 (the whole support unblurred; with blur, from 3 sigma in),
+    # the signed image also taking off mid * blur(S) where it falls towards the boundary.
+    inner = grey.labels > 0
+    if depth:  # iterations=0 would erode until nothing changes
+        inner = ndimage.binary_erosion(inner, iterations=depth)
+    unclipped = inner & (grey.image > 0) & (grey.image < 255)
+    assert unclipped.sum() > 0.5 * inner.sum()
+    r = np.corrcoef(grey.image[unclipped], signed.image[unclipped])[0, 1]
+    assert r > 0.99
+
+
+@pytest.mark.parametrize("preset", ["default", "sweep"])
+def test_intensity_encoding_is_the_phantom_as_before(preset):
+    params = preset_params(preset, shape=SMALL)
+    shape = params.pop("shape")
+    before = make_phantom(shape, **params)
+    assert before.params["encoding"] == "intensity"
+    after = make_phantom(shape, **{**params, "encoding": "intensity"})
+    assert after.image.dtype == before.image.dtype
+    assert after.image.tobytes() == before.image.tobytes() and after.params == before.params
+
+
+def test_cli_make_phantom_signed_nan(tmp_path, cli):
+    out = tmp_path / "ph.zarr"
+    r = cli("make-phantom", out, "--shape", "8,48,48", "--seed", "3", "--encoding",
+            "signed-nan")
+    assert r.returncode == 0, r.stderr
+    ds = xr.open_zarr(out)
+    assert ds["image"].dtype == np.float32 and ds.attrs["phantom"]["encoding"] == "signed-nan"
+    image = ds["image"].values
+    np.testing.assert_array_equal(np.isnan(image), ~kept(ds["labels"].values))
+    np.testing.assert_array_equal(image, encoded("signed-nan").image)
 
 
 # --- the tomo preset: the acquisition simulated ------------------------------------------------

@@ -8,6 +8,7 @@ import os
 from magseg_hpc.commands.common import int_triple
 from magseg_hpc.data.phantom import (
     ACQUISITIONS,
+    ENCODINGS,
     PARAMETERS,
     PATTERNS,
     PRESETS,
@@ -49,6 +50,7 @@ FLAGS = {
     "shading": float,
     "mask-margin": int,
     "bit-depth": int,
+    "encoding": str,
     "dark-level": float,
     "bright-level": float,
     "acquisition": str,
@@ -56,7 +58,7 @@ FLAGS = {
     "z-drift": float,
 }
 CHOICES = {"support": SUPPORTS, "pattern": PATTERNS, "bit-depth": (0, 8),
-           "acquisition": ACQUISITIONS}
+           "encoding": ENCODINGS, "acquisition": ACQUISITIONS}
 
 # Peak working memory of make_phantom per voxel (float64 fields, FFTs, the FBP per slice),
 # measured with tracemalloc at 32x96x96 (54 B) and rounded up.

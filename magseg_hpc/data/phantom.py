@@ -24,6 +24,13 @@ Image formation, in order:
    threshold cannot absorb but local context can;
 7. Gaussian noise (slightly correlated, like reconstruction noise) scaled to ``snr``.
 
+The result is then written in one ``encoding``: ``intensity`` (the image above, masked and
+quantised as ``mask_margin`` and ``bit_depth`` say), ``uint8-masked`` (8-bit and masked as the
+``sweep`` preset), or signed, ``(r - mid * blur(S)) / contrast`` with ``r`` the image above,
+``mid`` the midpoint of the two class means: minus domains negative, plus positive, zero
+magnetisation at 0, and outside the (dilated) support 0 (``signed``), NaN (``signed-nan``) or
+unmasked (``unmasked``). Every encoding of one seed is the same sample, noise included.
+
 Shading imitates the slowly varying intensity errors of real reconstructions, in units of the
 domain contrast ``c`` (mean plus minus mean minus of the unshaded image), with ``s = shading``:
 
@@ -76,6 +83,9 @@ log = logging.getLogger(__name__)
 SUPPORTS = ("pillar", "cylinder", "slab")
 ACQUISITIONS = ("image", "projections")
 PATTERNS = ("labyrinth", "stripes")
+# The same sample in each encoding physicists get reconstructions in (PARAMETERS["encoding"]).
+ENCODINGS = ("intensity", "uint8-masked", "signed", "signed-nan", "unmasked")
+SIGNED_ENCODINGS = ("signed", "signed-nan", "unmasked")
 
 # Defaults of make_phantom, also used by the CLI so both document the same numbers.
 # Every parameter of make_phantom: its default and its meaning (the CLI's flags and help too).
@@ -120,6 +130,12 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
                     "the sample (as published reconstructions are); -1 keeps its background"),
     "bit_depth": (0, "0: float32 image; 8: uint8 with the noise-free minus and plus domain "
                   "means at dark_level and bright_level (below 0 clips to 0)"),
+    "encoding": ("intensity", "the same sample as: intensity (masked and quantised as "
+                 "mask_margin and bit_depth say); uint8-masked (as bit_depth 8 with mask_margin, "
+                 "2 if -1); signed (float32 in units of the domain contrast: minus domains "
+                 "negative, plus positive, exactly 0 beyond mask_margin voxels outside the "
+                 "sample, 2 if -1); signed-nan (signed, NaN there); unmasked (signed, no mask: "
+                 "noise and streaks around 0 outside). The signed three need bit_depth 0"),
     "dark_level": (9.0, "8-bit grey level of the minus domains"),
     "bright_level": (120.0, "8-bit grey level of the plus domains"),
     "acquisition": ("image", "image: artefacts painted on the reconstruction; projections: "
@@ -223,6 +239,7 @@ def make_phantom(
     rings: float = DEFAULTS["rings"],
     mask_margin: int = DEFAULTS["mask_margin"],
     bit_depth: int = DEFAULTS["bit_depth"],
+    encoding: str = DEFAULTS["encoding"],
     dark_level: float = DEFAULTS["dark_level"],
     bright_level: float = DEFAULTS["bright_level"],
     acquisition: str = DEFAULTS["acquisition"],
@@ -277,13 +294,11 @@ def make_phantom(
         signal, contrast, noise_std = _paint_artefacts(
             signal, labels, rings, shading, snr if noisy else None, noise_correlation, n_angles,
             missing_wedge_deg, rng_noise, rng_shading)
-    signal = _as_published(signal, labels, support_mask, contrast, mask_margin, bit_depth,
-                           dark_level, bright_level)
+    image = _encode(signal, labels, support_mask, contrast, args)
     params = {"generator": "magseg_hpc.data.phantom.make_phantom", **_record(args, noisy),
               "contrast": contrast, "noise_std": float(noise_std), "snr_definition":
               "(mean of noise-free image over label 2 - over label 1) / noise std"}
     log.debug("phantom %s: contrast %.3f, noise std %.3f", shape, contrast, noise_std)
-    image = signal.astype(np.uint8 if bit_depth == 8 else np.float32)
     return Phantom(image=image, labels=labels, params=params)
 
 
@@ -309,14 +324,43 @@ def _paint_artefacts(signal, labels, rings, shading, snr, noise_correlation, n_a
     return signal, contrast, noise_std
 
 
+def _encode(signal, labels, support_mask, contrast, a) -> np.ndarray:
+    """The image of the float reconstruction ``signal`` in ``a["encoding"]``, every encoding
+    from the same ``signal`` so they are one sample (PARAMETERS["encoding"])."""
+    encoding, margin, bit_depth = a["encoding"], a["mask_margin"], a["bit_depth"]
+    if encoding != "intensity" and margin < 0:
+        margin = 2  # the published sweep's margin
+    if encoding in ("intensity", "uint8-masked"):
+        bit_depth = 8 if encoding == "uint8-masked" else bit_depth
+        image = _as_published(signal, labels, support_mask, contrast, margin, bit_depth,
+                              a["dark_level"], a["bright_level"])
+        return image.astype(np.uint8 if bit_depth == 8 else np.float32)
+    # Zero magnetisation is the class midpoint inside the sample and 0 outside, the step
+    # smoothed by the blur: taking off mid * blur(S) puts it at 0 on both sides, so the
+    # masked outside sits between the classes (as in a signed reconstruction), not below both.
+    support = support_mask.astype(np.float64)
+    if a["blur_sigma"] > 0:
+        support = ndimage.gaussian_filter(support, a["blur_sigma"], mode="constant")
+    mid = (float(signal[labels == 1].mean()) + float(signal[labels == 2].mean())) / 2.0
+    signed = (signal - mid * support) / contrast
+    if encoding != "unmasked":
+        signed[~_dilated(support_mask, margin)] = 0.0 if encoding == "signed" else np.nan
+    return signed.astype(np.float32)
+
+
+def _dilated(support_mask: np.ndarray, margin: int) -> np.ndarray:
+    """The support grown by ``margin`` >= 0 voxels: what a masked reconstruction keeps."""
+    if margin > 0:
+        return ndimage.binary_dilation(support_mask, iterations=int(margin))
+    return support_mask
+
+
 def _as_published(signal, labels, support_mask, contrast, mask_margin, bit_depth, dark_level,
                   bright_level):
     """Masked to exact 0 beyond ``mask_margin`` voxels outside the sample (-1: not masked)
     and quantised to 8 bits (``bit_depth`` 8), as published reconstructions are."""
     if mask_margin >= 0:
-        outside = ~ndimage.binary_dilation(support_mask, iterations=int(mask_margin)) \
-            if mask_margin > 0 else ~support_mask
-        signal[outside] = 0.0
+        signal[~_dilated(support_mask, mask_margin)] = 0.0
     if bit_depth == 8:
         dark = float(signal[labels == 1].mean())
         gain = (bright_level - dark_level) / max(abs(contrast), 1e-12)
@@ -374,6 +418,11 @@ def _check_params(a: dict) -> tuple[int, int, int]:
     _check_range("rings", a["rings"], 0.0, None)
     _check_range("mask_margin", a["mask_margin"], -1, None)
     _check_choice("bit_depth", a["bit_depth"], (0, 8))
+    _check_choice("encoding", a["encoding"], ENCODINGS)
+    if a["encoding"] in SIGNED_ENCODINGS and a["bit_depth"] != 0:
+        raise MagsegError(f"encoding {a['encoding']} is a float32 image: bit_depth must be 0, "
+                          f"got {a['bit_depth']} (a preset that quantises, as sweep does, needs "
+                          "bit_depth 0 with it)")
     _check_choice("acquisition", a["acquisition"], ACQUISITIONS)
     _check_range("detector_offsets", a["detector_offsets"], 0.0, None)
     _check_range("z_drift", a["z_drift"], 0.0, 0.9)
@@ -390,8 +439,8 @@ def _check_params(a: dict) -> tuple[int, int, int]:
 
 def _record(a: dict, noisy: bool) -> dict:
     """The parameters as plain JSON values, for the store's attributes."""
-    ints, texts = ("seed", "n_angles", "mask_margin", "bit_depth"), ("support", "pattern",
-                                                                   "acquisition")
+    ints = ("seed", "n_angles", "mask_margin", "bit_depth")
+    texts = ("support", "pattern", "acquisition", "encoding")
     out = {}
     for key, value in a.items():
         if key == "shape":
