@@ -116,6 +116,10 @@ class DataConfig:
     # every sample value): a dark domain clipped to the masked value is otherwise the same
     # input as the outside (magseg_hpc.data.normalize). No effect on unmasked volumes.
     mark_outside: bool = True
+    # Where the training volume's outside is (magseg_hpc.volume.support): auto detects it (a
+    # constant outside at any value, NaN, or none); none, nan or a number decide it. A mask
+    # file is folded in by `magseg-hpc ingest VOLUME OUT --mask MASK`.
+    outside: str = "auto"
 
 
 @dataclass
@@ -401,6 +405,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
             raise MagsegError(f"{key} must be >= 0, got {value}")
     if not 0 < t.lr < math.inf:
         raise MagsegError(f"train.lr must be a number > 0, got {t.lr}")
+    _check_outside(str(d.outside))
     if not 0 < t.head_lr_mult < math.inf:
         raise MagsegError(f"train.head_lr_mult must be a number > 0, got {t.head_lr_mult}")
     if not 0 <= t.threshold <= 1:
@@ -596,3 +601,14 @@ def experiment_differences(a: dict, b: dict) -> list[str]:
     fa, fb = {**defaults, **_flatten(a)}, {**defaults, **_flatten(b)}
     keys = sorted(set(fa) | set(fb))
     return [k for k in keys if k not in RUNTIME_KEYS and fa.get(k) != fb.get(k)]
+
+
+def _check_outside(text: str) -> None:
+    """data.outside: auto, none, nan or a finite number (volume.support decides with it)."""
+    try:
+        ok = text.lower() in ("auto", "none", "nan") or math.isfinite(float(text))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise MagsegError(f"data.outside {text!r}: choose auto (detect it), none (unmasked), "
+                          "nan, or the outside's exact value (e.g. 0)")

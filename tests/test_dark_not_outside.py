@@ -17,7 +17,6 @@ from magseg_hpc.data.normalize import (
     OUTSIDE_X01,
     apply_normalization,
     fit_normalization,
-    masked_support,
     refit_normalization,
 )
 from magseg_hpc.data.phantom import make_phantom, preset_params, write_phantom
@@ -31,6 +30,9 @@ from magseg_hpc.data.slices import (
 from magseg_hpc.segment.kernel import segment_slab
 from magseg_hpc.train import run_training
 from magseg_hpc.train.records import COLLAPSE_DROP, collapse_drop
+from magseg_hpc.volume.support import plane_support
+
+ZERO = {"outside": "value", "value": 0.0}  # an outside masked at exactly 0
 
 
 def clipped_sweep(shape, seed):
@@ -50,9 +52,9 @@ def marked(image) -> dict:
 
 
 def test_the_clipped_phantom_has_dark_domains_at_the_masked_value(clipped):
-    support = np.stack([masked_support(p, 0.0) for p in clipped.image])
+    support = np.stack([plane_support(p, ZERO) for p in clipped.image])
     dark = clipped.labels == 1
-    assert fit_normalization(clipped.image)["masked_value"] == 0.0
+    assert fit_normalization(clipped.image)["support"]["value"] == 0.0
     assert (clipped.image[dark] == 0).mean() > 0.3  # the published sweep: 38 % of the sample
     assert support[dark].mean() > 0.97  # ... and the support still holds them
 
@@ -60,7 +62,7 @@ def test_the_clipped_phantom_has_dark_domains_at_the_masked_value(clipped):
 def test_the_input_marks_the_outside_and_keeps_dark_domains_inside(clipped):
     norm = marked(clipped.image)
     x = apply_normalization(clipped.image, norm)
-    support = np.stack([masked_support(p, 0.0) for p in clipped.image])
+    support = np.stack([plane_support(p, ZERO) for p in clipped.image])
     outside_value = (OUTSIDE_X01 - norm["mean"]) / norm["std"]
     zero_value = (0.0 - norm["mean"]) / norm["std"]
     np.testing.assert_allclose(x[~support], outside_value, rtol=1e-6)

@@ -29,6 +29,7 @@ from magseg_hpc.data.splits import make_splits, read_split
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.segment.suggest import pick_spread
 from magseg_hpc.train import run_training
+from magseg_hpc.volume.support import NONE, detect_support
 
 TABLE = ClassTable.default()
 SHAPE = (16, 32, 32)
@@ -149,9 +150,10 @@ def test_window_leaves_out_a_masked_zero_background():
     rng = np.random.default_rng(0)
     inside = rng.uniform(10, 20, size=2000)
     values = np.concatenate([np.zeros(8000), inside])
-    w = intensity_window(values)
-    assert w["zeros_excluded"] and w["low"] > 10 and w["high"] < 20
-    assert not intensity_window(inside)["zeros_excluded"]
+    support = detect_support(values.reshape(1, 100, 100))
+    w = intensity_window(values, support)
+    assert w["masked"] and w["low"] > 10 and w["high"] < 20
+    assert not intensity_window(inside, NONE)["masked"]
     assert to_uint8(np.array([0.0, w["low"], w["high"], 1e9]), w).tolist() == [0, 0, 255, 255]
 
 
@@ -189,7 +191,7 @@ def test_export_along_y_as_tiff_from_a_plain_npy(tmp_path, capsys):
                        "--axis", "y", "--format", "tiff")
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
-    assert m["indices"] == [2, 7] and m["axis"] == "y" and m["window"]["zeros_excluded"]
+    assert m["indices"] == [2, 7] and m["axis"] == "y" and m["window"]["masked"]
     img = tifffile.imread(out / "y00007.tif")
     assert img.dtype == np.uint8 and img.shape == (8, 12)
 

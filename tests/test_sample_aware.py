@@ -16,9 +16,7 @@ from segment_utils import MODEL_CFG, default_precision, make_volume, read_labels
 from magseg_hpc.data.augment import strong_augment, weak_augment
 from magseg_hpc.data.normalize import (
     apply_normalization,
-    detect_masked_value,
     fit_normalization,
-    masked_support,
 )
 from magseg_hpc.data.phantom import make_phantom, preset_params, write_phantom
 from magseg_hpc.data.slices import MultiAxisSlices, VolumeSlices
@@ -27,6 +25,9 @@ from magseg_hpc.errors import MagsegError
 from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
 from magseg_hpc.segment.pipeline import SegmentOptions, segment_volume
 from magseg_hpc.segment.threshold import threshold_segment_volume
+from magseg_hpc.volume.support import detect_support, plane_support
+
+ZERO = {"outside": "value", "value": 0.0}  # an outside masked at exactly 0
 
 
 def _miou(pred, truth):
@@ -77,13 +78,13 @@ def test_cli_preset_writes_uint8(tmp_path, cli):
 
 def test_normalisation_ignores_a_masked_background(sweep):
     norm = fit_normalization(sweep.image)
-    assert norm["masked_value"] == 0.0
+    assert norm["support"]["value"] == 0.0
     inside = sweep.image[sweep.image != 0].astype(np.float64)
     assert norm["low"] == pytest.approx(np.percentile(inside, 0.5))
     assert norm["high"] == pytest.approx(np.percentile(inside, 99.5))
     # a float field of view with no masked floor keeps every voxel
-    assert fit_normalization(make_volume((4, 16, 16)))["masked_value"] is None
-    assert detect_masked_value(np.zeros(10)) is None  # constant: not a mask, just empty
+    assert fit_normalization(make_volume((4, 16, 16)))["support"]["outside"] == "none"
+    assert detect_support(np.zeros((1, 4, 4)))["outside"] == "none"  # constant: no mask
 
 
 def test_scale_invariant_input_statistics(sweep):
@@ -101,11 +102,11 @@ def test_statistics_of_a_large_numpy_volume_are_sampled_like_a_dask_one(sweep):
     small = image.size // 5
     as_numpy = fit_normalization(image, max_samples=small)
     assert as_numpy == fit_normalization(da.from_array(image, chunks=5), max_samples=small)
-    assert as_numpy["masked_value"] == 0.0
+    assert as_numpy["support"]["value"] == 0.0
 
 
 def test_masked_support_keeps_dark_domains_inside(sweep):
-    support = np.stack([masked_support(s, 0.0) for s in sweep.image])
+    support = np.stack([plane_support(s, ZERO) for s in sweep.image])
     truth = sweep.labels > 0
     assert (support & truth).sum() / truth.sum() > 0.98  # zero-valued dark pixels stay inside
     # the rest is the masked reconstruction's 2 px margin around the sample (the model's call)
@@ -245,14 +246,14 @@ def test_masked_background_is_background_whatever_the_model_says(tmp_path, clien
     segment_volume(SegmentOptions(str(inp), str(out), model=str(ckpt), slab_size=4, axes=axes),
                    client, progress=False)
     labels = read_labels(out)
-    support = np.stack([masked_support(s, 0.0) for s in sweep.image])
+    support = np.stack([plane_support(s, ZERO) for s in sweep.image])
     assert (labels[~support] == 0).all()
     assert (labels[support] != 0).any()  # inside, the model decides
     if len(axes) > 1:
         # The z-plane support rules the fused volume: on y planes the tilted pillar leaves
         # through the top and bottom, so dark masked-valued pixels there are not holes and a
         # per-plane support would force them to background.
-        y_support = np.stack([masked_support(s, 0.0) for s in sweep.image.transpose(1, 0, 2)],
+        y_support = np.stack([plane_support(s, ZERO) for s in sweep.image.transpose(1, 0, 2)],
                              axis=1)
         cut_by_y = support & ~y_support
         assert cut_by_y.sum() > 20
@@ -265,7 +266,7 @@ def test_model_skips_planes_of_masked_background_only():
     params = preset_params("sweep", shape=(8, 160, 160), seed=3)
     image = make_phantom(params.pop("shape"), **params).image
     norm = fit_normalization(image)
-    assert norm["masked_value"] == 0.0
+    assert norm["support"]["value"] == 0.0
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 3, 1).eval()
     seen = []
@@ -279,7 +280,7 @@ def test_model_skips_planes_of_masked_background_only():
                         for i in range(len(planes))])
         with torch.no_grad():
             expected = model(torch.from_numpy(apply_normalization(ctx, norm))).argmax(1).numpy()
-        outside = ~np.stack([masked_support(p, 0.0) for p in planes])
+        outside = ~np.stack([plane_support(p, ZERO) for p in planes])
         expected[outside] = 0
         np.testing.assert_array_equal(labels, expected)
         assert (probs[0][outside] == 255).all()
@@ -372,7 +373,7 @@ def test_training_with_context_axes_and_foreground_crops(multi_axis_run):
     assert len(read_split(run / "splits/unlabeled.txt")) == 7 + 32 + 32
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["model"]["context_slices"] == 3 and ckpt["model"]["decoder_channels"] == 16
-    assert ckpt["normalization"]["masked_value"] is None
+    assert ckpt["normalization"]["support"]["outside"] == "none"
     assert ckpt["labelled_share"] == 3 / 12  # 3 labelled of 12 z slices (val included)
     # the log counts labelled slices per plane, the summary carries the fusion check
     assert "9 labelled (3 z + 3 y + 3 x slices)" in (run / "logs/rank0.log").read_text()

@@ -20,11 +20,14 @@ import torch
 import yaml
 
 from magseg_hpc.config import config_from_dict, load_config
-from magseg_hpc.data.normalize import apply_normalization, fit_normalization, masked_support
+from magseg_hpc.data.normalize import apply_normalization, fit_normalization
 from magseg_hpc.data.phantom import make_phantom, preset_params, write_phantom
 from magseg_hpc.models import build_model
 from magseg_hpc.train import run_training
 from magseg_hpc.train.setup import resolve_norm
+from magseg_hpc.volume.support import plane_support
+
+ZERO = {"outside": "value", "value": 0.0}  # an outside masked at exactly 0
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def masked_crops():
     phantom = make_phantom(params.pop("shape"), **params)
     norm = {**fit_normalization(phantom.image), "mark_outside": True}
     x = torch.from_numpy(apply_normalization(phantom.image, norm).astype(np.float32))
-    support = np.stack([masked_support(p, 0.0) for p in phantom.image])
+    support = np.stack([plane_support(p, ZERO) for p in phantom.image])
     # the sample is a film across the field (rows 11-84); 16 x 64 crops
     edge, middle, columns = np.r_[0:8, 88:96], slice(40, 56), slice(16, 80)
     assert not support[:, edge].any()
@@ -69,7 +72,7 @@ def shipped_model(name: str, normalization: dict, **changes):
 @pytest.mark.parametrize("config", ["cpu_best", "cpu_best_supervised"])
 def test_the_recipes_predict_the_same_whatever_crops_came_last(masked_crops, config):
     outside, sample, whole, norm = masked_crops
-    assert norm["masked_value"] == 0.0
+    assert norm["support"]["value"] == 0.0
     model = shipped_model(config, norm)
     after_outside = predictions_after(model, outside, whole)
     after_sample = predictions_after(model, sample, whole)
@@ -93,13 +96,13 @@ def test_auto_keeps_batchnorm_on_unmasked_volumes_and_for_imagenet_weights():
     mIoU, benchmarks/results/phantom_tomo_groupnorm.md); ImageNet weights come with it."""
     volume = make_phantom((8, 48, 48), seed=0)  # float, unmasked
     unmasked = fit_normalization(volume.image)
-    assert unmasked["masked_value"] is None
+    assert unmasked["support"]["outside"] == "none"
     cfg = load_config("cpu_best")
     assert cfg.model.norm == "auto"
     assert resolve_norm(cfg, unmasked).model.norm == "batch"
-    assert resolve_norm(cfg, {**unmasked, "masked_value": 0.0}).model.norm == "group"
+    assert resolve_norm(cfg, {**unmasked, "support": ZERO}).model.norm == "group"
     pretrained = load_config("cpu_best", ["model.pretrained=weights.pth"])
-    assert resolve_norm(pretrained, {**unmasked, "masked_value": 0.0}).model.norm == "batch"
+    assert resolve_norm(pretrained, {**unmasked, "support": ZERO}).model.norm == "batch"
     explicit = load_config("cpu_best", ["model.norm=group"])
     assert resolve_norm(explicit, unmasked).model.norm == "group"
 

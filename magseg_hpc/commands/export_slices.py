@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from magseg_hpc.axes import AXES
+from magseg_hpc.commands.common import add_support_options
 from magseg_hpc.data.labelling import choose_indices, export_slices, read_slice_list
 from magseg_hpc.data.masks import load_colors
 from magseg_hpc.errors import MagsegError
@@ -30,8 +31,9 @@ def register(subparsers) -> None:
         "export-slices",
         help="write chosen slices as 8-bit PNG/TIFF pictures to paint in a labelling tool",
         description="Writes DIR/z00042.png ... (one intensity window for all, from percentiles "
-        "inside the sample: an exact-zero masked background is left out) and DIR/manifest.json "
-        "(volume, shape, axis, indices, window, colour table to paint with).",
+        "inside the sample: a masked outside is left out and drawn black; signed data get a "
+        "window symmetric about 0) and DIR/manifest.json (volume, shape, axis, indices, window, "
+        "encoding, colour table to paint with).",
     )
     p.add_argument("volume", help="volume in any readable format")
     p.add_argument("out_dir", metavar="DIR", help="output folder (created)")
@@ -47,6 +49,7 @@ def register(subparsers) -> None:
                    help="picture format, 8-bit either way (default png)")
     p.add_argument("--colors", "--colours", dest="colors", metavar="FILE", default=None,
                    help="colour table for the manifest (default: the standard class colours)")
+    add_support_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     p.set_defaults(func=run)
 
@@ -65,10 +68,11 @@ def run(args) -> int:
         size = int(open_volume(args.volume, var=args.var).sizes[axis])
         indices = choose_indices(size, n=args.n, axis=axis)
     manifest = export_slices(args.volume, args.out_dir, indices, axis=axis, var=args.var,
-                             fmt=args.fmt, overwrite=args.overwrite, class_table=class_table)
+                             fmt=args.fmt, overwrite=args.overwrite, class_table=class_table,
+                             outside=args.outside, mask=args.mask)
     w = manifest["window"]
     print(f"wrote {len(manifest['indices'])} {axis} slices to {args.out_dir} "
           f"({', '.join(map(str, manifest['indices']))}); window {w['low']:.4g}..{w['high']:.4g}"
-          f"{' (zeros excluded)' if w['zeros_excluded'] else ''}; paint with the colours in "
+          f" ({w['outside']}); paint with the colours in "
           f"{args.out_dir}/manifest.json")
     return 0

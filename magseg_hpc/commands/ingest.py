@@ -6,11 +6,12 @@ import sys
 
 from tqdm import tqdm
 
-from magseg_hpc.commands.common import int_triple
+from magseg_hpc.commands.common import add_support_options, int_triple
 from magseg_hpc.outputs import check_no_overlap
 from magseg_hpc.volume.ingest import ingest
 from magseg_hpc.volume.io import open_volume
 from magseg_hpc.volume.store import CODECS, IMAGE_FORMAT, refuse_existing
+from magseg_hpc.volume.support import describe
 
 
 def register(subparsers) -> None:
@@ -29,12 +30,13 @@ def register(subparsers) -> None:
                    help="compression (default zstd)")
     p.add_argument("--fill-nonfinite", type=float, default=None, metavar="VALUE",
                    help="replace NaN/inf voxels with VALUE instead of refusing the volume")
+    add_support_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    check_no_overlap(args.out, [args.src])
+    check_no_overlap(args.out, [args.src, args.mask])
     refuse_existing(args.out, args.overwrite, IMAGE_FORMAT)
     total = open_volume(args.src, var=args.var).shape[0]
     with tqdm(total=total, unit="slice", desc="ingest", file=sys.stderr,
@@ -42,8 +44,10 @@ def run(args) -> int:
         summary = ingest(
             args.src, args.out, chunks=args.chunks, var=args.var, codec_name=args.codec,
             fill_nonfinite=args.fill_nonfinite, overwrite=args.overwrite, progress=bar.update,
+            outside=args.outside, mask=args.mask,
         )
     shape = "x".join(map(str, summary["shape"]))
     print(f"wrote {args.out}: image {shape} {summary['dtype']}, chunks "
-          f"{','.join(map(str, summary['chunks']))}, codec {args.codec}")
+          f"{','.join(map(str, summary['chunks']))}, codec {args.codec}; "
+          f"{describe(summary['support'])}")
     return 0

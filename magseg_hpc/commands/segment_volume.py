@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
+from magseg_hpc.commands.common import add_support_options
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD
 from magseg_hpc.launch.jobs import SMALL_VOLUME_BYTES, ClusterOptions, SegmentSpec, run_segment
@@ -46,6 +47,7 @@ def register(subparsers) -> None:
                    help="intensity statistics: fitted on IN the way training fitted them "
                    "(default; robust to another intensity scale, e.g. 8-bit vs float) or the "
                    "training volume's, stored in the checkpoint")
+    add_support_options(p)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="the forward's numbers: auto (default) takes bf16 where the CPU "
@@ -100,7 +102,7 @@ def check_args(args) -> None:
     if args.resume and args.overwrite:
         raise MagsegError("--resume and --overwrite exclude each other; pick one")
     check_dashboard_address(args.dashboard_address)
-    check_no_overlap(args.output, [args.input, args.model])
+    check_no_overlap(args.output, [args.input, args.model, args.mask])
 
     check_output(args.output, args.overwrite or args.resume, resume_hint=True,
                  expect=LABEL_FORMAT)
@@ -115,6 +117,7 @@ def job_spec(args) -> SegmentSpec:
             tta=args.tta, device=args.device, slab_size=args.slab_size, resume=args.resume,
             overwrite=args.overwrite, method=args.method, normalization=args.normalization,
             precision=args.precision, command_line=args.command_line,
+            outside=args.outside, mask=args.mask,
         ),
         ClusterOptions(
             scheduler=args.scheduler, cluster=args.cluster, job=args.job, jobs=args.jobs,

@@ -23,7 +23,6 @@ import numpy as np
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.data.masks import MaskImport, _pack, colors_to_labels, mask_files, read_mask
-from magseg_hpc.data.normalize import masked_support
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.paths import volume_file
 from magseg_hpc.staging import staged_output
@@ -35,6 +34,14 @@ from magseg_hpc.volume.store import (
     set_complete,
     write_label_region,
 )
+from magseg_hpc.volume.support import (
+    describe,
+    inside_pixels,
+    is_masked,
+    open_input,
+    plane_support,
+    resolve_support,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +49,6 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "magseg-hpc/slices/1"
 FORMATS = {"png": ".png", "tiff": ".tif"}
 PERCENTILES = (1.0, 99.5)
-# A volume whose slices are at least this fraction exact zeros is masked outside the sample:
-# the zeros are left out of the window's percentiles.
-MASKED_ZERO_FRACTION = 0.1
 WINDOW_SAMPLES = 2**21
 
 
@@ -127,21 +131,21 @@ def choose_indices(size: int, *, n: int | None = None, slices: list[int] | None 
 # --- export ----------------------------------------------------------------------------------
 
 
-def intensity_window(samples: np.ndarray, percentiles=PERCENTILES) -> dict:
-    """The grey window of an export: percentiles of the finite samples, leaving out exact
-    zeros when they are a masked background (a large share of the slice)."""
-    values = samples[np.isfinite(samples)]
+def intensity_window(samples: np.ndarray, support: dict, percentiles=PERCENTILES) -> dict:
+    """The grey window of an export: percentiles of the finite samples inside the sample
+    (the masked outside left out); signed data (values on both sides of 0) get a window
+    symmetric about 0, so 0 is mid grey and the two orientations are as dark as bright."""
+    values = samples[np.isfinite(samples) & inside_pixels(samples, support)]
     if values.size == 0:
-        raise MagsegError("the chosen slices hold no finite intensities")
-    zeros = float(np.mean(values == 0))
-    exclude = zeros >= MASKED_ZERO_FRACTION and zeros < 1.0
-    if exclude:
-        values = values[values != 0]
+        raise MagsegError("the chosen slices hold no finite intensities inside the sample")
     lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    signed = lo < 0 < hi
+    if signed:
+        lo, hi = -max(-lo, hi), max(-lo, hi)
     if hi <= lo:
         hi = lo + 1.0
-    return {"low": lo, "high": hi, "percentiles": list(percentiles),
-            "zeros_excluded": bool(exclude), "zero_fraction": round(zeros, 4)}
+    return {"low": lo, "high": hi, "percentiles": list(percentiles), "signed": signed,
+            "outside": describe(support), "masked": is_masked(support)}
 
 
 def to_uint8(image: np.ndarray, window: dict) -> np.ndarray:
@@ -154,32 +158,34 @@ def to_uint8(image: np.ndarray, window: dict) -> np.ndarray:
 SAMPLE_FLOOR = 64
 
 
-def picture(plane: np.ndarray, window: dict) -> np.ndarray:
+def picture(plane: np.ndarray, window: dict, support: dict) -> np.ndarray:
     """A slice as the 8-bit picture to paint on (see SAMPLE_FLOOR for masked volumes)."""
     pixels = to_uint8(plane, window)
-    if not window["zeros_excluded"]:
+    if not is_masked(support):
         return pixels
-
-    support = masked_support(np.asarray(plane), 0.0)
+    support = plane_support(np.asarray(plane), support)
     inside = SAMPLE_FLOOR + np.rint(pixels * ((255 - SAMPLE_FLOOR) / 255)).astype(np.uint8)
     return np.where(support, inside, 0).astype(np.uint8)
 
 
 def grey_levels(window: dict, table: ClassTable) -> dict:
     """What the pictures' grey levels mean, for the manifest."""
-    if not window["zeros_excluded"]:
-        return {"0-255": f"intensity window {window['low']:.4g}..{window['high']:.4g}"}
-    inside = "the sample"
+    window_text = f"intensity window {window['low']:.4g}..{window['high']:.4g}" + (
+        " (signed: 0 is mid grey)" if window["signed"] else "")
+    if not window["masked"]:
+        return {"0-255": window_text}
+    inside = f"the sample, {window_text}"
     if table.names[:3] == ClassTable.default().names:
         inside += (f": dark is {table.names[1]}, bright {table.names[2]} (a dark domain at the "
                    "masked value is drawn at the floor, dark grey)")
-    return {"0": f"outside the sample support (the masked value 0): paint {table.names[0]}",
+    return {"0": f"outside the sample support ({window['outside']}): paint {table.names[0]}",
             f"{SAMPLE_FLOOR}-255": inside}
 
 
 def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, axis: str = "z",
                   var: str | None = None, fmt: str = "png", overwrite: bool = False,
-                  class_table: ClassTable | None = None) -> dict:
+                  class_table: ClassTable | None = None, outside: str | None = None,
+                  mask: str | None = None) -> dict:
     """Write the slices ``indices`` along ``axis`` as 8-bit pictures and a manifest; returns
     the manifest. Slices are read twice (window, then pictures), one at a time."""
     from PIL import Image
@@ -188,7 +194,8 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
     _check_axis(axis)
     if fmt not in FORMATS:
         raise MagsegError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    volume = open_volume(volume_path, var=var)
+    volume = open_input(volume_path, var, mask)
+    support = resolve_support(volume, outside, mask=mask)
     size = int(volume.sizes[axis])
     indices = choose_indices(size, slices=indices, axis=axis)
     per_slice = max(1, WINDOW_SAMPLES // len(indices))
@@ -196,7 +203,7 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
     for i in indices:
         flat = np.asarray(volume.isel({axis: i}).values).ravel()
         samples.append(flat[:: max(1, flat.size // per_slice)])
-    window = intensity_window(np.concatenate(samples).astype(np.float64))
+    window = intensity_window(np.concatenate(samples), support)
     table = class_table or ClassTable.default()
     names = [slice_name(axis, i) + FORMATS[fmt] for i in indices]
     manifest = {
@@ -208,6 +215,7 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
         "indices": indices,
         "files": names,
         "window": window,
+        "encoding": {"support": support, "signed": window["signed"]},
         "grey_levels": grey_levels(window, table),
         "colors": {n: list(c) for n, c in zip(table.names, table.colors, strict=True)},
         "class_table": table.to_dict(),
@@ -220,7 +228,7 @@ def export_slices(volume_path: str, out_dir: str | Path, indices: list[int], *, 
     with staged_output(out_dir, overwrite, MANIFEST_FORMAT) as tmp:
         tmp.mkdir(parents=True)
         for i, name in zip(indices, names, strict=True):
-            pixels = picture(volume.isel({axis: i}).values, window)
+            pixels = picture(volume.isel({axis: i}).values, window, support)
             if fmt == "png":
                 Image.fromarray(pixels).save(tmp / name)
             else:

@@ -14,16 +14,18 @@ to the masked value itself (on the study's published sweep, 38 % of the sample's
 exactly 0), so within a crop the intensity alone cannot tell a dark domain from the outside,
 and a model trained on crops flips between the two readings. With ``mark_outside`` (stored
 in the normalisation, so training, validation, the fusion check and segment-volume encode
-the input the same way) every pixel outside its plane's sample support (``masked_support``)
-gets ``OUTSIDE_X01``, a value below any sample value, before standardising: the geometry
-that tells the two apart is then in the input itself.
+the input the same way) every pixel outside its plane's sample support
+(``volume.support.plane_support``) gets ``OUTSIDE_X01``, a value below any sample value,
+before standardising: the geometry that tells the two apart is then in the input itself.
 
-Statistics come from the sample, not the background: a published reconstruction is often
-masked (every voxel outside the sample exactly 0, 90 % of a large field of view). When one
-value is both the minimum and at least ``MASKED_FRACTION`` of the voxels, it is taken as that
-masked background (``masked_value``): it is left out of the percentiles, mean and std, so the
-numbers describe the sample whatever the field of view, and segment-volume can use the
-non-masked region as the sample support.
+Statistics come from the sample, not the outside: a published reconstruction is often
+masked (every voxel outside the sample one exact value or NaN, 90 % of a large field of
+view). The volume's support decision (``magseg_hpc.volume.support``: a constant outside at
+any value, NaN, or none) is made once, carried in the normalisation as ``support``, and the
+outside is left out of the percentiles, mean and std, so the numbers describe the sample
+whatever the field of view and however the outside is encoded: the same sample as 8-bit
+masked at 0, signed float with a 0.0 outside, NaN outside, or scaled and offset gives the
+same model input. NaN pixels inside a plane's support are given the middle of the range.
 
 Large inputs (dask arrays, xarray DataArrays or numpy arrays over ``max_samples`` elements)
 are subsampled with a regular stride along every axis before the percentiles are computed,
@@ -38,14 +40,13 @@ import math
 import numpy as np
 
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.volume.support import detect_support, is_masked, outside_planes, support_of
 
 DEFAULT_MAX_SAMPLES = 1 << 24  # about 16 M values
 # Model input outside a masked sample, in the [0, 1] scale (module docstring)
 OUTSIDE_X01 = -1.0
 # What a refit on another volume keeps from the trained normalisation: how the input is encoded
 ENCODING_KEYS = ("mark_outside",)
-# A single minimum value this common is a masked background, not data.
-MASKED_FRACTION = 0.15
 
 
 def _strided_sample(values, max_samples: int) -> np.ndarray:
@@ -82,12 +83,15 @@ def _mean_std(x: np.ndarray, block: int = 1 << 20) -> tuple[float, float]:
 
 
 def fit_normalization(
-    values, low_pct: float = 0.5, high_pct: float = 99.5, max_samples: int = DEFAULT_MAX_SAMPLES
+    values, low_pct: float = 0.5, high_pct: float = 99.5, max_samples: int = DEFAULT_MAX_SAMPLES,
+    support: dict | None = None,
 ) -> dict:
-    """Fit {"low", "high", "mean", "std"} (plain floats) on a volume, slab or sample.
+    """Fit {"low", "high", "mean", "std"} (plain floats) and "support" on a volume, slab or
+    sample.
 
-    ``values``: numpy array, dask array or xarray DataArray of any shape. Non-finite values
-    are ignored. Raises MagsegError when the sample is empty or has no intensity spread.
+    ``values``: numpy array, dask array or xarray DataArray of any shape. ``support``: the
+    volume's support decision (None: detected here); its outside is left out. Non-finite
+    values are ignored. Raises MagsegError when the sample is empty or has no intensity spread.
     The sample is filtered, partitioned and scaled in place, so the memory it takes does not
     multiply with the sample's size (segment-volume's client fits it on every input).
     """
@@ -96,6 +100,8 @@ def fit_normalization(
             f"normalisation percentiles must satisfy 0 <= low < high <= 100, "
             f"got low={low_pct}, high={high_pct}"
         )
+    if support is None:
+        support = detect_support(values)
     sample = _strided_sample(values, max_samples)
     finite = np.isfinite(sample)
     if not finite.all():
@@ -106,9 +112,10 @@ def fit_normalization(
             "no finite intensity values to fit the normalisation on; "
             "check the volume (all NaN or empty?)"
         )
-    masked_value = detect_masked_value(sample)
-    if masked_value is not None:
-        sample = sample[sample != masked_value]
+    if support.get("outside") == "value":
+        sample = sample[sample != sample.dtype.type(support["value"])]
+    if sample.size == 0:
+        raise MagsegError("every voxel is the masked outside; check the volume or --outside")
     low, high = (float(v) for v in np.percentile(sample, [low_pct, high_pct],
                                                    overwrite_input=True))
     if not high > low:
@@ -136,20 +143,8 @@ def fit_normalization(
         "high": high,
         "mean": mean,
         "std": max(std, 1e-6),
-        "masked_value": masked_value,
+        "support": support,
     }
-
-
-def detect_masked_value(sample: np.ndarray) -> float | None:
-    """The exact background value of a masked reconstruction, or None (module docstring)."""
-    if sample.size == 0:
-        return None
-    low = sample.min()
-    at_low = np.count_nonzero(sample == low)
-    # the floor must be common, and not the whole volume
-    if MASKED_FRACTION * sample.size <= at_low < sample.size:
-        return float(low)
-    return None
 
 
 def _check(norm: dict) -> None:
@@ -159,16 +154,17 @@ def _check(norm: dict) -> None:
 
 
 def scale_to_unit(x, norm: dict):
-    """Percentile step only: clip((x - low) / (high - low), 0, 1) as float32.
-    numpy in, numpy out; torch in, torch out."""
+    """Percentile step only: clip((x - low) / (high - low), 0, 1) as float32, NaN (a
+    NaN-masked outside) at 0.5. numpy in, numpy out; torch in, torch out."""
     _check(norm)
     span = norm["high"] - norm["low"]
     if hasattr(x, "clamp"):  # torch tensor
-        return ((x.float() - norm["low"]) / span).clamp_(0.0, 1.0)
-    with np.errstate(over="ignore"):  # outliers beyond float32 become +-inf, clipped to 0/1
-        return np.clip(
+        return ((x.float() - norm["low"]) / span).clamp_(0.0, 1.0).nan_to_num_(0.5)
+    with np.errstate(over="ignore", invalid="ignore"):  # +-inf outliers clip to 0/1
+        x01 = np.clip(
             (np.asarray(x, dtype=np.float32) - np.float32(norm["low"])) / np.float32(span),
             0.0, 1.0).astype(np.float32, copy=False)
+    return np.nan_to_num(x01, copy=False, nan=0.5)
 
 
 def standardize(x01, norm: dict):
@@ -182,22 +178,16 @@ def standardize(x01, norm: dict):
 
 
 def refit_normalization(values, trained: dict, **kw) -> dict:
-    """``fit_normalization`` on ``values`` that keeps the input encoding a model was trained
-    with (``ENCODING_KEYS``): segment-volume's and the fusion check's default."""
+    """``fit_normalization`` on ``values`` (``kw``: its support too) that keeps the input
+    encoding a model was trained with (``ENCODING_KEYS``): segment-volume's and the fusion
+    check's default."""
     return {**fit_normalization(values, **kw),
             **{k: trained[k] for k in ENCODING_KEYS if k in trained}}
 
 
 def marks_outside(norm: dict) -> bool:
     """Whether the model input marks the outside of a masked sample (module docstring)."""
-    return bool(norm.get("mark_outside")) and norm.get("masked_value") is not None
-
-
-def outside_planes(planes: np.ndarray, masked_value: float) -> np.ndarray:
-    """Pixels outside the sample support of each 2D plane of ``planes`` (..., H, W)."""
-    planes = np.asarray(planes)
-    flat = planes.reshape(-1, *planes.shape[-2:])
-    return ~np.stack([masked_support(p, masked_value) for p in flat]).reshape(planes.shape)
+    return bool(norm.get("mark_outside")) and is_masked(support_of(norm))
 
 
 def mark_outside(x01: np.ndarray, outside: np.ndarray) -> np.ndarray:
@@ -212,32 +202,6 @@ def apply_normalization(x, norm: dict, outside: np.ndarray | None = None):
     x01 = scale_to_unit(x, norm)
     if marks_outside(norm):
         if outside is None:
-            outside = outside_planes(x, norm["masked_value"])
+            outside = outside_planes(x, support_of(norm))
         x01 = mark_outside(x01, outside)
     return standardize(x01, norm)
-
-
-def masked_support(plane: np.ndarray, masked_value: float) -> np.ndarray:
-    """The sample support of one slice of a masked reconstruction: the convex hull of its
-    non-masked pixels.
-
-    Dark domains are often clipped to the masked value itself, and where one touches the
-    sample's edge nothing in the intensity shows where the sample ends: on the study's
-    published sweep a non-masked region closed over 3 px with its holes filled missed up to
-    36 % of a slice's sample (whole dark domains, called outside). The samples of magnetic
-    nanotomography are pillars, cylinders and slabs, whose cross-sections are convex in any
-    plane, so the hull is their outline; a sample with a concave cross-section would have its
-    concavities counted as sample (README, Intensities).
-    """
-    from skimage.morphology import convex_hull_image
-
-    inside = np.asarray(plane) != masked_value
-    if not inside.any():
-        return inside
-    # the hull of the sample's bounding box: a small sample in a large field of view costs
-    # its own size, not the slice's
-    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
-    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    support = np.zeros_like(inside)
-    support[box] = convex_hull_image(inside[box]) | inside[box]
-    return support

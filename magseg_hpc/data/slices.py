@@ -35,13 +35,13 @@ from magseg_hpc.data.normalize import (
     apply_normalization,
     mark_outside,
     marks_outside,
-    outside_planes,
     scale_to_unit,
     standardize,
 )
 from magseg_hpc.data.sampling import STREAM_LABELED_AUG, STREAM_UNLABELED_AUG, sample_rng
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.volume.io import open_volume, soft_var
+from magseg_hpc.volume.support import inside_pixels, is_masked, outside_planes, support_of
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +162,16 @@ class VolumeSlices:
         return np.stack([self._read("image", self._image_array(), i)
                          for i in self._context(key, context)]).astype(np.float32, copy=False)
 
-    def read_outside(self, key: str, context: int, masked_value: float) -> np.ndarray:
-        """``normalize.outside_planes`` of ``read_image(key, context)``; each plane's is
+    def read_outside(self, key: str, context: int, support: dict) -> np.ndarray:
+        """``support.outside_planes`` of ``read_image(key, context)``; each plane's is
         computed once per process when the volume is held in memory (training reads every
         slice many times)."""
         planes = []
         for i in ([int(key)] if context == 1 else self._context(key, context)):
-            name = f"outside:{masked_value}:{i}"
+            name = f"outside:{support.get('outside')}:{support.get('value')}:{i}"
             plane = self._outside.get(name)
             if plane is None:
-                plane = outside_planes(self._read("image", self._image_array(), i), masked_value)
+                plane = outside_planes(self._read("image", self._image_array(), i), support)
                 if self._image_array().nbytes <= self.cache_bytes:
                     self._outside[name] = np.packbits(plane)
             else:
@@ -231,9 +231,9 @@ class MultiAxisSlices:
         axis, index = self._split(key)
         return self.by_axis[axis].read_image(index, context)
 
-    def read_outside(self, key: str, context: int, masked_value: float) -> np.ndarray:
+    def read_outside(self, key: str, context: int, support: dict) -> np.ndarray:
         axis, index = self._split(key)
-        return self.by_axis[axis].read_outside(index, context, masked_value)
+        return self.by_axis[axis].read_outside(index, context, support)
 
     def read_labels(self, key: str) -> np.ndarray:
         axis, index = self._split(key)
@@ -290,8 +290,8 @@ class FolderSlices:
             arr = arr[..., 0]
         return arr.astype(np.float32)
 
-    def read_outside(self, key: str, context: int, masked_value: float) -> np.ndarray:
-        return outside_planes(self.read_image(key, context), masked_value)
+    def read_outside(self, key: str, context: int, support: dict) -> np.ndarray:
+        return outside_planes(self.read_image(key, context), support)
 
     def read_labels(self, key: str) -> np.ndarray:
         # Colours not in the class table become 255 (the study mapped them to class 0).
@@ -351,7 +351,7 @@ class LabeledSlices(Dataset):
         x01 = scale_to_unit(raw, self.norm)
         if marks_outside(self.norm):
             x01 = mark_outside(x01, self.source.read_outside(key, self.aug.context,
-                                                             self.norm["masked_value"]))
+                                                             support_of(self.norm)))
         return raw, x01
 
     def __getitem__(self, item):
@@ -383,8 +383,9 @@ class UnlabeledSlices(LabeledSlices):
         raw, image01 = self._read(key)
         centre = raw if raw.ndim == 2 else raw[len(raw) // 2]
         # no labels here: on a masked reconstruction the sample is what is not masked
-        masked = self.norm.get("masked_value")
-        focus = centre != masked if (self.aug.foreground and masked is not None) else None
+        support = support_of(self.norm)
+        focus = (inside_pixels(centre, support)
+                 if self.aug.foreground and is_masked(support) else None)
         weak, pad = self._weak(image01, np.zeros(centre.shape, np.uint8), rng, focus)
         strong = weak.clone()
         if self.aug.num_strong_augs > 0:
@@ -409,7 +410,7 @@ class ValSlices(Dataset):
 
     def __getitem__(self, index: int):
         key = self.keys[index]
-        outside = (self.source.read_outside(key, self.context, self.norm["masked_value"])
+        outside = (self.source.read_outside(key, self.context, support_of(self.norm))
                    if marks_outside(self.norm) else None)
         image = apply_normalization(self.source.read_image(key, self.context), self.norm,
                                     outside)

@@ -10,12 +10,12 @@ uint8 labels (argmax of the float probabilities) and, when asked, uint8-quantise
 as channels: the caller passes the slab with that many halo slices (fewer at the volume's
 faces, where the end slice is repeated, as in training).
 
-On a masked reconstruction (the normalisation found a ``masked_value``: everything outside
-the sample exactly one value), voxels outside the sample's support are background whatever
-the model says: the support of each slice is the convex hull of its non-masked pixels
-(``normalize.masked_support``: dark domains can be the masked value itself and touch the
-sample's edge). Orthoplane runs apply it once, on the fused z slices (``support_outside``),
-where the sample's outline is its cross-section.
+On a masked reconstruction (the normalisation's ``support``: everything outside the sample
+one exact value or NaN, ``magseg_hpc.volume.support``), voxels outside the sample's support
+are background whatever the model says: the support of each slice is the convex hull of its
+pixels that are not the outside encoding (``support.plane_support``: dark domains can be the
+masked value itself and touch the sample's edge). Orthoplane runs apply it once, on the fused
+z slices (``support_outside``), where the sample's outline is its cross-section.
 
 A masked sample fills a small part of a large field of view, and most y and x planes beside a
 tilted pillar hold none of it: a plane whose pixels (and its context slices') are all masked
@@ -31,8 +31,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from magseg_hpc.data.normalize import apply_normalization, marks_outside, outside_planes
+from magseg_hpc.data.normalize import apply_normalization, marks_outside
 from magseg_hpc.precision import autocast
+from magseg_hpc.volume.support import is_masked, outside_planes, planes_with_sample, support_of
 
 # Flips averaged by --tta, as tensor dims of a (B, C, H, W) batch: horizontal, vertical, both.
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((3,), (2,), (2, 3))
@@ -85,13 +86,14 @@ def segment_slab(
     total, h, w = slices.shape
     n = total - before if count is None else count
     half = context // 2
-    masked = normalization.get("masked_value")
+    support = support_of(normalization)
     # each plane's support once (a plane is context for up to k slices); only when used
     first, last = max(before - half, 0), min(before + n + half + 1, total)
     needs_support = force_support or marks_outside(normalization)
-    outside = np.zeros((total, h, w), bool) if needs_support and masked is not None else None
+    outside = (np.zeros((total, h, w), bool) if needs_support and is_masked(support)
+               else None)
     if outside is not None:
-        outside[first:last] = outside_planes(slices[first:last], masked)
+        outside[first:last] = outside_planes(slices[first:last], support)
     labels = np.empty((n, h, w), np.uint8)
     probabilities = np.empty((num_classes, n, h, w), np.uint8) if with_probabilities else None
     background = torch.zeros((1, num_classes, 1, 1), device=device)  # one-hot class 0
@@ -103,7 +105,7 @@ def segment_slab(
             idx = np.clip(centres[:, None] + np.arange(-half, half + 1)[None], 0, total - 1)
             raw = np.asarray(slices)[idx]
             # planes of nothing but masked background skip the model (module docstring)
-            run = planes_with_sample(raw, masked)
+            run = planes_with_sample(raw, support)
             probs = background.expand(len(centres), -1, h, w).clone()
             if run.any():
                 probs[torch.from_numpy(run).to(device)] = _predict(
@@ -130,14 +132,6 @@ def class_argmax(probs: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def planes_with_sample(raw: np.ndarray, masked_value: float | None) -> np.ndarray:
-    """(B,) bool for a batch of raw planes with context (B, k, H, W): which hold any
-    non-masked pixel (all, when nothing is masked); the model only runs on those."""
-    if masked_value is None:
-        return np.ones(len(raw), bool)
-    return (raw != masked_value).reshape(len(raw), -1).any(axis=1)
-
-
 def _predict(model, raw, normalization, device, precision, tta, outside) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(
         apply_normalization(raw, normalization, outside), np.float32)).to(device)
@@ -146,11 +140,11 @@ def _predict(model, raw, normalization, device, precision, tta, outside) -> torc
         return predict_probabilities(model, x, tta)
 
 
-def support_outside(slices: np.ndarray, masked_value: float | None) -> np.ndarray | None:
+def support_outside(slices: np.ndarray | None, support: dict) -> np.ndarray | None:
     """Pixels outside each slice's sample support (N, H, W), or None when nothing is masked."""
-    if masked_value is None:
+    if not is_masked(support):
         return None
-    return outside_planes(slices, masked_value)
+    return outside_planes(slices, support)
 
 
 def fuse_probabilities(

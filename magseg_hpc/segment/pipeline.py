@@ -31,7 +31,7 @@ import numpy as np
 from magseg_hpc import __version__
 from magseg_hpc.axes import AXES, parse_axes
 from magseg_hpc.classes import ClassTable
-from magseg_hpc.data.normalize import refit_normalization
+from magseg_hpc.data.normalize import marks_outside, refit_normalization
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import CLUSTER_LOGGERS, loggers_to_file
 from magseg_hpc.models.checkpoint import checkpoint_sha256, fuses, load_inference_model
@@ -60,8 +60,16 @@ from magseg_hpc.staging import (
     staging_path,
     writer_lock,
 )
-from magseg_hpc.volume.io import open_volume, reading
+from magseg_hpc.volume.io import reading
 from magseg_hpc.volume.store import LABEL_FORMAT, create_label_store, open_group, set_complete
+from magseg_hpc.volume.support import (
+    describe,
+    inside_pixels,
+    is_masked,
+    open_input,
+    resolve_support,
+    support_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +112,10 @@ class SegmentOptions:
     command_line: str | None = None
     # the forward's precision (magseg_hpc.precision): auto takes bf16 where it is native
     precision: str = "auto"
+    # where the input's outside is (magseg_hpc.volume.support): auto detects it; a mask file
+    # makes the voxels where it is 0 the outside
+    outside: str = "auto"
+    mask: str | None = None
 
     def resumed(self) -> SegmentOptions:
         """The same run continued from its done markers (a requeued job's options)."""
@@ -178,7 +190,7 @@ def _check_options(opts: SegmentOptions) -> None:
         raise MagsegError(
             "--method threshold gives labels only: drop --tta, --probabilities and --axes"
         )
-    check_no_overlap(opts.output, [opts.input, opts.model])
+    check_no_overlap(opts.output, [opts.input, opts.model, opts.mask])
     # An existing output must be a store this tool wrote, whatever --resume/--overwrite say.
     check_output(opts.output, opts.overwrite or opts.resume, resume_hint=True,
                  expect=LABEL_FORMAT)
@@ -197,15 +209,18 @@ def prepare(opts: SegmentOptions) -> Prepared:
     auto_axes = opts.axes == "auto"
     opts = replace(opts, axes=("z",) if auto_axes else parse_axes(opts.axes))
     _check_options(opts)
-    volume = open_volume(opts.input, opts.var)
+    volume = open_input(opts.input, opts.var, opts.mask)
     if min(volume.shape) < 1:
         raise MagsegError(f"{opts.input}: volume is empty (shape {volume.shape})")
     with reading(opts.input):
         sample = _sample_slices(volume)
-    if sample.dtype.kind == "f" and not np.isfinite(sample).all():
+        support = resolve_support(volume, opts.outside, mask=opts.mask)
+    log.info("%s: %s", opts.input, describe(support))
+    if sample.dtype.kind == "f" and not (np.isfinite(sample)
+                                         | ~inside_pixels(sample, support)).all():
         raise MagsegError(
             f"{opts.input}: NaN or inf voxels (found in a sample of z slices); replace them "
-            "(e.g. with 0) before segmenting"
+            "(e.g. with 0) before segmenting, or, if NaN marks the outside, pass --outside nan"
         )
     model_path = str(Path(opts.model).resolve()) if opts.model else None
     sha256, threshold, normalization, context = None, {}, None, 1
@@ -215,12 +230,13 @@ def prepare(opts: SegmentOptions) -> Prepared:
         _, ckpt = load_inference_model(model_path, device="cpu")
         class_table = ClassTable.from_dict(ckpt["class_table"])
 
+        _check_support(opts.input, support, ckpt["normalization"])
         with dask.config.set(scheduler="synchronous"):
-            normalization = refit_normalization(volume.data, ckpt["normalization"])
+            normalization = refit_normalization(volume.data, ckpt["normalization"],
+                                                support=support)
         if opts.normalization == "checkpoint":
-            # whether the background is masked is a property of this input, either way
-            normalization = {**ckpt["normalization"],
-                             "masked_value": normalization["masked_value"]}
+            # where the outside is is a property of this input, either way
+            normalization = {**ckpt["normalization"], "support": support}
         context = int(ckpt["model"].get("context_slices", 1))
         if auto_axes:
             opts = replace(opts, axes=axes_for_auto(ckpt))
@@ -230,7 +246,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
         del ckpt
     else:
         with dask.config.set(scheduler="synchronous"), reading(opts.input):
-            threshold = fit_threshold_params(volume.data)
+            threshold = fit_threshold_params(volume.data, support=support)
         class_table, model_cfg = ClassTable.default(), None
     shape = tuple(int(n) for n in volume.shape)
     chunks = output_chunks(shape, opts.axes, opts.slab_size)
@@ -248,6 +264,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
         device=opts.device, torch_threads=opts.torch_threads,
         normalization=normalization, context=context,
         precision=opts.precision if opts.method == "model" else "fp32",
+        mask=str(Path(opts.mask).resolve()) if opts.mask else None,
     )
     fields = {
         "method": opts.method, "model_sha256": sha256, "threshold": threshold,
@@ -280,6 +297,16 @@ def prepare(opts: SegmentOptions) -> Prepared:
         check_resumable(job.output, fields)
     return Prepared(opts, volume, class_table, job, chunks, slabs, fields, provenance,
                     target, staged)
+
+
+def _check_support(source: str, support: dict, trained: dict) -> None:
+    """A model trained with the outside marked in its input cannot segment an input whose
+    outside is not known: it would never see the mark (a confident wrong volume)."""
+    if marks_outside(trained) and not is_masked(support):
+        raise MagsegError(
+            f"{source}: the model was trained on a masked volume "
+            f"({describe(support_of(trained))}) but no outside was found in this input "
+            f"({describe(support)}); pass --mask PATH or --outside VALUE")
 
 
 def trained_axes(ckpt: dict) -> tuple[str, ...]:

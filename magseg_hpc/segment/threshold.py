@@ -7,11 +7,20 @@
 2. Domains: smooth lightly (``domain_sigma``) to tame noise, threshold with Otsu computed only
    inside the support: below -> 1 (``domain_minus``), above -> 2 (``domain_plus``).
 
-Masked reconstructions (everything outside the sample exactly one value, see
-``normalize.detect_masked_value``): the support is the convex hull of each slice's non-masked
-pixels (``normalize.masked_support``) instead of a threshold (a dark domain can be as dark as
-that background), and the light smoothing averages over the support only, so the sample's
-edge is not pulled towards the background value.
+Masked reconstructions (the volume's support decision, ``magseg_hpc.volume.support``: the
+outside one exact value at the minimum, the middle or anywhere, or NaN, or a mask file): the
+support is the convex hull of each slice's pixels that are not the outside
+(``support.plane_support``) instead of a threshold (a dark domain can be as dark as that
+background), and the light smoothing averages over the support only (NaN pixels left out),
+so the sample's edge is not pulled towards the outside's value.
+
+Unmasked volumes: the outside is noise around a level ``outside_level`` (the median of the
+field of view's border). ``support_feature="auto"`` (default) decides per volume between
+``"intensity"`` (the sample is brighter than the outside: an intensity image) and
+``"magnitude"`` (``|lightly smoothed intensity - outside_level|``: a signed magnetization
+component, one domain orientation below the outside's level and the other above, a
+three-level split), by where the sample's voxels lie: mostly above the outside's level, or
+on both sides of it.
 
 Labels follow ``ClassTable.default()``: 0 background, 1 domain_minus, 2 domain_plus.
 
@@ -21,9 +30,6 @@ edges: the Gaussians need :func:`threshold_halo` slices of context along z on ea
 blockwise caller reads ``slab + halo`` and keeps the middle. Everything else works slice by
 slice, so the result does not depend on where slabs are cut (up to that halo).
 
-``support_feature="magnitude"`` thresholds ``|lightly smoothed intensity|`` for the support,
-for signed reconstructions (a magnetization component whose minus domains are negative and
-whose background is near 0); the default ``"intensity"`` suits non-negative images.
 """
 
 from __future__ import annotations
@@ -36,8 +42,15 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from magseg_hpc.data.normalize import detect_masked_value, masked_support
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.volume.support import describe as describe_support
+from magseg_hpc.volume.support import (
+    detect_support,
+    is_masked,
+    plane_support,
+    sample_planes,
+    support_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +66,14 @@ __all__ = [
 DEFAULT_OPTIONS: dict[str, Any] = {
     "support_sigma": 4.0,  # voxels; about a domain period / 3, averages plus and minus domains
     "domain_sigma": 1.5,  # voxels; noise vs wall sharpness
-    "support_feature": "intensity",  # or "magnitude" for signed images
+    "support_feature": "auto",  # intensity, magnitude (signed images) or auto (module doc)
     "opening_radius": 2,  # voxels, in-plane disk; removes specks and thin streaks
     "closing_radius": 2,  # voxels, in-plane disk; bridges gaps before hole filling
     "min_area_fraction": 0.1,  # of the typical slice support area; smaller slices -> no support
 }
-FEATURES = ("intensity", "magnitude")
+FEATURES = ("auto", "intensity", "magnitude")
+# auto: an intensity image when fewer than this share of the sample lies below the outside
+SIGNED_SHARE = 0.1
 FORMAT = "magseg-hpc/threshold/1"
 
 # Fitting reads at most this many slabs of this many slices, and keeps at most this many
@@ -106,12 +121,21 @@ def _check_slab(slab: Any) -> np.ndarray:
     return arr
 
 
-def _features(slab: np.ndarray, opts: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def _domain(slab: np.ndarray, opts: dict[str, Any]) -> np.ndarray:
+    return ndimage.gaussian_filter(slab, float(opts["domain_sigma"]), mode="nearest")
+
+
+def _support_feature(domain: np.ndarray, opts: dict[str, Any], feature: str,
+                     level: float) -> np.ndarray:
+    base = np.abs(domain - np.float32(level)) if feature == "magnitude" else domain
+    return ndimage.gaussian_filter(base, float(opts["support_sigma"]), mode="nearest")
+
+
+def _features(slab: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(support feature, domain feature), both float32 like the slab."""
-    domain = ndimage.gaussian_filter(slab, float(opts["domain_sigma"]), mode="nearest")
-    base = np.abs(domain) if opts["support_feature"] == "magnitude" else domain
-    support = ndimage.gaussian_filter(base, float(opts["support_sigma"]), mode="nearest")
-    return support, domain
+    domain = _domain(slab, params)
+    return _support_feature(domain, params, params["support_feature"],
+                            params.get("outside_level", 0.0)), domain
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -148,12 +172,14 @@ def _slab_starts(nz: int, n_slabs: int, depth: int) -> list[int]:
     return sorted({int(round(s)) for s in np.linspace(0, nz - depth, n_slabs)})
 
 
-def fit_threshold_params(volume_sample: Any, options: dict[str, Any] | None = None) -> dict:
+def fit_threshold_params(volume_sample: Any, options: dict[str, Any] | None = None, *,
+                         support: dict | None = None) -> dict:
     """Fit the global support and domain thresholds on a sample of the volume.
 
     ``volume_sample``: (z, y, x) numpy array, dask array or xr.DataArray (the whole volume is
     fine: only up to 6 evenly spaced slabs of 12 slices are read, and each slab's features are
     subsampled in y and x for the histograms). ``options``: see ``DEFAULT_OPTIONS``.
+    ``support``: the volume's support decision (None: detected here).
     Returns a JSON-serialisable dict for :func:`apply_threshold`.
     """
     opts = _options(options)
@@ -164,25 +190,27 @@ def fit_threshold_params(volume_sample: Any, options: dict[str, Any] | None = No
         )
     nz, ny, nx = data.shape
     stride = max(1, int(math.ceil(math.sqrt(_FIT_SLAB_DEPTH * ny * nx / _FIT_VOXELS_PER_SLAB))))
-    masked_value = _masked_value(data, stride)
-    if masked_value is not None:  # decided first: its features differ, none computed twice
-        return _fit_masked(data, opts, stride, masked_value)
-    support_samples, domain_samples = [], []
+    support = detect_support(data) if support is None else support
+    if is_masked(support):  # decided first: its features differ, none computed twice
+        return _fit_masked(data, opts, stride, support)
+    level = _outside_level(data)
+    samples = {"intensity": [], "magnitude": [], "domain": []}
     for start in _slab_starts(nz, _FIT_SLABS, _FIT_SLAB_DEPTH):
         slab = _check_slab(np.asarray(data[start : start + _FIT_SLAB_DEPTH]))
-        support, domain = _features(slab, opts)
-        support_samples.append(support[:, ::stride, ::stride].ravel())
-        domain_samples.append(domain[:, ::stride, ::stride].ravel())
-    support_values = np.concatenate(support_samples)
-    domain_values = np.concatenate(domain_samples)
-    if support_values.min() == support_values.max():
-        raise MagsegError("the volume is constant: there is nothing to threshold")
-    support_threshold = float(threshold_otsu(support_values))
+        domain = _domain(slab, opts)
+        samples["domain"].append(domain[:, ::stride, ::stride].ravel())
+        for feature in ("intensity", "magnitude"):
+            values = _support_feature(domain, opts, feature, level)
+            samples[feature].append(values[:, ::stride, ::stride].ravel())
+    domain_values = np.concatenate(samples["domain"])
+    feature, support_values, support_threshold = _choose_feature(
+        opts["support_feature"], {f: np.concatenate(samples[f]) for f in FEATURES[1:]},
+        domain_values, level)
     inside = support_values > support_threshold
     if inside.sum() < 2 or domain_values[inside].min() == domain_values[inside].max():
         raise MagsegError(
-            "threshold fitting found no sample support with contrast; check the volume or "
-            "pass support_feature='magnitude' for signed images"
+            "threshold fitting found no sample support with contrast; check the volume, or "
+            "pass --outside VALUE / --mask PATH if its outside is masked"
         )
     domain_threshold = float(threshold_otsu(domain_values[inside]))
     # Typical support area per slice in full-resolution voxels, for the min-area rule.
@@ -191,18 +219,42 @@ def fit_threshold_params(volume_sample: Any, options: dict[str, Any] | None = No
     params = {
         "format": FORMAT,
         **opts,
+        "support_feature": feature,
+        "outside_level": level,
         "support_threshold": support_threshold,
         "domain_threshold": domain_threshold,
         "typical_support_area": typical_area,
         "fit_stride_yx": stride,
+        "support": support,
     }
     log.info(
-        "threshold baseline: support > %.4g, domains split at %.4g, support ~%d voxels/slice",
-        support_threshold,
-        domain_threshold,
-        typical_area,
+        "threshold baseline: %s, support |%s| > %.4g, domains split at %.4g, support ~%d "
+        "voxels/slice", "unmasked", feature, support_threshold, domain_threshold, typical_area,
     )
     return params
+
+
+def _outside_level(data) -> float:
+    """The unmasked outside's level: the median of the field of view's border."""
+    planes = sample_planes(data).astype(np.float32)
+    border = np.concatenate([planes[:, 0], planes[:, -1], planes[:, :, 0], planes[:, :, -1]],
+                            axis=None)
+    border = border[np.isfinite(border)]
+    return float(np.median(border)) if border.size else 0.0
+
+
+def _choose_feature(feature: str, values: dict[str, np.ndarray], domain: np.ndarray,
+                    level: float) -> tuple[str, np.ndarray, float]:
+    """(feature, its sampled values, its Otsu threshold): ``auto`` takes magnitude when
+    the sample found by it lies on both sides of the outside's level (module docstring)."""
+    for name in values:
+        if values[name].min() == values[name].max():
+            raise MagsegError("the volume is constant: there is nothing to threshold")
+    if feature == "auto":
+        magnitude = values["magnitude"] > threshold_otsu(values["magnitude"])
+        below = np.mean(domain[magnitude] < level) if magnitude.any() else 0.0
+        feature = "magnitude" if below >= SIGNED_SHARE else "intensity"
+    return feature, values[feature], float(threshold_otsu(values[feature]))
 
 
 def _array(volume: Any):
@@ -211,36 +263,32 @@ def _array(volume: Any):
     return volume if isinstance(volume, np.ndarray) else getattr(volume, "data", volume)
 
 
-def _masked_value(data, stride: int) -> float | None:
-    nz = data.shape[0]
-    idx = np.unique(np.linspace(0, nz - 1, min(nz, 16)).astype(int))
-    sample = np.asarray(data[idx][:, ::stride, ::stride]).astype(np.float64).ravel()
-    return detect_masked_value(sample[np.isfinite(sample)])
-
-
-def _masked_features(arr: np.ndarray, opts: dict[str, Any], masked_value: float):
-    """(support, domain feature) of a masked slab: smoothing normalised over the support."""
-    support = np.stack([masked_support(plane, masked_value) for plane in arr])
+def _masked_features(arr: np.ndarray, opts: dict[str, Any], support: dict):
+    """(support, domain feature) of a raw masked slab: the smoothing is normalised over the
+    support's pixels that hold a value (a dark domain clipped to the masked value does; NaN
+    does not)."""
+    hull = np.stack([plane_support(plane, support) for plane in arr])
+    valid = hull & np.isfinite(arr) if arr.dtype.kind == "f" else hull
     sigma = float(opts["domain_sigma"])
-    weight = ndimage.gaussian_filter(support.astype(np.float32), sigma, mode="nearest")
-    domain = ndimage.gaussian_filter(np.where(support, arr, 0).astype(np.float32), sigma,
+    weight = ndimage.gaussian_filter(valid.astype(np.float32), sigma, mode="nearest")
+    domain = ndimage.gaussian_filter(np.where(valid, arr, 0).astype(np.float32), sigma,
                                      mode="nearest") / np.maximum(weight, 1e-6)
-    return support, domain
+    return hull, domain
 
 
-def _fit_masked(data, opts: dict[str, Any], stride: int, masked_value: float) -> dict:
+def _fit_masked(data, opts: dict[str, Any], stride: int, support: dict) -> dict:
     values = []
     for start in _slab_starts(data.shape[0], _FIT_SLABS, _FIT_SLAB_DEPTH):
-        slab = _check_slab(np.asarray(data[start : start + _FIT_SLAB_DEPTH]))
-        support, domain = _masked_features(slab, opts, masked_value)
-        values.append(domain[:, ::stride, ::stride][support[:, ::stride, ::stride]])
+        slab = np.asarray(data[start : start + _FIT_SLAB_DEPTH]).astype(np.float32, copy=False)
+        hull, domain = _masked_features(slab, opts, support)
+        values.append(domain[:, ::stride, ::stride][hull[:, ::stride, ::stride]])
     inside = np.concatenate(values)
     if inside.size < 2 or inside.min() == inside.max():
         raise MagsegError("threshold fitting found no contrast inside the masked sample")
     params = {"format": FORMAT, **opts, "support_threshold": None,
               "domain_threshold": float(threshold_otsu(inside)), "typical_support_area": None,
-              "fit_stride_yx": stride, "masked_value": masked_value}
-    log.info("threshold baseline: masked background %g, domains split at %.4g", masked_value,
+              "fit_stride_yx": stride, "support": support}
+    log.info("threshold baseline: %s, domains split at %.4g", describe_support(support),
              params["domain_threshold"])
     return params
 
@@ -257,13 +305,14 @@ def apply_threshold(slab: Any, params: dict[str, Any]) -> np.ndarray:
             "create them with fit_threshold_params"
         )
     opts = _options({k: params[k] for k in DEFAULT_OPTIONS})
-    arr = _check_slab(slab)
-    if params.get("masked_value") is not None:
-        support, domain = _masked_features(arr, opts, params["masked_value"])
+    if is_masked(support_of(params)):
+        arr = np.asarray(slab).astype(np.float32, copy=False)
+        support, domain = _masked_features(arr, opts, support_of(params))
         labels = np.zeros(arr.shape, dtype=np.uint8)
         labels[support] = np.where(domain[support] > params["domain_threshold"], 2, 1)
         return labels
-    support_feature, domain = _features(arr, opts)
+    arr = _check_slab(slab)
+    support_feature, domain = _features(arr, {**params, **opts})
     min_area = float(opts["min_area_fraction"]) * float(params["typical_support_area"])
     support = _clean_support(support_feature > params["support_threshold"], opts, min_area)
     labels = np.zeros(arr.shape, dtype=np.uint8)

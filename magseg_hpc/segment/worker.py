@@ -28,8 +28,8 @@ from magseg_hpc.precision import autocast, resolve_precision
 from magseg_hpc.segment.blocks import Slab
 from magseg_hpc.segment.kernel import fuse_probabilities, segment_slab, support_outside
 from magseg_hpc.segment.threshold import apply_threshold, threshold_halo
-from magseg_hpc.volume.io import open_volume
 from magseg_hpc.volume.store import write_label_region
+from magseg_hpc.volume.support import inside_pixels, is_masked, open_input, support_of
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,21 @@ class SlabJob:
     context: int = 1  # model.context_slices: halo slices read = context // 2 on each side
     # auto, fp32 or bf16 (magseg_hpc.precision); auto is resolved here, on the worker's device
     precision: str = "fp32"
+    mask: str | None = None  # a mask file folded into the input as a NaN outside
 
     @property
     def scratch(self) -> str:
         return str(Path(self.output) / ".magseg" / SCRATCH)
 
+    @property
+    def support(self) -> dict:
+        """The input's support decision, as the normalisation or the baseline carries it."""
+        return support_of(self.threshold if self.method == "threshold" else self.normalization)
+
 
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str, str], tuple] = {}
-_VOLUMES: dict[tuple[str, str | None], object] = {}
+_VOLUMES: dict[tuple[str, str | None, str | None], object] = {}
 
 
 def worker_name() -> str:
@@ -118,19 +124,19 @@ def get_model(path: str, sha256: str, device: str):
         return _MODELS[key]
 
 
-def get_volume(path: str, var: str | None):
+def get_volume(path: str, var: str | None, mask: str | None = None):
     """The input DataArray, opened once per worker (metadata only; reads are per slab)."""
-    key = (path, var)
+    key = (path, var, mask)
     with _LOCK:
         if key not in _VOLUMES:
-            _VOLUMES[key] = open_volume(path, var)
+            _VOLUMES[key] = open_input(path, var, mask)
         return _VOLUMES[key]
 
 
 def read_slab(job: SlabJob, slab: Slab, halo: int = 0) -> tuple[np.ndarray, int]:
     """The slab's voxels (z, y, x order) plus ``halo`` slices of context along its axis
     (clipped at the volume's faces), checked finite. Returns (data, slices of halo before)."""
-    volume = get_volume(job.input, job.var)
+    volume = get_volume(job.input, job.var, job.mask)
     region = list(slab.region(tuple(volume.shape)))
     axis = AXES.index(slab.axis)
     lo = max(0, slab.start - halo)
@@ -140,11 +146,13 @@ def read_slab(job: SlabJob, slab: Slab, halo: int = 0) -> tuple[np.ndarray, int]
     if not volume_file(job.input).exists():  # zarr reads a vanished store as its fill value
         raise MagsegError(f"{job.input}: the input vanished during the run (at slab "
                           f"{slab.name}); restore it and run again with --resume")
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
+    # NaN is the outside of a NaN-masked input; any other non-finite voxel is an error
+    finite = np.isfinite(data) | ~inside_pixels(data, job.support)
+    if data.dtype.kind == "f" and not finite.all():
         raise MagsegError(
-            f"{job.input}: {bad} NaN or inf voxels in slab {slab.name}; replace them first "
-            "(magseg-hpc ingest IN FIXED.zarr --fill-nonfinite 0)"
+            f"{job.input}: {int((~finite).sum())} NaN or inf voxels in slab {slab.name}; "
+            "replace them first (magseg-hpc ingest IN FIXED.zarr --fill-nonfinite 0) or, if "
+            "NaN marks the outside, pass --outside nan"
         )
     return data, slab.start - lo
 
@@ -214,7 +222,7 @@ def run_slab(job: SlabJob, slab: Slab, *waited_for: dict) -> dict:
 
 
 def _shape(job: SlabJob) -> tuple[int, int, int]:
-    return tuple(get_volume(job.input, job.var).shape)  # type: ignore[return-value]
+    return tuple(get_volume(job.input, job.var, job.mask).shape)  # type: ignore[return-value]
 
 
 def _run_fuse(job: SlabJob, slab: Slab, t0: float) -> dict:
@@ -223,10 +231,10 @@ def _run_fuse(job: SlabJob, slab: Slab, t0: float) -> dict:
     parts = []
     for axis in job.axes:
         parts.append(zarr.open_array(f"{job.scratch}/{axis}", mode="r")[:, slab.start:slab.stop])
-    masked = (job.normalization or {}).get("masked_value")
-    image = read_slab(job, slab)[0] if masked is not None else None
+    support = support_of(job.normalization)
+    image = read_slab(job, slab)[0] if is_masked(support) else None
     t_read = time.perf_counter()
-    labels, mean = fuse_probabilities(parts, support_outside(image, masked))
+    labels, mean = fuse_probabilities(parts, support_outside(image, support))
     t_compute = time.perf_counter()
     region = (slice(slab.start, slab.stop), slice(0, labels.shape[1]), slice(0, labels.shape[2]))
     write_label_region(job.output, region, labels, mean if job.probabilities else None)
@@ -249,7 +257,7 @@ def warm_up(job: SlabJob) -> str:
     import torch
 
     _set_threads(job)
-    volume = get_volume(job.input, job.var)
+    volume = get_volume(job.input, job.var, job.mask)
     if job.method == "model":
         device = resolve_device(job.device)
         model, _ = get_model(job.model, job.model_sha256, device)

@@ -27,6 +27,7 @@ from magseg_hpc.data.normalize import refit_normalization
 from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
 from magseg_hpc.models.checkpoint import fuses, load_inference_model, save_checkpoint
 from magseg_hpc.segment import kernel
+from magseg_hpc.volume.support import support_of
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ def measure_fusion(model: torch.nn.Module, image, labels: dict[int, np.ndarray],
     vol = np.moveaxis(np.asarray(image), AXES.index(axis), 0)  # the labelled axis first
     rows = np.array(sorted(labels))
     truth = np.stack([labels[i] for i in rows])
-    masked = normalization.get("masked_value")
 
     # one pass per validation slice gives both: the support changes only pixels outside the
     # sample, which the fusion below sets to background anyway
@@ -71,7 +71,7 @@ def measure_fusion(model: torch.nn.Module, image, labels: dict[int, np.ndarray],
                                    start, count, precision)  # (C, count, vol's other two dims)
             chunks.append(np.moveaxis(probs, 1, 1 + dim)[:, rows])  # back to vol's order
         parts.append(np.concatenate(chunks, axis=1 + dim))
-    outside = kernel.support_outside(vol[rows], masked)
+    outside = kernel.support_outside(vol[rows], support_of(normalization))
     fused, _ = kernel.fuse_probabilities(parts, outside)
 
     def miou(pred: np.ndarray) -> float:

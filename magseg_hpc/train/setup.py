@@ -39,6 +39,8 @@ from magseg_hpc.train.augseg import (
     poly_lr,
 )
 from magseg_hpc.train.distributed import DistEnv
+from magseg_hpc.volume.support import describe as describe_support
+from magseg_hpc.volume.support import is_masked, resolve_support, support_of
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +174,13 @@ def fit_data_normalization(cfg: ExperimentConfig, data: TrainData) -> dict:
     if isinstance(data.source, VolumeSlices | MultiAxisSlices):
         axis = data.source.axis
         idx = sorted({int(k) for k in train_keys if ":" not in k})
-        norm = fit_normalization(data.source.image_volume().isel({axis: idx}))
+        volume = data.source.image_volume()
+        support = resolve_support(volume, cfg.data.outside)  # the whole volume's decision
+        norm = fit_normalization(volume.isel({axis: idx}), support=support)
     else:
-        norm = fit_normalization(data.source.normalization_sample(train_keys))
+        sample = data.source.normalization_sample(train_keys)
+        norm = fit_normalization(sample, support=resolve_support(sample, cfg.data.outside))
+    log.info("training volume: %s", describe_support(norm["support"]))
     return {**norm, "mark_outside": cfg.data.mark_outside}
 
 
@@ -188,7 +194,7 @@ def resolve_norm(cfg: ExperimentConfig, normalization: dict) -> ExperimentConfig
     (``model.pretrained``) were trained with BatchNorm and keep it."""
     if cfg.model.norm != "auto":
         return cfg
-    masked = normalization.get("masked_value") is not None and not cfg.model.pretrained
+    masked = is_masked(support_of(normalization)) and not cfg.model.pretrained
     model = dataclasses.replace(cfg.model, norm="group" if masked else "batch")
     why = ("a masked volume" if masked else
            "ImageNet weights" if cfg.model.pretrained else "no masked background")

@@ -13,6 +13,8 @@ from magseg_hpc.classes import ClassTable
 from magseg_hpc.paths import volume_file
 from magseg_hpc.volume.io import ZARR_MARKERS, open_volume, reading
 from magseg_hpc.volume.store import open_group
+from magseg_hpc.volume.support import describe as describe_support
+from magseg_hpc.volume.support import open_input, resolve_support
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,9 @@ def _zarr_details(path: Path, var: str) -> tuple[str | None, dict, ClassTable | 
     return codec, attrs, ClassTable.from_dict(table) if table else None, names
 
 
-def describe(path: str | os.PathLike, var: str | None = None, count_classes: bool = True) -> dict:
-    volume = open_volume(path, var=var)
+def describe(path: str | os.PathLike, var: str | None = None, count_classes: bool = True,
+             outside: str | None = None, mask: str | None = None) -> dict:
+    volume = open_input(path, var, mask) if mask else open_volume(path, var=var)
     p = volume_file(path)
     var = var or ("labels" if volume.dtype == np.uint8 and volume.name == "labels" else volume.name)
     codec, attrs, table, names = _zarr_details(p, str(var))
@@ -67,7 +70,11 @@ def describe(path: str | os.PathLike, var: str | None = None, count_classes: boo
         },
         "attributes": {**attrs, **{k: v for k, v in volume.attrs.items() if k != "source"}},
     }
-    is_labels = volume.dtype == np.uint8 and (table is not None or var == "labels")
+    is_labels = volume.dtype == np.uint8 and var != "image" and (table is not None
+                                                                  or var == "labels")
+    if not is_labels:  # where the sample's outside is: what every command will decide
+        with reading(path):
+            info["support"] = resolve_support(volume, outside, mask=mask)
     if is_labels and count_classes:
         table = table or ClassTable.default()
         with reading(path):
@@ -109,6 +116,8 @@ def format_info(info: dict) -> str:
         lines.append(f"  variables    {', '.join(info['variables'])}")
     for d, (lo, hi) in info["coordinates"].items():
         lines.append(f"  coord {d:<6} {lo:g} .. {hi:g}")
+    if "support" in info:
+        lines.append(f"  outside      {describe_support(info['support'])}")
     if "class_counts" in info:
         total = sum(info["class_counts"].values()) or 1
         lines.append("  classes")

@@ -10,27 +10,30 @@ import numpy as np
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.outputs import check_no_overlap
 from magseg_hpc.paths import volume_file
-from magseg_hpc.volume.io import ZARR_MARKERS, open_volume
+from magseg_hpc.volume.io import ZARR_MARKERS
 from magseg_hpc.volume.store import (
     IMAGE_FORMAT,
     default_chunks,
     refuse_existing,
     write_image_store,
 )
+from magseg_hpc.volume.support import STORED_ATTR, describe, open_input, resolve_support
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteCounter:
-    """Counts NaN/inf voxels slab by slab; replaces them when a fill value was chosen."""
+    """Counts NaN/inf voxels slab by slab (inf only, when NaN is the outside); replaces them
+    when a fill value was chosen."""
 
-    def __init__(self, fill: float | None):
+    def __init__(self, fill: float | None, nan_is_outside: bool = False):
         self.fill, self.count, self.first = fill, 0, None
+        self.nan_is_outside = nan_is_outside
 
     def __call__(self, z0: int, z1: int, slab: np.ndarray) -> None:
         if slab.dtype.kind != "f":
             return
-        bad = ~np.isfinite(slab)
+        bad = np.isinf(slab) if self.nan_is_outside else ~np.isfinite(slab)
         n = int(bad.sum())
         if not n:
             return
@@ -51,11 +54,16 @@ def ingest(
     fill_nonfinite: float | None = None,
     overwrite: bool = False,
     progress=None,
+    outside: str | None = None,
+    mask: str | Path | None = None,
 ) -> dict:
-    """Stream ``src`` into ``out`` (a zarr store with an ``image`` variable).
+    """Stream ``src`` into ``out`` (a zarr store with an ``image`` variable), with the
+    volume's support decision (``outside``, ``mask``: magseg_hpc.volume.support) recorded in
+    the image's attributes; a mask file is folded in as a NaN outside (float32).
 
-    Without ``fill_nonfinite``, NaN or inf voxels abort the conversion once all are counted,
-    and nothing is written.
+    NaN voxels are the outside when the support says so (a NaN-masked reconstruction);
+    otherwise, without ``fill_nonfinite``, NaN or inf voxels abort the conversion once all
+    are counted, and nothing is written.
     """
     import math
 
@@ -63,11 +71,13 @@ def ingest(
         raise MagsegError(
             f"--fill-nonfinite {fill_nonfinite}: the fill value must be a finite number (e.g. 0)"
         )
-    check_no_overlap(out, [src])
+    check_no_overlap(out, [src, mask])
     refuse_existing(out, overwrite, IMAGE_FORMAT)
-    volume = open_volume(src, var=var)
+    volume = open_input(src, var, mask)
     if min(volume.shape) < 1:
         raise MagsegError(f"{src}: volume is empty (shape {'x'.join(map(str, volume.shape))})")
+    support = resolve_support(volume, outside, mask=mask)
+    log.info("%s: %s", src, describe(support))
     if fill_nonfinite is not None and volume.dtype.kind == "f":
         with np.errstate(over="ignore"):
             stored = np.asarray(fill_nonfinite).astype(volume.dtype)
@@ -78,7 +88,7 @@ def ingest(
             )
     chunks = default_chunks(volume.shape, chunks)
     _warn_absent_chunks(src, var or volume.name)
-    nonfinite = NonFiniteCounter(fill_nonfinite)
+    nonfinite = NonFiniteCounter(fill_nonfinite, support["outside"] == "nan")
 
     def on_slab(z0, z1, slab):
         nonfinite(z0, z1, slab)
@@ -88,7 +98,8 @@ def ingest(
         if z1 == volume.shape[0] and nonfinite.count and fill_nonfinite is None:
             raise MagsegError(
                 f"{src}: {nonfinite.count} NaN/inf voxels (first at z,y,x={nonfinite.first}); "
-                "pass --fill-nonfinite VALUE (e.g. 0) to replace them"
+                "pass --fill-nonfinite VALUE (e.g. 0) to replace them, or --outside nan if "
+                "NaN marks the outside"
             )
 
     attrs = {k: v for k, v in volume.attrs.items() if _json_safe(v)}
@@ -96,11 +107,12 @@ def ingest(
     write_image_store(
         out, volume.data, chunks=chunks, codec_name=codec_name, like=volume,
         attrs={"source_attrs": attrs}, overwrite=overwrite, slab_callback=on_slab,
+        image_attrs={STORED_ATTR: {k: v for k, v in support.items() if k != "source"}},
     )
     if nonfinite.count:
         log.warning("replaced %d NaN/inf voxels with %s", nonfinite.count, fill_nonfinite)
     return {"shape": tuple(volume.shape), "dtype": str(volume.dtype), "chunks": chunks,
-            "nonfinite_replaced": nonfinite.count}
+            "nonfinite_replaced": nonfinite.count, "support": support}
 
 
 def _warn_absent_chunks(src, var) -> None:

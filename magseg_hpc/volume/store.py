@@ -258,10 +258,12 @@ def write_image_store(
     codec_name: str = "zstd",
     like: xr.DataArray | None = None,
     attrs: dict | None = None,
+    image_attrs: dict | None = None,
     overwrite: bool = False,
     slab_callback=None,
 ) -> None:
-    """Write ``image`` (numpy or dask, z, y, x) and optional ``labels`` to a new zarr store.
+    """Write ``image`` (numpy or dask, z, y, x) and optional ``labels`` to a new zarr store;
+    ``attrs`` go to the group, ``image_attrs`` to the image (they travel with it when opened).
 
     Written slab by slab (one chunk row of z at a time) into a staged folder that replaces
     ``path`` only once complete. ``slab_callback(z0, z1, slab)`` sees every image slab
@@ -284,6 +286,7 @@ def write_image_store(
                 "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
                 compressors=codec("zstd"), dimension_names=list(DIMS),
             )
+        img.attrs.update(image_attrs or {})
         _create_coords(group, _coord_values(like, shape))
         record_owner(tmp, IMAGE_FORMAT, list(group.keys()))
         for z0 in range(0, shape[0], chunks[0]):
