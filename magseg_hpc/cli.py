@@ -9,7 +9,7 @@ import shlex
 import sys
 
 from magseg_hpc import __version__
-from magseg_hpc.errors import USER_ERRNOS, MagsegError
+from magseg_hpc.errors import MagsegError, os_error_line
 
 # Each command lives in magseg_hpc.commands.<name, "-" as "_">, whose register(subparsers)
 # adds its parser with func=run(args) -> int. Only the command being run is imported (its
@@ -65,11 +65,10 @@ def run_command(args) -> int:
         print(f"magseg-hpc: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in USER_ERRNOS:
+        line = os_error_line(e)
+        if line is None:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"magseg-hpc: error: {where}{e.strerror}; check the permissions "
-              "and free space", file=sys.stderr)
+        print(f"magseg-hpc: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("magseg-hpc: interrupted", file=sys.stderr)

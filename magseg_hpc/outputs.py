@@ -101,8 +101,34 @@ def _kind(fmt: str | None) -> str:
     return {"labels": "label"}.get(name, name)
 
 
+# The longest name written beside an output: DIR/.NAME.magseg-staging (staging.py)
+SIBLING_EXTRA = len("..magseg-staging")
+
+
+def check_name_length(path: str | os.PathLike, flag: str = "output") -> None:
+    """Refuse a path with a name longer than the file system allows (ENAMETOOLONG), the
+    output's own name with room for the hidden files written beside it."""
+    p = Path(path).absolute()
+    name_max = 255  # until an existing folder tells its own limit
+    for part in p.parts[1:]:
+        if len(os.fsencode(part)) > name_max:
+            break
+    else:
+        parent = p.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        with contextlib.suppress(OSError, ValueError):
+            name_max = os.pathconf(parent, "PC_NAME_MAX")
+        if len(os.fsencode(p.name)) + SIBLING_EXTRA <= name_max:
+            return
+    raise MagsegError(
+        f"{_name(flag, path)}: a name is longer than this file system allows ({name_max} "
+        f"bytes, {name_max - SIBLING_EXTRA} for the output's own name); choose a shorter one")
+
+
 def check_writable_location(path: str | os.PathLike, flag: str = "output") -> None:
     """Refuse an output whose nearest existing ancestor is not a writable folder."""
+    check_name_length(path, flag)
     p = Path(path).absolute()
     parent = p.parent
     while not parent.exists() and parent != parent.parent:

@@ -128,9 +128,27 @@ def world(tmp_path_factory):
     (w / "mixed").mkdir()
     Image.fromarray(u8[0]).save(w / "mixed" / "a.png")
     Image.fromarray(u8[0, :16]).save(w / "mixed" / "b.png")
+    # slice folders: a damaged slice in the middle, macOS's hidden files only, a folder and a
+    # looping link named like slices
+    for name in ("pngtrunc", "pnggarbage", "pngsub", "pngloop", "onlyhidden"):
+        (w / name).mkdir()
+        for z in range(4 if name != "onlyhidden" else 0):
+            Image.fromarray(u8[z]).save(w / name / f"z{z:03d}.png")
+    data = (w / "pngtrunc" / "z002.png").read_bytes()
+    (w / "pngtrunc" / "z002.png").write_bytes(data[: len(data) // 3])
+    (w / "pnggarbage" / "z002.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 9)
+    (w / "pngsub" / "sub.png").mkdir()
+    (w / "pngloop" / "loop.png").symlink_to("loop.png")
+    (w / "onlyhidden" / "._z000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (w / "onlyhidden" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    np.save(w / "f128.npy", good.astype(np.longdouble))
     # stores: a corrupt chunk, broken metadata, another program's zarr, a tool label store
     shutil.copytree(w / "ph.zarr", w / "cor.zarr")
     _corrupt_a_chunk(w / "cor.zarr", "image")
+    shutil.copytree(w / "ph.zarr", w / "zloop.zarr")  # a chunk file that links to itself
+    chunk = sorted(p for p in (w / "zloop.zarr" / "image" / "c").rglob("*") if p.is_file())[0]
+    chunk.unlink()
+    chunk.symlink_to(chunk.name)
     (w / "broken.zarr").mkdir()
     (w / "broken.zarr" / "zarr.json").write_text("{ not json")
     foreign = zarr.open_group(str(w / "foreign.zarr"), mode="w", zarr_format=3)
@@ -259,6 +277,9 @@ def C(cid: str, command: str, pattern: str, *, forbid: str | None = None, marks=
 NOT_OURS = r"not written by magseg-hpc|regular file|symbolic link"
 no_gpu = pytest.mark.skipif(
     "torch" in sys.modules and sys.modules["torch"].cuda.is_available(), reason="has a GPU")
+long_double = pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8,
+                                 reason="long double is float64 here")
+LONG = "n" * 300  # longer than any file system's name limit (255 bytes)
 
 INGEST = [
     C("missing-src", "ingest nope.npy o.zarr", "no such file"),
@@ -314,6 +335,23 @@ INGEST = [
       "lies inside the output"),
     C("output-under-a-file", "ingest good.npy file.txt/o.zarr", "is a file, not a folder"),
     C("output-read-only", "ingest good.npy ro/o.zarr", "not writable"),
+    C("png-slice-truncated", "ingest pngtrunc o.zarr",
+      r"pngtrunc/z002\.png: cannot read its voxels"),
+    C("png-slice-garbage", "ingest pnggarbage o.zarr",
+      r"pnggarbage/z002\.png: not a readable slice image"),
+    C("png-only-hidden-files", "ingest onlyhidden o.zarr", r"no \.tif or \.png slices"),
+    C("png-subfolder", "ingest pngsub o.zarr", r"sub\.png: is not a regular file"),
+    C("png-symlink-loop", "ingest pngloop o.zarr",
+      r"loop\.png: cannot open it \(Too many levels of symbolic links\)"),
+    C("zarr-symlink-loop", "ingest zloop.zarr o.zarr", "symbolic link"),
+    C("float128", "ingest f128.npy o.zarr", "float128 voxels are not supported",
+      marks=long_double),
+    C("output-name-too-long", f"ingest good.npy {LONG}.zarr",
+      "longer than this file system allows"),
+    C("output-name-no-room-beside", f"ingest good.npy {LONG[:245]}.zarr",
+      r"longer than this file system allows \(\d+ bytes, \d+ for the output's own name\)"),
+    C("input-name-too-long", f"ingest {LONG}.npy o.zarr", "File name too long; the name is "
+      "longer than the file system allows"),
 ]
 
 INFO = [
@@ -332,6 +370,8 @@ INFO = [
     C("broken-zarr", "info broken.zarr", "not a readable zarr store"),
     C("missing-var", "info ph.zarr --var nope", "no variable 'nope'"),
     C("corrupt-label-chunk", "info corlab.zarr", "cannot read its voxels"),
+    C("png-subfolder", "info pngsub", "is not a regular file"),
+    C("float128", "info f128.npy", "voxels are not supported", marks=long_double),
     C("no-path", "info", "required"),
 ]
 
@@ -380,6 +420,11 @@ MASKS = [
     C("no-pngs", "import-masks emptydir o.zarr --colors colors.yaml", "no .png masks"),
     C("sizes-differ", "import-masks mixed o.zarr --colors colors.yaml", "one size"),
     C("not-a-png", "import-masks notpng o.zarr --colors colors.yaml", "not a readable PNG"),
+    C("png-subfolder", "import-masks pngsub o.zarr --colors colors.yaml",
+      "is not a regular file"),
+    C("png-symlink-loop", "import-masks pngloop o.zarr --colors colors.yaml", "cannot open it"),
+    C("only-hidden-files", "import-masks onlyhidden o.zarr --colors colors.yaml",
+      r"no \.png masks"),
     C("colors-missing", "import-masks masks o.zarr --colors nope.yaml", "colour file not found"),
     C("colors-bad", "import-masks masks o.zarr --colors colors_bad.yaml", r"colou?r"),
     C("colors-python-tag", "import-masks masks o.zarr --colors colors_tag.yaml",
@@ -487,6 +532,12 @@ SEGMENT = [
     C("input-nan", "segment-volume nan.npy o.zarr --method threshold", "NaN or inf"),
     C("input-corrupt-chunk", "segment-volume cor.zarr o.zarr --method threshold",
       "cannot read its voxels"),
+    C("input-png-slice-truncated", "segment-volume pngtrunc o.zarr --method threshold",
+      r"z002\.png: cannot read its voxels"),
+    C("input-zarr-symlink-loop", "segment-volume zloop.zarr o.zarr --method threshold",
+      "symbolic link"),
+    C("output-name-too-long", f"segment-volume ph.zarr {LONG}.zarr --method threshold",
+      "longer than this file system allows"),
     C("input-2d", "segment-volume 2d.npy o.zarr --method threshold", "expected a 3D"),
     C("input-empty", "segment-volume empty3.npy o.zarr --method threshold", "empty"),
     C("output-is-input", "segment-volume ph.zarr ph.zarr --method threshold --overwrite",

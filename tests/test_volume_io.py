@@ -125,6 +125,24 @@ def test_png_folder_in_natural_order_and_mixed_dtypes_read_exactly(tmp_path):
         open_volume(d)
 
 
+def test_slice_folder_rule_hidden_files_ignored_non_files_refused(tmp_path):
+    """macOS's ._z000.png and .DS_Store are not slices (hidden names are skipped); a link to
+    a slice is one; a folder named like a slice is refused, not read or silently dropped."""
+    d = tmp_path / "pngs"
+    d.mkdir()
+    frames = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    for i, f in enumerate(frames[:2]):
+        Image.fromarray(f).save(d / f"z{i:03d}.png")
+    Image.fromarray(frames[2]).save(tmp_path / "elsewhere.png")
+    (d / "z002.png").symlink_to(tmp_path / "elsewhere.png")
+    (d / "._z000.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (d / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    check(open_volume(d), frames)
+    (d / "sub.png").mkdir()
+    with pytest.raises(MagsegError, match=r"sub\.png: is not a regular file"):
+        open_volume(d)
+
+
 def test_multipage_tiff_with_mixed_dtypes_is_promoted(tmp_path):
     pages = [np.full((4, 5), 200, np.uint8), np.full((4, 5), 1000, np.uint16),
              np.full((4, 5), -3.5, np.float32)]

@@ -27,6 +27,7 @@ from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.config import load_yaml
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.staging import staged_output
+from magseg_hpc.volume.io import slice_files
 from magseg_hpc.volume.store import (
     LABEL_FORMAT,
     create_label_store,
@@ -146,7 +147,7 @@ def mask_files(folder: str | Path) -> list[Path]:
         raise MagsegError(f"{folder}: no such folder; give the folder of exported PNG masks")
     if not folder.is_dir():
         raise MagsegError(f"{folder}: not a folder; give the folder of exported PNG masks")
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() == ".png")
+    files = sorted(slice_files(folder, (".png",)))  # the slice-folder rule of open_volume
     if not files:
         raise MagsegError(f"{folder}: no .png masks in this folder; export one PNG per slice")
     first_size = None

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import xarray as xr
 import zarr
 
 from magseg_hpc.axes import AXES as DIMS
-from magseg_hpc.errors import USER_ERRNOS, MagsegError
+from magseg_hpc.errors import ERRNO_FIXES, USER_ERRNOS, MagsegError
 from magseg_hpc.paths import HDF5_SUFFIXES, split_hdf5
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,20 @@ def reading(source) -> Iterator[None]:
     except READ_ERRORS as e:
         if isinstance(e, OSError) and e.errno in USER_ERRNOS:
             raise  # a permission or disk problem, reported as such by the CLI
-        text = " ".join(str(e).split())[:160]
+        fix = (ERRNO_FIXES.get(e.errno) if isinstance(e, OSError) else None) or (
+            "the file is damaged or truncated, re-export or re-copy it")
         raise MagsegError(
-            f"{source}: cannot read its voxels ({type(e).__name__}: {text}); the file is "
-            "damaged or truncated, re-export or re-copy it"
-        ) from e
+            f"{source}: cannot read its voxels ({_short(e)}); {fix}") from e
+
+
+def _short(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
 
 
 def _as_zyx(arr: xr.DataArray, path: Path) -> xr.DataArray:
     """Check dtype and rank and name the axes z, y, x (squeezing singleton extra axes)."""
-    if arr.dtype.kind == "c" or arr.dtype == bool:
+    # zarr stores numbers of up to 8 bytes: float128 (long double) has no zarr type
+    if arr.dtype.kind == "c" or arr.dtype == bool or arr.dtype.itemsize > 8:
         raise MagsegError(
             f"{path}: {arr.dtype} voxels are not supported; convert to float32, uint8 or uint16"
         )
@@ -190,16 +195,17 @@ class _LazyFileArray:
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
 
     def __getitem__(self, index):
-        if self.kind == "hdf5":
-            import h5py
+        with reading(self.path):  # whoever computes the graph gets one line naming the file
+            if self.kind == "hdf5":
+                import h5py
 
-            with h5py.File(self.path, "r") as f:
-                return f[self.key][index]
-        # Copy out of the memory map and drop it, so read pages do not stay resident.
-        mm = np.load(self.path, mmap_mode="r")
-        out = np.array(mm[index])
-        del mm
-        return out
+                with h5py.File(self.path, "r") as f:
+                    return f[self.key][index]
+            # Copy out of the memory map and drop it, so read pages do not stay resident.
+            mm = np.load(self.path, mmap_mode="r")
+            out = np.array(mm[index])
+            del mm
+            return out
 
 
 def slab_chunks(shape, itemsize: int, target_bytes: int = 64 * 2**20) -> tuple:
@@ -275,7 +281,8 @@ def _grey(im) -> np.ndarray:
 
 
 def _read_as(fn, args, dtype) -> np.ndarray:
-    return fn(*args).astype(dtype, copy=False)
+    with reading(args[0]):  # the slice file, named in the one line whoever computes this
+        return fn(*args).astype(dtype, copy=False)
 
 
 def _stack_slices(readers: list, shape, dtypes: list) -> da.Array:
@@ -346,9 +353,42 @@ def _open_tiff_file(path: Path) -> xr.DataArray:
     return xr.DataArray(_stack_slices(readers, shape, dtypes))
 
 
+def slice_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The slice files of ``folder`` by one rule: names ending in ``suffixes``, hidden names
+    (starting with '.': macOS ``._x.png`` and ``.DS_Store``, editors' temporary files) left
+    out, and each one a regular file (a link to one is fine); anything else is refused."""
+    files = []
+    for f in folder.iterdir():
+        if f.name.startswith(".") or f.suffix.lower() not in suffixes:
+            continue
+        try:
+            regular = stat.S_ISREG(f.stat().st_mode)
+        except OSError as e:  # a broken or looping link
+            raise MagsegError(f"{f}: cannot open it ({e.strerror}); slices must be regular "
+                              "files: fix the link or move it out of the folder") from None
+        if not regular:
+            raise MagsegError(f"{f}: is not a regular file (a folder?); slices must be regular "
+                              "files: move it out of the folder")
+        files.append(f)
+    return files
+
+
+@contextlib.contextmanager
+def _slice_header(path: Path) -> Iterator[None]:
+    """A slice that cannot be opened is one line naming it (not a traceback)."""
+    try:
+        yield
+    except MagsegError:
+        raise
+    except READ_ERRORS as e:
+        if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+            raise
+        raise MagsegError(f"{path}: not a readable slice image ({_short(e)}); re-export it or "
+                          "move it out of the folder") from e
+
+
 def _open_slice_folder(path: Path) -> xr.DataArray:
-    files = natural_order(
-        [f for f in path.iterdir() if f.suffix.lower() in TIFF_SUFFIXES + (".png",)])
+    files = natural_order(slice_files(path, TIFF_SUFFIXES + (".png",)))
     if not files:
         raise MagsegError(
             f"{path}: folder holds no .tif or .png slices and is not a zarr store; use {SUPPORTED}"
@@ -356,7 +396,8 @@ def _open_slice_folder(path: Path) -> xr.DataArray:
     kinds = {f.suffix.lower() in TIFF_SUFFIXES for f in files}
     if len(kinds) > 1:
         raise MagsegError(f"{path}: folder mixes TIFF and PNG slices; keep one kind of slice")
-    first = _read_tiff_page(str(files[0]), 0) if True in kinds else _read_png(str(files[0]))
+    with _slice_header(files[0]):
+        first = _read_tiff_page(str(files[0]), 0) if True in kinds else _read_png(str(files[0]))
     if first.ndim != 2:
         raise MagsegError(f"{files[0]}: expected 2D slices, got shape {first.shape}")
     fn = _read_tiff_page if True in kinds else _read_png
@@ -376,16 +417,17 @@ def _check_slice_shapes(files: list[Path], shape) -> list[np.dtype]:
 
     dtypes = []
     for f in files:
-        if f.suffix.lower() == ".png":
-            with Image.open(f) as im:
-                size = (im.height, im.width)
-                dtypes.append(np.dtype(_PIL_DTYPES.get(im.mode, np.uint8)))
-        else:
-            import tifffile
+        with _slice_header(f):
+            if f.suffix.lower() == ".png":
+                with Image.open(f) as im:
+                    size = (im.height, im.width)
+                    dtypes.append(np.dtype(_PIL_DTYPES.get(im.mode, np.uint8)))
+            else:
+                import tifffile
 
-            with tifffile.TiffFile(f) as tif:
-                size = tif.pages[0].shape[:2]
-                dtypes.append(tif.pages[0].dtype)
+                with tifffile.TiffFile(f) as tif:
+                    size = tif.pages[0].shape[:2]
+                    dtypes.append(tif.pages[0].dtype)
         if tuple(size) != tuple(shape[:2]):
             raise MagsegError(
                 f"{f}: slice is {size[0]}x{size[1]} but the first slice is {shape[0]}x{shape[1]}; "
