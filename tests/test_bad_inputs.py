@@ -149,6 +149,10 @@ def world(tmp_path_factory):
     chunk = sorted(p for p in (w / "zloop.zarr" / "image" / "c").rglob("*") if p.is_file())[0]
     chunk.unlink()
     chunk.symlink_to(chunk.name)
+    from magseg_hpc.volume.ingest import ingest
+
+    ingest(w / "good.npy", w / "lost.zarr", chunks=(4, 16, 16))  # 8 chunks, one file lost
+    (w / "lost.zarr" / "image" / "c" / "1" / "0" / "1").unlink()
     (w / "broken.zarr").mkdir()
     (w / "broken.zarr" / "zarr.json").write_text("{ not json")
     foreign = zarr.open_group(str(w / "foreign.zarr"), mode="w", zarr_format=3)
@@ -343,13 +347,16 @@ INGEST = [
     C("png-subfolder", "ingest pngsub o.zarr", r"sub\.png: is not a regular file"),
     C("png-symlink-loop", "ingest pngloop o.zarr",
       r"loop\.png: cannot open it \(Too many levels of symbolic links\)"),
-    C("zarr-symlink-loop", "ingest zloop.zarr o.zarr", "symbolic link"),
+    C("zarr-symlink-loop", "ingest zloop.zarr o.zarr",
+      r"image/c/0/0/0 \(a broken or looping link\)"),
     C("float128", "ingest f128.npy o.zarr", "float128 voxels are not supported",
       marks=long_double),
     C("output-name-too-long", f"ingest good.npy {LONG}.zarr",
       "longer than this file system allows"),
     C("output-name-no-room-beside", f"ingest good.npy {LONG[:245]}.zarr",
       r"longer than this file system allows \(\d+ bytes, \d+ for the output's own name\)"),
+    C("zarr-lost-chunk", "ingest lost.zarr o.zarr",
+      r"1 of 8 chunks .*image/c/1/0/1.* --absent-chunks-are-fill"),
     C("input-name-too-long", f"ingest {LONG}.npy o.zarr", "File name too long; the name is "
       "longer than the file system allows"),
 ]
@@ -535,7 +542,10 @@ SEGMENT = [
     C("input-png-slice-truncated", "segment-volume pngtrunc o.zarr --method threshold",
       r"z002\.png: cannot read its voxels"),
     C("input-zarr-symlink-loop", "segment-volume zloop.zarr o.zarr --method threshold",
-      "symbolic link"),
+      "looping link"),
+    C("input-lost-chunk", "segment-volume lost.zarr o.zarr --method threshold",
+      r"lost.zarr: 1 of 8 chunks of 'image' have no file \(first: image/c/1/0/1\) .*lost "
+      "chunk files"),
     C("output-name-too-long", f"segment-volume ph.zarr {LONG}.zarr --method threshold",
       "longer than this file system allows"),
     C("input-2d", "segment-volume 2d.npy o.zarr --method threshold", "expected a 3D"),

@@ -134,6 +134,32 @@ def test_image_store_refuses_existing_and_keeps_it(tmp_path, oracle_volume):
     assert open_volume(tmp_path / "i.zarr").shape == oracle_volume.shape
 
 
+def test_every_chunk_has_a_file_and_a_lost_one_is_refused(tmp_path, caplog):
+    """Image stores write chunks of zeros too, so a chunk without a file is a lost one: an
+    input with one is refused naming it (zarr would read it as the fill value);
+    absent_chunks_are_fill (--absent-chunks-are-fill) reads it so, with a warning."""
+    import zarr
+
+    from magseg_hpc.errors import MagsegError
+    from magseg_hpc.volume.ingest import ingest
+
+    volume = np.zeros((4, 8, 8), np.float32)
+    volume[2:] = 1
+    np.save(tmp_path / "v.npy", volume)
+    ingest(tmp_path / "v.npy", tmp_path / "a.zarr", chunks=(2, 8, 8))
+    image = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["image"]
+    assert image.nchunks_initialized == image.nchunks == 2  # the chunk of zeros too
+    (tmp_path / "a.zarr" / "image" / "c" / "1" / "0" / "0").unlink()
+    with pytest.raises(MagsegError, match=r"1 of 2 chunks of 'image' have no file \(first: "
+                       r"image/c/1/0/0\) and would read as the fill value 0.0"):
+        ingest(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    assert not (tmp_path / "b.zarr").exists()
+    with caplog.at_level(logging.WARNING):
+        ingest(tmp_path / "a.zarr", tmp_path / "b.zarr", absent_chunks_are_fill=True)
+    assert "1 of 2 chunks of 'image' have no file" in caplog.text
+    np.testing.assert_array_equal(open_volume(tmp_path / "b.zarr").values, 0)
+
+
 def _files(path):
     return {str(f.relative_to(path)): f.read_bytes() for f in path.rglob("*") if f.is_file()}
 

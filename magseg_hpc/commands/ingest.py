@@ -9,7 +9,7 @@ from tqdm import tqdm
 from magseg_hpc.commands.common import add_support_options, int_triple
 from magseg_hpc.outputs import check_no_overlap
 from magseg_hpc.volume.ingest import ingest
-from magseg_hpc.volume.io import open_volume
+from magseg_hpc.volume.io import ALLOW_ABSENT_FLAG, open_volume
 from magseg_hpc.volume.store import CODECS, IMAGE_FORMAT, refuse_existing
 from magseg_hpc.volume.support import describe
 
@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--fill-nonfinite", type=float, default=None, metavar="VALUE",
                    help="replace NaN/inf voxels with VALUE instead of refusing the volume")
     add_support_options(p)
+    p.add_argument(ALLOW_ABSENT_FLAG, action="store_true",
+                   help="read the chunks of a zarr input that have no file as its fill value "
+                   "(a writer that skips empty chunks); default: refuse them as lost files")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=run)
 
@@ -45,6 +48,7 @@ def run(args) -> int:
             args.src, args.out, chunks=args.chunks, var=args.var, codec_name=args.codec,
             fill_nonfinite=args.fill_nonfinite, overwrite=args.overwrite, progress=bar.update,
             outside=args.outside, mask=args.mask,
+            absent_chunks_are_fill=args.absent_chunks_are_fill,
         )
     shape = "x".join(map(str, summary["shape"]))
     print(f"wrote {args.out}: image {shape} {summary['dtype']}, chunks "

@@ -60,7 +60,7 @@ from magseg_hpc.staging import (
     staging_path,
     writer_lock,
 )
-from magseg_hpc.volume.io import reading
+from magseg_hpc.volume.io import check_chunk_files, reading
 from magseg_hpc.volume.store import LABEL_FORMAT, create_label_store, open_group, set_complete
 from magseg_hpc.volume.support import (
     describe,
@@ -212,6 +212,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
     volume = open_input(opts.input, opts.var, opts.mask)
     if min(volume.shape) < 1:
         raise MagsegError(f"{opts.input}: volume is empty (shape {volume.shape})")
+    check_chunk_files(opts.input, opts.var or volume.name)  # lost chunks would read as zeros
     with reading(opts.input):
         sample = _sample_slices(volume)
         support = resolve_support(volume, opts.outside, mask=opts.mask)

@@ -10,7 +10,7 @@ import numpy as np
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.outputs import check_no_overlap
 from magseg_hpc.paths import volume_file
-from magseg_hpc.volume.io import ZARR_MARKERS
+from magseg_hpc.volume.io import ZARR_MARKERS, check_chunk_files
 from magseg_hpc.volume.store import (
     IMAGE_FORMAT,
     default_chunks,
@@ -56,6 +56,7 @@ def ingest(
     progress=None,
     outside: str | None = None,
     mask: str | Path | None = None,
+    absent_chunks_are_fill: bool = False,
 ) -> dict:
     """Stream ``src`` into ``out`` (a zarr store with an ``image`` variable), with the
     volume's support decision (``outside``, ``mask``: magseg_hpc.volume.support) recorded in
@@ -63,7 +64,8 @@ def ingest(
 
     NaN voxels are the outside when the support says so (a NaN-masked reconstruction);
     otherwise, without ``fill_nonfinite``, NaN or inf voxels abort the conversion once all
-    are counted, and nothing is written.
+    are counted, and nothing is written. A zarr input whose chunks lack files is refused
+    unless ``absent_chunks_are_fill`` (its writer skipped chunks of only the fill value).
     """
     import math
 
@@ -76,6 +78,11 @@ def ingest(
     volume = open_input(src, var, mask)
     if min(volume.shape) < 1:
         raise MagsegError(f"{src}: volume is empty (shape {'x'.join(map(str, volume.shape))})")
+    # before any voxel is read: a lost chunk file would read as the fill value
+    if absent_chunks_are_fill:
+        _warn_absent_chunks(src, var or volume.name)
+    else:
+        check_chunk_files(src, var or volume.name)
     support = resolve_support(volume, outside, mask=mask)
     log.info("%s: %s", src, describe(support))
     if fill_nonfinite is not None and volume.dtype.kind == "f":
@@ -87,7 +94,6 @@ def ingest(
                 "dtype, kept in the store); use a value inside its range, e.g. 0"
             )
     chunks = default_chunks(volume.shape, chunks)
-    _warn_absent_chunks(src, var or volume.name)
     nonfinite = NonFiniteCounter(fill_nonfinite, support["outside"] == "nan")
 
     def on_slab(z0, z1, slab):

@@ -27,7 +27,7 @@ import zarr
 
 from magseg_hpc.axes import AXES as DIMS
 from magseg_hpc.errors import ERRNO_FIXES, USER_ERRNOS, MagsegError
-from magseg_hpc.paths import HDF5_SUFFIXES, split_hdf5
+from magseg_hpc.paths import HDF5_SUFFIXES, split_hdf5, volume_file
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,50 @@ def _wrap_zarr_array(a: zarr.Array) -> xr.DataArray:
     names = getattr(a.metadata, "dimension_names", None) or a.attrs.get("_ARRAY_DIMENSIONS")
     data = da.from_zarr(a)
     dims = tuple(names) if names and len(names) == a.ndim and all(names) else None
-    return xr.DataArray(data, dims=dims, attrs=dict(a.attrs))
+    # named like the group's variable (as xarray names it), so check_chunk_files finds it
+    return xr.DataArray(data, dims=dims, attrs=dict(a.attrs),
+                        name=a.path.rsplit("/", 1)[-1] or None)
+
+
+ALLOW_ABSENT_FLAG = "--absent-chunks-are-fill"
+
+
+def check_chunk_files(source, var: str | None = None) -> None:
+    """Refuse an input zarr array with chunks that have no file: zarr reads those as the fill
+    value, silently, so a store that lost chunk files would be segmented as zeros. A store
+    written without empty chunks (zarr's default) looks the same; nothing tells the two apart.
+    Cheap: one listing of the array's files (``nchunks_initialized``)."""
+    path = volume_file(source)
+    if not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
+        return
+    try:
+        node = zarr.open(store=str(path), mode="r")
+        arr = node if isinstance(node, zarr.Array) else node[str(var)]
+        total, present = arr.nchunks, arr.nchunks_initialized
+    except (KeyError, OSError, ValueError, TypeError, zarr.errors.BaseZarrError) as e:
+        log.debug("%s: chunk count unavailable (%s)", source, e)  # open_volume had the say
+        return
+    if present >= total:
+        return
+    raise MagsegError(
+        f"{source}: {total - present} of {total} chunks of {arr.path or 'the array'!r} have no "
+        f"file (first: {_first_absent_chunk(path, arr)}) and would read as the fill value "
+        f"{arr.fill_value}; the store lost chunk files (compare its file count with the "
+        f"original's and copy it again), or, if its writer skipped chunks of only "
+        f"{arr.fill_value}, rewrite it with `magseg-hpc ingest {source} FULL.zarr "
+        f"{ALLOW_ABSENT_FLAG}`")
+
+
+def _first_absent_chunk(path: Path, arr: zarr.Array) -> str:
+    """The first chunk (shard, for sharded arrays) file that is not a regular file."""
+    unit = getattr(arr, "shards", None) or arr.chunks
+    grid = [-(-n // c) for n, c in zip(arr.shape, unit)]
+    for index in np.ndindex(*grid):
+        key = Path(arr.path) / arr.metadata.encode_chunk_key(index)
+        if not (path / key).is_file():
+            link = " (a broken or looping link)" if (path / key).is_symlink() else ""
+            return f"{key}{link}"
+    return "unknown"
 
 
 class _LazyFileArray:

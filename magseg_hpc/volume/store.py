@@ -275,16 +275,19 @@ def write_image_store(
     chunks = default_chunks(shape, chunks)
     with staged_output(path, overwrite, IMAGE_FORMAT) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        # Every chunk gets a file, zeros too: a chunk without one is then a lost file, which
+        # readers refuse (io.check_chunk_files) instead of reading the fill value.
+        every_chunk = {"write_empty_chunks": True}
         img = group.create_array(
             "image", shape=shape, chunks=chunks, dtype=image.dtype, fill_value=0,
-            compressors=codec(codec_name), dimension_names=list(DIMS),
+            compressors=codec(codec_name), dimension_names=list(DIMS), config=every_chunk,
         )
         lab = None
         if labels is not None:
             class_table = class_table or ClassTable.default()
             lab = group.create_array(
                 "labels", shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
-                compressors=codec("zstd"), dimension_names=list(DIMS),
+                compressors=codec("zstd"), dimension_names=list(DIMS), config=every_chunk,
             )
         img.attrs.update(image_attrs or {})
         _create_coords(group, _coord_values(like, shape))
