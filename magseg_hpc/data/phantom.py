@@ -26,10 +26,13 @@ Image formation, in order:
 
 The result is then written in one ``encoding``: ``intensity`` (the image above, masked and
 quantised as ``mask_margin`` and ``bit_depth`` say), ``uint8-masked`` (8-bit and masked as the
-``sweep`` preset), or signed, ``(r - mid * blur(S)) / contrast`` with ``r`` the image above,
-``mid`` the midpoint of the two class means: minus domains negative, plus positive, zero
-magnetisation at 0, and outside the (dilated) support 0 (``signed``), NaN (``signed-nan``) or
-unmasked (``unmasked``). Every encoding of one seed is the same sample, noise included.
+``sweep`` preset), or signed, ``(r - mid * D) / contrast`` with ``r`` the image above, ``D``
+the support dilated by the mask margin, ``mid`` the midpoint of the two class means: minus
+domains negative, plus positive, zero magnetisation at 0, and outside ``D`` 0 (``signed``),
+NaN (``signed-nan``) or noise around 0 (``unmasked``). Every encoding of one seed is the same
+sample, noise included: inside ``D`` each is an affine map of the others (uint8 quantised and
+clipped). The encoding decides the dtype: a preset's ``bit_depth`` is ignored by the signed
+three.
 
 Shading imitates the slowly varying intensity errors of real reconstructions, in units of the
 domain contrast ``c`` (mean plus minus mean minus of the unshaded image), with ``s = shading``:
@@ -85,7 +88,7 @@ ACQUISITIONS = ("image", "projections")
 PATTERNS = ("labyrinth", "stripes")
 # The same sample in each encoding physicists get reconstructions in (PARAMETERS["encoding"]).
 ENCODINGS = ("intensity", "uint8-masked", "signed", "signed-nan", "unmasked")
-SIGNED_ENCODINGS = ("signed", "signed-nan", "unmasked")
+
 
 # Defaults of make_phantom, also used by the CLI so both document the same numbers.
 # Every parameter of make_phantom: its default and its meaning (the CLI's flags and help too).
@@ -135,7 +138,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
                  "2 if -1); signed (float32 in units of the domain contrast: minus domains "
                  "negative, plus positive, exactly 0 beyond mask_margin voxels outside the "
                  "sample, 2 if -1); signed-nan (signed, NaN there); unmasked (signed, no mask: "
-                 "noise and streaks around 0 outside). The signed three need bit_depth 0"),
+                 "noise and streaks around 0 outside). The signed three ignore bit_depth"),
     "dark_level": (9.0, "8-bit grey level of the minus domains"),
     "bright_level": (120.0, "8-bit grey level of the plus domains"),
     "acquisition": ("image", "image: artefacts painted on the reconstruction; projections: "
@@ -335,16 +338,15 @@ def _encode(signal, labels, support_mask, contrast, a) -> np.ndarray:
         image = _as_published(signal, labels, support_mask, contrast, margin, bit_depth,
                               a["dark_level"], a["bright_level"])
         return image.astype(np.uint8 if bit_depth == 8 else np.float32)
-    # Zero magnetisation is the class midpoint inside the sample and 0 outside, the step
-    # smoothed by the blur: taking off mid * blur(S) puts it at 0 on both sides, so the
-    # masked outside sits between the classes (as in a signed reconstruction), not below both.
-    support = support_mask.astype(np.float64)
-    if a["blur_sigma"] > 0:
-        support = ndimage.gaussian_filter(support, a["blur_sigma"], mode="constant")
+    # Zero magnetisation is the class midpoint inside the sample and 0 outside: taking off
+    # mid inside the kept region D puts it at 0 on both sides, so the outside sits between
+    # the classes (as in a signed reconstruction), not below both; inside D the values stay
+    # an affine map of the other encodings'.
+    kept = _dilated(support_mask, margin)
     mid = (float(signal[labels == 1].mean()) + float(signal[labels == 2].mean())) / 2.0
-    signed = (signal - mid * support) / contrast
+    signed = (signal - mid * kept) / contrast
     if encoding != "unmasked":
-        signed[~_dilated(support_mask, margin)] = 0.0 if encoding == "signed" else np.nan
+        signed[~kept] = 0.0 if encoding == "signed" else np.nan
     return signed.astype(np.float32)
 
 
@@ -419,10 +421,6 @@ def _check_params(a: dict) -> tuple[int, int, int]:
     _check_range("mask_margin", a["mask_margin"], -1, None)
     _check_choice("bit_depth", a["bit_depth"], (0, 8))
     _check_choice("encoding", a["encoding"], ENCODINGS)
-    if a["encoding"] in SIGNED_ENCODINGS and a["bit_depth"] != 0:
-        raise MagsegError(f"encoding {a['encoding']} is a float32 image: bit_depth must be 0, "
-                          f"got {a['bit_depth']} (a preset that quantises, as sweep does, needs "
-                          "bit_depth 0 with it)")
     _check_choice("acquisition", a["acquisition"], ACQUISITIONS)
     _check_range("detector_offsets", a["detector_offsets"], 0.0, None)
     _check_range("z_drift", a["z_drift"], 0.0, 0.9)

@@ -28,6 +28,7 @@ merely common does not line the border).
 Each plane's support is the convex hull of its pixels that are not the outside encoding
 (:func:`plane_support`): dark domains are often clipped to the masked value itself, and
 where one touches the sample's edge nothing in the intensity shows where the sample ends.
+A mask file is the support itself (``"exact": True``): no hull.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def plane_support(plane: np.ndarray, support: dict) -> np.ndarray:
     from skimage.morphology import convex_hull_image
 
     inside = inside_pixels(plane, support)
-    if not inside.any() or not is_masked(support):
+    if not inside.any() or not is_masked(support) or support.get("exact"):
         return inside
     # the hull of the sample's bounding box: a small sample in a large field of view costs
     # its own size, not the slice's
@@ -204,7 +205,7 @@ def resolve_support(volume, outside: str | float | None = None, *,
             raise MagsegError("--mask and --outside both say where the outside is; pass one")
         return chosen
     if mask is not None:
-        return {"outside": "nan", "source": f"mask {mask}"}
+        return {"outside": "nan", "exact": True, "source": f"mask {mask}"}
     stored = (getattr(volume, "attrs", None) or {}).get(STORED_ATTR)
     if isinstance(stored, dict) and stored.get("outside") in ("value", "nan", "none"):
         return {**stored, "source": "stored"}
@@ -224,9 +225,6 @@ def open_input(path, var: str | None = None, mask: str | os.PathLike | None = No
         raise MagsegError(
             f"--mask {mask}: shape {'x'.join(map(str, support.shape))} differs from the "
             f"volume's {'x'.join(map(str, volume.shape))}; pass the mask of this volume")
-    if support.dtype.kind not in "biuf":
-        raise MagsegError(f"--mask {mask}: dtype {support.dtype} is not a mask; pass an "
-                          "integer or boolean volume, non-zero inside the sample")
     import dask.array as da
 
     data = volume.data.astype(np.float32)
