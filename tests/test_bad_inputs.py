@@ -182,6 +182,9 @@ def world(tmp_path_factory):
     (w / "colors.yaml").write_text(yaml.safe_dump(COLORS))
     (w / "colors_bad.yaml").write_text("background: [1, 2]\n")
     (w / "colors_tag.yaml").write_text("!!python/object/apply:os.system ['echo hi']\n")
+    # slice lists: the axis line in upper case (x, not the default z) and one naming no axis
+    (w / "upper_axis.txt").write_text("# axis: X\n1\n3\n")
+    (w / "no_axis.txt").write_text("# axis: w\n1\n3\n")
     # configs
     tiny = _tiny_config(str(w / "ph.zarr"))
     (w / "tiny.yaml").write_text(yaml.safe_dump(tiny))
@@ -451,6 +454,13 @@ MASKS = [
     C("output-read-only", "import-masks masks ro/o.zarr --colors colors.yaml", "not writable"),
 ]
 
+EXPORT = [
+    C("suggestions-upper-case-axis", "export-slices ph.zarr ex --suggestions upper_axis.txt "
+      "--axis z", "upper_axis.txt lists x slices but --axis is z"),
+    C("suggestions-no-axis", "export-slices ph.zarr ex --suggestions no_axis.txt",
+      r"no_axis.txt:1: '# axis: w' names no axis"),
+]
+
 PREVIEW = [
     C("missing", "preview nope.zarr -o p.png", "no such file"),
     C("not-png", "preview ph.zarr -o p.jpg", "must be a .png"),
@@ -708,6 +718,7 @@ CASES = [
     *[pytest.param(*p.values, id=f"info-{p.id}", marks=p.marks) for p in INFO],
     *[pytest.param(*p.values, id=f"make-phantom-{p.id}", marks=p.marks) for p in PHANTOM],
     *[pytest.param(*p.values, id=f"import-masks-{p.id}", marks=p.marks) for p in MASKS],
+    *[pytest.param(*p.values, id=f"export-slices-{p.id}", marks=p.marks) for p in EXPORT],
     *[pytest.param(*p.values, id=f"preview-{p.id}", marks=p.marks) for p in PREVIEW],
     *[pytest.param(*p.values, id=f"evaluate-{p.id}", marks=p.marks) for p in EVALUATE],
     *[pytest.param(*p.values, id=f"segment-volume-{p.id}", marks=p.marks) for p in SEGMENT],

@@ -208,6 +208,11 @@ def test_slice_lists_and_names(tmp_path):
     path.write_text("# axis: z\n12\nabc\n")
     with pytest.raises(MagsegError, match="not a slice index"):
         read_slice_list(path)
+    path.write_text("# Axis: X\n3\n1\n")  # upper case is x, not the default z
+    assert read_slice_list(path) == ([3, 1], "x")
+    path.write_text("# axis: w\n3\n")
+    with pytest.raises(MagsegError, match="names no axis"):
+        read_slice_list(path)
 
 
 def test_sparse_splits():

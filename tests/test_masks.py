@@ -76,6 +76,21 @@ def test_palette_and_rgba_masks_are_read_as_rgb(tmp_path, colors_file):
     np.testing.assert_array_equal(open_labels(tmp_path / "l.zarr")[0].values, [truth, truth])
 
 
+def test_transparent_pixels_are_unlabelled_not_their_hidden_colour(tmp_path, colors_file):
+    """Alpha 0 is unpainted: 255 whatever RGB the file keeps under it (here a class colour),
+    and not an unknown colour either; painted pixels keep their class."""
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    truth = np.array([[0, 1], [2, 1]], dtype=np.uint8)
+    rgba = np.concatenate([PALETTE[truth], np.full((2, 2, 1), 255, np.uint8)], axis=-1)
+    rgba[0, 1, 3] = 0  # domain_minus's colour under a transparent pixel
+    Image.fromarray(rgba, "RGBA").save(folder / "a.png")
+    result = import_masks(folder, tmp_path / "l.zarr", load_colors(colors_file))
+    assert result.unknown == 0 and result.counts["domain_minus"] == 1
+    np.testing.assert_array_equal(open_labels(tmp_path / "l.zarr")[0].values,
+                                  [[[0, 255], [2, 1]]])
+
+
 @pytest.mark.parametrize(
     "data",
     [

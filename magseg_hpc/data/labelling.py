@@ -22,7 +22,13 @@ import numpy as np
 
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
-from magseg_hpc.data.masks import MaskImport, _pack, colors_to_labels, mask_files, read_mask
+from magseg_hpc.data.masks import (
+    MaskImport,
+    colors_to_labels,
+    count_unknown,
+    mask_files,
+    read_mask,
+)
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.paths import volume_file
 from magseg_hpc.staging import staged_output
@@ -95,8 +101,14 @@ def read_slice_list(path: str | Path) -> tuple[list[int], str | None]:
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line.startswith("#"):
-            m = re.match(r"#\s*axis\s*[:=]\s*([zyx])\s*$", line)
-            axis = m.group(1) if m else axis
+            # `# axis: X` (any case) names x; an axis line naming no axis is refused, not
+            # read as the default z
+            m = re.match(r"#\s*axis\s*[:=]\s*(\S+)\s*$", line, re.IGNORECASE)
+            if m:
+                axis = m.group(1).lower()
+                if axis not in AXES:
+                    raise MagsegError(f"{path}:{n}: {line!r} names no axis; write "
+                                      "`# axis: z`, y or x")
             continue
         if not line:
             continue
@@ -313,6 +325,7 @@ def import_sparse_masks(masks_dir: str | Path, out: str | Path, class_table: Cla
         )
     counts = np.zeros(IGNORE_LABEL + 1, dtype=np.int64)
     unknown_colors: dict[int, int] = {}
+    unknown = 0
     indices = sorted(seen)
     provenance = {
         "source": str(Path(masks_dir).resolve()), "kind": "imported colour masks (sparse)",
@@ -326,19 +339,15 @@ def import_sparse_masks(masks_dir: str | Path, out: str | Path, class_table: Cla
             rgb = read_mask(seen[i])
             labels = colors_to_labels(rgb, class_table)
             counts += np.bincount(labels.ravel(), minlength=IGNORE_LABEL + 1)
-            bad = labels == IGNORE_LABEL
-            if bad.any():
-                colors, n = np.unique(_pack(rgb[bad]), return_counts=True)
-                for c, k in zip(colors.tolist(), n.tolist(), strict=True):
-                    unknown_colors[c] = unknown_colors.get(c, 0) + k
+            unknown += count_unknown(rgb, labels, unknown_colors)
             write_label_region(tmp, _region(axis, i), np.expand_dims(labels, AXES.index(axis)))
         per_class = {n: int(counts[k]) for k, n in enumerate(class_table.names)}
-        set_complete(tmp, unknown=int(counts[IGNORE_LABEL]), counts=per_class,
+        set_complete(tmp, unknown=unknown, counts=per_class,
                      labelled={"axis": axis, "indices": indices})
     top = sorted(unknown_colors.items(), key=lambda kv: -kv[1])[:5]
     return _report(MaskImport(
         shape=tuple(int(n) for n in volume.shape), class_table=class_table, counts=per_class,
-        unknown=int(counts[IGNORE_LABEL]),
+        unknown=unknown,
         unknown_colors=[(((c >> 16) & 255, (c >> 8) & 255, c & 255), k) for c, k in top],
         axis=axis, labelled=indices,
     ))

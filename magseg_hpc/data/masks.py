@@ -11,7 +11,9 @@ maps each class, in class order, to the RGB colour the labelling tool painted it
     # or the class-table form {"names": [...], "colors": [...]}; colours may be "#rrggbb".
 
 Pixels of any other colour (anti-aliased edges, stray strokes) become 255, the ignore label,
-and are counted in a warning rather than silently turned into a class.
+and are counted in a warning rather than silently turned into a class. Transparent pixels
+(alpha 0 in an RGBA or palette PNG) were not painted: they are 255 too, whatever RGB colour
+the file keeps under them, and are not counted as unknown colours.
 """
 
 from __future__ import annotations
@@ -170,20 +172,41 @@ def mask_files(folder: str | Path) -> list[Path]:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A mask as an (H, W, 3) uint8 RGB array (palette and RGBA exports are converted)."""
+    """A mask as an (H, W, 4) uint8 RGBA array (palette, grey and RGB exports converted; a
+    file without alpha is opaque). The alpha is kept: a transparent pixel is unpainted."""
     from PIL import Image
 
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(im.convert("RGBA"))
 
 
 def colors_to_labels(rgb: np.ndarray, class_table: ClassTable) -> np.ndarray:
-    """Map an (..., 3) RGB array to uint8 labels; colours not in the table become 255."""
+    """Map an (..., 3) RGB or (..., 4) RGBA array to uint8 labels; colours not in the table
+    become 255, and so do transparent pixels (alpha 0), not the class of their hidden RGB."""
     packed = _pack(rgb)
     labels = np.full(packed.shape, IGNORE_LABEL, dtype=np.uint8)
     for value, color in enumerate(class_table.colors):
         labels[packed == _pack(np.asarray(color, dtype=np.uint8))] = value
+    labels[~_painted(rgb)] = IGNORE_LABEL
     return labels
+
+
+def _painted(rgb: np.ndarray) -> np.ndarray:
+    """Pixels that carry a colour: all of RGB, those with alpha > 0 of RGBA."""
+    rgb = np.asarray(rgb)
+    return rgb[..., 3] != 0 if rgb.shape[-1] == 4 else np.ones(rgb.shape[:-1], bool)
+
+
+def count_unknown(rgb: np.ndarray, labels: np.ndarray, into: dict[int, int]) -> int:
+    """Painted pixels (transparent ones are unlabelled on purpose) whose colour is not in the
+    table: added to ``into`` (packed colour -> pixels); returns how many."""
+    bad = (labels == IGNORE_LABEL) & _painted(rgb)
+    if not bad.any():
+        return 0
+    colors, n = np.unique(_pack(rgb[bad]), return_counts=True)
+    for c, k in zip(colors.tolist(), n.tolist(), strict=True):
+        into[c] = into.get(c, 0) + k
+    return int(bad.sum())
 
 
 def _pack(rgb: np.ndarray) -> np.ndarray:
@@ -216,6 +239,7 @@ def import_masks(
     like = xr.DataArray(da.zeros(shape, dtype=np.uint8, chunks=chunks), dims=AXES)
     counts = np.zeros(IGNORE_LABEL + 1, dtype=np.int64)
     unknown_colors: dict[int, int] = {}
+    unknown = 0
     provenance = {
         "source": str(Path(masks_dir).resolve()),
         "kind": "imported colour masks",
@@ -231,21 +255,17 @@ def import_masks(
             rgb = np.stack([first if z == 0 else read_mask(files[z]) for z in range(z0, z1)])
             labels = colors_to_labels(rgb, class_table)
             counts += np.bincount(labels.ravel(), minlength=IGNORE_LABEL + 1)
-            bad = labels == IGNORE_LABEL
-            if bad.any():
-                colors, n = np.unique(_pack(rgb[bad]), return_counts=True)
-                for c, k in zip(colors.tolist(), n.tolist(), strict=True):
-                    unknown_colors[c] = unknown_colors.get(c, 0) + k
+            unknown += count_unknown(rgb, labels, unknown_colors)
             write_label_region(tmp, (slice(z0, z1), slice(None), slice(None)), labels)
         per_class = {n: int(counts[i]) for i, n in enumerate(class_table.names)}
-        set_complete(tmp, unknown=int(counts[IGNORE_LABEL]), counts=per_class)
+        set_complete(tmp, unknown=unknown, counts=per_class)
 
     top = sorted(unknown_colors.items(), key=lambda kv: -kv[1])[:5]
     result = MaskImport(
         shape=shape,
         class_table=class_table,
         counts=per_class,
-        unknown=int(counts[IGNORE_LABEL]),
+        unknown=unknown,
         unknown_colors=[(((c >> 16) & 255, (c >> 8) & 255, c & 255), k) for c, k in top],
     )
     if result.unknown:
