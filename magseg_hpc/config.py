@@ -400,9 +400,13 @@ def _check_values(cfg: ExperimentConfig) -> None:
         "train.momentum": t.momentum,
         "train.uns_weight": t.uns_weight,
         "train.dice_weight": cfg.dice_weight(),
+        "train.poly_power": t.poly_power,
+        "model.box_jitter": cfg.model.box_jitter or 0,
     }.items():
         if value < 0:
             raise MagsegError(f"{key} must be >= 0, got {value}")
+    if not 0 <= t.momentum < 1:
+        raise MagsegError(f"train.momentum must be in [0, 1), got {t.momentum}")
     if not 0 < t.lr < math.inf:
         raise MagsegError(f"train.lr must be a number > 0, got {t.lr}")
     _check_outside(str(d.outside))
@@ -436,11 +440,26 @@ def _check_values(cfg: ExperimentConfig) -> None:
             raise MagsegError("data.axes needs a volume (data.volume), not data.folder")
     if not 0 <= cfg.seed < 2**63:
         raise MagsegError(f"seed must be in [0, 2**63) (torch's seed range), got {cfg.seed}")
+    _check_finite(cfg)
+
+
+def _check_finite(section: Any, prefix: str = "") -> None:
+    """Every number of the config finite: NaN passes any `< 0` test above (a NaN momentum
+    or weight decay would turn the weights NaN at the first step), so each is checked here."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise MagsegError(f"{prefix}{f.name} must be a finite number, got {value}")
 
 
 class _NoAliasLoader(yaml.SafeLoader):
     """yaml.SafeLoader without aliases (``*name``): no config needs them, and a few nested
-    aliases expand to billions of nodes (a "billion laughs" file)."""
+    aliases expand to billions of nodes (a "billion laughs" file). A key given twice in one
+    mapping is refused too: safe_load keeps the last silently, so the first edit is lost."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -449,6 +468,24 @@ class _NoAliasLoader(yaml.SafeLoader):
                 None, None, f"YAML aliases (*{event.anchor}) are not accepted; write the "
                 "values out", event.start_mark)
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    line = first.get(key)
+                except TypeError:  # an unhashable key: construct_mapping says so
+                    continue
+                if line is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (line {line + 1} and line "
+                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def load_yaml(text: str):
@@ -527,16 +564,22 @@ def config_path(name_or_path: str | Path) -> Path:
                       "(magseg-hpc configs lists them)")
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment config (a path or a shipped config's name), apply dotted
-    ``key=value`` overrides and validate."""
-    path = config_path(path)
+def read_config_text(name_or_path: str | Path) -> tuple[Path, str]:
+    """(path, text) of a config file (a path or a shipped config's name); a missing path, a
+    folder or a binary file is one line."""
+    path = config_path(name_or_path)
     try:
-        text = path.read_text()
+        return path, path.read_text()
     except OSError as e:
         raise MagsegError(f"cannot read config {path}: {e.strerror}; check the path") from None
     except UnicodeDecodeError:
         raise MagsegError(f"config {path} is not a text (YAML) file; check the path") from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config (a path or a shipped config's name), apply dotted
+    ``key=value`` overrides and validate."""
+    path, text = read_config_text(path)
     try:
         raw = load_yaml(text)
     except yaml.YAMLError as e:

@@ -198,6 +198,9 @@ def world(tmp_path_factory):
     (w / "pytag.yaml").write_text("name: !!python/object/apply:os.system ['echo hi']\n")
     (w / "list.yaml").write_text("- a\n- b\n")
     (w / "unknown.yaml").write_text(yaml.safe_dump({**tiny, "trian": {}}))
+    (w / "dupkey.yaml").write_text(yaml.safe_dump(tiny) + "seed: 3\n")  # seed given twice
+    for name, entry in (("big", "100"), ("neg", "-1"), ("abc", "abc")):  # 8 slices along z
+        (w / f"split_{name}.txt").write_text(f"# labelled\n1\n{entry}\n")
     (w / "badtype.yaml").write_text(yaml.safe_dump({**tiny, "seed": "zero"}))
     (w / "binary.yaml").write_bytes(bytes(range(256)) * 4)
     (w / "novolume.yaml").write_text(yaml.safe_dump(
@@ -205,6 +208,7 @@ def world(tmp_path_factory):
     (w / "badjob.yaml").write_text("partition: [1, 2\n")
     (w / "bombjob.yaml").write_text("\n".join(bomb) + "\npartition: *i\n")
     (w / "unknownjob.yaml").write_text("partitoin: gpu\n")
+    (w / "dupjob.yaml").write_text("partition: gpu\npartition: cpu\n")
     # a user's folder with the names a run writes: training must not take it
     (w / "mine" / "splits").mkdir(parents=True)
     (w / "mine" / "config.yaml").write_text("my: settings\n")
@@ -623,6 +627,29 @@ TRAIN = [
       r"train.threshold \(pseudo-label confidence\) must be in \[0, 1\]"),
     C("threshold-negative", "train --config tiny.yaml --output-dir r train.threshold=-5",
       "train.threshold"),
+    C("momentum-nan", "train --config tiny.yaml --output-dir r train.momentum=.nan",
+      r"train.momentum must be in \[0, 1\), got nan"),
+    C("momentum-one", "train --config tiny.yaml --output-dir r train.momentum=1",
+      r"train.momentum must be in \[0, 1\)"),
+    C("weight-decay-nan", "train --config tiny.yaml --output-dir r train.weight_decay=.nan",
+      "train.weight_decay must be a finite number, got nan"),
+    C("uns-weight-nan", "train --config tiny.yaml --output-dir r train.uns_weight=nan",
+      "train.uns_weight must be a finite number, got nan"),
+    C("poly-power-nan", "train --config tiny.yaml --output-dir r train.poly_power=.nan",
+      "train.poly_power must be a finite number, got nan"),
+    C("poly-power-negative", "train --config tiny.yaml --output-dir r train.poly_power=-1",
+      "train.poly_power must be >= 0"),
+    C("scale-range-inf", "train --config tiny.yaml --output-dir r "
+      "'train.scale_range=[0.5, .inf]'", "train.scale_range must be a finite number"),
+    C("labeled-split-out-of-range", "train --config tiny.yaml --output-dir r "
+      "data.labeled_split=split_big.txt",
+      r"data.labeled_split \S*split_big.txt: '100' is not a slice index in 0..7 along z"),
+    C("labeled-split-negative", "train --config tiny.yaml --output-dir r "
+      "data.labeled_split=split_neg.txt", r"split_neg.txt: '-1' is not a slice index"),
+    C("labeled-split-text", "train --config tiny.yaml --output-dir r "
+      "data.labeled_split=split_abc.txt", r"split_abc.txt: 'abc' is not a slice index"),
+    C("duplicate-key", "train --config dupkey.yaml --output-dir r",
+      r"not valid YAML: key 'seed' is given twice \(line \d+ and line \d+\)"),
     C("batch-one", "train --config tiny.yaml --output-dir r train.batch_size=1",
       r"train.batch_size must be >= 2 \(BatchNorm"),
     C("model-null", "train --config tiny.yaml --output-dir r model=null",
@@ -678,6 +705,8 @@ SUBMIT = [
       "aliases"),
     C("train-job-unknown-key", "submit train --config tiny.yaml --job unknownjob.yaml --dry-run",
       "partitoin"),
+    C("train-job-duplicate-key", "submit train --config tiny.yaml --job dupjob.yaml --dry-run",
+      "key 'partition' is given twice"),
     C("train-bad-name", "submit train --config tiny.yaml --name 'a b' --dry-run", "run name"),
     C("segment-no-args", "submit segment --dry-run --cluster local", "no segment-volume arguments"),
     C("segment-bad-flag", f"{SUB_SEG} ph.zarr o.zarr --method threshold --workers=-2",
@@ -706,6 +735,12 @@ SUBMIT = [
       "does not exist"),
 ]
 
+CONFIGS = [
+    C("missing-path", "configs nope/x.yaml", "cannot read config nope/x.yaml: No such file"),
+    C("folder", "configs d", "cannot read config d: Is a directory"),
+    C("binary-file", "configs binary.yaml", "not a text"),
+]
+
 DEMO = [
     C("missing-config", "demo dd --config nope.yaml", "no shipped config of that name"),
     C("foreign-folder", "demo d --config tiny.yaml --overwrite", "did not write",
@@ -724,6 +759,7 @@ CASES = [
     *[pytest.param(*p.values, id=f"segment-volume-{p.id}", marks=p.marks) for p in SEGMENT],
     *[pytest.param(*p.values, id=f"train-{p.id}", marks=p.marks) for p in TRAIN],
     *[pytest.param(*p.values, id=f"submit-{p.id}", marks=p.marks) for p in SUBMIT],
+    *[pytest.param(*p.values, id=f"configs-{p.id}", marks=p.marks) for p in CONFIGS],
     *[pytest.param(*p.values, id=f"demo-{p.id}", marks=p.marks) for p in DEMO],
 ]
 

@@ -139,3 +139,12 @@ def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
     assert main(["configs"]) == 0
     listed = capsys.readouterr().out
     assert "cpu_best " in listed and "The recommended CPU recipe" in listed
+
+
+def test_yaml_key_given_twice_is_refused_at_any_depth():
+    """safe_load keeps the last of two equal keys silently; load_yaml names both lines."""
+    from magseg_hpc.config import load_yaml
+
+    with pytest.raises(yaml.YAMLError, match=r"key 'lr' is given twice \(line 2 and line 4\)"):
+        load_yaml("train:\n  lr: 1\n  epochs: 2\n  lr: 3\n")
+    assert load_yaml("a: 1\nb: {a: 2}\n") == {"a": 1, "b": {"a": 2}}  # other mappings: fine

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from magseg_hpc.config import config_path, shipped_configs
+from magseg_hpc.config import read_config_text, shipped_configs
 
 
 def register(subparsers) -> None:
@@ -25,7 +25,7 @@ def summary(path) -> str:
 
 def run(args) -> int:
     if args.name:
-        print(config_path(args.name).read_text(), end="")
+        print(read_config_text(args.name)[1], end="")  # a folder or binary file: one line
         return 0
     configs = shipped_configs()
     width = max(map(len, configs))

@@ -172,6 +172,24 @@ def read_split(path: str | Path) -> list[str]:
     return keys
 
 
+def check_split_indices(splits: dict[str, list[str]], files: dict[str, str | None],
+                        n_slices: int, n_val_slices: int | None, axis: str) -> None:
+    """The entries of a volume's split files are slice indices along ``axis``: one that is
+    not an integer in range (100 of 8 slices, -1, abc) is refused in one line naming the
+    config key, the file and the entry, before anything trains on a wrong slice."""
+    for name, keys in splits.items():
+        n = n_val_slices if name == "val" and n_val_slices is not None else n_slices
+        for key in keys:
+            try:
+                ok = 0 <= int(key) < n
+            except ValueError:
+                ok = False
+            if not ok:
+                raise MagsegError(
+                    f"data.{name}_split {files[name]}: {key!r} is not a slice index in "
+                    f"0..{n - 1} along {axis}; list one index a line")
+
+
 def other_axis_keys(primary: VolumeSlices | MultiAxisSlices, axes: Sequence[str],
                     n_labeled: int) -> tuple[list[str], list[str]]:
     """(labelled, unlabelled) keys along the axes other than the primary one: every slice is

@@ -23,6 +23,7 @@ from magseg_hpc.data.normalize import fit_normalization
 from magseg_hpc.data.sampling import epoch_plan
 from magseg_hpc.data.slices import AugmentSettings, FolderSlices, MultiAxisSlices, VolumeSlices
 from magseg_hpc.data.splits import (
+    check_split_indices,
     make_splits,
     other_axis_keys,
     read_split,
@@ -73,6 +74,8 @@ def resolve_splits(cfg: ExperimentConfig, output_dir: Path, env: DistEnv,
         splits: dict[str, list] = {}
         if given["labeled"]:
             splits = {name: read_split(p) if p else [] for name, p in given.items()}
+            if not d.folder:  # a volume's split files list slice indices
+                check_split_indices(splits, given, n_slices, n_val_slices, d.axis)
         elif d.folder:
             raise MagsegError(f"{d.folder}: no labeled.txt; give data.labeled_split")
         else:
