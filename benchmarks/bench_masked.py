@@ -41,6 +41,7 @@ from magseg_hpc.data.normalize import fit_normalization  # noqa: E402
 from magseg_hpc.metrics import confusion_matrix, scores_from_confusion  # noqa: E402
 from magseg_hpc.models.checkpoint import load_inference_model  # noqa: E402
 from magseg_hpc.segment import kernel  # noqa: E402
+from magseg_hpc.volume.support import inside_pixels, is_masked, support_of  # noqa: E402
 
 MARGIN, ALIGN = 32, 32
 
@@ -63,17 +64,17 @@ def segment(model, planes, norm, context, mode) -> np.ndarray:
         return kernel.segment_slab(model, planes, norm, **kw)[0]
     if mode == "every plane":
         original = kernel.planes_with_sample
-        kernel.planes_with_sample = lambda raw, masked: np.ones(len(raw), bool)
+        kernel.planes_with_sample = lambda raw, support: np.ones(len(raw), bool)
         try:
             return kernel.segment_slab(model, planes, norm, **kw)[0]
         finally:
             kernel.planes_with_sample = original
     labels = np.zeros(planes.shape, np.uint8)  # window: batch by batch, as segment_slab
-    masked = norm["masked_value"]
+    support = support_of(norm)
     half = context // 2
     for start in range(0, len(planes), 8):
         lo, hi = max(0, start - half), min(len(planes), start + 8 + half)
-        inside = (planes[lo:hi] != masked).any(axis=0)
+        inside = inside_pixels(planes[lo:hi], support).any(axis=0)
         if not inside.any():
             continue
         rows, cols = window(inside)
@@ -93,7 +94,7 @@ def main() -> None:
     group = zarr.open_group(args.volume, mode="r")
     image, truth = np.asarray(group["image"][:]), np.asarray(group["labels"][:])
     norm = fit_normalization(image)
-    if norm.get("masked_value") is None:
+    if not is_masked(support_of(norm)):
         sys.exit(f"{args.volume}: no masked background; nothing to skip")
     model, ckpt = load_inference_model(args.model)
     context = int(ckpt["model"].get("context_slices", 1))

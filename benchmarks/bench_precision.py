@@ -89,7 +89,7 @@ def limits(repeats: int) -> dict:
     a32 = torch.randn(2048, 2048)
     a16 = a32.bfloat16()
     # the model cpu_best trains for a masked reconstruction such as the published sweep
-    cfg = resolve_norm(load_config(CONFIG), {"masked_value": 0.0})
+    cfg = resolve_norm(load_config(CONFIG), {"support": {"outside": "value", "value": 0.0}})
     torch.manual_seed(0)
     model = build_model(cfg.model_dict()).eval()
     x = torch.randn(8, cfg.model.context_slices, 600, 600)

@@ -5,7 +5,7 @@ defines the "clear voxels" the real-data benchmark scores on. Only unambiguous p
 class; everything near a domain wall or the sample's edge stays unlabelled (255):
 
 - background: outside the slice's sample support (the convex hull of its non-masked pixels:
-  ``masked_support``) by more than ``EDGE`` px;
+  ``volume.support.plane_support``) by more than ``EDGE`` px;
 - domain_minus / domain_plus: at least ``EDGE`` px inside the support, where the slice
   smoothed over ~1.5 px is clearly dark (< ``DARK``) or clearly bright (> ``BRIGHT``), then
   shrunk by ``WALL`` px away from every wall; specks under ``MIN_AREA`` px are dropped.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from magseg_hpc.data.normalize import masked_support
+from magseg_hpc.volume.support import plane_support
 
 EDGE = 4        # px kept unlabelled on both sides of the support's edge
 DARK = 25       # 8-bit grey levels, on the 1.5 px smoothed slice
@@ -34,7 +34,7 @@ def _disk(r: int) -> np.ndarray:
 def clear_labels(plane: np.ndarray, masked_value: float = 0.0) -> np.ndarray:
     """uint8 labels of one 2D slice: 0/1/2 where unambiguous, 255 elsewhere."""
     plane = np.asarray(plane, np.float32)
-    support = masked_support(plane, masked_value)
+    support = plane_support(plane, {"outside": "value", "value": masked_value})
     labels = np.full(plane.shape, 255, np.uint8)
     labels[~ndimage.binary_dilation(support, _disk(EDGE))] = 0
     inner = ndimage.binary_erosion(support, _disk(EDGE))

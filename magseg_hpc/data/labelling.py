@@ -42,7 +42,7 @@ from magseg_hpc.volume.store import (
 )
 from magseg_hpc.volume.support import (
     describe,
-    inside_pixels,
+    display_window,
     is_masked,
     open_input,
     plane_support,
@@ -147,15 +147,7 @@ def intensity_window(samples: np.ndarray, support: dict, percentiles=PERCENTILES
     """The grey window of an export: percentiles of the finite samples inside the sample
     (the masked outside left out); signed data (values on both sides of 0) get a window
     symmetric about 0, so 0 is mid grey and the two orientations are as dark as bright."""
-    values = samples[np.isfinite(samples) & inside_pixels(samples, support)]
-    if values.size == 0:
-        raise MagsegError("the chosen slices hold no finite intensities inside the sample")
-    lo, hi = (float(v) for v in np.percentile(values, percentiles))
-    signed = lo < 0 < hi
-    if signed:
-        lo, hi = -max(-lo, hi), max(-lo, hi)
-    if hi <= lo:
-        hi = lo + 1.0
+    lo, hi, signed = display_window(samples, support, percentiles)
     return {"low": lo, "high": hi, "percentiles": list(percentiles), "signed": signed,
             "outside": describe(support), "masked": is_masked(support)}
 

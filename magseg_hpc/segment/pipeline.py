@@ -216,7 +216,7 @@ def prepare(opts: SegmentOptions) -> Prepared:
     with reading(opts.input):
         sample = _sample_slices(volume)
         support = resolve_support(volume, opts.outside, mask=opts.mask)
-    log.info("%s: %s", opts.input, describe(support))
+    log.debug("%s: %s", opts.input, describe(support))
     if sample.dtype.kind == "f" and not (np.isfinite(sample)
                                          | ~inside_pixels(sample, support)).all():
         raise MagsegError(

@@ -228,8 +228,9 @@ def fit_threshold_params(volume_sample: Any, options: dict[str, Any] | None = No
         "support": support,
     }
     log.info(
-        "threshold baseline: %s, support |%s| > %.4g, domains split at %.4g, support ~%d "
-        "voxels/slice", "unmasked", feature, support_threshold, domain_threshold, typical_area,
+        "threshold baseline: not masked, support where the smoothed %s > %.4g (outside level "
+        "%.4g), domains split at %.4g, support ~%d voxels/slice", feature, support_threshold,
+        level, domain_threshold, typical_area,
     )
     return params
 

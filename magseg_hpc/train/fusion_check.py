@@ -93,7 +93,8 @@ def check_fusion(model: torch.nn.Module, source, val_keys, *, axes: list[str],
     started = time.perf_counter()
     result = measure_fusion(
         model, image, {int(k): volume.read_labels(k) for k in val_keys}, axis=volume.axis,
-        axes=axes, normalization=refit_normalization(image, trained_normalization),
+        axes=axes, normalization=refit_normalization(  # the training's support decision
+            image, trained_normalization, support=support_of(trained_normalization)),
         num_classes=num_classes,
         context=context, device=device, precision=precision)
     return dict(result, seconds=time.perf_counter() - started)

@@ -84,7 +84,7 @@ def ingest(
     else:
         check_chunk_files(src, var or volume.name)
     support = resolve_support(volume, outside, mask=mask)
-    log.info("%s: %s", src, describe(support))
+    log.debug("%s: %s", src, describe(support))
     if fill_nonfinite is not None and volume.dtype.kind == "f":
         with np.errstate(over="ignore"):
             stored = np.asarray(fill_nonfinite).astype(volume.dtype)

@@ -13,6 +13,7 @@ from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.volume.io import open_volume, reading
 from magseg_hpc.volume.store import open_labels
+from magseg_hpc.volume.support import display_window, resolve_support
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,11 @@ def render_preview(
 
     with reading(path):
         image = np.asarray(volume.isel({axis: index}).values, dtype=np.float64)
-    finite = np.isfinite(image)
-    if finite.any():
-        lo, hi = np.percentile(image[finite], percentiles)
-    else:
+        support = resolve_support(volume)
+    try:  # the sample's window, the outside left out; signed data about 0
+        lo, hi, _ = display_window(image, support, percentiles)
+    except MagsegError:  # a slice of nothing but the outside
         lo, hi = 0.0, 1.0
-    if hi <= lo:
-        hi = lo + 1.0
 
     width, height = preview_size(image.shape, width_px)
     fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)

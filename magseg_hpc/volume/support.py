@@ -191,6 +191,23 @@ def detect_support(volume) -> dict:
     return {"outside": "value", "value": found[-1][1], "source": "detected"}
 
 
+def display_window(values: np.ndarray, support: dict,
+                   percentiles=(1.0, 99.5)) -> tuple[float, float, bool]:
+    """(low, high, signed): the grey window of pictures of a sample: percentiles of its
+    finite values, the outside left out; signed data (values on both sides of 0) get a window
+    symmetric about 0, so zero magnetization is mid grey and both orientations as far from
+    it. Raises MagsegError when nothing of the sample is left."""
+    values = np.asarray(values)
+    values = values[np.isfinite(values) & inside_pixels(values, support)]
+    if values.size == 0:
+        raise MagsegError("no finite intensities inside the sample to window")
+    lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    signed = lo < 0 < hi
+    if signed:
+        lo, hi = -max(-lo, hi), max(-lo, hi)
+    return lo, (hi if hi > lo else lo + 1.0), signed
+
+
 STORED_ATTR = "magseg_support"
 
 
