@@ -6,7 +6,9 @@ Beside an output ``DIR/NAME`` this tool keeps, hidden:
   second writer of the same output gets one line naming the holder (host, pid, start, command)
   from the file's contents. The holder removes the file as it lets go (a waiter that locked
   the removed file notices and retries on the new one); the kernel drops the lock when its
-  holder dies, so a killed run leaves at most an unlocked file, never a lock to obey.
+  holder dies, so a killed run leaves at most an unlocked file, never a lock to obey. The
+  file is created with O_EXCL and opened with O_NOFOLLOW: a symbolic link, a folder or a
+  user's file under that name is refused in one line and left as it is.
 - ``DIR/.NAME.magseg-staging/NAME``: where ``--overwrite`` writes the new result while the
   old one stays in place (``staging_path``). The hidden folder around it is marked as this
   tool's (``.magseg-staging``, the target's path) before anything is written into it, so a
@@ -32,6 +34,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,7 +88,9 @@ def writer_lock(target: str | os.PathLike, command: str | None = None) -> Iterat
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, created = _open_lock(path, target)
+        if fd is None:  # removed between two opens: try again
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -99,6 +104,9 @@ def writer_lock(target: str | os.PathLike, command: str | None = None) -> Iterat
         except FileNotFoundError:
             pass
         os.close(fd)
+    if not created and not _is_lock_content(os.pread(fd, 65536, 0)):
+        os.close(fd)  # someone's file under our name: neither written nor removed
+        raise MagsegError(_not_a_lock(path, target, "a file not written by magseg-hpc"))
     try:
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -113,6 +121,49 @@ def writer_lock(target: str | os.PathLike, command: str | None = None) -> Iterat
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)  # releases the lock
+
+
+def _open_lock(path: Path, target) -> tuple[int | None, bool]:
+    """(descriptor, created) of the lock file: created with O_EXCL where it is new, opened
+    with O_NOFOLLOW where it exists, so a symbolic link planted there never has a user's
+    file written or deleted through it; anything but a regular file is refused."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO there cannot hang us
+    except FileNotFoundError:
+        return None, False
+    except OSError as e:  # ELOOP: a symbolic link; EISDIR: a folder
+        raise MagsegError(_not_a_lock(path, target, _kind_of(path))) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MagsegError(_not_a_lock(path, target, _kind_of(path)))
+    return fd, False
+
+
+def _kind_of(path: Path) -> str:
+    if path.is_symlink():
+        return "a symbolic link"
+    return "a folder" if path.is_dir() else "not a regular file"
+
+
+def _not_a_lock(path: Path, target, what: str) -> str:
+    return (f"{path} (the writer lock of {target}) is {what}; magseg-hpc uses that name for "
+            "its own lock file only: move it away and rerun")
+
+
+def _is_lock_content(data: bytes) -> bool:
+    """Empty (a holder killed before writing) or a holder record (``writer_lock``)."""
+    if not data:
+        return True
+    try:  # raw_decode: a holder killed between its write and truncate leaves a tail
+        record, _ = json.JSONDecoder().raw_decode(data.decode())
+        return isinstance(record, dict) and {"host", "pid"} <= set(record)
+    except ValueError:  # UnicodeDecodeError included
+        return False
 
 
 def _holder(path: Path) -> str:

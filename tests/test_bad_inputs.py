@@ -172,6 +172,9 @@ def world(tmp_path_factory):
     (w / "file.txt").write_text("keep me\n")
     (w / "rep.json").write_text('{"mine": true}\n')
     (w / "link.zarr").symlink_to(w / "ph.zarr")
+    # the writer-lock names of two outputs: a link to a user's file, a folder
+    (w / ".lsym.zarr.magseg-lock").symlink_to(w / "file.txt")
+    (w / ".ldir.zarr.magseg-lock").mkdir()
     # colour masks
     (w / "masks").mkdir()
     palette = np.array(list(COLORS.values()), dtype=np.uint8)
@@ -346,6 +349,9 @@ INGEST = [
       "lies inside the output"),
     C("output-under-a-file", "ingest good.npy file.txt/o.zarr", "is a file, not a folder"),
     C("output-read-only", "ingest good.npy ro/o.zarr", "not writable"),
+    C("lock-is-a-symlink", "ingest good.npy lsym.zarr",
+      r"lsym.zarr.magseg-lock \(the writer lock of \S*lsym.zarr\) is a symbolic link"),
+    C("lock-is-a-folder", "ingest good.npy ldir.zarr", r"ldir.zarr.magseg-lock .* is a folder"),
     C("png-slice-truncated", "ingest pngtrunc o.zarr",
       r"pngtrunc/z002\.png: cannot read its voxels"),
     C("png-slice-garbage", "ingest pnggarbage o.zarr",
@@ -553,6 +559,10 @@ SEGMENT = [
     C("input-nan", "segment-volume nan.npy o.zarr --method threshold", "NaN or inf"),
     C("input-corrupt-chunk", "segment-volume cor.zarr o.zarr --method threshold",
       "cannot read its voxels"),
+    C("lock-is-a-symlink", "segment-volume ph.zarr lsym.zarr --method threshold",
+      "writer lock of .* is a symbolic link"),
+    C("lock-is-a-folder", "segment-volume ph.zarr ldir.zarr --method threshold",
+      "writer lock of .* is a folder"),
     C("input-png-slice-truncated", "segment-volume pngtrunc o.zarr --method threshold",
       r"z002\.png: cannot read its voxels"),
     C("input-zarr-symlink-loop", "segment-volume zloop.zarr o.zarr --method threshold",

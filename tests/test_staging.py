@@ -107,6 +107,32 @@ def test_one_writer_at_a_time_and_a_killed_holder_leaves_no_lock(tmp_path):
     assert not (tmp_path / ".out.zarr.magseg-lock").exists()  # removed as it lets go
 
 
+def test_lock_path_that_is_not_our_lock_file_is_refused_and_left_alone(tmp_path):
+    """The lock is created with O_EXCL and opened with O_NOFOLLOW: a symbolic link there to
+    a user's file, a folder or a user's file under the lock's name is refused in one line,
+    and what is there stays byte-identical; a stale lock of a killed holder is reused."""
+    target = tmp_path / "out.zarr"
+    lock = tmp_path / ".out.zarr.magseg-lock"
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("years of work\n")
+    for make, what in ((lambda: lock.symlink_to(thesis), "a symbolic link"),
+                       (lock.mkdir, "a folder"),
+                       (lambda: lock.write_text("my notes\n"), "a file not written by")):
+        make()
+        with pytest.raises(MagsegError, match=f"magseg-lock \\(the writer lock of .*out.zarr\\) "
+                           f"is {what}") as refused:
+            with writer_lock(target):
+                pytest.fail("locked through something that is not a lock file")
+        assert "\n" not in str(refused.value)
+        assert thesis.read_text() == "years of work\n"
+        assert lock.is_symlink() or lock.is_dir() or lock.read_text() == "my notes\n"
+        lock.rmdir() if lock.is_dir() and not lock.is_symlink() else lock.unlink()
+    lock.write_text('{"host": "h", "pid": 1, "started": "-", "command": "x"}')  # stale
+    with writer_lock(target):
+        assert '"pid"' in lock.read_text()
+    assert not lock.exists()
+
+
 def test_killed_overwrite_keeps_the_old_result_and_resume_completes_it(tmp_path):
     """A second --overwrite while one runs is refused; a SIGKILL half-way through leaves the
     previous result byte-identical; --resume continues the staged run to the same bytes as
