@@ -218,3 +218,17 @@ def test_a_model_moves_between_encodings_and_refuses_an_unknown_outside(
     assert code == 2 and "no outside was found in this input" in out, out
     assert "--mask PATH or --outside VALUE" in out and len(out.strip().splitlines()) == 1, out
     assert not (tmp_path / "u.zarr").exists()
+
+
+def test_a_field_of_view_circle_is_not_the_outside_but_a_tight_mask_is(encodings):
+    """Zeros beyond a back-projection's circle leave the sample's outside noisy: unmasked.
+    A sample filling most of the plane, masked to 0 around it, is masked."""
+    image = encodings["unmasked"][0].copy()
+    yy, xx = np.mgrid[:64, :64]
+    image[:, np.hypot(yy - 31.5, xx - 31.5) > 32] = 0.0
+    found = detect_support(image)
+    assert found["outside"] == "none" and "field of view" in found["source"]
+    tight = np.ones((4, 40, 40), np.float32) + np.random.default_rng(0).random((4, 40, 40))
+    tight[:, [0, 1, -2, -1], :] = 0.0
+    tight[:, :, [0, 1, -2, -1]] = 0.0  # 19 % of the plane, all of its border
+    assert detect_support(tight)["value"] == 0.0

@@ -18,12 +18,13 @@ and the baseline's parameters, so every consumer (normalisation, the model input
 ``mark_outside``, the masked-support rule, the baseline, ``model.norm: auto``,
 export-slices, the fusion check) reads the same one.
 
-Detection: NaN is the outside when NaN voxels hold at least ``MASKED_FRACTION`` of the
-sampled voxels or most of the field of view's border; otherwise a value is the outside when
-it is one of the minimum, the maximum, 0.0 or the most common value, holds at least
-``MASKED_FRACTION`` of the voxels and most (``BORDER_FRACTION``) of the field of view's
-border (a sample sits inside its field of view; a saturated or quantised grey level that is
-merely common does not line the border).
+Detection: NaN, or one of the minimum, the maximum, 0.0 and the most common value, is the
+outside when it holds at least ``MASKED_FRACTION`` of the sampled voxels and most
+(``BORDER_FRACTION``) of the field of view's border, or a little (1 %) and nearly all (90 %)
+of the border: a sample sits inside its field of view, and a saturated or quantised grey
+level that is merely common does not line the border. NaN wins over any value. A constant
+only beyond the reconstruction's field of view (the circle of a filtered back-projection:
+the rest spans the planes) is not the sample's outside: such a volume is unmasked.
 
 Each plane's support is the convex hull of its pixels that are not the outside encoding
 (:func:`plane_support`): dark domains are often clipped to the masked value itself, and
@@ -169,26 +170,39 @@ def _border(planes: np.ndarray) -> np.ndarray:
 def detect_support(volume) -> dict:
     """The outside encoding of ``volume`` (module docstring), from a sample of its planes."""
     planes = sample_planes(volume)
-    border = _border(planes)
-    if planes.dtype.kind == "f":
-        nan = np.isnan(planes)
-        share = nan.mean() if nan.size else 0.0
-        if 0 < nan.sum() < nan.size and (share >= MASKED_FRACTION
-                                         or np.isnan(border).mean() >= BORDER_FRACTION):
-            return {"outside": "nan", "source": "detected"}
+    candidates = []
+    if planes.dtype.kind == "f" and np.isnan(planes).any():
+        candidates.append({"outside": "nan"})
     values = planes[np.isfinite(planes)] if planes.dtype.kind == "f" else planes.ravel()
-    if values.size == 0:
-        return {**NONE, "source": "detected"}
-    step = max(1, values.size // _MODE_VALUES)
-    uniq, counts = np.unique(values[::step], return_counts=True)
-    candidates = {values.min(), values.max(), values.dtype.type(0), uniq[np.argmax(counts)]}
-    found = sorted(
-        (np.count_nonzero(values == c), float(c)) for c in candidates
-        if MASKED_FRACTION * values.size <= np.count_nonzero(values == c) < values.size
-        and np.mean(border == c) >= BORDER_FRACTION)
+    if values.size:
+        step = max(1, values.size // _MODE_VALUES)
+        uniq, counts = np.unique(values[::step], return_counts=True)
+        candidates += [{"outside": "value", "value": float(v)} for v in sorted(
+            {values.min(), values.max(), values.dtype.type(0), uniq[np.argmax(counts)]})]
+    found = []
+    for support in candidates:  # NaN first: a NaN outside wins over any value
+        outside = ~inside_pixels(planes, support)
+        share, border = outside.mean(), _border(outside).mean()
+        if share < 1 and ((share >= MASKED_FRACTION and border >= BORDER_FRACTION)
+                          or (share >= 0.01 and border >= 0.9)):
+            found.append((2.0 if support["outside"] == "nan" else share, support))
     if not found:
         return {**NONE, "source": "detected"}
-    return {"outside": "value", "value": found[-1][1], "source": "detected"}
+    return _unless_field_of_view(planes, max(found, key=lambda f: f[0])[1])
+
+
+def _unless_field_of_view(planes: np.ndarray, support: dict) -> dict:
+    """A reconstruction zeroed outside its field of view (the circle of a filtered
+    back-projection) has a constant outside that is not the sample's: the rest spans the
+    planes and holds most of them, the sample's outside inside it being noise."""
+    inside = inside_pixels(planes, support)
+    rows, cols = inside.any(axis=2), inside.any(axis=1)
+    spans = (rows.sum(axis=1) >= 0.95 * inside.shape[1]) & (cols.sum(axis=1)
+                                                             >= 0.95 * inside.shape[2])
+    if np.mean(spans) >= 0.5 and inside.mean() >= 0.6:
+        return {**NONE, "source": f"detected; {describe(support)} only beyond the "
+                "reconstruction's field of view"}
+    return {**support, "source": "detected"}
 
 
 def display_window(values: np.ndarray, support: dict,
