@@ -291,6 +291,7 @@ def C(cid: str, command: str, pattern: str, *, forbid: str | None = None, marks=
 NOT_OURS = r"not written by magseg-hpc|regular file|symbolic link"
 no_gpu = pytest.mark.skipif(
     "torch" in sys.modules and sys.modules["torch"].cuda.is_available(), reason="has a GPU")
+no_sbatch = pytest.mark.skipif(shutil.which("sbatch") is not None, reason="SLURM is here")
 long_double = pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8,
                                  reason="long double is float64 here")
 LONG = "n" * 300  # longer than any file system's name limit (255 bytes)
@@ -553,6 +554,8 @@ SEGMENT = [
     C("device-cuda-without-gpu", f"{THR} --device cuda --workers 1", "no CUDA GPU",
       marks=no_gpu),
     C("slurm-without-job", f"{THR} --cluster slurm", "needs --job"),
+    C("slurm-without-sbatch", f"{THR} --cluster slurm --job jobs/local.yaml",
+      "--cluster slurm but sbatch and srun not found on PATH", marks=no_sbatch),
     C("scheduler-and-cluster", f"{THR} --cluster slurm --job jobs/local.yaml "
       "--scheduler tcp://127.0.0.1:1", "exclude each other"),
     C("input-missing", "segment-volume nope.zarr o.zarr --method threshold", "no such file"),
@@ -737,6 +740,9 @@ SUBMIT = [
     C("segment-unknown-flag", f"{SUB_SEG} ph.zarr o.zarr --frobnicate", "unrecognized"),
     C("segment-two-nodes", "submit segment --dry-run --cluster local --nodes 2 -- ph.zarr "
       "o.zarr --method threshold", "one node"),
+    C("segment-local-job-with-slurm-workers", "submit segment --cluster local -- ph.zarr "
+      "o.zarr --method threshold --cluster slurm --job jobs/local.yaml",
+      "sbatch and srun not found on PATH", marks=no_sbatch),
     C("evaluate-incomplete", "submit evaluate --dry-run --cluster local -- incomplete.zarr "
       "ph.zarr", "marked incomplete"),
     C("evaluate-report-folder", "submit evaluate --dry-run --cluster local -- lab.zarr ph.zarr "

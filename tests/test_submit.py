@@ -232,6 +232,26 @@ def test_bad_command_input_fails_at_submit_time(tmp_path, capsys, seg_inputs, ar
     assert message.format(d=tmp_path) in err[0]
 
 
+def test_refused_submission_leaves_no_runs_folder(tmp_path, capsys, monkeypatch, seg_inputs):
+    """SLURM refuses the job (a fake sbatch here): one line with its reason, and the
+    runs/<name>/ made for the job is gone again (nothing was there before)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", "echo 'sbatch: error: Batch job submission failed: Invalid "
+                                  "partition name specified' >&2; exit 1"), ("srun", "exit 0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    vol, out, ckpt = seg_inputs
+    runs = tmp_path / "runs"
+    code = main(["segment", "--cluster", "slurm", "--runs-root", str(runs), "--", str(vol),
+                 str(out), "--model", str(ckpt)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "SLURM refused the segment job: Invalid partition name specified" in err[0]
+    assert not runs.exists()
+
+
 def test_requeued_task_resumes_segment_and_reruns_evaluate(seg_inputs):
     # The specs the submit command builds, from the commands' own parsers.
     vol, out, ckpt = map(str, seg_inputs)

@@ -9,6 +9,7 @@ from magseg_hpc.commands.common import add_support_options
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD
 from magseg_hpc.launch.jobs import SMALL_VOLUME_BYTES, ClusterOptions, SegmentSpec, run_segment
+from magseg_hpc.launch.resources import resolve_cluster
 from magseg_hpc.outputs import check_no_overlap, check_output
 from magseg_hpc.precision import PRECISIONS
 from magseg_hpc.segment.pipeline import SegmentOptions
@@ -101,6 +102,10 @@ def check_args(args) -> None:
             raise MagsegError(f"{flag} {value}: must be a positive integer (>= 1)")
     if args.resume and args.overwrite:
         raise MagsegError("--resume and --overwrite exclude each other; pick one")
+    if args.scheduler and args.cluster:
+        raise MagsegError("--scheduler and --cluster exclude each other; pick one")
+    if args.cluster == "slurm" and not args.job:
+        raise MagsegError("--cluster slurm needs --job jobs/PROFILE.yaml (partition, cpus...)")
     check_dashboard_address(args.dashboard_address)
     check_no_overlap(args.output, [args.input, args.model, args.mask])
 
@@ -129,5 +134,7 @@ def job_spec(args) -> SegmentSpec:
 
 def run(args) -> int:
     check_args(args)
+    if args.cluster == "slurm":  # submit's check: sbatch and srun here, before anything starts
+        resolve_cluster("slurm")
     print(run_segment(job_spec(args)).format())
     return 0

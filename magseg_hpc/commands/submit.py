@@ -251,6 +251,8 @@ def _run_command(args: argparse.Namespace) -> int:
                           "for many nodes use segment-volume's own --cluster slurm --jobs N")
     profile = load_job_profile(args.job)
     cluster, name = _cluster_and_name(args, kind)
+    if cluster != "slurm" and getattr(spec.cluster, "cluster", None) == "slurm":
+        resolve_cluster("slurm")  # the job runs here and starts its workers with sbatch
     gpus = args.gpus_per_node
     if gpus is None:
         gpus = min(profile.gpus_per_node, 1) if kind == "segment" else 0

@@ -26,6 +26,7 @@ from magseg_hpc.launch.profile import (
     job_profile_from_dict,
     load_job_profile,
 )
+from magseg_hpc.outputs import removing_new_folders
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +201,24 @@ def _slurm_cluster(job, jobs, device, dashboard_address, wait_timeout):
     if jobs < 1:
         raise MagsegError("--jobs must be at least 1")
     try:
-        from dask_jobqueue import SLURMCluster
+        import dask_jobqueue  # noqa: F401 - checked here, used by _slurm_client
     except ImportError as e:
         raise MagsegError("--cluster slurm needs dask-jobqueue; pip install dask-jobqueue") from e
-    from distributed import Client
 
     kwargs = dask_jobqueue_kwargs(load_job_profile(job), dashboard_address)
     log_dir = Path.cwd() / "runs" / "dask-slurm"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    with removing_new_folders(log_dir):  # kept only when the jobs wrote logs there
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with _slurm_client(kwargs, log_dir, jobs, wait_timeout) as (client, slurm):
+            yield ClusterHandle(client, "slurm", client.dashboard_link, None,
+                                f"SLURM: {jobs} jobs from {job}", slurm)
+
+
+@contextlib.contextmanager
+def _slurm_client(kwargs: dict, log_dir: Path, jobs: int, wait_timeout: float):
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
     slurm = SLURMCluster(**kwargs, log_directory=str(log_dir))
     client = None
     try:
@@ -221,8 +232,7 @@ def _slurm_cluster(job, jobs, device, dashboard_address, wait_timeout):
                 f"no SLURM worker started within {wait_timeout:.0f} s; check squeue and "
                 f"the job logs in {log_dir}"
             ) from e
-        yield ClusterHandle(client, "slurm", client.dashboard_link, None,
-                            f"SLURM: {jobs} jobs from {job}", slurm)
+        yield client, slurm
     finally:
         # Always cancel the jobs, whatever happened (volara #33: leaked GPU workers).
         if client is not None:

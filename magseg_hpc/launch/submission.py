@@ -65,6 +65,7 @@ def submit_callable(
     base = folder
     while "%j" in str(base):
         base = base.parent
+    new = [p for p in (base.absolute(), *base.absolute().parents) if not p.exists()]
     base.mkdir(parents=True, exist_ok=True)
     before = set(base.iterdir())
     executor = submitit.AutoExecutor(
@@ -81,6 +82,9 @@ def submit_callable(
         for leftover in set(base.iterdir()) - before:  # the pickle and script of the failure
             if leftover.is_file():
                 leftover.unlink()
+        for made in new:  # a refused job leaves no empty runs/<name>/ behind
+            with contextlib.suppress(OSError):
+                made.rmdir()
         raise MagsegError(f"SLURM refused the {kind} job: {_sbatch_refusal(e)}") from None
     run_dir = Path(str(folder).replace("%j", str(job.job_id)))
     log.debug("submitted %s job %s to %s, run dir %s", kind, job.job_id, cluster, run_dir)
