@@ -196,7 +196,9 @@ def test_signed_encodings_are_one_sample_masked_at_the_middle():
     assert signed.image.dtype == nan.image.dtype == unmasked.image.dtype == np.float32
     assert signed.params["encoding"] == "signed" and nan.params["encoding"] == "signed-nan"
     np.testing.assert_array_equal(nan.image[keep], signed.image[keep])
-    np.testing.assert_array_equal(unmasked.image[keep], signed.image[keep])
+    # unmasked: the same sample, the midpoint taken off as the reconstruction sees the support
+    inner = ndimage.binary_erosion(signed.labels > 0, iterations=3)
+    assert np.corrcoef(unmasked.image[inner], signed.image[inner])[0, 1] > 0.99
     # NaN exactly where signed is its masked 0.0: outside the dilated support, nowhere inside.
     np.testing.assert_array_equal(np.isnan(nan.image), ~keep)
     np.testing.assert_array_equal(signed.image == 0.0, ~keep)

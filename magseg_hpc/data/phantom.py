@@ -29,9 +29,10 @@ quantised as ``mask_margin`` and ``bit_depth`` say), ``uint8-masked`` (8-bit and
 ``sweep`` preset), or signed, ``(r - mid * D) / contrast`` with ``r`` the image above, ``D``
 the support dilated by the mask margin, ``mid`` the midpoint of the two class means: minus
 domains negative, plus positive, zero magnetisation at 0, and outside ``D`` 0 (``signed``),
-NaN (``signed-nan``) or noise around 0 (``unmasked``). Every encoding of one seed is the same
-sample, noise included: inside ``D`` each is an affine map of the others (uint8 quantised and
-clipped). The encoding decides the dtype: a preset's ``bit_depth`` is ignored by the signed
+NaN (``signed-nan``) or, unmasked, noise around 0 (there the midpoint is taken off as the
+support is seen through the blur and the reconstruction, not as ``D``). Every encoding of one
+seed is the same sample, noise included: inside ``D`` the masked ones are affine maps of each
+other (uint8 quantised and clipped). The encoding decides the dtype: a preset's ``bit_depth`` is ignored by the signed
 three.
 
 Shading imitates the slowly varying intensity errors of real reconstructions, in units of the
@@ -344,10 +345,25 @@ def _encode(signal, labels, support_mask, contrast, a) -> np.ndarray:
     # an affine map of the other encodings'.
     kept = _dilated(support_mask, margin)
     mid = (float(signal[labels == 1].mean()) + float(signal[labels == 2].mean())) / 2.0
-    signed = (signal - mid * kept) / contrast
+    signed = (signal - mid * _offset_image(support_mask, kept, a)) / contrast
     if encoding != "unmasked":
         signed[~kept] = 0.0 if encoding == "signed" else np.nan
     return signed.astype(np.float32)
+
+
+def _offset_image(support_mask: np.ndarray, kept: np.ndarray, a: dict) -> np.ndarray:
+    """Where the signed encodings take off the class midpoint: the kept region (masked: an
+    affine map of the other encodings there), or, unmasked, the support seen through the same
+    blur and limited-angle reconstruction as the image, so the outside holds no smear of a
+    mean the magnetization does not have (noise and the domains' streaks around 0)."""
+    if a["encoding"] != "unmasked":
+        return kept
+    offset = support_mask.astype(np.float32)
+    if a["blur_sigma"] > 0:
+        offset = ndimage.gaussian_filter(offset, a["blur_sigma"], mode="constant")
+    if a["n_angles"] > 0:
+        offset = limited_angle_reconstruction(offset, a["n_angles"], a["missing_wedge_deg"])
+    return offset
 
 
 def _dilated(support_mask: np.ndarray, margin: int) -> np.ndarray:
