@@ -9,8 +9,7 @@ import numpy as np
 
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.outputs import check_no_overlap
-from magseg_hpc.paths import volume_file
-from magseg_hpc.volume.io import ZARR_MARKERS, check_chunk_files
+from magseg_hpc.volume.io import check_chunk_files
 from magseg_hpc.volume.store import (
     IMAGE_FORMAT,
     default_chunks,
@@ -79,10 +78,7 @@ def ingest(
     if min(volume.shape) < 1:
         raise MagsegError(f"{src}: volume is empty (shape {'x'.join(map(str, volume.shape))})")
     # before any voxel is read: a lost chunk file would read as the fill value
-    if absent_chunks_are_fill:
-        _warn_absent_chunks(src, var or volume.name)
-    else:
-        check_chunk_files(src, var or volume.name)
+    check_chunk_files(src, var or volume.name, allow_absent=absent_chunks_are_fill)
     support = resolve_support(volume, outside, mask=mask)
     log.debug("%s: %s", src, describe(support))
     if fill_nonfinite is not None and volume.dtype.kind == "f":
@@ -119,28 +115,6 @@ def ingest(
         log.warning("replaced %d NaN/inf voxels with %s", nonfinite.count, fill_nonfinite)
     return {"shape": tuple(volume.shape), "dtype": str(volume.dtype), "chunks": chunks,
             "nonfinite_replaced": nonfinite.count, "support": support}
-
-
-def _warn_absent_chunks(src, var) -> None:
-    """Zarr reads a chunk with no file as its fill value: say so, it may be a lost file."""
-    import zarr
-
-    path = volume_file(src)
-    if not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
-        return
-    try:
-        node = zarr.open(store=str(path), mode="r")
-        arr = node if isinstance(node, zarr.Array) else node[str(var)]
-        total, present = arr.nchunks, arr.nchunks_initialized
-    except (KeyError, OSError, ValueError, zarr.errors.BaseZarrError) as e:
-        log.debug("%s: chunk count unavailable (%s)", src, e)
-        return
-    if present < total:
-        log.warning(
-            "%s: %d of %d chunks of %r have no file and are read as the fill value %s "
-            "(normal for chunks that were all fill value; otherwise the store lost files)",
-            src, total - present, total, str(var), arr.fill_value,
-        )
 
 
 def _json_safe(value) -> bool:

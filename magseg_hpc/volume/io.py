@@ -192,10 +192,11 @@ def _wrap_zarr_array(a: zarr.Array) -> xr.DataArray:
 ALLOW_ABSENT_FLAG = "--absent-chunks-are-fill"
 
 
-def check_chunk_files(source, var: str | None = None) -> None:
+def check_chunk_files(source, var: str | None = None, allow_absent: bool = False) -> None:
     """Refuse an input zarr array with chunks that have no file: zarr reads those as the fill
     value, silently, so a store that lost chunk files would be segmented as zeros. A store
-    written without empty chunks (zarr's default) looks the same; nothing tells the two apart.
+    written without empty chunks (zarr's default) looks the same; nothing tells the two apart
+    (``allow_absent``: the user says so; a warning only).
     Cheap: one listing of the array's files (``nchunks_initialized``)."""
     path = volume_file(source)
     if not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
@@ -208,6 +209,10 @@ def check_chunk_files(source, var: str | None = None) -> None:
         log.debug("%s: chunk count unavailable (%s)", source, e)  # open_volume had the say
         return
     if present >= total:
+        return
+    if allow_absent:
+        log.warning("%s: %d of %d chunks of %r have no file and are read as the fill value %s",
+                    source, total - present, total, arr.path or "the array", arr.fill_value)
         return
     raise MagsegError(
         f"{source}: {total - present} of {total} chunks of {arr.path or 'the array'!r} have no "
