@@ -66,5 +66,9 @@ def loggers_to_file(names, path: Path) -> Iterator[None]:
     finally:
         for lg, propagate, level in saved:
             lg.removeHandler(handler)
-            lg.propagate, lg.level = propagate, level
+            lg.propagate = propagate
+            # setLevel, not ``lg.level =``: it also clears the loggers' cached isEnabledFor,
+            # else their children keep passing INFO (bokeh's "WebSocket connection closed")
+            # to the terminal after the block
+            lg.setLevel(level)
         handler.close()

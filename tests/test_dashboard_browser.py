@@ -1,7 +1,9 @@
 """The Dask dashboard of a running segment-volume, in a real browser (Debian's chromium,
 headless, driven through the DevTools protocol): its progress shows the run's real slab total
-in one group, and its task stream names the slabs. A screenshot is kept under the test's tmp
-folder. In CI chromium is installed by .ci/run; a missing chromium fails there."""
+in one group, its task stream names the slab under the mouse, and after the run the page
+still shows the finished run (the command closes the page's connection after its last
+update). A screenshot is kept under the test's tmp folder. In CI chromium is installed by
+.ci/run; a missing chromium fails there."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +50,70 @@ SOURCES_JS = """
   return JSON.stringify(out);
 })()
 """
+
+
+# Where the task stream draws its first segment-slab task (the widest), in the page's CSS
+# pixels: the point to move the mouse to.
+TASK_POINT_JS = """
+(() => {
+  const views = [];
+  const walk = (v) => { views.push(v); for (const c of (v.child_views || [])) walk(c); };
+  for (const r of Bokeh.index.roots) walk(r);
+  const plot = views.find(v => v.model.name === "task_stream");
+  if (!plot) return null;
+  const glyph = [...plot.renderer_views.values()].find(r => r.model.type === "GlyphRenderer");
+  const data = glyph.model.data_source.data;
+  const d = data instanceof Map ? Object.fromEntries(data) : data;
+  const keys = Array.from(d.key).map(String);
+  let best = -1;
+  keys.forEach((k, i) => {
+    if (k.startsWith("segment-slab-") && (best < 0 || d.duration[i] > d.duration[best])) best = i;
+  });
+  if (best < 0) return null;
+  const box = plot.el.getBoundingClientRect();
+  return JSON.stringify({key: keys[best],
+                         x: box.left + plot.frame.x_scale.compute(d.start[best]),
+                         y: box.top + plot.frame.y_scale.compute(d.y[best])});
+})()
+"""
+
+# The text of the tooltips shown (bokeh draws them in shadow roots).
+TOOLTIP_JS = """
+(() => {
+  const texts = [];
+  const walk = (root) => {
+    for (const el of root.querySelectorAll("*")) {
+      if (String(el.className).includes("bk-tooltip-content")
+          && getComputedStyle(el).visibility !== "hidden") texts.push(el.innerText.trim());
+      if (el.shadowRoot) walk(el.shadowRoot);
+    }
+  };
+  walk(document);
+  return JSON.stringify(texts);
+})()
+"""
+
+# The progress plot's title ("Progress -- total: N, ...").
+PROGRESS_TITLE_JS = """
+(() => {
+  for (const doc of (window.Bokeh && Bokeh.documents) || []) {
+    for (const m of doc.all_models) {
+      if (typeof m.text === "string" && m.text.startsWith("Progress")) return m.text;
+    }
+  }
+  return null;
+})()
+"""
+
+
+def progress_of(sources: list[dict]) -> dict | None:
+    """The segment-slab row of the progress plot, from SOURCES_JS's columns."""
+    for cols in sources:
+        if "segment-slab" in cols.get("name", []) and "all" in cols:
+            i = cols["name"].index("segment-slab")
+            return {"groups": cols["name"], "all": int(cols["all"][i]),
+                    "done": cols.get("done", [""])[i]}
+    return None
 
 
 def free_port() -> int:
@@ -92,10 +159,30 @@ class DevTools:
         return result.get("result", {}).get("value")
 
 
+async def hover_a_slab(tools: DevTools, deadline: float) -> dict:
+    """Move the mouse onto a segment-slab task of the task stream; returns the task's key
+    and the tooltips shown."""
+    seen: dict = {"key": None, "tooltips": []}
+    while time.monotonic() < deadline:
+        point = await tools.evaluate(TASK_POINT_JS)
+        if point:
+            point = json.loads(point)
+            await tools.call("Input.dispatchMouseEvent", type="mouseMoved",
+                             x=point["x"], y=point["y"])
+            await asyncio.sleep(0.3)
+            seen = {"key": point["key"],
+                    "tooltips": json.loads(await tools.evaluate(TOOLTIP_JS) or "[]")}
+            if any(point["key"] in t for t in seen["tooltips"]):
+                break
+        await asyncio.sleep(0.5)
+    return seen
+
+
 async def watch_dashboard(devtools_port: int, page: str, want_total: int,
-                          screenshot: Path) -> dict:
+                          screenshot: Path, run: subprocess.Popen) -> dict:
     """Open ``page`` and wait until bokeh shows the progress group with ``want_total`` tasks
-    and a task-stream entry; returns what the page showed."""
+    and a task-stream entry; then, once ``run`` has ended, what the page shows: the progress
+    and the tooltip of a slab in the task stream. Returns what the page showed."""
     from tornado.websocket import websocket_connect
 
     targets = json.loads(urllib.request.urlopen(
@@ -111,16 +198,20 @@ async def watch_dashboard(devtools_port: int, page: str, want_total: int,
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         sources = json.loads(await tools.evaluate(SOURCES_JS) or "[]")
+        seen["progress"] = progress_of(sources) or seen["progress"]
         for cols in sources:
-            if "segment-slab" in cols.get("name", []) and "all" in cols:
-                i = cols["name"].index("segment-slab")
-                seen["progress"] = {"groups": cols["name"], "all": int(cols["all"][i]),
-                                    "done": cols.get("done", [""])[i]}
             seen["slab_keys"] += [k for k in cols.get("key", [])
                                   if k.startswith("segment-slab-")]
         if seen["progress"] and seen["progress"]["all"] == want_total and seen["slab_keys"]:
             break
         await asyncio.sleep(0.5)
+    # the run ends: the page keeps what it showed last, the finished run
+    while run.poll() is None and time.monotonic() < deadline + 600:
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(1.0)  # (anything the page would still receive)
+    seen["final"] = progress_of(json.loads(await tools.evaluate(SOURCES_JS) or "[]"))
+    seen["final_title"] = await tools.evaluate(PROGRESS_TITLE_JS)
+    seen["hover"] = await hover_a_slab(tools, time.monotonic() + 30)
     shot = await tools.call("Page.captureScreenshot", format="png")
     screenshot.write_bytes(base64.b64decode(shot["data"]))
     ws.close()
@@ -131,7 +222,7 @@ def test_dashboard_shows_the_real_slab_total_and_named_slabs(tmp_path):
     assert CHROMIUM, "chromium is missing: .ci/run installs it (apt-get install chromium)"
     from magseg_hpc.segment.pipeline import SegmentOptions, prepare
 
-    volume = make_volume((64, 128, 128), seed=4)
+    volume = make_volume((48, 96, 96), seed=4)
     inp = write_input(tmp_path / "in.zarr", volume, (4, 32, 32))
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     out = tmp_path / "out.zarr"
@@ -141,7 +232,7 @@ def test_dashboard_shows_the_real_slab_total_and_named_slabs(tmp_path):
     port, devtools_port = free_port(), free_port()
     run = subprocess.Popen(
         [sys.executable, "-m", "magseg_hpc.cli", "segment-volume", str(inp), str(out),
-         "--model", str(ckpt), "--slab-size", "4", "--tta", "--axes", "z,y,x",
+         "--model", str(ckpt), "--slab-size", "4", "--axes", "z,y,x",
          "--workers", "1", "--threads-per-worker", "1",
          "--dashboard-address", f"127.0.0.1:{port}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -156,7 +247,7 @@ def test_dashboard_shows_the_real_slab_total_and_named_slabs(tmp_path):
         wait_http(f"http://127.0.0.1:{devtools_port}/json/version", time.monotonic() + 60)
         screenshot = tmp_path / "dashboard.png"
         seen = asyncio.run(watch_dashboard(devtools_port, f"http://127.0.0.1:{port}/status",
-                                           total, screenshot))
+                                           total, screenshot, run))
         stdout, stderr = run.communicate(timeout=600)
     finally:
         for proc in (browser, run):
@@ -168,9 +259,21 @@ def test_dashboard_shows_the_real_slab_total_and_named_slabs(tmp_path):
     assert seen["progress"]["all"] == total, seen["progress"]
     assert seen["progress"]["groups"] == ["segment-slab"]  # one group for the whole run
     assert seen["slab_keys"], "the task stream never named a slab"
+    # after the run: the finished run, not an emptied scheduler's "total: 0"
+    assert seen["final"] == {"groups": ["segment-slab"], "all": total,
+                             "done": f"{total} / {total}"}, seen["final"]
+    assert seen["final_title"].startswith(f"Progress -- total: {total},"), seen["final_title"]
+    # the mouse on a task: its tooltip names the slab (number, plane, run), then its group
+    hover = seen["hover"]
+    assert re.fullmatch(r"segment-slab-\d{4}-(z|y|x|fuse)-[0-9a-f]{8}", hover["key"] or ""), hover
+    assert any(t.startswith(hover["key"]) and "segment-slab:" in t
+               for t in hover["tooltips"]), hover
     assert screenshot.stat().st_size > 10_000  # a rendered page, kept as the test's artefact
     # the terminal: the cluster lines, the progress bar and the summary; no dashboard noise
     assert "dashboard: http://127.0.0.1:" in stdout and "voxels/s" in stdout
     noise = [line for line in stderr.splitlines()
-             if any(w in line for w in ("bokeh", "tornado", "Traceback", "W-1000"))]
+             if any(w in line for w in ("bokeh", "tornado", "Traceback", "W-1000", "WebSocket",
+                                        "never awaited", "Warning", "periodic callback"))]
     assert not noise, noise
+    log = (out / ".magseg" / "cluster.log").read_text()  # where the page's closing went
+    assert "WebSocket connection closed: code=1001" in log

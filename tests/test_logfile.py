@@ -49,3 +49,28 @@ def test_records_logged_from_a_signal_handler_are_all_written(tmp_path):
     assert all(x == "x" * 65536 for x in lines if not x.startswith("marker ")), "torn line"
     assert len(markers) == calls >= 300
     assert "Logging error" not in run.stderr
+
+
+def test_loggers_sent_to_a_file_are_quiet_again_after_the_block(tmp_path, capsys):
+    """A child logger that logged INFO in the block is filtered again after it (logging
+    caches isEnabledFor per logger: a level restored by assignment kept passing INFO)."""
+    import logging
+
+    from magseg_hpc.logfile import loggers_to_file
+
+    parent, child = logging.getLogger("magseg-test-parent"), logging.getLogger(
+        "magseg-test-parent.child")
+    parent.setLevel(logging.WARNING)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger().addHandler(handler)
+    try:
+        with loggers_to_file(["magseg-test-parent"], tmp_path / "cluster.log"):
+            child.info("in the block")
+        child.info("after the block")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert "in the block" in (tmp_path / "cluster.log").read_text()
+    assert seen == []
+    assert parent.level == logging.WARNING and parent.propagate

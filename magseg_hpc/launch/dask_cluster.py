@@ -12,7 +12,9 @@ bottleneck and already uses all its torch threads, and one slab at a time bounds
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +43,22 @@ class ClusterHandle:
     torch_threads: int | None  # None: each worker derives it from its CPUs and Dask threads
     description: str
     cluster: object = None
+    dashboard_closed: bool = False
+
+    def close_dashboard(self) -> None:
+        """Close the pages open on the dashboard of a scheduler this command started (after
+        their last update) and take no new ones, so that a page keeps the run's final
+        progress and no dashboard connection dies with the cluster (bokeh's "WebSocket
+        connection closed" and unsent messages in the terminal). Once; best effort."""
+        if self.kind == "scheduler" or self.dashboard_closed or self.dashboard_link is None:
+            return  # a scheduler of someone else's: its dashboard is theirs
+        self.dashboard_closed = True
+        try:
+            n = self.client.run_on_scheduler(_close_dashboard_pages)
+        except Exception as e:  # noqa: BLE001 - the run's result stands; the pages close later
+            log.debug("closing the dashboard's pages: %s: %s", type(e).__name__, e)
+        else:
+            log.debug("closed %d dashboard page connections", n)
 
     def announce(self) -> None:
         """The cluster and dashboard lines every command with a cluster prints first."""
@@ -113,6 +131,80 @@ def dashboard_origins(address: str) -> tuple[str, list[str] | None]:
     return f"{host}:{port}", origins
 
 
+# How long an open dashboard page is given for its last update (Dask updates it every 100 ms)
+# before its connection is closed, and how long its browser has to answer the close.
+DASHBOARD_LAST_UPDATE_S = 0.5
+DASHBOARD_CLOSE_WAIT_S = 2.0
+
+
+async def _close_dashboard_pages(dask_scheduler=None) -> int:
+    """On the scheduler's event loop: stop taking new dashboard pages, let the open ones take
+    their last update, then close their websockets with a proper close frame. Returns how
+    many were open. (bokeh lists a server's connections in ``_clients`` only; without it,
+    nothing is closed here and the pages close with the cluster, as before.)"""
+    try:
+        from bokeh.server.tornado import BokehTornado
+    except ImportError:
+        return 0
+    routing = getattr(dask_scheduler, "http_application", None)
+    apps = [a for a in getattr(routing, "applications", ()) if isinstance(a, BokehTornado)]
+    server = getattr(dask_scheduler, "http_server", None)
+    if server is not None:
+        server.stop()  # listening only: the open pages stay connected
+    pages = [c for a in apps for c in list(getattr(a, "_clients", ()))]
+    if not pages:
+        return 0
+    await asyncio.sleep(DASHBOARD_LAST_UPDATE_S)
+    for page in pages:
+        with contextlib.suppress(Exception):
+            page._socket.close(1001, "the run is over")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DASHBOARD_CLOSE_WAIT_S
+    while any(getattr(a, "_clients", ()) for a in apps) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    return len(pages)
+
+
+TASK_STREAM_TOOLTIP = """
+    <div><span style="font-size: 12px; font-weight: bold;">@key</span></div>
+    <div><span style="font-size: 10px; font-family: Monaco, monospace;">@name:
+    @duration_text</span></div>
+"""
+
+
+def name_tasks_in_task_stream() -> None:
+    """The dashboard's task stream (in this process's schedulers): its hover names a task by
+    its key (``segment-slab-0032-z-...``: the slab) above Dask's name and duration, and each
+    task is drawn with a white edge, so that slabs back to back read as separate boxes.
+
+    Dask names and colours a task in the stream by its key's prefix, which is also its group
+    on the progress plot: one prefix per slab would make one progress bar per slab, hence the
+    key in the hover instead. Idempotent; nothing without bokeh."""
+    try:
+        from bokeh.models import HoverTool
+        from distributed.dashboard.components import scheduler as components
+    except ImportError:
+        return
+    original = components.task_stream_figure
+    if getattr(original, "names_keys", False):
+        return
+
+    @functools.wraps(original)
+    def task_stream_figure(*args, **kwargs):
+        source, root = original(*args, **kwargs)
+        for tool in root.tools:
+            if isinstance(tool, HoverTool) and "@name" in str(tool.tooltips):
+                tool.tooltips = TASK_STREAM_TOOLTIP
+        for renderer in root.renderers:
+            glyph = getattr(renderer, "glyph", None)
+            if type(glyph).__name__ == "Rect":
+                glyph.line_color, glyph.line_width, glyph.line_alpha = "white", 1, 1.0
+        return source, root
+
+    task_stream_figure.names_keys = True  # type: ignore[attr-defined]
+    components.task_stream_figure = task_stream_figure
+
+
 def quiet_dask_logs() -> None:
     """Dask sets its own log levels when imported: keep its chatter out unless -v."""
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -138,6 +230,7 @@ def open_cluster(
     from distributed import Client
 
     quiet_dask_logs()
+    name_tasks_in_task_stream()
     if scheduler and cluster:
         raise MagsegError("--scheduler and --cluster exclude each other; pick one")
     if scheduler:
@@ -176,13 +269,15 @@ def open_cluster(
         )
     client = Client(local)
     link = f"http://{address}/status" if origins else client.dashboard_link
+    handle = ClusterHandle(
+        client, "local", link, threads,
+        f"local cluster: {n} worker{'s' * (n > 1)} x {threads} torch threads"
+        + (f", {gpus} GPUs" if gpus else ""), local,
+    )
     try:
-        yield ClusterHandle(
-            client, "local", link, threads,
-            f"local cluster: {n} worker{'s' * (n > 1)} x {threads} torch threads"
-            + (f", {gpus} GPUs" if gpus else ""), local,
-        )
+        yield handle
     finally:
+        handle.close_dashboard()
         client.close()
         local.close()
 
@@ -210,8 +305,12 @@ def _slurm_cluster(job, jobs, device, dashboard_address, wait_timeout):
     with removing_new_folders(log_dir):  # kept only when the jobs wrote logs there
         log_dir.mkdir(parents=True, exist_ok=True)
         with _slurm_client(kwargs, log_dir, jobs, wait_timeout) as (client, slurm):
-            yield ClusterHandle(client, "slurm", client.dashboard_link, None,
-                                f"SLURM: {jobs} jobs from {job}", slurm)
+            handle = ClusterHandle(client, "slurm", client.dashboard_link, None,
+                                   f"SLURM: {jobs} jobs from {job}", slurm)
+            try:
+                yield handle
+            finally:
+                handle.close_dashboard()
 
 
 @contextlib.contextmanager

@@ -148,7 +148,8 @@ def run_segment(spec: SegmentSpec) -> RunSummary:
         print(f"{len(prepared.slabs)} slabs -> {prepared.target}"
               + (f" (written to {prepared.job.output}, swapped in when complete)"
                  if prepared.staged else ""), flush=True)
-        return segment_volume(prepared, handle.client)
+        # at the end the dashboard's pages are closed while they show the finished run
+        return segment_volume(prepared, handle.client, on_finished=handle.close_dashboard)
 
 
 def _command_job(what: str, run, spec, run_dir: Path) -> dict:

@@ -146,9 +146,10 @@ class RunSummary:
     slabs_skipped: int = 0
     failed: list[str] = field(default_factory=list)
     slices: int = 0
-    voxels: int = 0  # volume voxels segmented by this run (a pass slab counts 1/len(axes))
+    voxels: int = 0  # volume voxels segmented by this run: pass voxels / len(axes)
     seconds: float = 0.0
     per_worker: dict = field(default_factory=dict)
+    pass_voxels: int = field(default=0, repr=False)  # voxels of every plane's pass slabs
 
     @property
     def voxels_per_second(self) -> float:
@@ -432,16 +433,21 @@ def segment_volume(
     *,
     progress: bool | None = None,
     on_result: Callable[[dict], None] | None = None,
+    on_finished: Callable[[], None] | None = None,
 ) -> RunSummary:
     """Segment a volume on ``client``'s cluster, holding the output's writer lock. Raises
-    MagsegError if any slab failed."""
+    MagsegError if any slab failed. ``on_finished`` is called once every slab has finished,
+    while the scheduler still holds all of the run's tasks and the dashboard's lines still go
+    to the cluster log (segment-volume closes its own dashboard's pages there, so that they
+    keep the run's final progress)."""
     prep = opts if isinstance(opts, Prepared) else prepare(opts)
     with writer_lock(prep.target, prep.options.command_line):
-        return _segment_locked(prep, client, progress, on_result)
+        return _segment_locked(prep, client, progress, on_result, on_finished)
 
 
-def _segment_locked(prep: Prepared, client, progress, on_result) -> RunSummary:
+def _segment_locked(prep: Prepared, client, progress, on_result, on_finished) -> RunSummary:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     _open_output(prep)
     out = prep.job.output
@@ -453,11 +459,15 @@ def _segment_locked(prep: Prepared, client, progress, on_result) -> RunSummary:
     todo = [s for s in prep.slabs if s.key not in done]
     resources = _gpu_resources(client, prep.options.device)
     t0 = time.perf_counter()
-    with tqdm(total=len(todo), unit="slab", desc="segment",
-              disable=(not progress) if progress is not None else None) as bar, \
-            loggers_to_file(CLUSTER_LOGGERS, Path(out) / ".magseg" / CLUSTER_LOG):
+    # lines logged while the bar shows (an in-process worker loading its model) print above
+    # it, not through it
+    with loggers_to_file(CLUSTER_LOGGERS, Path(out) / ".magseg" / CLUSTER_LOG), \
+            logging_redirect_tqdm(tqdm_class=tqdm), \
+            tqdm(total=len(todo), unit="slab", desc="segment",
+                 disable=(not progress) if progress is not None else None) as bar:
         failures = _run_slabs(client, prep.job, todo, markers, summary, bar, resources,
-                              on_result, numbers={s.key: n for n, s in enumerate(prep.slabs)})
+                              on_result, numbers={s.key: n for n, s in enumerate(prep.slabs)},
+                              on_finished=on_finished)
     summary.seconds = time.perf_counter() - t0
     summary.failed = [s.name for s, _ in failures]
     if failures:
@@ -500,15 +510,19 @@ def task_key(number: int, slab: Slab, token: str) -> str:
     return f"segment-slab-{number:04d}-{slab.stage}-{token}"
 
 
-def _run_slabs(client, job, slabs, markers, summary, bar, resources, on_result, numbers):
+def _run_slabs(client, job, slabs, markers, summary, bar, resources, on_result, numbers,
+               on_finished=None):
     """Submit every slab to be done at once, so that the scheduler (and its dashboard) knows
     the whole run from the start; fusion slabs wait on every pass slab. Tasks have no inputs,
     so the scheduler queues them and each worker holds only as many as it has threads.
     Returns [(slab, exception)] of the slabs that failed; after a pass slab fails the fusion
-    slabs are cancelled (they would read its missing output), not counted as failed."""
+    slabs are cancelled (they would read its missing output), not counted as failed.
+    ``on_finished()`` runs after the last slab, while the run's futures are still held."""
     from distributed import as_completed
 
     if not slabs:
+        if on_finished is not None:
+            on_finished()
         return []
     token = uuid.uuid4().hex[:8]
     passes = [s for s in slabs if s.stage != "fuse"]
@@ -547,6 +561,9 @@ def _run_slabs(client, job, slabs, markers, summary, bar, resources, on_result, 
     except BaseException:
         client.cancel(list(futures))
         raise
+    if on_finished is not None:
+        on_finished()  # the futures in ``submitted`` are let go only after it
+    del submitted
     return failures
 
 
@@ -571,7 +588,10 @@ def _account(summary: RunSummary, stats: dict, n_axes: int) -> None:
     summary.slabs_run += 1
     if stats["stage"] != "fuse":
         summary.slices += stats["slices"]
-        summary.voxels += int(math.ceil(stats["voxels"] / n_axes))
+        # every plane's passes cover the volume once: divide the sum, not each slab's share
+        # (ceil per slab over-counted a three-plane run by up to one voxel a slab)
+        summary.pass_voxels += stats["voxels"]
+        summary.voxels = summary.pass_voxels // n_axes
     w = summary.per_worker.setdefault(
         stats["worker"], {"slabs": 0, "seconds": 0.0, "read_s": 0.0, "compute_s": 0.0,
                           "write_s": 0.0})
