@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "real"))
 from _results import RESULTS, ROOT, write_results  # noqa: E402
 from paint import clear_labels  # noqa: E402
 
-from magseg_hpc.classes import IGNORE_LABEL, ClassTable  # noqa: E402
+from magseg_hpc.classes import IGNORE_LABEL, ClassTable, legend_strip  # noqa: E402
 from magseg_hpc.metrics import confusion_matrix, scores_from_confusion  # noqa: E402
 from magseg_hpc.volume.io import open_volume  # noqa: E402
 
@@ -94,10 +94,8 @@ def largest_drop(iters: list[int], mious: list[float], after: int) -> float:
 
 
 def colour(labels: np.ndarray) -> np.ndarray:
-    palette = np.zeros((256, 3), np.uint8)
-    palette[:len(NAMES)] = [(0, 0, 0), (40, 90, 255), (255, 70, 40)]  # dark-domain blue
-    palette[IGNORE_LABEL] = (128, 128, 128)
-    return palette[labels]
+    """Labels in the display palette every picture uses (magseg_hpc.classes.DISPLAY_COLORS)."""
+    return ClassTable.default().rgb(labels)
 
 
 def pictures(image: np.ndarray, rows: dict[str, np.ndarray], path: Path) -> None:
@@ -116,10 +114,16 @@ def pictures(image: np.ndarray, rows: dict[str, np.ndarray], path: Path) -> None
     draw = ImageDraw.Draw(sheet)
     width = 2 * tiles[0].shape[1] // (1 + len(rows))
     for i, name in enumerate(["image", *rows]):
-        draw.text((i * width + 4, 4), name, fill=(255, 255, 0))
+        draw.text((i * width + 4, 4), name, fill=(255, 255, 255), stroke_width=1,
+                  stroke_fill=(0, 0, 0))  # white on black: apart from every class colour
     for j, z in enumerate(PICTURE_SLICES):
-        draw.text((4, j * 2 * tiles[0].shape[0] + 16), f"z={z}", fill=(255, 255, 0))
-    sheet.save(path)
+        draw.text((4, j * 2 * tiles[0].shape[0] + 16), f"z={z}", fill=(255, 255, 255),
+                  stroke_width=1, stroke_fill=(0, 0, 0))
+    legend = legend_strip(ClassTable.default(), sheet.size[0])  # the palette's legend below
+    full = Image.new("RGB", (legend.shape[1], sheet.size[1] + legend.shape[0]), (255, 255, 255))
+    full.paste(sheet, (0, 0))
+    full.paste(Image.fromarray(legend), (0, sheet.size[1]))
+    full.save(path)
 
 
 def plot_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path) -> None:

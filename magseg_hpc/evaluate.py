@@ -217,7 +217,7 @@ def default_slices(ev: Evaluation) -> list[int]:
 
 
 def _error_map(pred: np.ndarray, truth: np.ndarray, ignore: int | None) -> np.ndarray:
-    # black on white: class colours are often red/blue, so errors get neither
+    # black on white, unlabelled grey as in the class panels
     rgb = np.full(truth.shape + (3,), 255, dtype=np.uint8)
     rgb[pred != truth] = ERROR_COLOR
     if ignore is not None:
@@ -253,12 +253,11 @@ def write_figures(
         raise MagsegError(f"--slices {bad} outside the volume's z range 0..{nz - 1}")
     written = []
     table = ev.class_table
-    legend = [
-        Patch(color=np.asarray(c) / 255, label=n)
-        for n, c in zip(table.names, table.colors, strict=True)
-    ]
-    legend.append(Patch(color=np.asarray(ERROR_COLOR) / 255, label="error"))
-    legend.append(Patch(color=np.asarray(IGNORE_COLOR) / 255, label="ignored"))
+    # the display palette's legend (classes.DISPLAY_COLORS), then the error panel's marks
+    legend = [Patch(facecolor=np.asarray(c) / 255, edgecolor="grey", label=n)
+              for n, c in table.legend()]
+    legend.append(Patch(facecolor=np.asarray(ERROR_COLOR) / 255, edgecolor="grey",
+                        label="error (error panel)"))
     for z in slices:
         p = np.asarray(getattr(pred, "data", pred)[z])
         t = np.asarray(getattr(truth, "data", truth)[z])

@@ -41,9 +41,12 @@ def test_labels_overlaid_in_class_colours(tmp_path, phantom_store):
     assert a.shape == b.shape
     grey = np.abs(a[..., 0] - a[..., 2]).max()
     assert grey <= 2  # no overlay: only greys (and black text)
-    # Red (domain_plus) pixels appear with the overlay.
-    reddish = (b[..., 0] - b[..., 2] > 80).sum()
-    assert reddish > 100
+    # Yellow (domain_plus, in the display palette) pixels appear with the overlay.
+    yellowish = ((b[..., 0] - b[..., 2] > 80) & (b[..., 1] - b[..., 2] > 80)).sum()
+    assert yellowish > 100
+    # the painting colours (the study's purple, blue and red) are not what pictures draw
+    purple = ((b[..., 2] - b[..., 1] > 80) & (b[..., 0] - b[..., 1] > 40)).sum()
+    assert purple == 0
 
 
 def test_out_of_range_index_is_refused(tmp_path, phantom_store):

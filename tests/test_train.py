@@ -193,7 +193,23 @@ def test_tensorboard_shows_losses_thresholds_validation_and_panels(straight):
     assert sorted(tags["images"]) == ["validation_slices/14", "validation_slices/15"]
     shown = events.Images("validation_slices/14")
     assert [im.step for im in shown] == [2, 4]
-    assert shown[0].height == 32 and shown[0].width == 3 * 32 + 2 * 4
+    # 32-row slices enlarged 8x under their captions, the palette's legend below
+    import io
+
+    from PIL import Image
+
+    from magseg_hpc.classes import IGNORE_COLOR, ClassTable, strip_px
+
+    top = strip_px((3 * 8 * 32 + 2 * 8) // 32)  # captions 1/32 of the row's width
+    assert shown[0].height == top + 8 * 32 + top
+    assert shown[0].width >= 3 * 8 * 32
+    picture = np.asarray(Image.open(io.BytesIO(shown[0].encoded_image_string)).convert("RGB"))
+    assert (picture[:top] < 100).all(axis=2).any()  # caption text
+    colours = {tuple(c) for c in picture.reshape(-1, 3)}
+    palette = set(ClassTable.default().display_colors) | {IGNORE_COLOR}
+    assert palette <= colours
+    labels = picture[top:top + 256, 256 + 8:2 * 256 + 8].reshape(-1, 3)
+    assert {tuple(c) for c in labels} <= palette  # drawn in the display palette
 
 
 def test_resume_ends_bit_identical_to_an_uninterrupted_run(straight, phantom, tmp_path):

@@ -3,9 +3,10 @@
 Rank 0 writes, into RUN_DIR/tensorboard/, what metrics.jsonl holds (losses, pseudo-label
 ratio, per-class thresholds, lr, EMA decay, iteration time; teacher and student validation
 mIoU and per-class IoU) plus, at each evaluation, one image panel per shown validation slice:
-the image, its labels and the teacher's prediction side by side, in the class colours
-(unlabelled pixels grey). A resumed run purges the events after its checkpoint, as it
-truncates metrics.jsonl, so the curves never show a step twice.
+the image, its labels and the teacher's prediction side by side, each under its caption,
+enlarged to at least PANEL_HEIGHT rows, in the display palette (classes.DISPLAY_COLORS:
+unlabelled pixels grey) with its legend below. A resumed run purges the events after its
+checkpoint, as it truncates metrics.jsonl, so the curves never show a step twice.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from magseg_hpc.classes import ClassTable
+from magseg_hpc.classes import ClassTable, captioned_row
 from magseg_hpc.rundir import TENSORBOARD_DIR
 
 STEP_SCALARS = ("loss", "loss_sup", "loss_uns", "pseudo_ratio", "lr", "ema_decay",
                 "seconds_per_iter", "images_per_s")
 PANEL_SLICES = 3  # validation slices shown at each evaluation
-SEPARATOR = 4  # white pixels between the panel's three pictures
+PANEL_HEIGHT = 256  # a panel's pictures are enlarged (whole factor) to at least these rows
 
 
 class Board:
@@ -72,12 +73,12 @@ def panel_indices(n: int) -> list[int]:
 
 def panel(image: torch.Tensor, labels: torch.Tensor, prediction: torch.Tensor,
           classes: ClassTable) -> np.ndarray:
-    """(H, 3W + 2 SEPARATOR, 3) uint8: the middle context slice in grey (1-99 % window),
-    the labels and the prediction in the class colours."""
+    """(H, W, 3) uint8 (classes.captioned_row): "image", the middle context slice in grey
+    (1-99 % window), "labels" and "prediction" in the display palette, with its legend."""
     grey = image[image.shape[0] // 2].float().cpu().numpy()
     low, high = np.percentile(grey, [1, 99])
     grey = np.clip((grey - low) / max(float(high - low), 1e-12), 0, 1)
     grey = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
-    gap = np.full((grey.shape[0], SEPARATOR, 3), 255, dtype=np.uint8)
-    return np.concatenate([grey, gap, classes.rgb(labels.cpu().numpy()), gap,
-                           classes.rgb(prediction.cpu().numpy(), None)], axis=1)
+    return captioned_row([("image", grey), ("labels", classes.rgb(labels.cpu().numpy())),
+                          ("prediction", classes.rgb(prediction.cpu().numpy(), None))],
+                         classes, min_height=PANEL_HEIGHT)

@@ -1,4 +1,4 @@
-"""Preview pictures: one slice of a volume, optionally with labels in their class colours."""
+"""Preview pictures: one slice of a volume, optionally with labels in the display palette."""
 
 from __future__ import annotations
 
@@ -65,8 +65,9 @@ def render_preview(
 
     ``axis``/``index`` choose the slice (default the middle z slice). Intensities are shown
     in grey, clipped to the given percentiles of the slice. With ``labels`` (a label store or
-    any store with a ``labels`` variable, of the same shape) the classes are overlaid in their
-    class-table colours with a legend; ignore (255) pixels stay uncoloured. Returns a summary
+    any store with a ``labels`` variable, of the same shape) the classes are overlaid in the
+    display palette (classes.DISPLAY_COLORS) with a legend; ignore (255) pixels stay
+    uncoloured. Returns a summary
     (axis, index, shape of the picture in pixels).
     """
     import matplotlib
@@ -136,14 +137,13 @@ def render_preview(
 
 def _overlay(fig, ax, label_slice: np.ndarray, class_table: ClassTable, alpha: float,
              height: int) -> None:
-    """The classes over the image in their colours, with a one-row legend in the header (so
-    it never hides voxels); ignore (255) pixels stay uncoloured."""
+    """The classes over the image in the display palette, with a one-row legend in the header
+    (so it never hides voxels); ignore (255) pixels stay uncoloured."""
     from matplotlib.patches import Patch
 
     overlay = np.zeros((*label_slice.shape, 4), dtype=np.float32)
     handles = []
-    pairs = zip(class_table.names, class_table.colors, strict=True)
-    for value, (name, color) in enumerate(pairs):
+    for value, (name, color) in enumerate(class_table.legend(unlabelled=False)):
         overlay[label_slice == value] = (*(np.asarray(color) / 255.0), alpha)
         handles.append(Patch(color=np.asarray(color) / 255.0, label=f"{value} {name}"))
     if (label_slice == IGNORE_LABEL).any():
