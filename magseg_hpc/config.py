@@ -571,7 +571,11 @@ def read_config_text(name_or_path: str | Path) -> tuple[Path, str]:
     try:
         return path, path.read_text()
     except OSError as e:
-        raise MagsegError(f"cannot read config {path}: {e.strerror}; check the path") from None
+        name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+        hint = (f", or name the shipped config: --config {name} works from any folder"
+                if not path.exists() and name in shipped_configs() else "")
+        raise MagsegError(f"cannot read config {path}: {e.strerror}; check the path{hint}"
+                          ) from None
     except UnicodeDecodeError:
         raise MagsegError(f"config {path} is not a text (YAML) file; check the path") from None
 

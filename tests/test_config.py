@@ -148,3 +148,19 @@ def test_yaml_key_given_twice_is_refused_at_any_depth():
     with pytest.raises(yaml.YAMLError, match=r"key 'lr' is given twice \(line 2 and line 4\)"):
         load_yaml("train:\n  lr: 1\n  epochs: 2\n  lr: 3\n")
     assert load_yaml("a: 1\nb: {a: 2}\n") == {"a": 1, "b": {"a": 2}}  # other mappings: fine
+
+
+def test_configs_lists_each_config_with_its_whole_first_sentence(capsys):
+    """`magseg-hpc configs` gives each shipped config's first sentence, never cut mid-way."""
+    from magseg_hpc.cli import main
+    from magseg_hpc.commands.configs import summary
+    from magseg_hpc.config import shipped_configs
+
+    assert main(["configs"]) == 0
+    listed = " ".join(capsys.readouterr().out.split())
+    for name, path in shipped_configs().items():
+        line = summary(path)
+        assert line.endswith((".", "!", "?")) and len(line) > 20, (name, line)
+        assert f"{name} {line}" in listed
+    assert "on 2 cores (3000 iterations) with 8 labelled slices." in summary(
+        shipped_configs()["cpu_best"])

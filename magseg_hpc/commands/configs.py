@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import textwrap
+
 from magseg_hpc.config import read_config_text, shipped_configs
 
 
@@ -16,11 +20,20 @@ def register(subparsers) -> None:
 
 
 def summary(path) -> str:
-    """The first comment line of a config: what it is for."""
+    """What a config is for: the first sentence of its header comment, whole (it may run
+    over several comment lines)."""
+    words: list[str] = []
     for line in path.read_text().splitlines():
-        if line.startswith("#") and line.strip("# "):
-            return line.lstrip("# ").strip()
-    return ""
+        text = line.lstrip("#").strip() if line.startswith("#") else None
+        if not text:  # the paragraph (or the comment) ends
+            if words or text is None:
+                break
+            continue
+        words += text.split()
+        sentence = re.match(r"(.*?[.!?])(\s|$)", " ".join(words))
+        if sentence:
+            return sentence.group(1)
+    return " ".join(words)
 
 
 def run(args) -> int:
@@ -29,7 +42,9 @@ def run(args) -> int:
         return 0
     configs = shipped_configs()
     width = max(map(len, configs))
+    columns = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
     for name, path in configs.items():
-        print(f"{name:<{width}}  {summary(path)}")
+        print(textwrap.fill(summary(path), columns, initial_indent=f"{name:<{width}}  ",
+                            subsequent_indent=" " * (width + 2), break_on_hyphens=False))
     print(f"\nuse one by name: magseg-hpc train --config NAME ...  (files in {path.parent})")
     return 0

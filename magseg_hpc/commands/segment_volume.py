@@ -66,7 +66,7 @@ def register(subparsers) -> None:
     g.add_argument("--cluster", choices=("slurm",), default=None,
                    help="start Dask workers as SLURM jobs (needs --job)")
     g.add_argument("--job", metavar="PROFILE", default=None,
-                   help="job profile YAML for --cluster slurm (e.g. jobs/gpu.yaml)")
+                   help="job profile YAML for --cluster slurm (e.g. jobs/cluster_2gpu.yaml)")
     g.add_argument("--jobs", type=int, default=1, help="SLURM jobs to start (default 1)")
     g.add_argument("--dashboard-address", default=DEFAULT_DASHBOARD,
                    help=f"Dask dashboard HOST:PORT (default {DEFAULT_DASHBOARD}; :0 picks a port)")
