@@ -32,8 +32,8 @@ domains negative, plus positive, zero magnetisation at 0, and outside ``D`` 0 (`
 NaN (``signed-nan``) or, unmasked, noise around 0 (there the midpoint is taken off as the
 support is seen through the blur and the reconstruction, not as ``D``). Every encoding of one
 seed is the same sample, noise included: inside ``D`` the masked ones are affine maps of each
-other (uint8 quantised and clipped). The encoding decides the dtype: a preset's ``bit_depth`` is ignored by the signed
-three.
+other (uint8 quantised and clipped). The encoding decides the dtype: a preset's
+``bit_depth`` is ignored by the signed three.
 
 Shading imitates the slowly varying intensity errors of real reconstructions, in units of the
 domain contrast ``c`` (mean plus minus mean minus of the unshaded image), with ``s = shading``:
