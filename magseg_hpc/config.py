@@ -29,7 +29,7 @@ import yaml
 
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.paths import absolute_spec
+from magseg_hpc.paths import absolute_spec, atomic_write
 
 __all__ = [
     "ModelConfig",
@@ -626,9 +626,7 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -25,7 +25,7 @@ from magseg_hpc.classes import IGNORE_COLOR, IGNORE_LABEL, ClassTable
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.metrics import miou_from_slices, per_slice_confusion, scores_from_confusion
 from magseg_hpc.outputs import check_no_overlap, check_output, tool_store_format
-from magseg_hpc.paths import volume_file
+from magseg_hpc.paths import atomic_write, remove_temp_files, volume_file
 from magseg_hpc.volume.io import open_volume, reading
 from magseg_hpc.volume.store import open_labels
 
@@ -147,12 +147,9 @@ def report_dict(ev: Evaluation, **sources: Any) -> dict:
 def write_report(path: str | os.PathLike, report: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)  # a reader never sees half a report
-    finally:
-        tmp.unlink(missing_ok=True)
+    remove_temp_files(path.parent, [path.name])  # what a killed evaluation's write left
+    # a reader never sees half a report
+    atomic_write(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def _fmt(v: float, width: int = 7) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.paths import volume_file
+from magseg_hpc.paths import TEMP_NAME_EXTRA, atomic_write, volume_file
 
 TOOL_FORMAT_PREFIX = "magseg-hpc/"
 # A store's ownership manifest: its format and the entries this tool wrote in it. A file, not a
@@ -39,9 +39,7 @@ def record_owner(path: str | os.PathLike, fmt: str, entries: Iterable[str]) -> N
     entries = sorted(set(entries))
     target = p / OWNER_FILE
     target.parent.mkdir(exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps({"format": fmt, "entries": entries}, indent=1) + "\n")
-    tmp.replace(target)
+    atomic_write(target, json.dumps({"format": fmt, "entries": entries}, indent=1) + "\n")
 
 
 def _manifest(path: Path) -> tuple[str, list[str]] | None:
@@ -101,8 +99,9 @@ def _kind(fmt: str | None) -> str:
     return {"labels": "label"}.get(name, name)
 
 
-# The longest name written beside an output: DIR/.NAME.magseg-staging (staging.py)
-SIBLING_EXTRA = len("..magseg-staging")
+# The longest name written beside an output: DIR/.NAME.magseg-staging (staging.py), or a
+# temp file of atomic_write (a report)
+SIBLING_EXTRA = max(len("..magseg-staging"), TEMP_NAME_EXTRA)
 
 
 def check_name_length(path: str | os.PathLike, flag: str = "output") -> None:

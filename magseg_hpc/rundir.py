@@ -3,9 +3,12 @@
 Training writes config.yaml, metrics.jsonl and curves.png into its folder and clears splits/
 of a run that failed before its first checkpoint, so it must never take a folder a user
 keeps other things in. A folder is a run folder of ours when it holds RUN_MARKER (written
-when a run claims the folder, before anything else), the launcher's SUBMISSION_FILE, or a
-checkpoint (folders of versions before the marker). Anything else that is not empty is
-refused, by training and by the launcher's pre-submit check alike.
+when a run claims the folder, before anything else) or the launcher's SUBMISSION_FILE that
+names this folder (its path, and a token the tool made: a marker copied into a user's folder
+from another run names that run's folder, and is refused), or a checkpoint (folders of
+versions before the marker; a moved run folder too, whose marker training then rewrites). A
+marker of a version before the path was recorded proves nothing on its own. Anything else
+that is not empty is refused, by training and by the launcher's pre-submit check alike.
 
 A run folder with a checkpoint belongs to one experiment: training resumes it with the same
 config (runtime keys such as the device may change) and refuses any other, and the launcher
@@ -15,14 +18,17 @@ refuses it before submitting anything (``check_run_folder``, the one check of bo
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
+import uuid
 from pathlib import Path
 
 import yaml
 
 from magseg_hpc.config import RUNTIME_KEYS, experiment_differences, load_yaml
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.paths import atomic_write
 
 CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE = "config.yaml", "checkpoint.pt", "best.pt"
 METRICS_FILE, CURVES_FILE, SPLITS_DIR, LOGS_DIR = "metrics.jsonl", "curves.png", "splits", "logs"
@@ -37,9 +43,46 @@ def has_checkpoint(path: Path) -> bool:
     return any((path / name).is_file() for name in (CHECKPOINT_FILE, BEST_FILE))
 
 
+# the record field holding the token the tool made, by record file
+TOKEN_KEYS = {RUN_MARKER: "token", SUBMISSION_FILE: "submission_id"}
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # UnicodeDecodeError included
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _names(record: dict | None, name: str, path: Path) -> bool:
+    """Whether a marker or submission record names the folder ``path``: its path (links
+    resolved: a link to the folder is the folder) and a token the tool made."""
+    if record is None:
+        return False
+    token, where = record.get(TOKEN_KEYS[name]), record.get("path")
+    if not (isinstance(token, str) and re.fullmatch(r"[0-9a-f]{32}", token)
+            and isinstance(where, str) and where):
+        return False
+    try:
+        return Path(where).resolve() == path.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return False
+
+
 def is_run_folder(path: Path) -> bool:
-    return any((path / name).is_file()
-               for name in (RUN_MARKER, SUBMISSION_FILE, CHECKPOINT_FILE, BEST_FILE))
+    return (any(_names(_read_record(path / name), name, path) for name in TOKEN_KEYS)
+            or has_checkpoint(path))
+
+
+def _not_ours_because(path: Path) -> str:
+    """Why a marker in ``path`` proves nothing (one clause), or ''."""
+    if not (path / RUN_MARKER).exists():
+        return ""
+    where = (_read_record(path / RUN_MARKER) or {}).get("path")
+    if isinstance(where, str) and where:
+        return f"; its {RUN_MARKER} was made for {where}, not this folder (copied?)"
+    return f"; its {RUN_MARKER} names no folder (copied, or made by an older magseg-hpc)"
 
 
 def check_claimable(path: Path, flag: str = "--output-dir") -> None:
@@ -52,21 +95,22 @@ def check_claimable(path: Path, flag: str = "--output-dir") -> None:
     if entries:
         shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
         raise MagsegError(
-            f"{flag} {path} is not empty and not a magseg-hpc run folder (it holds {shown}); "
-            "training would overwrite or delete files there: give a new or empty folder"
+            f"{flag} {path} is not empty and not a magseg-hpc run folder (it holds {shown})"
+            f"{_not_ours_because(path)}; training would overwrite or delete files there: "
+            "give a new or empty folder"
         )
 
 
 def claim(path: Path) -> None:
-    """Make ``path`` a run folder of ours; call once every check has passed."""
+    """Make ``path`` a run folder of ours; call once every check has passed. The marker names
+    this folder and a token made here, so a copy of it elsewhere claims nothing."""
     path.mkdir(parents=True, exist_ok=True)
     marker = path / RUN_MARKER
-    if not marker.exists():
-        record = {"kind": "magseg-hpc training run", "host": socket.gethostname(),
+    if not _names(_read_record(marker), RUN_MARKER, path):  # new, moved, or an older version's
+        record = {"kind": "magseg-hpc training run", "path": str(path.absolute()),
+                  "token": uuid.uuid4().hex, "host": socket.gethostname(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tmp = path / f".{RUN_MARKER}.tmp"
-        tmp.write_text(json.dumps(record) + "\n")
-        tmp.replace(marker)
+        atomic_write(marker, json.dumps(record) + "\n")
 
 
 def saved_experiment(path: Path, flag: str = "--output-dir") -> dict | None:
@@ -121,9 +165,8 @@ def claim_for_submission(path: Path, submission_id: str, job_id: str, *, rank: i
                 f"run dir {path} holds job {previous.get('job_id')} of another "
                 "submission (were SLURM job ids reset?); move it away and resubmit"
             )
-    if rank == 0:
+    if rank == 0:  # path: the folder it makes ours (is_run_folder)
         record = {"submission_id": submission_id, "job_id": job_id,
-                  "host": socket.gethostname(), "started": time.strftime("%FT%T%z")}
-        tmp = marker.with_name(f".{marker.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(marker)
+                  "path": str(path.absolute()), "host": socket.gethostname(),
+                  "started": time.strftime("%FT%T%z")}
+        atomic_write(marker, json.dumps(record, indent=1) + "\n")

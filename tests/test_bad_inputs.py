@@ -182,6 +182,14 @@ def world(tmp_path_factory):
         Image.fromarray(palette[rng.integers(0, 3, (32, 32))]).save(w / "masks" / f"m{z}.png")
     (w / "notpng").mkdir()
     (w / "notpng" / "m0.png").write_text("not a png")
+    (w / "wrongmasks").mkdir()  # painted with a colour of no class
+    for z in range(2):
+        Image.fromarray(np.full((32, 32, 3), [10, 200, 10], np.uint8)).save(
+            w / "wrongmasks" / f"m{z}.png")
+    np.save(w / "nines.npy", np.full(SHAPE, 9, np.uint8))  # labels of no class value
+    shutil.copytree(w / "ph.zarr", w / "ph7.zarr")  # a label 7 on z slice 2 (3 classes)
+    labels = zarr.open_group(str(w / "ph7.zarr"), mode="r+")["labels"]
+    labels[2, 3, 3] = 7
     (w / "colors.yaml").write_text(yaml.safe_dump(COLORS))
     (w / "colors_bad.yaml").write_text("background: [1, 2]\n")
     (w / "colors_tag.yaml").write_text("!!python/object/apply:os.system ['echo hi']\n")
@@ -217,9 +225,15 @@ def world(tmp_path_factory):
     (w / "mine" / "config.yaml").write_text("my: settings\n")
     (w / "mine" / "metrics.jsonl").write_text("{}\n")
     (w / "mine" / "splits" / "val.txt").write_text("7\n")
+    (w / "demo_like" / "train").mkdir(parents=True)  # a user's folder with a demo's names
+    (w / "demo_like" / "train" / "notes.txt").write_text("mine\n")
     # a checkpoint trained for one iteration, and damaged variants
     run_training(config_from_dict(tiny), w / "run")
     (w / "run" / "checkpoint.pt").unlink()  # best.pt (no optimizer state) is enough here
+    # a user's folder with the run's marker copied in: the marker names the run, not it
+    shutil.copytree(w / "mine", w / "mine_marked")
+    (w / "mine_marked" / "splits" / "labeled.txt").write_text("1\n2\n")
+    shutil.copy(w / "run" / ".magseg-run.json", w / "mine_marked")
     shutil.copy(w / "run" / "best.pt", w / "ck.pt")
     ck = load_checkpoint(w / "ck.pt")
     bad = {**ck, "teacher": {k: (v.clone().fill_(float("nan")) if v.is_floating_point() else v)
@@ -463,6 +477,13 @@ MASKS = [
     C("output-inside-input", "import-masks masks masks/o.zarr --colors colors.yaml",
       "inside the input"),
     C("output-read-only", "import-masks masks ro/o.zarr --colors colors.yaml", "not writable"),
+    C("no-colour-of-the-table", "import-masks wrongmasks o.zarr --colors colors.yaml",
+      r"wrongmasks: no pixel of the masks has a colour of the class table .*they hold "
+      r"\[10, 200, 10\] x2048; .*nothing was written"),
+    C("sparse-no-colour-of-the-table", "import-masks wrongmasks o.zarr --colors colors.yaml "
+      "--like ph.zarr", "no pixel of the masks has a colour of the class table"),
+    C("label-array-no-class-value", "import-masks nines.npy o.zarr",
+      r"nines.npy: no voxel holds a class value \(background 0, domain_minus 1, domain_plus 2\)"),
 ]
 
 EXPORT = [
@@ -693,6 +714,16 @@ TRAIN = [
     C("output-dir-of-a-user", "train --config tiny.yaml --output-dir mine",
       "mine is not empty and not a magseg-hpc run folder .it holds config.yaml, "
       "metrics.jsonl, splits."),
+    C("output-dir-with-a-copied-marker", "train --config tiny.yaml --output-dir mine_marked",
+      r"mine_marked is not empty and not a magseg-hpc run folder .*; its \.magseg-run\.json was "
+      r"made for \S*/run, not this folder"),
+    C("label-value-outside-the-table", "train --config tiny.yaml --output-dir r "
+      "data.volume=ph7.zarr", r"ph7.zarr: z slice 2 holds the label value\(s\) 7, outside the "
+      r"class table \(0..2: background, domain_minus, domain_plus; 255 unlabelled\)"),
+    C("label-value-outside-the-table-supervised", "train --config tiny.yaml --output-dir r "
+      "data.volume=ph7.zarr train.method=supervised", "z slice 2 holds the label value"),
+    C("lock-is-a-symlink", "train --config tiny.yaml --output-dir lsym.zarr",
+      r"lsym.zarr.magseg-lock \(the writer lock of \S*lsym.zarr\) is a symbolic link"),
     C("no-config-flag", "train --output-dir r", "required"),
 ]
 
@@ -701,6 +732,8 @@ SUBMIT = [
     C("train-empty-config", "submit train --config empty.yaml --dry-run", "is empty"),
     C("train-output-dir-of-a-user", "submit train --config tiny.yaml --dry-run --output-dir mine",
       "not a magseg-hpc run folder"),
+    C("train-output-dir-with-a-copied-marker", "submit train --config tiny.yaml --dry-run "
+      "--output-dir mine_marked", r"not a magseg-hpc run folder .*was made for \S*/run"),
     C("train-batch-one", "submit train --config tiny.yaml --cluster local train.batch_size=1",
       "train.batch_size must be >= 2"),
     C("train-alias-bomb", "submit train --config bomb.yaml --dry-run", "aliases"),
@@ -759,9 +792,19 @@ CONFIGS = [
 
 DEMO = [
     C("missing-config", "demo dd --config nope.yaml", "no shipped config of that name"),
-    C("foreign-folder", "demo d --config tiny.yaml --overwrite", "did not write",
+    C("foreign-folder", "demo d --config tiny.yaml --overwrite", NOT_OURS,
       forbid="--overwrite"),
     C("output-is-file", "demo file.txt --config tiny.yaml", "regular file"),
+    # a folder holding the names the demo writes is still not the demo's (no manifest)
+    C("folder-with-demo-names", "demo demo_like --config tiny.yaml --overwrite", NOT_OURS,
+      forbid="--overwrite"),
+    C("iters-zero-overwrite", "demo demo_like --config tiny.yaml --overwrite --iters 0",
+      "--iters must be >= 1, got 0"),
+    C("iters-zero", "demo dd --config tiny.yaml --iters 0", "--iters must be >= 1"),
+    C("shape-text", "demo dd --config tiny.yaml --shape a,b,c", "three positive integers"),
+    C("snr-zero", "demo dd --config tiny.yaml --snr 0", r"--snr 0.0: must be > 0"),
+    C("preset-unknown", "demo dd --config tiny.yaml --preset nope", "invalid choice"),
+    C("config-override-bad", "demo dd --config badtype.yaml", "seed"),
 ]
 
 CASES = [
@@ -875,6 +918,30 @@ def test_diverging_training_stops_without_best_checkpoint(world, tmp_path, monke
     code, err = run_in_process(["train", "--config", "tiny.yaml", "--output-dir", str(out)])
     assert code == 0, err
     assert (out / "checkpoint.pt").exists()
+
+
+def test_unwritable_tensorboard_folder_is_one_line(world, tmp_path, monkeypatch):
+    """TensorBoard's writer thread would print its own traceback beside the error."""
+    monkeypatch.chdir(world["path"])
+    run = tmp_path / "run"
+    shutil.copytree(world["path"] / "run", run)
+    board = run / "tensorboard"
+    shutil.rmtree(board)
+    board.mkdir()
+    locked = _immutable(board, True)
+    if not locked:  # no way to make a folder read-only here: a file in its place
+        board.rmdir()
+        board.write_text("mine\n")
+    try:
+        code, err = run_in_process(["train", "--config", "tiny.yaml", "--output-dir", str(run)])
+    finally:
+        if locked:
+            _immutable(board, False)
+    lines = [line for line in err.splitlines() if "error:" in line or "Traceback" in line
+             or "Exception" in line]
+    assert code == 2 and len(lines) == 1, err
+    assert re.search(r"run/tensorboard (cannot take event files|is not a folder).*TensorBoard "
+                     "writes there", lines[0]), err
 
 
 def test_failed_run_folder_accepts_a_corrected_retry(world, tmp_path, monkeypatch):

@@ -280,3 +280,223 @@ def test_random_kills_of_segment_volume_overwrite_never_damage_the_old_result(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "in.zarr", "out.zarr",
                                                           "ref.zarr"]
     assert "mid-write" in outcomes, outcomes  # some kills landed while the new one was written
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one_and_its_leftovers_are_removed(
+        tmp_path):
+    """The one temp-and-rename: a failed write keeps the old file and leaves no temp file;
+    the temp files a kill leaves (and those of earlier versions) are removed by the next
+    run of those files, and nothing else (another file's, a user's)."""
+    from magseg_hpc.paths import atomic_write, remove_temp_files
+
+    path = tmp_path / "summary.json"
+    atomic_write(path, "old\n")
+
+    def half_then_fail(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, half_then_fail)
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "summary.json"]
+    killed = [".summary.json.0a1b2c.magseg-tmp", ".checkpoint.pt.k2j3l1x.tmp",
+              ".config.yaml.tmp", ".curves.png.tmp.png"]
+    kept = [".report.json.0a1b2c.magseg-tmp", "notes.tmp", ".mine.tmp", "summary.json"]
+    for name in killed + kept[:3]:
+        (tmp_path / name).write_text("x")
+    removed = remove_temp_files(tmp_path, ["summary.json", "checkpoint.pt", "config.yaml",
+                                           "curves.png"])
+    assert sorted(p.name for p in removed) == sorted(killed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def _tiny_config(volume: Path, **train) -> dict:
+    return {"name": "tiny", "seed": 0, "model": {"backbone": "resnet18"},
+            "data": {"volume": str(volume), "n_labeled": 3, "n_val": 2},
+            "train": {"batch_size": 2, "crop_size": 32, "epochs": 1, "max_iters": 2,
+                      "checkpoint_every": 1, "eval_every": 1, "log_every": 1, "lr": 0.01,
+                      "device": "cpu", "threads": 1, **train}}
+
+
+# A second process imports everything, then starts the command at the test's signal.
+AT_ONCE = """
+import sys, time
+from pathlib import Path
+import magseg_hpc.commands.train, magseg_hpc.train.loop
+from magseg_hpc.cli import main
+print("ready", flush=True)
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.001)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_trainings_started_at_once_into_one_folder_one_proceeds(tmp_path):
+    """Training holds its run folder's writer lock: of two identical trainings started at
+    the same moment (one in another process, one in this) exactly one proceeds, the other
+    is refused in one line naming it; every record is written once. The one that proceeds
+    removes what a killed run's atomic writes left in the folder."""
+    import contextlib
+    import io
+    import json
+
+    import yaml
+
+    from magseg_hpc.cli import main
+    from magseg_hpc.data.phantom import make_phantom, write_phantom
+    from magseg_hpc.rundir import claim
+
+    write_phantom(tmp_path / "ph.zarr", make_phantom((8, 32, 32), seed=0, n_angles=20))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(_tiny_config(tmp_path / "ph.zarr")))
+    run = tmp_path / "run"
+    claim(run)  # a run folder of ours, with a killed run's temp files
+    stale = [run / ".checkpoint.pt.k2j3l1x.tmp", run / ".best.pt.0a1b2c.magseg-tmp"]
+    for p in stale:
+        p.write_bytes(b"half a checkpoint")
+    go, argv = tmp_path / "go", ["train", "--config", str(config), "--output-dir", str(run)]
+    proc = subprocess.Popen([sys.executable, "-c", AT_ONCE, str(go), *argv], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline().strip() == "ready"
+    here = io.StringIO()
+    go.touch()
+    with contextlib.redirect_stderr(here), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    there = proc.communicate(timeout=300)[1]
+    assert sorted([code, proc.returncode]) == [0, 2], (here.getvalue(), there)
+    loser, winner = (here.getvalue(), proc.pid) if code == 2 else (there, os.getpid())
+    lines = [line for line in loser.splitlines() if line.strip()]
+    assert len(lines) == 1, loser
+    assert "is being written by another run" in lines[0] and f"pid {winner} on " in lines[0]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["iteration"], "teacher_miou" in r) for r in records]
+    assert len(keys) == len(set(keys)) >= 2  # each step and evaluation once
+    assert len(list((run / "tensorboard").iterdir())) == 1
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "ph.zarr", "run", "tiny.yaml"]
+
+
+class Killed(BaseException):
+    """A kill at one moment: no clean-up of ours runs (only the lock's, as the kernel's)."""
+
+
+@pytest.mark.parametrize("moment", ["store made, not yet ours", "no run record yet",
+                                    "before the rename"])
+def test_a_kill_while_segment_volume_creates_its_output_leaves_nothing_to_disown(
+        tmp_path, monkeypatch, moment):
+    """The new store is made in staging, with its run record, and renamed into place: a kill
+    just after zarr made the store (not yet marked as ours), before its run record or before
+    the rename leaves nothing at the output, and the same command completes."""
+    from magseg_hpc.cli import main
+    from magseg_hpc.segment import pipeline
+    from magseg_hpc.volume import store
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    module, name = {"store made, not yet ours": (store, "record_owner"),
+                    "no run record yet": (pipeline, "write_run_record"),
+                    "before the rename": (pipeline, "promote")}[moment]
+    inp = write_input(tmp_path / "in.zarr", make_volume((8, 32, 32), seed=2), (4, 32, 32))
+    out = tmp_path / "out.zarr"
+    argv = ["segment-volume", str(inp), str(out), "--method", "threshold",
+            "--dashboard-address", ":0"]
+    monkeypatch.setattr(module, name, killed)
+    with pytest.raises(Killed):
+        main(argv)
+    monkeypatch.undo()
+    assert not out.exists() and is_staging(staging_path(out))
+    assert main(argv) == 0  # the same command: no manual step
+    assert is_complete(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr", "out.zarr"]
+
+
+# Imports everything once, then starts each command as a forked process of its own session
+# (no start-up of seconds per trial) and kills or waits for it when asked.
+FORK_SERVER = """
+import json, os, signal, sys
+from magseg_hpc.cli import build_parser, main
+import magseg_hpc.train.loop, magseg_hpc.launch.jobs, magseg_hpc.evaluate, matplotlib.pyplot
+build_parser([])  # every command's module
+print("ready", flush=True)
+for line in sys.stdin:
+    what, arg = line.split(" ", 1)
+    if what == "run":
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1), os.dup2(null, 2)
+            code = 1
+            try:
+                code = main(json.loads(arg))
+            finally:
+                os._exit(code)
+        print(pid, flush=True)
+    else:
+        if what == "kill":
+            os.killpg(int(arg), signal.SIGKILL)
+        print(os.waitstatus_to_exitcode(os.waitpid(int(arg), 0)[1]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_random_kills_of_the_demo_never_lose_the_previous_demo(tmp_path):
+    """10 SIGKILLs at random moments of `demo --overwrite` over a finished demo: the folder
+    is always the previous demo byte for byte, or a complete new one; a rerun completes
+    and leaves nothing beside it."""
+    import json
+    import random
+
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(_tiny_config(tmp_path / "set-by-the-demo.zarr",
+                                                  max_iters=1)))
+    out = tmp_path / "demo"
+    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def ask(what: str, arg) -> int:
+        server.stdin.write(f"{what} {arg}\n")
+        server.stdin.flush()
+        return int(server.stdout.readline())
+
+    def demo(*flags: str) -> int:  # the pid of a demo run
+        return ask("run", json.dumps(["demo", str(out), "--config", str(config), "--iters",
+                                      "1", "--shape", "8,32,32", *flags]))
+
+    def complete() -> bool:
+        owner = json.loads((out / ".magseg" / "owner.json").read_text())
+        return owner["format"] == "magseg-hpc/demo/1" and all(
+            (out / name).exists() for name in owner["entries"])
+
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        assert ask("wait", demo()) == 0
+        one_run = time.monotonic() - started
+        old = snapshot(out)
+        moments = random.Random(0)
+        outcomes = []
+        for _ in range(10):
+            pid = demo("--overwrite")
+            time.sleep(moments.uniform(0.0, one_run))
+            ask("kill", pid)
+            got = snapshot(out)
+            if got == old:
+                outcomes.append("mid-write" if staging_path(out).parent.exists() else "old")
+            else:
+                assert complete(), "the demo folder is neither the previous demo nor a new one"
+                outcomes.append("new")
+                old = got
+        assert ask("wait", demo("--overwrite")) == 0  # the rerun completes
+    finally:
+        server.kill()
+        server.wait()
+    assert complete() and snapshot(out) != old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "tiny.yaml"]
+    assert "mid-write" in outcomes, outcomes  # some kills landed while the new one was made

@@ -7,23 +7,34 @@ Dask cluster (the trained model along the planes its training's fusion check cho
 classical threshold baseline), and the evaluation of both against the test phantom's ground
 truth, compared at the end. Each step is the same subcommand a user would type, printed before
 it runs.
+
+The demo's folder is an output like any other: every argument is checked before anything on
+disk is touched; the demo is written into the folder's staging (staging.py) and swapped in
+only when every step has succeeded, so a kill or a failing step leaves the previous demo as
+it was; its owner manifest (outputs.py) makes it the tool's, and only such a folder is
+replaced by --overwrite (a folder the demo did not create is refused, whatever it holds).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import time
 from pathlib import Path
 
 from magseg_hpc.cli import main
+from magseg_hpc.commands.common import int_triple
+from magseg_hpc.commands.make_phantom import check_phantom_args
 from magseg_hpc.config import config_path, load_config
+from magseg_hpc.data.phantom import PRESETS, preset_params
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.outputs import record_owner
+from magseg_hpc.staging import staged_output
 
-# Everything the demo writes in its folder: only such a folder is replaced by --overwrite.
-DEMO_ENTRIES = {"phantom_train.zarr", "phantom_test.zarr", "train", "segmented.zarr",
-                "threshold.zarr", "eval_model.json", "eval_threshold.json", "figures_model"}
+DEMO_FORMAT = "magseg-hpc/demo/1"  # the demo folder's owner manifest (outputs.py)
+# What the demo writes in its folder (its owner manifest lists them)
+DEMO_ENTRIES = ("phantom_train.zarr", "phantom_test.zarr", "train", "segmented.zarr",
+                "threshold.zarr", "eval_model.json", "eval_threshold.json", "figures_model")
 
 
 DEMO_ITERS = 1000  # a third of cpu_best's schedule: a demo in ~5 minutes
@@ -40,42 +51,53 @@ def register(subparsers) -> None:
     p.add_argument("--iters", type=int, default=DEMO_ITERS,
                    help=f"training iterations, as a whole schedule (default {DEMO_ITERS}: about "
                    "5 minutes on 2 cores; cpu_best's own schedule is 3000)")
-    p.add_argument("--preset", default="elongated",
+    p.add_argument("--preset", default="elongated", choices=tuple(PRESETS),
                    help="make-phantom preset (default elongated; sweep for an 8-bit masked "
                    "volume like a published reconstruction)")
-    p.add_argument("--shape", default=None, help="phantom shape Z,Y,X (default the preset's)")
-    p.add_argument("--snr", default=None, help="phantom signal-to-noise ratio (default the "
-                   "preset's: 2 for elongated)")
-    p.add_argument("--overwrite", action="store_true", help="start again in an existing OUT_DIR")
+    p.add_argument("--shape", type=int_triple, default=None,
+                   help="phantom shape Z,Y,X (default the preset's)")
+    p.add_argument("--snr", type=float, default=None, help="phantom signal-to-noise ratio "
+                   "(default the preset's: 2 for elongated)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the demo in an existing OUT_DIR (one the demo wrote)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     out = Path(args.output_dir)
-    args.config = str(config_path(args.config))  # refused here, before OUT_DIR is touched
+    schedule = _check_args(args)  # every argument, before anything on disk is touched
+    with staged_output(out, args.overwrite, expect=DEMO_FORMAT) as tmp:
+        tmp.mkdir()
+        record_owner(tmp, DEMO_FORMAT, DEMO_ENTRIES)  # the tool's from its first entry
+        seconds = _run_steps(_steps(args, tmp, schedule), tmp, out)
+    print(f"\ndemo finished in {seconds:.0f} s; everything is in {out}/")
+    model, baseline = (json.loads((out / f"eval_{name}.json").read_text())["miou"]
+                       for name in ("model", "threshold"))
+    verdict = "beats" if model > baseline else "does NOT beat"
+    print(f"held-out test phantom: model mIoU {model:.3f} {verdict} the threshold baseline "
+          f"{baseline:.3f} ({model - baseline:+.3f})")
+    return 0
+
+
+def _check_args(args) -> list[str]:
+    """Refuse a bad argument in one line; the training's schedule overrides."""
+    args.config = str(config_path(args.config))
     if not Path(args.config).is_file():
         raise MagsegError(f"config {args.config} is not a file; give a config file or the name "
                           "of a shipped one (magseg-hpc configs)")
-    if out.exists() and not out.is_dir():
-        raise MagsegError(f"{out} is {'a regular file' if out.is_file() else 'not a folder'}; "
-                          "give a folder for the demo")
-    if out.exists() and any(out.iterdir()):
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES
-                         and not any(p.name.startswith(f".{e}.") for e in DEMO_ENTRIES))
-        if foreign:
-            raise MagsegError(
-                f"{out} holds files the demo did not write ({', '.join(foreign[:3])}"
-                f"{' ...' if len(foreign) > 3 else ''}); choose another folder for the demo"
-            )
-        if not args.overwrite:
-            raise MagsegError(f"{out} already exists; pass --overwrite to start the demo again")
-        shutil.rmtree(out)
+    schedule = _schedule(args.config, args.iters)
+    load_config(args.config, schedule)  # the config as the training step will load it
+    check_phantom_args(preset_params(args.preset, shape=args.shape, snr=args.snr))
+    return schedule
+
+
+def _steps(args, out: Path, schedule: list[str]) -> list[tuple[str, list]]:
+    """(title, magseg-hpc arguments) of each step, writing into ``out``."""
     train, test = out / "phantom_train.zarr", out / "phantom_test.zarr"
     phantom = ["--preset", args.preset]
-    phantom += ["--shape", args.shape] if args.shape else []
-    phantom += ["--snr", args.snr] if args.snr else []
-    schedule = _schedule(args.config, args.iters)
-    steps = [
+    phantom += ["--shape", ",".join(map(str, args.shape))] if args.shape else []
+    phantom += ["--snr", str(args.snr)] if args.snr is not None else []
+    return [
         ("make a training phantom", ["make-phantom", train, "--seed", "0", *phantom]),
         ("make a test phantom (another seed)", ["make-phantom", test, "--seed", "1", *phantom]),
         ("train AugSeg on CPU", [
@@ -98,21 +120,23 @@ def run(args) -> int:
             "evaluate", out / "threshold.zarr", test, "--report", out / "eval_threshold.json",
         ]),
     ]
+
+
+def _run_steps(steps: list[tuple[str, list]], staging: Path, out: Path) -> float:
+    """Run each step in this process (printed with the paths it will have in ``out``);
+    seconds taken. A failed step stops the demo, and ``out`` stays as it was."""
     start = time.perf_counter()
     for i, (title, argv) in enumerate(steps, 1):
         argv = [str(a) for a in argv]
-        print(f"\n== [{i}/{len(steps)}] {title}\n$ magseg-hpc {shlex.join(argv)}", flush=True)
+        shown = [a.replace(str(staging), str(out)) for a in argv]
+        print(f"\n== [{i}/{len(steps)}] {title}\n$ magseg-hpc {shlex.join(shown)}", flush=True)
         code = main(argv)
         if code:
-            print(f"demo stopped: step {i} failed with exit code {code}")
-            return code
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; everything is in {out}/")
-    model, baseline = (json.loads((out / f"eval_{name}.json").read_text())["miou"]
-                       for name in ("model", "threshold"))
-    verdict = "beats" if model > baseline else "does NOT beat"
-    print(f"held-out test phantom: model mIoU {model:.3f} {verdict} the threshold baseline "
-          f"{baseline:.3f} ({model - baseline:+.3f})")
-    return 0
+            kept = (f"the previous demo in {out} is as it was" if out.exists()
+                    else "nothing was kept")
+            raise MagsegError(f"demo stopped: step {i} ({title}) failed with exit code {code}; "
+                              f"{kept}")
+    return time.perf_counter() - start
 
 
 def _schedule(config: str, iters: int | None) -> list[str]:

@@ -45,6 +45,7 @@ from magseg_hpc.launch.submission import (
 from magseg_hpc.launch.tasks import Task
 from magseg_hpc.paths import volume_file
 from magseg_hpc.rundir import check_run_folder, claim
+from magseg_hpc.staging import writer_lock
 
 __all__ = ["register", "build_parser", "main", "check_command_args"]
 
@@ -205,7 +206,11 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(cluster, params, folder)
     if args.output_dir:
-        claim(output_dir)  # ours before submitit writes its files there
+        # ours before submitit writes its files there; not while a training writes it
+        with writer_lock(output_dir, shlex.join(["python", "-m", "magseg_hpc.submit",
+                                                 *sys.argv[1:]])):
+            check_run_folder(output_dir, config)
+            claim(output_dir)
     spec = TrainSpec(config, uuid.uuid4().hex, resume_any=bool(args.output_dir))
     task = Task("magseg_hpc.launch.jobs:train_job", spec, folder, str(Path.cwd()))
     return _submit_and_report("train", task, args, cluster, folder, params, profile)

@@ -28,9 +28,10 @@ from magseg_hpc.data.masks import (
     count_unknown,
     mask_files,
     read_mask,
+    refuse_no_labels,
 )
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.paths import volume_file
+from magseg_hpc.paths import atomic_write, volume_file
 from magseg_hpc.staging import staged_output
 from magseg_hpc.volume.io import open_volume, soft_var
 from magseg_hpc.volume.store import (
@@ -85,9 +86,7 @@ def write_slice_list(path: str | Path, indices, *, axis: str, scores=None,
     lines = [f"# {line}" for line in header.splitlines() if line] + [f"# axis: {axis}"]
     for k, i in enumerate(indices):
         lines.append(f"{int(i)}" if scores is None else f"{int(i)}\t{float(scores[k]):.6f}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "\n".join(lines) + "\n")
 
 
 def read_slice_list(path: str | Path) -> tuple[list[int], str | None]:
@@ -334,6 +333,7 @@ def import_sparse_masks(masks_dir: str | Path, out: str | Path, class_table: Cla
             unknown += count_unknown(rgb, labels, unknown_colors)
             write_label_region(tmp, _region(axis, i), np.expand_dims(labels, AXES.index(axis)))
         per_class = {n: int(counts[k]) for k, n in enumerate(class_table.names)}
+        refuse_no_labels(per_class, masks_dir, class_table, colors=unknown_colors)
         set_complete(tmp, unknown=unknown, counts=per_class,
                      labelled={"axis": axis, "indices": indices})
     top = sorted(unknown_colors.items(), key=lambda kv: -kv[1])[:5]
@@ -404,6 +404,7 @@ def import_label_volume(src: str, out: str | Path, class_table: ClassTable, *,
                 carries |= some
             write_label_region(tmp, (slice(z0, z1), slice(None), slice(None)), mapped)
         per_class = {n: int(counts[k]) for k, n in enumerate(class_table.names)}
+        refuse_no_labels(per_class, src, class_table, values=values)
         indices = np.flatnonzero(carries).tolist()
         set_complete(tmp, unknown=unknown, counts=per_class,
                      labelled={"axis": axis, "indices": indices})

@@ -209,6 +209,30 @@ def count_unknown(rgb: np.ndarray, labels: np.ndarray, into: dict[int, int]) -> 
     return int(bad.sum())
 
 
+def refuse_no_labels(counts: dict[str, int], source, class_table: ClassTable, *,
+                     colors: dict[int, int] | None = None, values: list | None = None) -> None:
+    """Refuse an import that labels nothing (``counts``: pixels per class): the masks were
+    painted with other colours than the table's (``colors``: the packed colours seen) or a
+    label array uses other values (``values``: the class values asked for). An all-255
+    store would train on nothing; the import is staged, so nothing is written."""
+    if sum(counts.values()):
+        return
+    if values is not None:
+        wanted = ", ".join(f"{n} {v}" for n, v in zip(class_table.names, values, strict=True))
+        raise MagsegError(
+            f"{source}: no voxel holds a class value ({wanted}); give the values the labels "
+            "use with --class-values (and --unlabelled-value); nothing was written")
+    table = ", ".join(f"{n} {list(c)}" for n, c in zip(class_table.names, class_table.colors,
+                                                       strict=True))
+    top = sorted((colors or {}).items(), key=lambda kv: -kv[1])[:3]
+    seen = ", ".join(f"[{c >> 16 & 255}, {c >> 8 & 255}, {c & 255}] x{k}" for c, k in top)
+    raise MagsegError(
+        f"{source}: no pixel of the masks has a colour of the class table ({table}); "
+        + (f"they hold {seen}" if seen else "every pixel is transparent")
+        + "; paint with the table's colours, or give the table the masks were painted with "
+        "(--colors); nothing was written")
+
+
 def _pack(rgb: np.ndarray) -> np.ndarray:
     rgb = np.asarray(rgb, dtype=np.uint32)
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
@@ -258,6 +282,7 @@ def import_masks(
             unknown += count_unknown(rgb, labels, unknown_colors)
             write_label_region(tmp, (slice(z0, z1), slice(None), slice(None)), labels)
         per_class = {n: int(counts[i]) for i, n in enumerate(class_table.names)}
+        refuse_no_labels(per_class, masks_dir, class_table, colors=unknown_colors)
         set_complete(tmp, unknown=unknown, counts=per_class)
 
     top = sorted(unknown_colors.items(), key=lambda kv: -kv[1])[:5]

@@ -134,6 +134,29 @@ class VolumeSlices:
             carries = np.asarray((labels != IGNORE_LABEL).any(dim=others).values)
         return None if carries.all() else np.flatnonzero(carries).tolist()
 
+    def check_label_values(self, classes: ClassTable) -> None:
+        """Refuse a label outside the class table (its classes, or 255 unlabelled) in one line
+        naming the first slice along ``axis`` that holds one, and the value: the loss and the
+        scores would index past the table. Streams the labels."""
+        import dask
+
+        labels = self._labels_array()
+        bad = ((labels < 0) | (labels >= classes.num_classes)) & (labels != IGNORE_LABEL)
+        with dask.config.set(scheduler="threads"):
+            where = np.flatnonzero(np.asarray(
+                bad.any(dim=[d for d in AXES if d != self.axis]).values))
+        if not where.size:
+            return
+        plane = np.asarray(labels.isel({self.axis: int(where[0])}).values)
+        values = np.unique(plane[np.asarray(bad.isel({self.axis: int(where[0])}).values)])
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (" ..." if values.size > 5 else "")
+        raise MagsegError(
+            f"{self.label_path}: {self.axis} slice {int(where[0])} holds the label value(s) "
+            f"{shown}, outside the class table (0..{classes.num_classes - 1}: "
+            f"{', '.join(classes.names)}; {IGNORE_LABEL} unlabelled)"
+            + (f", as do {where.size - 1} more slice(s)" if where.size > 1 else "")
+            + "; fix the labels, or the config's class_table")
+
     def _read(self, name: str, arr, index: int) -> np.ndarray:
         if not 0 <= index < len(self):
             raise MagsegError(

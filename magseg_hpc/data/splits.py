@@ -15,6 +15,7 @@ from magseg_hpc.axes import AXES
 from magseg_hpc.data.sampling import STREAM_SPLIT
 from magseg_hpc.data.slices import IMAGE_SUFFIXES, MultiAxisSlices, VolumeSlices
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.paths import atomic_write
 
 SPLIT_NAMES = ("labeled", "unlabeled", "val")
 
@@ -141,14 +142,26 @@ def sparse_label_slices(d) -> dict:
     return found
 
 
+def check_label_values(cfg) -> None:
+    """Refuse labels outside the class table in the training and validation label volumes
+    (``VolumeSlices.check_label_values``), before a run folder is made. ``cfg``: an
+    ExperimentConfig; an image folder's masks are mapped through the table when read."""
+    d = cfg.data
+    if not d.volume:
+        return
+    kw = {"image_var": d.image_var, "label_var": d.label_var, "cache_mb": 0}
+    pairs = [(d.volume, d.label_volume)] + ([(d.val_volume, d.val_label_volume)]
+                                            if d.val_volume else [])
+    for volume, labels in pairs:
+        VolumeSlices(volume, d.axis, label_path=labels, **kw).check_label_values(cfg.class_table)
+
+
 def write_split(path: str | Path, keys: Sequence, header: str = "") -> None:
     """One key per line, after ``#`` header lines; written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# {line}" for line in header.splitlines() if line] + [str(k) for k in keys]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "\n".join(lines) + "\n")
 
 
 def read_split(path: str | Path) -> list[str]:

@@ -26,7 +26,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.models import ARCHITECTURE_KEYS, build_model, resolve_model_config
 from magseg_hpc.models.weights import read_weights
+from magseg_hpc.paths import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def _tensor_bytes(value) -> int:
 
 
 def save_checkpoint(path: str | Path, ckpt: dict) -> None:
-    """Write ``ckpt`` to ``path`` atomically: a temporary file in the same directory, fsync,
-    then ``os.replace``, so a crash leaves either the old file or the new one, never half.
+    """Write ``ckpt`` to ``path`` atomically (``atomic_write``, with fsync), so a crash
+    leaves either the old file or the new one, never half.
 
     Sets "format" and fills missing optional keys with {}. Raises TypeError (a programming
     error) if a value would not load with weights_only, KeyError if a required key is missing.
@@ -92,21 +92,12 @@ def save_checkpoint(path: str | Path, ckpt: dict) -> None:
     ckpt["format"] = FORMAT
     _check_plain(ckpt, "ckpt")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(ckpt, f), fsync=True)
     except RuntimeError as e:
-        Path(tmp).unlink(missing_ok=True)
         # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ...")
         if shutil.disk_usage(path.parent).free < _tensor_bytes(ckpt) + (1 << 20):
             raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)

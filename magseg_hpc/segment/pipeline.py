@@ -36,7 +36,7 @@ from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import CLUSTER_LOGGERS, loggers_to_file
 from magseg_hpc.models.checkpoint import checkpoint_sha256, fuses, load_inference_model
 from magseg_hpc.outputs import check_no_overlap, check_output
-from magseg_hpc.paths import absolute_spec
+from magseg_hpc.paths import absolute_spec, remove_temp_files
 from magseg_hpc.precision import check_precision
 from magseg_hpc.segment.blocks import (
     Slab,
@@ -61,7 +61,13 @@ from magseg_hpc.staging import (
     writer_lock,
 )
 from magseg_hpc.volume.io import check_chunk_files, reading
-from magseg_hpc.volume.store import LABEL_FORMAT, create_label_store, open_group, set_complete
+from magseg_hpc.volume.store import (
+    LABEL_FORMAT,
+    create_label_store,
+    open_group,
+    refuse_existing,
+    set_complete,
+)
 from magseg_hpc.volume.support import (
     describe,
     inside_pixels,
@@ -367,20 +373,27 @@ def _warn_untrained_axes(ckpt: dict, axes: tuple[str, ...]) -> None:
 
 
 def _open_output(prep: Prepared) -> None:
-    """Create the label store (or reuse it on resume) and the run record."""
+    """Create the label store (or reuse it on resume) and the run record. A new store is
+    made in staging from its first byte, with its run record, and only then renamed to the
+    output (unless the whole run is staged): a kill at any moment leaves nothing at the
+    output, or a store of ours that --resume continues, never one the tool disowns."""
     opts, out = prep.options, prep.job.output
     if opts.resume and read_run_record(out) is not None:
         log.info("resuming %s: %d of %d slabs already done", out,
                  len(DoneMarkers(out).done()), len(prep.slabs))
+        remove_temp_files(state_dir(out), ["run.json", "owner.json"])  # a killed run's
     else:
-        if prep.staged:
-            begin_staging(prep.target)
+        if Path(prep.target).exists() and not prep.staged:  # (appeared since the checks)
+            refuse_existing(prep.target, False, LABEL_FORMAT)
+        staging = begin_staging(prep.target)
         create_label_store(
-            out, like=prep.volume, class_table=prep.class_table, provenance=prep.provenance,
-            chunks=prep.chunks, with_probabilities=opts.probabilities,
-            overwrite=opts.overwrite and not prep.staged,
+            staging, like=prep.volume, class_table=prep.class_table,
+            provenance=prep.provenance, chunks=prep.chunks,
+            with_probabilities=opts.probabilities,
         )
-        write_run_record(out, prep.fields)
+        write_run_record(staging, prep.fields)
+        if not prep.staged:
+            promote(staging, prep.target)
     actual = tuple(open_group(out)["labels"].chunks)
     if actual != tuple(prep.chunks):  # the plan's chunk alignment is what makes writes safe
         raise MagsegError(

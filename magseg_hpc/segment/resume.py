@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.paths import atomic_write
 
 RUN_FORMAT = "magseg-hpc/segment-run/1"
 
@@ -40,10 +40,9 @@ def write_run_record(output: str | Path, fields: dict) -> str:
     d = state_dir(output)
     d.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(fields)
-    tmp = d / "run.json.tmp"
-    tmp.write_text(json.dumps({"format": RUN_FORMAT, "fingerprint": fp, "fields": fields},
-                              indent=1, sort_keys=True, default=str))
-    os.replace(tmp, d / "run.json")
+    atomic_write(d / "run.json", json.dumps(
+        {"format": RUN_FORMAT, "fingerprint": fp, "fields": fields}, indent=1, sort_keys=True,
+        default=str))
     return fp
 
 

@@ -11,6 +11,7 @@ checkpoint, as it truncates metrics.jsonl, so the curves never show a step twice
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from magseg_hpc.classes import ClassTable, captioned_row
+from magseg_hpc.errors import MagsegError
 from magseg_hpc.rundir import TENSORBOARD_DIR
 
 STEP_SCALARS = ("loss", "loss_sup", "loss_uns", "pseudo_ratio", "lr", "ema_decay",
@@ -31,10 +33,13 @@ class Board:
 
     def __init__(self, output_dir: Path, iteration: int, classes: ClassTable, enabled: bool):
         self.classes = classes
-        # a resumed run redoes the steps after its checkpoint: drop those of the killed run
-        self.writer = (SummaryWriter(str(output_dir / TENSORBOARD_DIR),
-                                     purge_step=iteration + 1 if iteration else None)
-                       if enabled else None)
+        self.writer = None
+        if enabled:
+            logdir = output_dir / TENSORBOARD_DIR
+            _check_writable(logdir)
+            # a resumed run redoes the steps after its checkpoint: drop those of the killed run
+            self.writer = SummaryWriter(str(logdir),
+                                        purge_step=iteration + 1 if iteration else None)
 
     def step(self, record: dict) -> None:
         """A metrics.jsonl step record (averages over the last log window)."""
@@ -63,6 +68,22 @@ class Board:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _check_writable(logdir: Path) -> None:
+    """Refuse a tensorboard/ that cannot take event files in one line, here: the writer's
+    thread would print its own traceback beside the error."""
+    probe = logdir / ".magseg-probe"
+    try:
+        logdir.mkdir(exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = "is not a folder" if logdir.exists() and not logdir.is_dir() else (
+            f"cannot take event files ({e.strerror})")
+        raise MagsegError(f"{logdir} {what}; TensorBoard writes there: make it a writable "
+                          "folder (or move it away) and rerun") from None
 
 
 def panel_indices(n: int) -> list[int]:

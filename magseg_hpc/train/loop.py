@@ -40,23 +40,29 @@ from magseg_hpc.config import (
 from magseg_hpc.cpus import process_cpus
 from magseg_hpc.data.sampling import iters_per_epoch, step_generator
 from magseg_hpc.data.slices import LabeledSlices, UnlabeledSlices, ValSlices
+from magseg_hpc.data.splits import check_label_values
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import AppendFileHandler
 from magseg_hpc.models.checkpoint import check_architecture, load_checkpoint, save_checkpoint
+from magseg_hpc.paths import atomic_write, remove_temp_files
 from magseg_hpc.precision import describe as describe_precision
 from magseg_hpc.precision import resolve_precision
 from magseg_hpc.rundir import (
     BEST_FILE,
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    CURVES_FILE,
     LOGS_DIR,
     METRICS_FILE,
+    RUN_MARKER,
     SPLITS_DIR,
+    SUBMISSION_FILE,
     SUMMARY_FILE,
     check_run_folder,
     claim,
     has_checkpoint,
 )
+from magseg_hpc.staging import writer_lock
 from magseg_hpc.train import distributed as dist_util
 from magseg_hpc.train.augseg import (
     ema_decay,
@@ -78,6 +84,7 @@ from magseg_hpc.train.records import (
     validation_panels,
 )
 from magseg_hpc.train.setup import (
+    SPLIT_NAMES,
     StepBatches,
     TrainData,
     augment_settings,
@@ -154,10 +161,30 @@ def run_training(cfg: ExperimentConfig, output_dir: str | Path) -> dict:
     writes config, splits, checkpoints and metrics; every rank logs to logs/rank{N}.log.
     """
     output_dir = Path(output_dir).absolute()
+    main_rank = os.environ.get("RANK", "0") == "0"
+    # Rank 0 is the run folder's one writer, as every output has one (staging.writer_lock):
+    # a second training of it is refused in one line naming the holder. The other ranks of
+    # the same run write only their own logs, and take no lock.
+    with writer_lock(output_dir) if main_rank else contextlib.nullcontext():
+        return _run_claimed(cfg, output_dir, main_rank)
+
+
+# the run folder's files, whose temp files earlier versions named after them
+RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE,
+             RUN_MARKER, SUBMISSION_FILE)
+
+
+def _run_claimed(cfg: ExperimentConfig, output_dir: Path, main_rank: bool) -> dict:
+    """run_training once rank 0 holds the lock: check, claim, train."""
     check_output_dir(cfg, output_dir)
+    if main_rank:  # bad labels are refused before the run folder is made
+        check_label_values(cfg)
     created = not output_dir.exists()
-    if os.environ.get("RANK", "0") == "0":
+    if main_rank:
         claim(output_dir)
+        # what a killed run's atomic writes left (a checkpoint's temp file: its size)
+        remove_temp_files(output_dir, RUN_FILES)
+        remove_temp_files(output_dir / SPLITS_DIR, [f"{n}.txt" for n in SPLIT_NAMES])
     env = dist_util.init_distributed(cfg.train.device)
     try:
         with rank_log(output_dir, env.rank):
@@ -502,7 +529,5 @@ def finish(run: Run, state: TrainState, start_iteration: int, fusion: dict | Non
     if env.is_main:
         if (output_dir / METRICS_FILE).is_file():
             plot_curves(output_dir)
-        tmp = output_dir / f".{SUMMARY_FILE}.tmp"
-        tmp.write_text(json.dumps(_finite(summary), indent=2) + "\n")
-        tmp.replace(output_dir / SUMMARY_FILE)
+        atomic_write(output_dir / SUMMARY_FILE, json.dumps(_finite(summary), indent=2) + "\n")
     return summary

@@ -18,6 +18,7 @@ from magseg_hpc.config import (
     ExperimentConfig,
 )
 from magseg_hpc.metrics import confusion_matrix, scores_from_confusion
+from magseg_hpc.paths import atomic_write
 from magseg_hpc.rundir import (
     CURVES_FILE,
     METRICS_FILE,
@@ -123,9 +124,7 @@ def truncate_metrics(output_dir: Path, iteration: int) -> None:
         with contextlib.suppress(json.JSONDecodeError):
             if json.loads(line).get("iteration", 0) <= iteration:
                 kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    tmp.replace(path)
+    atomic_write(path, "".join(f"{line}\n" for line in kept))
 
 
 def plot_curves(output_dir: Path) -> None:
@@ -162,7 +161,7 @@ def plot_curves(output_dir: Path) -> None:
         ax.set_xlabel("iteration")
         ax.legend(loc="best")
     fig.tight_layout()
-    tmp = output_dir / f".{CURVES_FILE}.tmp.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(output_dir / CURVES_FILE)
+    try:
+        atomic_write(output_dir / CURVES_FILE, lambda f: fig.savefig(f, format="png", dpi=80))
+    finally:
+        plt.close(fig)

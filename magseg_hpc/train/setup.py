@@ -45,6 +45,8 @@ from magseg_hpc.volume.support import is_masked, resolve_support, support_of
 
 log = logging.getLogger(__name__)
 
+SPLIT_NAMES = ("labeled", "unlabeled", "val")  # splits/NAME.txt
+
 
 def _split_header(cfg: ExperimentConfig, name: str) -> str:
     d = cfg.data
@@ -63,7 +65,7 @@ def resolve_splits(cfg: ExperimentConfig, output_dir: Path, env: DistEnv,
     (``splits.other_axis_keys``)."""
     d = cfg.data
     split_dir = output_dir / SPLITS_DIR
-    paths = {name: split_dir / f"{name}.txt" for name in ("labeled", "unlabeled", "val")}
+    paths = {name: split_dir / f"{name}.txt" for name in SPLIT_NAMES}
     if env.is_main and not all(p.is_file() for p in paths.values()):
         given = {"labeled": d.labeled_split, "unlabeled": d.unlabeled_split, "val": d.val_split}
         if d.folder:

@@ -144,6 +144,15 @@ def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
         return zarr.open_group(str(path), mode=mode)
 
 
+def _members(group) -> list[str]:
+    """The group's arrays. Listing them, zarr warns (ZarrUserWarning, on its own thread) that
+    .magseg/ (the owner manifest, the run's state) is no zarr node: that note only is quiet."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning,
+                                message=r"Object at \.magseg is not recognized as a component")
+        return list(group.keys())
+
+
 def create_label_store(
     path: str | Path,
     *,
@@ -182,7 +191,7 @@ def create_label_store(
             attributes={"long_name": "class probability x 255", "scale_factor": 1 / 255},
         )
     _create_coords(group, _coord_values(like, shape))
-    record_owner(path, LABEL_FORMAT, list(group.keys()))  # the arrays created just now
+    record_owner(path, LABEL_FORMAT, _members(group))  # the arrays created just now
     group.attrs.update(
         {
             "magseg_hpc": {"format": LABEL_FORMAT, "version": __version__, "complete": False},
@@ -291,7 +300,7 @@ def write_image_store(
             )
         img.attrs.update(image_attrs or {})
         _create_coords(group, _coord_values(like, shape))
-        record_owner(tmp, IMAGE_FORMAT, list(group.keys()))
+        record_owner(tmp, IMAGE_FORMAT, _members(group))
         for z0 in range(0, shape[0], chunks[0]):
             z1 = min(z0 + chunks[0], shape[0])
             with reading(like.attrs.get("source", "input") if like is not None else "input"):
