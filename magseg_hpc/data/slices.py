@@ -322,11 +322,15 @@ class FolderSlices:
         return colors_to_labels(rgb, self.class_table)
 
     def normalization_sample(self, keys: Sequence[str], max_images: int = 64) -> np.ndarray:
-        """A stack of up to ``max_images`` evenly spread images (for fit_normalization)."""
+        """A stack of up to ``max_images`` evenly spread images (for fit_normalization and
+        the support decision); their pixels in a row when their shapes differ."""
         if not keys:
             raise MagsegError(f"{self.root}: no training images to fit the normalisation")
         idx = np.unique(np.linspace(0, len(keys) - 1, min(max_images, len(keys))).astype(int))
-        return np.concatenate([self.read_image(keys[i]).ravel() for i in idx])
+        images = [self.read_image(keys[i]) for i in idx]
+        if len({im.shape for im in images}) == 1:
+            return np.stack(images)
+        return np.concatenate([im.ravel() for im in images])
 
 
 # --- datasets --------------------------------------------------------------------------------

@@ -145,7 +145,9 @@ def sample_planes(volume) -> np.ndarray:
     data = volume if isinstance(volume, np.ndarray) else getattr(volume, "data", volume)
     if not hasattr(data, "shape"):
         data = np.asarray(data)
-    if data.ndim == 2:
+    if data.ndim == 1:  # values without a plane: every one counts as border
+        data = data[None, None]
+    elif data.ndim == 2:
         data = data[None]
     elif data.ndim > 3:
         data = data.reshape(-1, *data.shape[-2:])
