@@ -77,7 +77,9 @@ READ_ERRORS = (RuntimeError, ValueError, OSError, EOFError, IndexError)
 
 
 @contextlib.contextmanager
-def reading(source) -> Iterator[None]:
+def reading(source, problem: str = "cannot read its voxels",
+            fix: str = "the file is damaged or truncated, re-export or re-copy it",
+            ) -> Iterator[None]:
     """Turn a failure while reading ``source``'s voxels into one line naming the file."""
     try:
         yield
@@ -86,10 +88,8 @@ def reading(source) -> Iterator[None]:
     except READ_ERRORS as e:
         if isinstance(e, OSError) and e.errno in USER_ERRNOS:
             raise  # a permission or disk problem, reported as such by the CLI
-        fix = (ERRNO_FIXES.get(e.errno) if isinstance(e, OSError) else None) or (
-            "the file is damaged or truncated, re-export or re-copy it")
-        raise MagsegError(
-            f"{source}: cannot read its voxels ({_short(e)}); {fix}") from e
+        fix = (ERRNO_FIXES.get(e.errno) if isinstance(e, OSError) else None) or fix
+        raise MagsegError(f"{source}: {problem} ({_short(e)}); {fix}") from e
 
 
 def _short(e: Exception) -> str:
@@ -421,18 +421,10 @@ def slice_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return files
 
 
-@contextlib.contextmanager
-def _slice_header(path: Path) -> Iterator[None]:
+def _slice_header(path: Path):
     """A slice that cannot be opened is one line naming it (not a traceback)."""
-    try:
-        yield
-    except MagsegError:
-        raise
-    except READ_ERRORS as e:
-        if isinstance(e, OSError) and e.errno in USER_ERRNOS:
-            raise
-        raise MagsegError(f"{path}: not a readable slice image ({_short(e)}); re-export it or "
-                          "move it out of the folder") from e
+    return reading(path, "not a readable slice image",
+                   "re-export it or move it out of the folder")
 
 
 def _open_slice_folder(path: Path) -> xr.DataArray:
