@@ -27,6 +27,83 @@ def cli():
     return run_cli
 
 
+# Imports everything once, then starts each command as a forked process of its own session
+# (no start-up of seconds per run: the kill tests pay for the command's own work only) and
+# kills or waits for it when asked. A command's stdout and stderr go to the file named with
+# it (or nowhere).
+FORK_SERVER = """
+import json, os, signal, sys
+from magseg_hpc.cli import build_parser, main
+import magseg_hpc.train.loop, magseg_hpc.launch.jobs, magseg_hpc.evaluate, matplotlib.pyplot
+import torch._dynamo  # what torch.optim imports when the first optimizer is made
+build_parser([])  # every command's module
+print("ready", flush=True)
+for line in sys.stdin:
+    what, arg = line.split(" ", 1)
+    if what == "run":
+        request = json.loads(arg)
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            out = os.open(request["log"] or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(out, 1), os.dup2(out, 2)
+            code = 1
+            try:
+                code = main(request["argv"])
+            finally:
+                os._exit(code)
+        print(pid, flush=True)
+    else:
+        if what == "kill":
+            os.killpg(int(arg), signal.SIGKILL)
+        print(os.waitstatus_to_exitcode(os.waitpid(int(arg), 0)[1]), flush=True)
+"""
+
+
+class CommandServer:
+    """``magseg-hpc`` commands as forked processes of one interpreter that imported every
+    command once: ``start`` returns the command's pid (its session and process group),
+    ``kill`` SIGKILLs that session, ``wait`` waits; both return the exit status."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def _ask(self, what: str, arg) -> int:
+        self.proc.stdin.write(f"{what} {arg}\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def start(self, argv, log: Path | None = None) -> int:
+        import json
+
+        return self._ask("run", json.dumps({"argv": [str(a) for a in argv],
+                                            "log": str(log) if log else None}))
+
+    def kill(self, pid: int) -> int:
+        return self._ask("kill", pid)
+
+    def wait(self, pid: int) -> int:
+        return self._ask("wait", pid)
+
+    def run(self, argv, log: Path | None = None) -> int:
+        return self.wait(self.start(argv, log))
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def command_server():
+    """One CommandServer for the session (its start-up, imports included, paid once)."""
+    server = CommandServer()
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def oracle_volume() -> np.ndarray:
     """An odd-shaped float32 volume with distinct values everywhere."""

@@ -133,53 +133,57 @@ def test_lock_path_that_is_not_our_lock_file_is_refused_and_left_alone(tmp_path)
     assert not lock.exists()
 
 
-def test_killed_overwrite_keeps_the_old_result_and_resume_completes_it(tmp_path):
+def test_killed_overwrite_keeps_the_old_result_and_resume_completes_it(tmp_path,
+                                                                       tmp_path_factory,
+                                                                       command_server):
     """A second --overwrite while one runs is refused; a SIGKILL half-way through leaves the
     previous result byte-identical; --resume continues the staged run to the same bytes as
     an uninterrupted one, and swaps it in."""
-    # slow enough (40 slabs of 2 x 160 x 160 with TTA) that the run is still going when the
-    # second writer, a fresh interpreter, has started
-    volume = make_volume((80, 160, 160), seed=3)
+    volume = make_volume((16, 96, 96), seed=3)  # 8 slabs of 2 x 96 x 96 with TTA
     inp = write_input(tmp_path / "in.zarr", volume, (16, 32, 32))
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     out, ref = tmp_path / "out.zarr", tmp_path / "ref.zarr"
-    base = [sys.executable, "-m", "magseg_hpc.cli", "segment-volume", str(inp)]
+    logs = tmp_path_factory.mktemp("logs")
+    base = ["segment-volume", str(inp)]
     slow = ["--model", str(ckpt), "--slab-size", "2", "--tta", "--probabilities",
-            "--workers", "1", "--threads-per-worker", "1", "--dashboard-address", ":0"]
-    first = subprocess.run(base + [str(out), "--method", "threshold", "--dashboard-address",
-                                   ":0"], capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
+            "--in-process", "--workers", "1", "--threads-per-worker", "1",
+            "--dashboard-address", ":0"]
+
+    def run(name: str, *argv: str) -> tuple[int, str]:
+        """(exit status, stdout and stderr) of a command run to its end."""
+        code = command_server.run([*base, *argv], logs / name)
+        return code, (logs / name).read_text()
+
+    code, text = run("first", str(out), "--method", "threshold", "--dashboard-address", ":0")
+    assert code == 0, text
     before = snapshot(out)
 
-    proc = subprocess.Popen(base + [str(out), "--overwrite"] + slow, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    pid = command_server.start([*base, str(out), "--overwrite", *slow], logs / "killed")
     try:
         markers = DoneMarkers(staging_path(out))
         deadline = time.monotonic() + 120
-        while len(markers.done()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        while len(markers.done()) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert proc.poll() is None, proc.communicate()
-        second = subprocess.run(base + [str(out), "--overwrite"] + slow, capture_output=True,
-                                text=True)
-        assert second.returncode == 2
-        assert second.stderr.strip().count("\n") == 0, second.stderr
-        assert "being written by another run" in second.stderr
-        assert f"pid {proc.pid} on " in second.stderr
-        os.killpg(proc.pid, signal.SIGKILL)
+        # frozen half-way, holding the output: the run is still going, whatever the time the
+        # second writer takes
+        os.killpg(pid, signal.SIGSTOP)
+        assert 2 <= len(markers.done()) < 8, (logs / "killed").read_text()
+        code, text = run("second", str(out), "--overwrite", *slow)
+        lines = [line for line in text.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, text
+        assert "being written by another run" in lines[0]
+        assert f"pid {pid} on " in lines[0]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        command_server.kill(pid)  # SIGKILL, stopped or not
     assert snapshot(out) == before  # the old result, byte for byte
-    assert is_staging(staging_path(out)) and 2 <= len(markers.done()) < 40
+    assert is_staging(staging_path(out)) and 2 <= len(markers.done()) < 8
 
-    resumed = subprocess.run(base + [str(out), "--resume"] + slow, capture_output=True,
-                             text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "swapped in when complete" in resumed.stdout and "already done" in resumed.stdout
+    code, text = run("resumed", str(out), "--resume", *slow)
+    assert code == 0, text
+    assert "swapped in when complete" in text and "already done" in text
     assert not staging_path(out).exists() and is_complete(out)
-    reference = subprocess.run(base + [str(ref)] + slow, capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stderr
+    code, text = run("reference", str(ref), *slow)
+    assert code == 0, text
     import zarr
 
     a, b = zarr.open_group(str(out)), zarr.open_group(str(ref))
@@ -188,53 +192,58 @@ def test_killed_overwrite_keeps_the_old_result_and_resume_completes_it(tmp_path)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
 
 
-def test_random_kills_of_ingest_overwrite_never_damage_the_old_result(tmp_path):
+def test_random_kills_of_ingest_overwrite_never_damage_the_old_result(tmp_path,
+                                                                      tmp_path_factory,
+                                                                      command_server):
     """20 SIGKILLs at random moments of `ingest --overwrite`: the output is always the old
     result or the new one, byte for byte, never a mixture; a rerun then completes to the
-    same bytes as an uninterrupted run and leaves nothing beside it."""
+    same bytes as an uninterrupted run and leaves nothing beside it. (Each run a forked
+    process of the command server: the moments fall in the command's work, not in
+    Python's start-up.)"""
     import random
 
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         np.save(tmp_path / f"{name}.npy", rng.random((24, 64, 64), dtype=np.float32))
     out, ref = tmp_path / "out.zarr", tmp_path / "ref.zarr"
+    log = tmp_path_factory.mktemp("logs") / "ingest.log"
 
-    def ingest(src: str, dest: Path, *flags: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "magseg_hpc.cli", "ingest",
-                                 str(tmp_path / f"{src}.npy"), str(dest), "--chunks", "2,64,64",
-                                 *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def ingest(src: str, dest: Path, *flags: str) -> int:
+        return command_server.start(["ingest", str(tmp_path / f"{src}.npy"), str(dest),
+                                     "--chunks", "2,64,64", *flags], log)
 
-    assert ingest("a", out).wait() == 0
+    assert command_server.wait(ingest("a", out)) == 0, log.read_text()
     started = time.monotonic()
-    assert ingest("b", ref).wait() == 0
+    assert command_server.wait(ingest("b", ref)) == 0, log.read_text()
     one_run = time.monotonic() - started
     old, new = snapshot(out), snapshot(ref)
     assert old != new
     moments = random.Random(0)
     outcomes = []
     for _ in range(20):
-        proc = ingest("b", out, "--overwrite")
+        pid = ingest("b", out, "--overwrite")
         time.sleep(moments.uniform(0.0, one_run))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        command_server.kill(pid)
         got = snapshot(out)
         assert got in (old, new), "the output is neither the old nor the new result"
         outcomes.append("new" if got == new else "mid-write" if staging_path(out).parent.exists()
                         else "old")
         if got == new:  # back to the old result for the next trial
-            assert ingest("a", out, "--overwrite").wait() == 0
-    rerun = ingest("b", out, "--overwrite")
-    assert rerun.wait() == 0, rerun.stderr.read().decode()  # the rerun completes
-    assert snapshot(out) == new
+            assert command_server.wait(ingest("a", out, "--overwrite")) == 0, log.read_text()
+    assert command_server.wait(ingest("b", out, "--overwrite")) == 0, log.read_text()
+    assert snapshot(out) == new  # the rerun completes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy", "out.zarr",
                                                           "ref.zarr"]
     assert "mid-write" in outcomes, outcomes  # some kills landed while the new one was written
 
 
-def test_random_kills_of_segment_volume_overwrite_never_damage_the_old_result(tmp_path):
+def test_random_kills_of_segment_volume_overwrite_never_damage_the_old_result(
+        tmp_path, tmp_path_factory, command_server):
     """20 SIGKILLs at random moments of `segment-volume --overwrite` over a complete result:
     the output is always the old result byte for byte, or the complete new one; a rerun then
-    completes to the labels of an uninterrupted run and leaves nothing beside it."""
+    completes to the labels of an uninterrupted run and leaves nothing beside it. (Each run a
+    forked process of the command server: the moments fall in the command's work, not in
+    Python's start-up.)"""
     import random
 
     import zarr
@@ -242,17 +251,16 @@ def test_random_kills_of_segment_volume_overwrite_never_damage_the_old_result(tm
     inp = write_input(tmp_path / "in.zarr", make_volume((24, 96, 96), seed=4), (4, 96, 96))
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     out, ref = tmp_path / "out.zarr", tmp_path / "ref.zarr"
+    log = tmp_path_factory.mktemp("logs") / "segment.log"
 
-    def segment(dest: Path, *flags: str, model: bool = True) -> subprocess.Popen:
+    def segment(dest: Path, *flags: str, model: bool = True) -> int:
         how = ["--model", str(ckpt), "--slab-size", "2"] if model else ["--method", "threshold"]
-        return subprocess.Popen([sys.executable, "-m", "magseg_hpc.cli", "segment-volume",
-                                 str(inp), str(dest), "--dashboard-address", ":0", *how, *flags],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        return command_server.start(["segment-volume", str(inp), str(dest),
+                                     "--dashboard-address", ":0", *how, *flags], log)
 
-    assert segment(out, model=False).wait() == 0
+    assert command_server.wait(segment(out, model=False)) == 0, log.read_text()
     started = time.monotonic()
-    assert segment(ref).wait() == 0
+    assert command_server.wait(segment(ref)) == 0, log.read_text()
     one_run = time.monotonic() - started
     old, new_labels = snapshot(out), zarr.open_group(str(ref))["labels"][:]
 
@@ -263,20 +271,20 @@ def test_random_kills_of_segment_volume_overwrite_never_damage_the_old_result(tm
     moments = random.Random(0)
     outcomes = []
     for _ in range(20):
-        proc = segment(out, "--overwrite")
+        pid = segment(out, "--overwrite")
         time.sleep(moments.uniform(0.0, one_run))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        command_server.kill(pid)
         if snapshot(out) == old:
             outcomes.append("mid-write" if staging_path(out).parent.exists() else "old")
         else:
             assert is_new(), "the output is neither the old nor the new result"
             outcomes.append("new")
-            assert segment(out, "--overwrite", model=False).wait() == 0  # the old one back
+            # the old one back
+            assert command_server.wait(segment(out, "--overwrite", model=False)) == 0, \
+                log.read_text()
             old = snapshot(out)  # the same labels, a new time stamp
-    rerun = segment(out, "--overwrite")
-    assert rerun.wait() == 0, rerun.stderr.read().decode()  # the rerun completes
-    assert is_new()
+    assert command_server.wait(segment(out, "--overwrite")) == 0, log.read_text()
+    assert is_new()  # the rerun completes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "in.zarr", "out.zarr",
                                                           "ref.zarr"]
     assert "mid-write" in outcomes, outcomes  # some kills landed while the new one was written
@@ -413,40 +421,12 @@ def test_a_kill_while_segment_volume_creates_its_output_leaves_nothing_to_disown
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr", "out.zarr"]
 
 
-# Imports everything once, then starts each command as a forked process of its own session
-# (no start-up of seconds per trial) and kills or waits for it when asked.
-FORK_SERVER = """
-import json, os, signal, sys
-from magseg_hpc.cli import build_parser, main
-import magseg_hpc.train.loop, magseg_hpc.launch.jobs, magseg_hpc.evaluate, matplotlib.pyplot
-build_parser([])  # every command's module
-print("ready", flush=True)
-for line in sys.stdin:
-    what, arg = line.split(" ", 1)
-    if what == "run":
-        pid = os.fork()
-        if pid == 0:
-            os.setsid()
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1), os.dup2(null, 2)
-            code = 1
-            try:
-                code = main(json.loads(arg))
-            finally:
-                os._exit(code)
-        print(pid, flush=True)
-    else:
-        if what == "kill":
-            os.killpg(int(arg), signal.SIGKILL)
-        print(os.waitstatus_to_exitcode(os.waitpid(int(arg), 0)[1]), flush=True)
-"""
-
-
 @pytest.mark.slow
-def test_random_kills_of_the_demo_never_lose_the_previous_demo(tmp_path):
+def test_random_kills_of_the_demo_never_lose_the_previous_demo(tmp_path, command_server):
     """10 SIGKILLs at random moments of `demo --overwrite` over a finished demo: the folder
     is always the previous demo byte for byte, or a complete new one; a rerun completes
-    and leaves nothing beside it."""
+    and leaves nothing beside it. (Each run a forked process of the command server: no
+    start-up of seconds per trial.)"""
     import json
     import random
 
@@ -456,47 +436,34 @@ def test_random_kills_of_the_demo_never_lose_the_previous_demo(tmp_path):
     config.write_text(yaml.safe_dump(_tiny_config(tmp_path / "set-by-the-demo.zarr",
                                                   max_iters=1)))
     out = tmp_path / "demo"
-    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-    def ask(what: str, arg) -> int:
-        server.stdin.write(f"{what} {arg}\n")
-        server.stdin.flush()
-        return int(server.stdout.readline())
 
     def demo(*flags: str) -> int:  # the pid of a demo run
-        return ask("run", json.dumps(["demo", str(out), "--config", str(config), "--iters",
-                                      "1", "--shape", "8,32,32", *flags]))
+        return command_server.start(["demo", str(out), "--config", str(config), "--iters",
+                                     "1", "--shape", "8,32,32", *flags])
 
     def complete() -> bool:
         owner = json.loads((out / ".magseg" / "owner.json").read_text())
         return owner["format"] == "magseg-hpc/demo/1" and all(
             (out / name).exists() for name in owner["entries"])
 
-    try:
-        assert server.stdout.readline().strip() == "ready"
-        started = time.monotonic()
-        assert ask("wait", demo()) == 0
-        one_run = time.monotonic() - started
-        old = snapshot(out)
-        moments = random.Random(0)
-        outcomes = []
-        for _ in range(10):
-            pid = demo("--overwrite")
-            time.sleep(moments.uniform(0.0, one_run))
-            ask("kill", pid)
-            got = snapshot(out)
-            if got == old:
-                outcomes.append("mid-write" if staging_path(out).parent.exists() else "old")
-            else:
-                assert complete(), "the demo folder is neither the previous demo nor a new one"
-                outcomes.append("new")
-                old = got
-        assert ask("wait", demo("--overwrite")) == 0  # the rerun completes
-    finally:
-        server.kill()
-        server.wait()
+    started = time.monotonic()
+    assert command_server.wait(demo()) == 0
+    one_run = time.monotonic() - started
+    old = snapshot(out)
+    moments = random.Random(0)
+    outcomes = []
+    for _ in range(10):
+        pid = demo("--overwrite")
+        time.sleep(moments.uniform(0.0, one_run))
+        command_server.kill(pid)
+        got = snapshot(out)
+        if got == old:
+            outcomes.append("mid-write" if staging_path(out).parent.exists() else "old")
+        else:
+            assert complete(), "the demo folder is neither the previous demo nor a new one"
+            outcomes.append("new")
+            old = got
+    assert command_server.wait(demo("--overwrite")) == 0  # the rerun completes
     assert complete() and snapshot(out) != old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "tiny.yaml"]
     assert "mid-write" in outcomes, outcomes  # some kills landed while the new one was made
