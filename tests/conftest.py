@@ -14,25 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``magseg-hpc ARGS`` in a fresh interpreter, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "magseg_hpc.cli", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout,
-    )
-
-
-@pytest.fixture
-def cli():
-    return run_cli
-
-
 # Imports everything once, then starts each command as a forked process of its own session
 # (no start-up of seconds per run: the kill tests pay for the command's own work only) and
-# kills or waits for it when asked. A command's stdout and stderr go to the file named with
-# it (or nowhere).
+# kills or waits for it when asked. A command's stdout and stderr go to the files named with
+# it (or nowhere); it runs with the environment given, else the server's.
 FORK_SERVER = """
 import json, os, signal, sys
+from magseg_hpc import submit
 from magseg_hpc.cli import build_parser, main
 import magseg_hpc.train.loop, magseg_hpc.launch.jobs, magseg_hpc.evaluate, matplotlib.pyplot
 import torch._dynamo  # what torch.optim imports when the first optimizer is made
@@ -45,12 +33,21 @@ for line in sys.stdin:
         pid = os.fork()
         if pid == 0:
             os.setsid()
-            out = os.open(request["log"] or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            os.dup2(out, 1), os.dup2(out, 2)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            out = os.open(request["out"] or os.devnull, flags)
+            err = os.open(request["err"], flags) if request["err"] else out
+            os.dup2(out, 1), os.dup2(err, 2)
+            if request["env"] is not None:
+                os.environ.clear()
+                os.environ.update(request["env"])
             code = 1
             try:
-                code = main(request["argv"])
+                entry = submit.main if request["entry"] == "submit" else main
+                code = entry(request["argv"])
+            except SystemExit as e:  # argparse's refusals
+                code = e.code if isinstance(e.code, int) else 1
             finally:
+                sys.stdout.flush(), sys.stderr.flush()
                 os._exit(code)
         print(pid, flush=True)
     else:
@@ -61,9 +58,10 @@ for line in sys.stdin:
 
 
 class CommandServer:
-    """``magseg-hpc`` commands as forked processes of one interpreter that imported every
-    command once: ``start`` returns the command's pid (its session and process group),
-    ``kill`` SIGKILLs that session, ``wait`` waits; both return the exit status."""
+    """``magseg-hpc`` commands (and ``python -m magseg_hpc.submit``) as forked processes of
+    one interpreter that imported every command once: ``start`` returns the command's pid
+    (its session and process group), ``kill`` SIGKILLs that session, ``wait`` waits; both
+    return the exit status. ``run`` is a command to its end as a CompletedProcess."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], text=True,
@@ -76,20 +74,48 @@ class CommandServer:
         self.proc.stdin.flush()
         return int(self.proc.stdout.readline())
 
-    def start(self, argv, log: Path | None = None) -> int:
+    def start(self, argv, log: Path | None = None, *, err: Path | None = None,
+              env: dict | None = None) -> int:
+        """Start ``magseg-hpc ARGV`` (``submit ...``: the submit module's command), its
+        stdout to ``log`` and its stderr there too, or to ``err``."""
         import json
 
-        return self._ask("run", json.dumps({"argv": [str(a) for a in argv],
-                                            "log": str(log) if log else None}))
+        argv = [str(a) for a in argv]
+        entry = "submit" if argv[:1] == ["submit"] else "cli"
+        return self._ask("run", json.dumps({
+            "argv": argv[1:] if entry == "submit" else argv, "entry": entry,
+            "out": str(log) if log else None, "err": str(err) if err else None, "env": env}))
 
     def kill(self, pid: int) -> int:
         return self._ask("kill", pid)
 
-    def wait(self, pid: int) -> int:
-        return self._ask("wait", pid)
+    def wait(self, pid: int, timeout: float | None = None) -> int:
+        """The exit status of the command ``pid`` (SIGKILLed after ``timeout`` seconds)."""
+        import signal
+        import threading
+
+        timer = threading.Timer(timeout or 1e9, os.killpg, (pid, signal.SIGKILL))
+        timer.start()
+        try:
+            return self._ask("wait", pid)
+        finally:
+            timer.cancel()
 
     def run(self, argv, log: Path | None = None) -> int:
         return self.wait(self.start(argv, log))
+
+    def completed(self, argv, env: dict | None = None,
+                  timeout: float | None = None) -> subprocess.CompletedProcess:
+        """The command run to its end (SIGKILLed after ``timeout`` seconds): exit status,
+        stdout and stderr, as subprocess.run gives them."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            out, err = Path(d) / "out", Path(d) / "err"
+            code = self.wait(self.start(argv, out, err=err, env=env), timeout)
+            return subprocess.CompletedProcess(
+                [str(a) for a in argv], code,
+                out.read_text() if out.exists() else "", err.read_text() if err.exists() else "")
 
     def close(self) -> None:
         self.proc.kill()
@@ -102,6 +128,28 @@ def command_server():
     server = CommandServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def submit(command_server):
+    """``python -m magseg_hpc.submit train ARGS`` in a process of its own (forked from the
+    command server, in the repository root): a CompletedProcess."""
+    def run(*args, timeout: float = 240, env: dict | None = None):
+        return command_server.completed(["submit", "train", *args], env=env, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def cli(command_server):
+    """``magseg-hpc ARGS`` in a process of its own, as a user runs it (forked from the
+    command server: the same command line, exit status, stdout and stderr, without the
+    seconds of a fresh interpreter's imports)."""
+    def run(*args, cwd=None, timeout: float = 300):
+        assert cwd is None, "the command server runs commands in the repository root"
+        return command_server.completed(args, timeout=timeout)
+
+    return run
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from test_submit_slurm import (
     TERMINAL,
     assert_continuous,
     job_state,
-    submit,
     submitted,
     tiny,
     training_iterations,
@@ -95,7 +94,8 @@ def assert_two_nodes_same_weights(ranks: dict[int, dict], gpus: bool, iterations
     assert {r["result"]["iterations"] for r in ranks.values()} == {iterations}
 
 
-def test_two_cpu_nodes_tasks_per_node_flag_over_profile(two_nodes, phantom, tmp_path, jobs):
+def test_two_cpu_nodes_tasks_per_node_flag_over_profile(two_nodes, phantom, tmp_path, jobs,
+                                                         submit):
     # The profile asks for 2 tasks on each of 2 CPU nodes; the flag makes it 1 per node
     # (2 ranks: the lighter job on 2 shared cores).
     profile = tmp_path / "cpu2.yaml"
@@ -112,7 +112,7 @@ def test_two_cpu_nodes_tasks_per_node_flag_over_profile(two_nodes, phantom, tmp_
 
 
 def test_two_nodes_two_gpus_four_ranks_requeued_resume_with_one_metrics_file(
-        two_nodes, phantom, tmp_path, jobs):
+        two_nodes, phantom, tmp_path, jobs, submit):
     """Two nodes x two GPUs: four ranks, one GPU each, placed and bound per node, identical
     weights; requeued, every rank runs again on two nodes and the run resumes from its
     checkpoint into one continuous metrics file. (One job for both: the four-rank start-up
@@ -159,7 +159,7 @@ def _task_pids(job_id: str, rank: int) -> list[int]:
 
 
 def test_lost_node_fails_the_job_visibly_and_nothing_hangs(two_nodes, phantom, tmp_path,
-                                                          jobs):
+                                                          jobs, command_server):
     # A long training; once it runs, the processes of rank 3 (on the second node) are killed
     # as a node crash would. The other ranks must fail their next collective (gloo sees the
     # closed connections; MAGSEG_DIST_TIMEOUT_S bounds a silent peer), SLURM ends the job,
@@ -169,12 +169,9 @@ def test_lost_node_fails_the_job_visibly_and_nothing_hangs(two_nodes, phantom, t
     args = ["--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml", "--nodes", "2",
             "--gpus-per-node", "2", "--runs-root", str(runs), "--name", "lost",
             *tiny(phantom, 100000, 1000), "train.epochs=100000", "--wait"]
-    import sys
-
-    from test_submit_slurm import REPO
-    waiting = subprocess.Popen([sys.executable, "-m", "magseg_hpc.submit", "train", *args],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=REPO, env=env)
+    out_file, err_file = tmp_path / "submit.out", tmp_path / "submit.err"
+    waiting = command_server.start(["submit", "train", *args], out_file, err=err_file, env=env)
+    code = None
     try:
         deadline = time.monotonic() + 60
         job_id = None
@@ -200,12 +197,13 @@ def test_lost_node_fails_the_job_visibly_and_nothing_hangs(two_nodes, phantom, t
         started = time.monotonic()
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
-        out, err = waiting.communicate(timeout=120)
+        code = command_server.wait(waiting, timeout=120)
         elapsed = time.monotonic() - started
     finally:
-        if waiting.poll() is None:
-            waiting.kill()
-    assert waiting.returncode == 1, out + err
+        if code is None:
+            command_server.kill(waiting)
+    out, err = out_file.read_text(), err_file.read_text()
+    assert code == 1, out + err
     message = [ln for ln in err.splitlines() if ln.startswith("magseg-hpc: error:")]
     assert message and f"train job {job_id} failed" in message[-1], err[-3000:]
     assert elapsed < 90, elapsed

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,9 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "sbatch_train_2x2.txt"
 
 
-def run_submit(*args: str, env: dict | None = None, timeout: float = 120):
-    return subprocess.run([sys.executable, "-m", "magseg_hpc.submit", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+@pytest.fixture
+def run_submit(command_server):
+    """``python -m magseg_hpc.submit ARGS`` in a process of its own (forked from the command
+    server, in the repository root): a CompletedProcess."""
+    def run(*args, env: dict | None = None, timeout: float = 120):
+        return command_server.completed(["submit", *args], env=env, timeout=timeout)
+
+    return run
 
 
 # --- job profiles ----------------------------------------------------------------------------
@@ -275,7 +279,7 @@ def test_requeued_task_resumes_segment_and_reruns_evaluate(seg_inputs):
 # --- bad input at submit time (no job is submitted) ------------------------------------------
 
 
-def test_unknown_config_key_fails_at_submit_time(tmp_path):
+def test_unknown_config_key_fails_at_submit_time(tmp_path, run_submit):
     result = run_submit("train", "--config", "configs/cpu_tiny.yaml", "--cluster", "local",
                         "--runs-root", tmp_path, "train.max_itres=5")
     assert result.returncode == 2
@@ -284,7 +288,7 @@ def test_unknown_config_key_fails_at_submit_time(tmp_path):
     assert not (tmp_path / "cpu_tiny").exists()
 
 
-def test_missing_config_and_profile(tmp_path):
+def test_missing_config_and_profile(tmp_path, run_submit):
     result = run_submit("train", "--config", tmp_path / "none.yaml", "--dry-run")
     assert result.returncode == 2 and "cannot read config" in result.stderr
     result = run_submit("train", "--config", "configs/cpu_tiny.yaml", "--job",
@@ -292,7 +296,7 @@ def test_missing_config_and_profile(tmp_path):
     assert result.returncode == 2 and "cannot read job profile" in result.stderr
 
 
-def test_output_dir_with_another_experiment_is_refused(tmp_path):
+def test_output_dir_with_another_experiment_is_refused(tmp_path, run_submit):
     cfg = load_config(REPO / "configs" / "cpu_tiny.yaml")
     out = tmp_path / "out"
     out.mkdir()
@@ -332,7 +336,7 @@ def tiny_overrides(phantom: Path, max_iters: int, checkpoint_every: int = 2) -> 
             "train.eval_every=1000", "train.log_every=1", "train.threads=1"]
 
 
-def test_local_executor_runs_two_process_ddp(tmp_path, phantom):
+def test_local_executor_runs_two_process_ddp(tmp_path, phantom, run_submit):
     # Only the venv on PATH: no sbatch, so the automatic choice is the local executor.
     env = {**os.environ, "PATH": os.path.dirname(sys.executable)}
     result = run_submit("train", "--config", "configs/cpu_tiny.yaml", "--tasks-per-node", "2",

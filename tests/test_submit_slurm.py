@@ -50,11 +50,6 @@ def tiny(phantom: Path, max_iters: int, checkpoint_every: int = 2) -> list[str]:
             "train.eval_every=1000", "train.log_every=1", "train.threads=1"]
 
 
-def submit(*args, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "magseg_hpc.submit", "train", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
-
-
 def submitted(result: subprocess.CompletedProcess, jobs: list) -> tuple[str, Path]:
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = re.search(r"^submitted train job (\d+) ", result.stdout, re.M).group(1)
@@ -115,7 +110,7 @@ def rank_results(run_dir: Path) -> dict[int, dict]:
 
 
 def test_two_task_ddp_job_requeued_resumes_from_its_checkpoint(slurm_cluster, phantom,
-                                                               tmp_path, jobs):
+                                                               tmp_path, jobs, submit):
     """Two tasks, DDP: requeued, the job resumes from its checkpoint into one continuous
     metrics file; both ranks end with the same weights, the ones rank 0's checkpoint holds;
     SLURM ran the batch script --dry-run prints. (One job for both: the start-up of the
@@ -169,7 +164,8 @@ def wait_for_log(path: Path, pattern: str, job_id: str, timeout: float) -> re.Ma
     raise AssertionError(f"{pattern!r} not in {path} after {timeout} s")
 
 
-def test_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, phantom, tmp_path, jobs):
+def test_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, phantom, tmp_path, jobs,
+                                                      submit):
     # A 1-minute limit, USR2 5 s before it; slurmctld checks limits every ~30 s and warns up
     # to one period early, so USR2 arrives 25-55 s after the start. The training is far
     # longer, so submitit calls TrainTask.checkpoint() and requeues the job, which resumes
@@ -204,7 +200,8 @@ def test_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, phantom, tmp
     (["--gpus-per-node", "3"], "Requested node configuration is not available"),
     (["--nodes", "3"], "Node count specification invalid"),  # the partition has 2
 ])
-def test_slurm_refusal_is_one_readable_line(slurm_cluster, tmp_path, phantom, flags, reason):
+def test_slurm_refusal_is_one_readable_line(slurm_cluster, tmp_path, phantom, flags, reason,
+                                            submit):
     result = submit("--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml", *flags,
                     "--runs-root", tmp_path / "runs", f"data.volume={phantom}")
     assert result.returncode == 2
@@ -213,7 +210,7 @@ def test_slurm_refusal_is_one_readable_line(slurm_cluster, tmp_path, phantom, fl
     assert not any((tmp_path / "runs").glob("cpu_tiny/*"))  # no leftovers
 
 
-def test_bad_submissions_fail_before_sbatch(slurm_cluster, tmp_path):
+def test_bad_submissions_fail_before_sbatch(slurm_cluster, tmp_path, submit):
     zero = submit("--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml",
                   "--gpus-per-node", "0", "--runs-root", tmp_path)
     assert zero.returncode == 2 and "--gpus-per-node 0 asks for no GPUs" in zero.stderr
@@ -233,7 +230,7 @@ def test_bad_submissions_fail_before_sbatch(slurm_cluster, tmp_path):
     assert not any(tmp_path.glob("cpu_tiny/*"))
 
 
-def test_submit_segment_and_evaluate_on_slurm(slurm_cluster, tmp_path, jobs):
+def test_submit_segment_and_evaluate_on_slurm(slurm_cluster, tmp_path, jobs, command_server):
     """segment-volume as a SLURM job gives the labels of a direct run; evaluate on them
     writes a report (the direct run as truth, so mIoU is 1)."""
     from magseg_hpc.cli import main as cli_main
@@ -249,10 +246,9 @@ def test_submit_segment_and_evaluate_on_slurm(slurm_cluster, tmp_path, jobs):
     runs, out, report = tmp_path / "runs", tmp_path / "job.zarr", tmp_path / "report.json"
 
     def submit_kind(kind: str, *command_args) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "magseg_hpc.submit", kind, "--job", "jobs/local.yaml",
-             "--runs-root", str(runs), "--wait", "--", *map(str, command_args)],
-            capture_output=True, text=True, cwd=REPO, timeout=120)
+        return command_server.completed(
+            ["submit", kind, "--job", "jobs/local.yaml", "--runs-root", runs, "--wait", "--",
+             *command_args], timeout=120)
 
     seg = submit_kind("segment", vol, out, "--model", ckpt, "--in-process", "--device", "cpu",
                       "--dashboard-address", ":0")
