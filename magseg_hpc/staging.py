@@ -36,6 +36,7 @@ import shutil
 import socket
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,11 +168,15 @@ def _is_lock_content(data: bytes) -> bool:
 
 
 def _holder(path: Path) -> str:
-    try:
-        h = json.loads(path.read_text())
-        return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "holder unknown"
+    """The holder's record; a lock taken a moment ago may not hold it yet (the holder writes
+    it just after locking), so an empty or half-written file is read again for a while."""
+    for _ in range(40):
+        try:
+            h, _end = json.JSONDecoder().raw_decode(path.read_text())
+            return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "holder unknown"
 
 
 def begin_staging(target: str | os.PathLike) -> Path:

@@ -86,6 +86,14 @@ class CommandServer:
             "argv": argv[1:] if entry == "submit" else argv, "entry": entry,
             "out": str(log) if log else None, "err": str(err) if err else None, "env": env}))
 
+    @staticmethod
+    def running(pid: int) -> bool:
+        """Whether the command ``pid`` still runs (not ended, nor a zombie not waited for)."""
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
     def kill(self, pid: int) -> int:
         return self._ask("kill", pid)
 

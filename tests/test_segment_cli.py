@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -119,21 +115,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_killed_run_resumes_to_identical_output_and_dashboard_serves(files, tmp_path):
+def test_killed_run_resumes_to_identical_output_and_dashboard_serves(files, tmp_path,
+                                                                      command_server):
+    """A run killed as a session (the command and its worker process) after two slabs,
+    its dashboard answering while it ran, is refused without --resume and resumed with it
+    to the bytes of an uninterrupted run. (Each run forked from the command server.)"""
     volume = make_volume((40, 64, 64), seed=3)
     inp = write_input(tmp_path / "in.zarr", volume, (16, 32, 32))
     out, ref_out = tmp_path / "out.zarr", tmp_path / "ref.zarr"
     port = free_port()
-    args = [sys.executable, "-m", "magseg_hpc.cli", "segment-volume", str(inp), str(out),
+    args = ["segment-volume", str(inp), str(out),
             "--model", str(files["ckpt"]), "--slab-size", "2", "--tta", "--probabilities",
             "--workers", "1", "--threads-per-worker", "1"]
-    proc = subprocess.Popen(args + ["--dashboard-address", f"127.0.0.1:{port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # its own group: kill it with its workers
+    log = tmp_path / "killed.log"
+    pid = command_server.start(args + ["--dashboard-address", f"127.0.0.1:{port}"], log)
     try:
         status = None
         deadline = time.monotonic() + 120
-        while status != 200 and time.monotonic() < deadline and proc.poll() is None:
+        while status != 200 and time.monotonic() < deadline and command_server.running(pid):
             try:
                 status = urllib.request.urlopen(f"http://127.0.0.1:{port}/status",
                                                 timeout=2).status
@@ -141,25 +140,23 @@ def test_killed_run_resumes_to_identical_output_and_dashboard_serves(files, tmp_
                 time.sleep(0.2)
         assert status == 200, "dashboard did not answer during the run"
         markers = DoneMarkers(out)
-        while len(markers.done()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        while (len(markers.done()) < 2 and time.monotonic() < deadline
+               and command_server.running(pid)):
             time.sleep(0.02)
-        assert proc.poll() is None, proc.communicate()
-        os.killpg(proc.pid, signal.SIGKILL)
+        assert command_server.running(pid), log.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        command_server.kill(pid)  # its session: the command with its worker
     done_at_kill = len(DoneMarkers(out).done())
     assert 2 <= done_at_kill < 20 and not is_complete(out)
     # Without --resume an existing output is refused; with it, the run finishes.
-    refused = subprocess.run(args + ["--dashboard-address", ":0"], capture_output=True, text=True)
+    refused = command_server.completed(args + ["--dashboard-address", ":0"])
     assert refused.returncode == 2 and "--resume" in refused.stderr
     with socket.socket() as busy:  # the asked port is taken: another one, and why, is said
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        resumed = subprocess.run(args + ["--resume", "--dashboard-address", f"127.0.0.1:{taken}"],
-                                 capture_output=True, text=True)
+        resumed = command_server.completed(args + ["--resume", "--dashboard-address",
+                                                   f"127.0.0.1:{taken}"])
     assert resumed.returncode == 0, resumed.stderr
     assert f"dashboard port {taken} on 127.0.0.1 is taken" in resumed.stderr
     assert f"dashboard: http://127.0.0.1:{taken}/" not in resumed.stdout
