@@ -15,6 +15,7 @@ linear scaling of the AugSeg/UniMatch recipes (1e-3 per 16 labelled images). Wit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -245,7 +246,6 @@ RUNTIME_KEYS = frozenset(
         "train.log_every",
         "train.device",
         "train.precision",  # like the device: a resumed run may land on other hardware
-        "train.amp",  # train.precision's predecessor, in run folders written before it
         "train.threads",
         "data.num_workers",
         "data.cache_mb",
@@ -278,12 +278,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise MagsegError(f"{key}: {value!r} is not one of {_type_name(tp)}")
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
-            try:
+            with contextlib.suppress(MagsegError):
                 return _coerce(value, arg, key)
-            except MagsegError as e:
-                errors.append(str(e))
         raise MagsegError(f"{key}: {value!r} is not {_type_name(tp)}")
     if tp is type(None):
         if value is None:
@@ -495,24 +492,9 @@ def load_yaml(text: str):
 
 def config_from_dict(raw: dict) -> ExperimentConfig:
     """Validate a plain dict (e.g. parsed YAML) into an :class:`ExperimentConfig`."""
-    cfg = _build(ExperimentConfig, _renamed_keys(raw if raw is not None else {}), "")
+    cfg = _build(ExperimentConfig, raw if raw is not None else {}, "")
     _check_values(cfg)
     return cfg
-
-
-def _renamed_keys(raw: dict) -> dict:
-    """Configs written before a key was renamed, in today's keys: train.amp (bf16 on GPUs
-    when true) is train.precision auto or fp32."""
-    train = raw.get("train") if isinstance(raw, dict) else None
-    if not isinstance(train, dict) or "amp" not in train:
-        return raw
-    train = dict(train)
-    amp = train.pop("amp")
-    if not isinstance(amp, bool):
-        raise MagsegError(f"train.amp: expected bool, got {amp!r} (its new name: "
-                          "train.precision auto|fp32|bf16)")
-    train.setdefault("precision", "auto" if amp else "fp32")
-    return {**raw, "train": train}
 
 
 def _apply_override(raw: dict, override: str) -> None:

@@ -54,7 +54,7 @@ def test_unknown_top_level_section(tmp_path):
     [
         ({"train": {"epochs": "ten"}}, "train.epochs: expected int"),
         ({"train": {"epochs": 2.5}}, "train.epochs: expected int"),
-        ({"train": {"amp": "yes"}}, "train.amp: expected bool"),
+        ({"train": {"precision": True}}, "train.precision: True is not one of"),
         ({"train": {"method": "fixmatch"}}, "train.method: 'fixmatch' is not one of"),
         ({"seed": True}, "seed: expected int"),
         ({"data": {"axis": "w"}}, "data.axis"),
