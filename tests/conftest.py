@@ -203,3 +203,8 @@ def two_nodes(slurm_cluster) -> list[str]:
             pytest.fail(message)
         pytest.skip(message)
     return usable
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "without_slurm: run with sbatch and srun hidden from "
+                            "PATH (the case is about a machine without SLURM)")

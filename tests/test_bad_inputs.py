@@ -305,7 +305,8 @@ def C(cid: str, command: str, pattern: str, *, forbid: str | None = None, marks=
 NOT_OURS = r"not written by magseg-hpc|regular file|symbolic link"
 no_gpu = pytest.mark.skipif(
     "torch" in sys.modules and sys.modules["torch"].cuda.is_available(), reason="has a GPU")
-no_sbatch = pytest.mark.skipif(shutil.which("sbatch") is not None, reason="SLURM is here")
+# Cases about a machine without SLURM run with sbatch and srun hidden from PATH (CI has SLURM)
+no_sbatch = pytest.mark.without_slurm
 long_double = pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8,
                                  reason="long double is float64 here")
 LONG = "n" * 300  # longer than any file system's name limit (255 bytes)
@@ -851,9 +852,20 @@ def _check(world, request, run, argv, pattern, forbid, max_seconds=30):
 @pytest.mark.parametrize(("argv", "pattern", "forbid"), CASES)
 def test_bad_input(world, request, monkeypatch, argv, pattern, forbid):
     monkeypatch.chdir(world["path"])
+    if request.node.get_closest_marker("without_slurm"):
+        monkeypatch.setenv("PATH", _path_without("sbatch", "srun"))
     seconds = _check(world, request, run_in_process, argv, pattern, forbid)
     if "bomb" in " ".join(argv):
         assert seconds < 5, f"the alias bomb took {seconds:.1f} s"
+
+
+def _path_without(*commands: str) -> str:
+    """PATH less every folder that holds one of ``commands`` (the case runs in this process:
+    it starts no other program)."""
+    keep = [folder for folder in os.environ.get("PATH", "").split(os.pathsep)
+            if not any(os.path.exists(os.path.join(folder, c)) for c in commands)]
+    assert all(shutil.which(c, path=os.pathsep.join(keep)) is None for c in commands)
+    return os.pathsep.join(keep)
 
 
 def _run_subprocess(argv: list[str]) -> tuple[int, str]:
