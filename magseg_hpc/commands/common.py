@@ -16,6 +16,17 @@ def int_triple(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def int_list(text: str) -> list[int]:
+    """Parse ``N,N,...`` (slice indices; at least one)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected slice indices like 10,64,120, got {text!r}")
+    return values
+
+
 def outside_option(text: str) -> str:
     """``--outside``: auto, none, nan or a number (checked here, decided later)."""
     from magseg_hpc.errors import MagsegError

@@ -5,17 +5,8 @@ from __future__ import annotations
 import argparse
 
 from magseg_hpc.classes import IGNORE_LABEL
+from magseg_hpc.commands.common import int_list
 from magseg_hpc.evaluate import EvaluateSpec, run_evaluation
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected slice indices like 10,64,120, got {text!r}")
-    return values
 
 
 def _ignore(text: str) -> int | None:
@@ -51,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--figures", metavar="DIR", help="write slice and per-slice mIoU PNGs here")
     p.add_argument(
         "--slices",
-        type=_int_list,
+        type=int_list,
         metavar="N,N,...",
         help="z slices to draw (default: quartiles and the worst slice)",
     )

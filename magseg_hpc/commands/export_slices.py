@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from magseg_hpc.axes import AXES
-from magseg_hpc.commands.common import add_support_options
+from magseg_hpc.commands.common import add_support_options, int_list
 from magseg_hpc.data.labelling import choose_indices, export_slices, read_slice_list
 from magseg_hpc.data.masks import load_colors
 from magseg_hpc.errors import MagsegError
@@ -14,16 +13,6 @@ from magseg_hpc.volume.io import open_volume
 from magseg_hpc.volume.store import refuse_existing
 
 log = logging.getLogger(__name__)
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected slice indices like 10,64,120, got {text!r}")
-    return values
 
 
 def register(subparsers) -> None:

@@ -286,9 +286,6 @@ class FolderSlices:
                 f"(and {mask_dir}/ with colour masks, labeled.txt, unlabeled.txt, val.txt)"
             )
 
-    def list_path(self, name: str) -> Path:
-        return self.root / f"{name}.txt"
-
     @staticmethod
     def _find(folder: Path, key: str) -> Path:
         direct = folder / key
