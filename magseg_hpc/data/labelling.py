@@ -24,8 +24,7 @@ from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
 from magseg_hpc.data.masks import (
     MaskImport,
-    colors_to_labels,
-    count_unknown,
+    MaskTally,
     mask_files,
     read_mask,
     refuse_no_labels,
@@ -314,9 +313,7 @@ def import_sparse_masks(masks_dir: str | Path, out: str | Path, class_table: Cla
             f"{files[0]}: mask is {size_hw[0]}x{size_hw[1]} but {axis} slices of {like} are "
             f"{slice_shape[0]}x{slice_shape[1]}; export and paint slices of this volume"
         )
-    counts = np.zeros(IGNORE_LABEL + 1, dtype=np.int64)
-    unknown_colors: dict[int, int] = {}
-    unknown = 0
+    tally = MaskTally(class_table)
     indices = sorted(seen)
     provenance = {
         "source": str(Path(masks_dir).resolve()), "kind": "imported colour masks (sparse)",
@@ -327,22 +324,10 @@ def import_sparse_masks(masks_dir: str | Path, out: str | Path, class_table: Cla
         create_label_store(tmp, like=volume, class_table=class_table, provenance=provenance,
                            chunks=chunks, fill_value=IGNORE_LABEL)
         for i in indices:
-            rgb = read_mask(seen[i])
-            labels = colors_to_labels(rgb, class_table)
-            counts += np.bincount(labels.ravel(), minlength=IGNORE_LABEL + 1)
-            unknown += count_unknown(rgb, labels, unknown_colors)
+            labels = tally.labels(read_mask(seen[i]))
             write_label_region(tmp, _region(axis, i), np.expand_dims(labels, AXES.index(axis)))
-        per_class = {n: int(counts[k]) for k, n in enumerate(class_table.names)}
-        refuse_no_labels(per_class, masks_dir, class_table, colors=unknown_colors)
-        set_complete(tmp, unknown=unknown, counts=per_class,
-                     labelled={"axis": axis, "indices": indices})
-    top = sorted(unknown_colors.items(), key=lambda kv: -kv[1])[:5]
-    return _report(MaskImport(
-        shape=tuple(int(n) for n in volume.shape), class_table=class_table, counts=per_class,
-        unknown=unknown,
-        unknown_colors=[(((c >> 16) & 255, (c >> 8) & 255, c & 255), k) for c, k in top],
-        axis=axis, labelled=indices,
-    ))
+        tally.complete(tmp, masks_dir, labelled={"axis": axis, "indices": indices})
+    return _report(tally.result(volume.shape, axis=axis, labelled=indices))
 
 
 def import_label_volume(src: str, out: str | Path, class_table: ClassTable, *,

@@ -238,6 +238,43 @@ def _pack(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
+class MaskTally:
+    """What a colour-mask import counts while it writes: pixels per class, and the painted
+    pixels whose colour is not in the table (by packed colour), one place for every import."""
+
+    def __init__(self, class_table: ClassTable) -> None:
+        self.class_table = class_table
+        self.counts = np.zeros(IGNORE_LABEL + 1, dtype=np.int64)
+        self.colors: dict[int, int] = {}
+        self.unknown = 0
+
+    def labels(self, rgb: np.ndarray) -> np.ndarray:
+        """``rgb``'s labels (colors_to_labels), counted."""
+        labels = colors_to_labels(rgb, self.class_table)
+        self.counts += np.bincount(labels.ravel(), minlength=IGNORE_LABEL + 1)
+        self.unknown += count_unknown(rgb, labels, self.colors)
+        return labels
+
+    def per_class(self) -> dict[str, int]:
+        return {n: int(self.counts[k]) for k, n in enumerate(self.class_table.names)}
+
+    def complete(self, store: Path, source, **fields) -> None:
+        """Refuse an import that labels nothing, else mark the staged ``store`` complete with
+        the counts (and ``fields``)."""
+        per_class = self.per_class()
+        refuse_no_labels(per_class, source, self.class_table, colors=self.colors)
+        set_complete(store, unknown=self.unknown, counts=per_class, **fields)
+
+    def result(self, shape: tuple[int, ...], **fields) -> MaskImport:
+        """The import's MaskImport: the five most common unknown colours as RGB."""
+        top = sorted(self.colors.items(), key=lambda kv: -kv[1])[:5]
+        return MaskImport(
+            shape=tuple(int(n) for n in shape), class_table=self.class_table,
+            counts=self.per_class(), unknown=self.unknown,
+            unknown_colors=[(((c >> 16) & 255, (c >> 8) & 255, c & 255), k) for c, k in top],
+            **fields)
+
+
 def import_masks(
     masks_dir: str | Path,
     out: str | Path,
@@ -261,9 +298,7 @@ def import_masks(
     chunks = default_chunks(shape, chunks)
     # Only the shape and coordinates of `like` are used; nothing is computed from it.
     like = xr.DataArray(da.zeros(shape, dtype=np.uint8, chunks=chunks), dims=AXES)
-    counts = np.zeros(IGNORE_LABEL + 1, dtype=np.int64)
-    unknown_colors: dict[int, int] = {}
-    unknown = 0
+    tally = MaskTally(class_table)
     provenance = {
         "source": str(Path(masks_dir).resolve()),
         "kind": "imported colour masks",
@@ -277,22 +312,10 @@ def import_masks(
         for z0 in range(0, shape[0], chunks[0]):
             z1 = min(z0 + chunks[0], shape[0])
             rgb = np.stack([first if z == 0 else read_mask(files[z]) for z in range(z0, z1)])
-            labels = colors_to_labels(rgb, class_table)
-            counts += np.bincount(labels.ravel(), minlength=IGNORE_LABEL + 1)
-            unknown += count_unknown(rgb, labels, unknown_colors)
-            write_label_region(tmp, (slice(z0, z1), slice(None), slice(None)), labels)
-        per_class = {n: int(counts[i]) for i, n in enumerate(class_table.names)}
-        refuse_no_labels(per_class, masks_dir, class_table, colors=unknown_colors)
-        set_complete(tmp, unknown=unknown, counts=per_class)
-
-    top = sorted(unknown_colors.items(), key=lambda kv: -kv[1])[:5]
-    result = MaskImport(
-        shape=shape,
-        class_table=class_table,
-        counts=per_class,
-        unknown=unknown,
-        unknown_colors=[(((c >> 16) & 255, (c >> 8) & 255, c & 255), k) for c, k in top],
-    )
+            write_label_region(tmp, (slice(z0, z1), slice(None), slice(None)),
+                               tally.labels(rgb))
+        tally.complete(tmp, masks_dir)
+    result = tally.result(shape)
     if result.unknown:
         shown = ", ".join(f"{list(c)} x{k}" for c, k in result.unknown_colors)
         log.warning(
