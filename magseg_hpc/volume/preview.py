@@ -85,18 +85,8 @@ def render_preview(
     sizes = dict(zip(AXES, volume.shape, strict=True))
     index = _resolve_index(axis, index, sizes[axis])
 
-    label_slice = None
-    class_table: ClassTable | None = None
-    if labels is not None:
-        label_volume, class_table = open_labels(labels, var=labels_var)
-        if tuple(label_volume.shape) != tuple(volume.shape):
-            raise MagsegError(
-                f"{labels}: labels have shape {tuple(label_volume.shape)} but the volume has "
-                f"{tuple(volume.shape)}; give labels made for this volume"
-            )
-        with reading(labels):
-            label_slice = np.asarray(label_volume.isel({axis: index}).values)
-
+    label_slice, class_table = (None, None) if labels is None else _label_slice(
+        labels, labels_var, tuple(volume.shape), axis, index)
     with reading(path):
         image = np.asarray(volume.isel({axis: index}).values, dtype=np.float64)
         support = resolve_support(volume)
@@ -133,6 +123,19 @@ def render_preview(
         plt.close(fig)
     log.debug("wrote %s (%s = %d)", out, axis, index)
     return {"axis": axis, "index": index, "size_px": (width, height), "path": str(out)}
+
+
+def _label_slice(labels: str | os.PathLike, var: str, shape: tuple, axis: str,
+                 index: int) -> tuple[np.ndarray, ClassTable]:
+    """The slice of the label store ``labels`` (of the volume's ``shape``) and its classes."""
+    label_volume, class_table = open_labels(labels, var=var)
+    if tuple(label_volume.shape) != shape:
+        raise MagsegError(
+            f"{labels}: labels have shape {tuple(label_volume.shape)} but the volume has "
+            f"{shape}; give labels made for this volume"
+        )
+    with reading(labels):
+        return np.asarray(label_volume.isel({axis: index}).values), class_table
 
 
 def _overlay(fig, ax, label_slice: np.ndarray, class_table: ClassTable, alpha: float,
