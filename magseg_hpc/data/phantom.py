@@ -53,7 +53,7 @@ The default ``shading = 0.3`` is a moderate, realistic level: an uncorrected cup
 (dichroic) contrast of magnetic tomography is a small difference signal on top of that
 absorption background, so residual low-frequency errors of a few tens of percent of the
 domain contrast survive standard normalisation. ``shading = 0`` gives the ideal
-reconstruction (bit-identical to phantoms made before shading existed).
+reconstruction.
 
 Randomness comes from independent child streams of ``numpy.random.SeedSequence(seed)``, so
 the same seed gives bit-identical output, and changing ``snr`` changes only the noise
@@ -75,6 +75,7 @@ from magseg_hpc.classes import ClassTable
 from magseg_hpc.data.tomography import (
     acquire,
     limited_angle_reconstruction,
+    noise_std_for,
     reconstruction_noise,
     ring_pattern,
     shade,
@@ -157,7 +158,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A whole pillar in a tight field of view, float intensities: the original phantom.
     "default": {},
     # A tilted elliptic pillar with domains elongated in the plane, streaks and rings: the
-    # kind of volume an independent generator makes (the issue's held-out phantoms).
+    # kind of volume an independent generator makes, held out from a model's training.
     "elongated": {
         "tilt_deg": 10.0,
         "ellipticity": 1.3,
@@ -165,10 +166,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "elongation_deg": 30.0,
         "rings": 0.3,
     },
-    # Like a published 8-bit sweep (shared/DESIGN.md): a tilted elliptic pillar filling ~12 %
-    # of a large field of view, exactly 0 outside the masked reconstruction, the dark domains
-    # a few grey levels above that background, stripes elongated in the plane, edge glow,
-    # streaks and rings, quantised to 8 bits.
+    # Like the study's published 8-bit sweep (benchmarks/README.md, "Real data"): a tilted
+    # elliptic pillar filling ~12 % of a large field of view, exactly 0 outside the masked
+    # reconstruction, the dark domains a few grey levels above that background, stripes
+    # elongated in the plane, edge glow, streaks and rings, quantised to 8 bits.
     "sweep": {
         "shape": (48, 256, 256),
         "tilt_deg": 25.0,
@@ -257,36 +258,12 @@ def make_phantom(
     args = dict(locals())  # every parameter, for the checks and the record
     shape = _check_params(args)
     noisy = snr is not None and math.isfinite(snr)
-
-    # spawn(4) keeps the first three children of spawn(3): old phantoms are unchanged.
+    # One independent stream per part (module docstring): a change of snr changes only the
+    # noise, and the shading depends on the seed alone.
     rng_field, rng_swirl, rng_noise, rng_shading = (
         np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4)
     )
-    tilt = math.radians(tilt_deg)
-
-    support_mask = _support(shape, support, tilt, support_radius, ellipticity)
-    if not support_mask.any():
-        raise MagsegError(f"shape {shape} is too small for a {support} support; use >= 8 voxels")
-
-    domain_field = _domain_field(shape, rng_field, domain_period, pattern, anisotropy, tilt,
-                                 elongation, math.radians(elongation_deg))
-    if swirl > 0:
-        domain_field = _swirl(domain_field, rng_swirl, swirl, domain_period)
-    # Threshold at the in-support quantile so the class balance is what was asked for.
-    threshold = np.quantile(domain_field[support_mask], (1.0 - net_magnetization) / 2.0)
-    domain_field -= threshold
-
-    labels = np.zeros(shape, dtype=np.uint8)
-    labels[support_mask] = np.where(domain_field[support_mask] > 0, 2, 1)
-
-    magnetization = _walls(domain_field, wall_width)
-    del domain_field
-    signal = support_mask * (minus_level + (1.0 - minus_level) * (magnetization + 1.0) / 2.0)
-    del magnetization
-    if edge_glow > 0:
-        signal += edge_glow * _rim(support_mask)
-    if blur_sigma > 0:
-        signal = ndimage.gaussian_filter(signal, blur_sigma, mode="constant")
+    support_mask, labels, signal = _sample(shape, args, rng_field, rng_swirl)
     if acquisition == "projections":
         signal, contrast, noise_std = acquire(
             signal, labels, support_mask, n_angles, missing_wedge_deg, snr if noisy else None,
@@ -306,6 +283,38 @@ def make_phantom(
     return Phantom(image=image, labels=labels, params=params)
 
 
+def _sample(shape: tuple[int, int, int], a: dict, rng_field: np.random.Generator,
+            rng_swirl: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 1-4 of the module docstring, then the blur: (support, labels, signal)."""
+    tilt = math.radians(a["tilt_deg"])
+    support_mask = _support(shape, a["support"], tilt, a["support_radius"], a["ellipticity"])
+    if not support_mask.any():
+        raise MagsegError(f"shape {shape} is too small for a {a['support']} support; use >= 8 "
+                          "voxels")
+    domain_field = _domain_field(shape, rng_field, a["domain_period"], a["pattern"],
+                                 a["anisotropy"], tilt, a["elongation"],
+                                 math.radians(a["elongation_deg"]))
+    if a["swirl"] > 0:
+        domain_field = _swirl(domain_field, rng_swirl, a["swirl"], a["domain_period"])
+    # Threshold at the in-support quantile so the class balance is what was asked for.
+    threshold = np.quantile(domain_field[support_mask], (1.0 - a["net_magnetization"]) / 2.0)
+    domain_field -= threshold
+
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[support_mask] = np.where(domain_field[support_mask] > 0, 2, 1)
+
+    magnetization = _walls(domain_field, a["wall_width"])
+    del domain_field
+    minus = a["minus_level"]
+    signal = support_mask * (minus + (1.0 - minus) * (magnetization + 1.0) / 2.0)
+    del magnetization
+    if a["edge_glow"] > 0:
+        signal += a["edge_glow"] * _rim(support_mask)
+    if a["blur_sigma"] > 0:
+        signal = ndimage.gaussian_filter(signal, a["blur_sigma"], mode="constant")
+    return support_mask, labels, signal
+
+
 def _paint_artefacts(signal, labels, rings, shading, snr, noise_correlation, n_angles,
                      missing_wedge_deg, rng_noise, rng_shading):
     """Steps 5-7 of the module docstring on the reconstruction: rings, shading, then noise
@@ -316,12 +325,8 @@ def _paint_artefacts(signal, labels, rings, shading, snr, noise_correlation, n_a
     if shading > 0:
         signal = shade(signal, rng_shading, shading, contrast)
     contrast = float(signal[labels == 2].mean() - signal[labels == 1].mean())
-    noise_std = 0.0
+    noise_std = noise_std_for(contrast, snr)
     if snr is not None:
-        noise_std = abs(contrast) / float(snr)
-        if not noise_std < np.finfo(np.float32).max / 1e3:  # the image is float32
-            raise MagsegError(f"snr {snr:g} is too small: noise of std {noise_std:g} overflows "
-                              "the float32 image; use snr >= 1e-30")
         signal += noise_std * reconstruction_noise(
             signal.shape, rng_noise, noise_correlation, n_angles, missing_wedge_deg
         )

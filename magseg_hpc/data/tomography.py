@@ -122,15 +122,23 @@ def acquire(obj: np.ndarray, labels: np.ndarray, support: np.ndarray, n_angles: 
         rings = parts["rings"]
         signal += rings * (detector_offsets * abs(contrast)
                            / max(float(rings[support].std()), 1e-12))
-    noise_std = 0.0
+    noise_std = noise_std_for(contrast, snr)
     if snr is not None:
-        noise_std = abs(contrast) / float(snr)
-        if not noise_std < np.finfo(np.float32).max / 1e3:  # the image is float32
-            raise MagsegError(f"snr {snr:g} is too small: noise of std {noise_std:g} overflows "
-                              "the float32 image; use snr >= 1e-30")
         noise = parts["noise"]
         signal += noise * (noise_std / max(float(noise.std()), 1e-12))
     return signal, contrast, noise_std
+
+
+def noise_std_for(contrast: float, snr: float | None) -> float:
+    """The noise std that gives ``snr`` over the domain ``contrast`` (make_phantom's SNR
+    definition; None: no noise, 0); refused where it would overflow the float32 image."""
+    if snr is None:
+        return 0.0
+    noise_std = abs(contrast) / float(snr)
+    if not noise_std < np.finfo(np.float32).max / 1e3:
+        raise MagsegError(f"snr {snr:g} is too small: noise of std {noise_std:g} overflows "
+                          "the float32 image; use snr >= 1e-30")
+    return noise_std
 
 
 def shade(signal: np.ndarray, rng: np.random.Generator, strength: float,
