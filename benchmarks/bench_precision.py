@@ -63,6 +63,7 @@ from magseg_hpc.train.setup import (  # noqa: E402
     build_optimizer,
     fit_data_normalization,
     make_loader,
+    model_config,
     open_data,
     resolve_norm,
 )
@@ -91,13 +92,13 @@ def limits(repeats: int) -> dict:
     # the model cpu_best trains for a masked reconstruction such as the published sweep
     cfg = resolve_norm(load_config(CONFIG), {"support": {"outside": "value", "value": 0.0}})
     torch.manual_seed(0)
-    model = build_model(cfg.model_dict()).eval()
-    x = torch.randn(8, cfg.model.context_slices, 600, 600)
+    model = build_model(model_config(cfg)).eval()
+    x = torch.randn(8, model_config(cfg).context_slices, 600, 600)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(x)
     model_flops = counter.get_total_flops()
     layouts = {"default": (model, x)}
-    cl_model = build_model(cfg.model_dict()).eval()
+    cl_model = build_model(model_config(cfg)).eval()
     cl_model.load_state_dict(model.state_dict())
     layouts["channels_last"] = (cl_model.to(memory_format=torch.channels_last),
                                 x.contiguous(memory_format=torch.channels_last))

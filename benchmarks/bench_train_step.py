@@ -49,10 +49,11 @@ from magseg_hpc.train.setup import (
     effective_lr,
     fit_data_normalization,
     make_loader,
+    model_config,
     open_data,
     resolve_norm,
 )
-from magseg_hpc.train.steps import augseg_step
+from magseg_hpc.train.steps import augseg_step, with_resolved_precision
 
 
 def sync(env) -> None:
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
         data = open_data(cfg, Path(tmp), env)
         norm = fit_data_normalization(cfg, data)
         cfg = resolve_norm(cfg, norm)  # model.norm auto, as training resolves it
+        cfg = with_resolved_precision(cfg, env.device)  # train.precision auto, likewise
         aug = augment_settings(cfg)
         labeled = LabeledSlices(data.source, data.splits["labeled"], norm, aug, cfg.seed)
         unlabeled = UnlabeledSlices(data.source, data.splits["unlabeled"], norm, aug, cfg.seed)
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
     images = 2 * t.batch_size  # labelled + unlabelled images per step, as the loop counts
     parts_sum = med["teacher"] + med["student"]
     header = (f"config {args.config}: batch {t.batch_size} labelled + {t.batch_size} "
-              f"unlabelled, crop {t.crop_size}, {cfg.model.backbone}, device {env.device}, "
+              f"unlabelled, crop {t.crop_size}, {model_config(cfg).backbone}, device {env.device}, "
               f"{torch.get_num_threads()} threads, {args.warmup} warm-up + {args.repeats} "
               f"timed rounds (median)")
     lines = [header, "", "| part | ms (median) | min ms | images/s |", "|---|---|---|---|"]
@@ -173,7 +175,8 @@ def main(argv=None) -> int:
     body = "\n".join(lines)
     print(body)
     raw = {"config": args.config, "overrides": args.overrides, "batch_size": t.batch_size,
-           "crop_size": t.crop_size, "backbone": cfg.model.backbone, "device": str(env.device),
+           "crop_size": t.crop_size, "backbone": model_config(cfg).backbone,
+           "device": str(env.device),
            "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
            "images_per_step": images, "seconds": times,
            "median_seconds": med, "ratios": ratios}

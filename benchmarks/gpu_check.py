@@ -188,6 +188,7 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
         make_loader,
         open_data,
     )
+    from magseg_hpc.train.steps import with_resolved_precision
 
     vol = tmp / "train.zarr"
     if not vol.exists():
@@ -198,8 +199,9 @@ def train_setup(s: dict, tmp: Path, overrides: list[str]):
         f"model.backbone={s['backbone']}", f"train.crop_size={s['crop']}",
         f"train.batch_size={s['batch']}", "train.precision=auto", *s["train_overrides"],
         *overrides])
+    env = dist_util.init_distributed(cfg.train.device)
+    cfg = with_resolved_precision(cfg, env.device)  # train.precision auto, as training does
     t = cfg.train
-    env = dist_util.init_distributed(t.device)
     out = tmp / f"run-{len(list(tmp.glob('run-*')))}"
     data = open_data(cfg, out, env)
     norm = fit_data_normalization(cfg, data)
@@ -306,11 +308,12 @@ def projection(ms_per_iter: float, batch: int) -> dict:
 def section_train(kind: str, s: dict, tmp: Path, budget: Budget, args, notes) -> dict:
     overrides = [] if kind == "augseg" else ["train.method=supervised"]
     cfg, env, lab, unl, loader = train_setup(s, tmp, overrides)
-    m = cfg.model
+    from magseg_hpc.train.setup import model_config
+
+    m = model_config(cfg).resolved(masked=False)  # the norm is not reported
     res = {"settings": {"config": s["config"], "backbone": m.backbone,
                         "decoder_channels": m.decoder_channels,
-                        "deep_stem": m.backbone != "resnet18" if m.deep_stem is None
-                        else m.deep_stem, "output_stride": m.output_stride,
+                        "deep_stem": m.deep_stem, "output_stride": m.output_stride,
                         "crop": cfg.train.crop_size, "batch_per_gpu": cfg.train.batch_size,
                         "extra_weak": cfg.train.extra_weak, "precision": resolve_precision(
                             cfg.train.precision, env.device), "device": str(env.device)},
@@ -345,13 +348,14 @@ def sam_row(s: dict, b: int, budget: Budget, notes: list[str]) -> dict:
     from magseg_hpc.config import load_config
     from magseg_hpc.train import distributed as dist_util
     from magseg_hpc.train.setup import build_models, build_optimizer, effective_lr
-    from magseg_hpc.train.steps import supervised_step
+    from magseg_hpc.train.steps import supervised_step, with_resolved_precision
 
     cfg = load_config(ROOT / s["sam_config"], [
         f"model.name={s['sam_model']}", "model.checkpoint=null",
         f"train.device={s['device']}", f"train.batch_size={b}", "train.precision=auto",
         f"train.crop_size={s['sam_size']}", "data.volume=unused.zarr"])
     env = dist_util.init_distributed(cfg.train.device)
+    cfg = with_resolved_precision(cfg, env.device)
     dev = env.device
     row: dict = {"batch": b}
     try:

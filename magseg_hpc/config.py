@@ -1,10 +1,13 @@
 """The typed experiment configuration: what to train, on which data, with which settings.
 
 A config is a YAML file with the sections below; every key has a default, so a file only
-states what differs. ``load_config`` validates the whole tree before anything runs: an unknown
-key or a value of the wrong type raises :class:`MagsegError` naming the key and listing the
-valid keys of its section with their defaults. ``key=value`` overrides (dotted keys, values
-parsed as YAML) are applied before validation, so they are checked the same way.
+states what differs. ``load_config`` validates the tree: an unknown key or a value of the
+wrong type raises :class:`MagsegError` naming the key and listing the valid keys of its
+section with their defaults. The ``model`` section is the model layer's: its keys, defaults
+and checks are ``magseg_hpc.models.ModelConfig``'s, applied with the strong-augmentation
+pools' names (also known only above this layer) by ``train.setup.check_experiment`` before
+anything runs; this layer keeps the section as a mapping. ``key=value`` overrides (dotted
+keys, values parsed as YAML) are applied before validation, so they are checked the same way.
 
 Learning rate: ``train.lr`` is the base learning rate. When ``train.lr_reference_batch`` is
 set, the rate actually used is ``lr * total_batch / lr_reference_batch`` where ``total_batch``
@@ -31,9 +34,9 @@ import yaml
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.paths import absolute_spec, atomic_write
+from magseg_hpc.yamlfile import load_yaml
 
 __all__ = [
-    "ModelConfig",
     "DataConfig",
     "TrainConfig",
     "ExperimentConfig",
@@ -47,32 +50,6 @@ __all__ = [
     "save_config",
     "experiment_differences",
 ]
-
-
-@dataclass
-class ModelConfig:
-    """Passed as a dict to ``magseg_hpc.models.build_model``; num_classes comes from classes."""
-
-    name: str = "deeplabv3plus"
-    backbone: Literal["resnet18", "resnet50", "resnet101"] = "resnet101"
-    in_channels: int = 1
-    # 2.5D: the slice and (context_slices - 1) / 2 neighbours on each side along the slicing
-    # axis as input channels (odd; 1 = plain 2D). segment-volume reads the same context.
-    context_slices: int = 1
-    # ASPP and decoder width: 256 as the study; 64 trains about 3x faster on a CPU.
-    decoder_channels: int = 256
-    pretrained: str | None = None  # a local torchvision ImageNet ResNet state_dict, or null
-    deep_stem: bool | None = None  # null: the AugSeg deep stem for resnet50/101, not resnet18
-    output_stride: int = 16
-    zero_init_residual: bool = True
-    # group: GroupNorm (no running statistics); auto: group on a masked volume, else batch
-    norm: Literal["batch", "group", "auto"] = "batch"
-    # SAM models (name sam_vit_b|sam_vit_l|sam_vit_h|sam_tiny, magseg_hpc/models/sam.py):
-    # the official weights file (e.g. sam_vit_b_01ec64.pth) or null; input size; box jitter
-    # in pixels (training only). null: the model's default (1024, 20 px).
-    checkpoint: str | None = None
-    image_size: int | None = None
-    box_jitter: float | None = None
 
 
 @dataclass
@@ -172,8 +149,9 @@ class TrainConfig:
     extra_weak: bool = False
     num_strong_augs: int = 3
     random_num_augs: bool = True
-    # The strong-augmentation pool (names in magseg_hpc.data.augment.STRONG_POOL); null: the
-    # study's pool. "intensity_safe" keeps only operations that leave the intensity -> class
+    # The strong-augmentation pool (a pool name or operations of magseg_hpc.data.augment's
+    # STRONG_POOL, checked by train.setup.check_experiment); null: the study's pool.
+    # "intensity_safe" keeps only operations that leave the intensity -> class
     # mapping intact (no solarize, brightness, autocontrast...): on magnetization data the
     # class IS the grey level, so the study's pool teaches the student contradictions.
     strong_ops: str | list[str] | None = None
@@ -203,7 +181,9 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     classes: dict = field(default_factory=lambda: ClassTable.default().to_dict())
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # the model section (magseg_hpc.models.ModelConfig's keys, checked and completed by
+    # train.setup.check_experiment); num_classes comes from the class table
+    model: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -212,16 +192,12 @@ class ExperimentConfig:
         return ClassTable.from_dict(self.classes)
 
     def model_dict(self) -> dict:
-        """The model section as build_model takes it, with num_classes from the class table."""
-        d = dataclasses.asdict(self.model)
-        d["num_classes"] = self.class_table.num_classes
-        for key in ("checkpoint", "image_size", "box_jitter"):  # SAM-only keys, when unset
-            if d[key] is None:
-                del d[key]
-        return d
+        """The model section as ``ModelConfig.from_dict`` takes it, with num_classes from the
+        class table."""
+        return {**self.model, "num_classes": self.class_table.num_classes}
 
     def is_sam(self) -> bool:
-        return self.model.name.startswith("sam_")
+        return str(self.model.get("name", "")).startswith("sam_")
 
     def optimizer_name(self) -> str:
         """train.optimizer with "auto" resolved: AdamW for SAM (the study), else SGD."""
@@ -318,7 +294,7 @@ def _section_help(cls: type, prefix: str) -> str:
     parts = []
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
+        if dataclasses.is_dataclass(default) or default == {}:  # a section
             parts.append(f"{prefix}{f.name}.*")
         else:
             parts.append(f"{prefix}{f.name}={default!r}")
@@ -343,11 +319,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
+        if value is None and (dataclasses.is_dataclass(tp) or tp is dict):
+            # `model: null` would silently mean every default
+            keys = (f": {_section_help(tp, f'{prefix}{name}.')}" if dataclasses.is_dataclass(tp)
+                    else "")
+            raise MagsegError(f"config section '{prefix}{name}' is null; give its keys or "
+                              f"leave it out for the defaults{keys}")
         if dataclasses.is_dataclass(tp):
-            if value is None:  # `model: null` would silently mean every default
-                raise MagsegError(f"config section '{prefix}{name}' is null; give its keys "
-                                  f"or leave it out for the defaults: "
-                                  f"{_section_help(tp, f'{prefix}{name}.')}")
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
             try:
@@ -361,11 +339,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _check_values(cfg: ExperimentConfig) -> None:
     cfg.class_table  # noqa: B018 - raises MagsegError for a malformed class table
-    # at call time: models import config (an import-linter exception in pyproject.toml)
-    from magseg_hpc.models import resolve_model_config
-
-    model = cfg.model_dict()
-    resolve_model_config({**model, "norm": "batch" if model["norm"] == "auto" else model["norm"]})
+    if "num_classes" in cfg.model:
+        raise MagsegError("model.num_classes: the class count comes from the class table "
+                          "(classes.names); remove model.num_classes")
     t, d = cfg.train, cfg.data
     if t.batch_size < 2:
         # BatchNorm in training mode needs two values a channel; the decoder's image-pooling
@@ -398,7 +374,6 @@ def _check_values(cfg: ExperimentConfig) -> None:
         "train.uns_weight": t.uns_weight,
         "train.dice_weight": cfg.dice_weight(),
         "train.poly_power": t.poly_power,
-        "model.box_jitter": cfg.model.box_jitter or 0,
     }.items():
         if value < 0:
             raise MagsegError(f"{key} must be >= 0, got {value}")
@@ -423,10 +398,6 @@ def _check_values(cfg: ExperimentConfig) -> None:
                           f"got {t.scale_range}")
     if t.num_strong_augs < 0:
         raise MagsegError(f"train.num_strong_augs must be >= 0, got {t.num_strong_augs}")
-    if t.strong_ops is not None:
-        from magseg_hpc.data.augment import resolve_strong_pool  # at call time, as above
-
-        resolve_strong_pool(t.strong_ops)
     if d.axes is not None:
         if d.axis not in d.axes:
             raise MagsegError(f"data.axes {d.axes} must include data.axis ({d.axis}), the axis "
@@ -451,43 +422,6 @@ def _check_finite(section: Any, prefix: str = "") -> None:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, float) and not math.isfinite(v):
                 raise MagsegError(f"{prefix}{f.name} must be a finite number, got {value}")
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """yaml.SafeLoader without aliases (``*name``): no config needs them, and a few nested
-    aliases expand to billions of nodes (a "billion laughs" file). A key given twice in one
-    mapping is refused too: safe_load keeps the last silently, so the first edit is lost."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None, None, f"YAML aliases (*{event.anchor}) are not accepted; write the "
-                "values out", event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            first: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    line = first.get(key)
-                except TypeError:  # an unhashable key: construct_mapping says so
-                    continue
-                if line is not None:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (line {line + 1} and line "
-                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
-                first[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(text: str):
-    """``yaml.safe_load`` that refuses aliases; raises yaml.YAMLError like safe_load."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def config_from_dict(raw: dict) -> ExperimentConfig:
@@ -592,10 +526,10 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         value = getattr(d, key)
         if value:
             setattr(d, key, absolute_spec(value))
-    for key in ("pretrained", "checkpoint"):
-        value = getattr(cfg.model, key)
-        if value and value.lower() not in ("none", "null"):
-            setattr(cfg.model, key, absolute_spec(value))
+    for key in ("pretrained", "checkpoint"):  # checkpoint: SAM's name for pretrained
+        value = cfg.model.get(key)
+        if isinstance(value, str) and value.strip().lower() not in ("", "none", "null"):
+            cfg.model[key] = absolute_spec(value)
     return cfg
 
 

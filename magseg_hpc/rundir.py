@@ -26,9 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from magseg_hpc.config import RUNTIME_KEYS, experiment_differences, load_yaml
+from magseg_hpc.config import RUNTIME_KEYS, experiment_differences
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.paths import atomic_write
+from magseg_hpc.yamlfile import load_yaml
 
 CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE = "config.yaml", "checkpoint.pt", "best.pt"
 METRICS_FILE, CURVES_FILE, SPLITS_DIR, LOGS_DIR = "metrics.jsonl", "curves.png", "splits", "logs"

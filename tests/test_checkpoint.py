@@ -10,6 +10,7 @@ from magseg_hpc.errors import MagsegError
 from magseg_hpc.models import build_model
 from magseg_hpc.models.checkpoint import (
     FORMAT,
+    checkpoint_model,
     checkpoint_sha256,
     load_checkpoint,
     load_inference_model,
@@ -128,6 +129,24 @@ def test_class_table_and_architecture_mismatch(tmp_path, ckpt):
         load_checkpoint(path, expect_model={"backbone": "resnet50", "num_classes": 3})
     with pytest.raises(MagsegError, match="num_classes"):
         load_checkpoint(path, expect_model={"backbone": "resnet18", "num_classes": 4})
+
+
+def test_older_model_entries_still_load(tmp_path, ckpt):
+    """A checkpoint's model entry missing keys (written before they existed: their defaults)
+    or holding norm auto (decided, as training decides it, from its normalisation)."""
+    old = {k: v for k, v in ckpt["model"].items()
+           if k not in ("norm", "context_slices", "decoder_channels")}
+    save_checkpoint(tmp_path / "old.pt", {**ckpt, "model": old})
+    model, _ = load_inference_model(tmp_path / "old.pt")
+    assert model.config == ckpt["model"]
+    load_checkpoint(tmp_path / "old.pt", expect_model=MODEL_CFG)
+    masked = {**ckpt["normalization"], "support": {"outside": "value", "value": 0.0}}
+    for normalization, norm in ((ckpt["normalization"], "batch"), (masked, "group")):
+        path = tmp_path / f"auto_{norm}.pt"
+        save_checkpoint(path, {**ckpt, "model": {**ckpt["model"], "norm": "auto"},
+                               "normalization": normalization})
+        assert checkpoint_model(torch.load(path, weights_only=True)).norm == norm
+    load_checkpoint(tmp_path / "auto_batch.pt", expect_model=MODEL_CFG)
 
 
 def test_a_full_disk_is_said_as_such(tmp_path, ckpt):

@@ -15,6 +15,7 @@ from magseg_hpc.config import (
     save_config,
 )
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.train.setup import check_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,8 +65,9 @@ def test_unknown_top_level_section(tmp_path):
     ],
 )
 def test_wrong_types_fail_with_the_key(tmp_path, data, fragment):
+    # the model section's keys are the model layer's, checked with the experiment
     with pytest.raises(MagsegError) as e:
-        load_config(write(tmp_path, data))
+        check_experiment(load_config(write(tmp_path, data)))
     assert fragment in str(e.value)
 
 
@@ -84,7 +86,7 @@ def test_overrides_are_yaml_and_validated(tmp_path):
                              "train.scale_range=[0.5, 1.0]", "data.val_volume=null",
                              "model.backbone=resnet18"])
     assert cfg.train.max_iters == 100 and cfg.seed == 7 and cfg.train.lr == 0.002
-    assert cfg.train.scale_range == [0.5, 1.0] and cfg.model.backbone == "resnet18"
+    assert cfg.train.scale_range == [0.5, 1.0] and cfg.model["backbone"] == "resnet18"
     assert cfg.train.epochs == 3
     with pytest.raises(MagsegError, match="unknown config key 'train.max_iter'"):
         load_config(path, ["train.max_iter=5"])
@@ -143,7 +145,7 @@ def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
 
 def test_yaml_key_given_twice_is_refused_at_any_depth():
     """safe_load keeps the last of two equal keys silently; load_yaml names both lines."""
-    from magseg_hpc.config import load_yaml
+    from magseg_hpc.yamlfile import load_yaml
 
     with pytest.raises(yaml.YAMLError, match=r"key 'lr' is given twice \(line 2 and line 4\)"):
         load_yaml("train:\n  lr: 1\n  epochs: 2\n  lr: 3\n")

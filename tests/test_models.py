@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.models import build_model, param_groups, resolve_model_config
+from magseg_hpc.models import ModelConfig, build_model, param_groups
 from magseg_hpc.models.deeplab import AtrousConv2d
 
 
@@ -160,10 +160,26 @@ def test_pretrained_missing_or_wrong_file(tmp_path):
 
 def test_bad_config_names_valid_choices():
     with pytest.raises(MagsegError, match="resnet101"):
-        resolve_model_config({"backbone": "resnet34"})
+        ModelConfig.from_dict({"backbone": "resnet34"})
     with pytest.raises(MagsegError, match="valid keys"):
-        resolve_model_config({"dropout": 0.1})
-    assert resolve_model_config({"pretrained": "none"})["pretrained"] is None
+        ModelConfig.from_dict({"dropout": 0.1})
+    assert ModelConfig.from_dict({"pretrained": "none"}).pretrained is None
+    with pytest.raises(MagsegError, match="model.image_size=64 does not apply to deeplabv3plus"):
+        ModelConfig.from_dict({"image_size": 64})
+
+
+def test_norm_auto_is_resolved_in_one_step():
+    """auto is a valid setting that the training volume decides (ModelConfig.resolved);
+    a model is never built from it."""
+    auto = ModelConfig.from_dict({"backbone": "resnet18", "norm": "auto"})
+    assert auto.norm == "auto" and auto.section()["norm"] == "auto"
+    assert auto.resolved(masked=True).norm == "group"
+    assert auto.resolved(masked=False).norm == "batch"
+    pretrained = ModelConfig.from_dict({"norm": "auto", "pretrained": "w.pth"})
+    assert pretrained.resolved(masked=True).norm == "batch"  # ImageNet weights keep BatchNorm
+    assert auto.resolved(masked=True).to_dict()["deep_stem"] is False  # resnet18's stem
+    with pytest.raises(MagsegError, match="model.norm auto is decided by the training volume"):
+        build_model(auto)
 
 
 def test_param_groups_head_lr(r18):

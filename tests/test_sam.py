@@ -21,7 +21,7 @@ from torch import nn
 
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.models import build_model, param_groups, resolve_model_config
+from magseg_hpc.models import ModelConfig, build_model, param_groups
 from magseg_hpc.models.checkpoint import load_checkpoint, load_inference_model, save_checkpoint
 from magseg_hpc.models.sam import SAM_VARIANTS, support_boxes
 from magseg_hpc.train.losses import dice_loss, supervised_loss
@@ -163,19 +163,21 @@ def test_wrong_weight_files_are_refused(official_file, tmp_path):
 
 
 def test_config_resolution_and_errors():
-    cfg = resolve_model_config({"name": "sam_vit_b", "checkpoint": "w.pth", "backbone": "resnet101",
-                                "deep_stem": None, "output_stride": 16})
+    cfg = ModelConfig.from_dict({"name": "sam_vit_b", "checkpoint": "w.pth",
+                                 "backbone": "resnet101", "deep_stem": None,
+                                 "output_stride": 16}).resolved().to_dict()
     assert cfg["pretrained"] == "w.pth" and cfg["image_size"] == 1024
     assert cfg["encoder_depth"] == 12 and "backbone" not in cfg
-    assert resolve_model_config(cfg) == cfg  # idempotent (checkpoints store the resolved dict)
+    # idempotent (checkpoints store the resolved dict)
+    assert ModelConfig.from_dict(cfg).resolved().to_dict() == cfg
     with pytest.raises(MagsegError, match="does not apply to sam_vit_l"):
-        resolve_model_config({"name": "sam_vit_l", "backbone": "resnet18"})
+        ModelConfig.from_dict({"name": "sam_vit_l", "backbone": "resnet18"})
     with pytest.raises(MagsegError, match="valid keys: .*box_jitter"):
-        resolve_model_config({"name": "sam_vit_h", "dropout": 0.1})
+        ModelConfig.from_dict({"name": "sam_vit_h", "dropout": 0.1})
     with pytest.raises(MagsegError, match="not one of .*sam_vit_b"):
-        resolve_model_config({"name": "sam_vit_x"})
+        ModelConfig.from_dict({"name": "sam_vit_x"})
     with pytest.raises(MagsegError, match="multiple of model.patch_size"):
-        resolve_model_config({"name": "sam_tiny", "image_size": 60})
+        ModelConfig.from_dict({"name": "sam_tiny", "image_size": 60})
 
 
 def test_our_checkpoint_round_trip(tiny, tmp_path):
@@ -276,16 +278,17 @@ def test_train_and_segment_volume_through_the_cli(tmp_path, capsys):
 
 def test_shipped_sam_configs_load():
     from magseg_hpc.config import load_config
+    from magseg_hpc.train.setup import check_experiment, model_config
 
     repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(repo / "configs" / "sam_vit_b.yaml")
-    model = resolve_model_config(cfg.model_dict())
-    assert model["name"] == "sam_vit_b" and model["image_size"] == 1024
-    assert model["pretrained"].endswith("sam_vit_b_01ec64.pth")
+    cfg = check_experiment(load_config(repo / "configs" / "sam_vit_b.yaml"))
+    model = model_config(cfg).resolved()
+    assert model.name == "sam_vit_b" and model.image_size == 1024
+    assert model.pretrained.endswith("sam_vit_b_01ec64.pth")
     assert (cfg.optimizer_name(), cfg.train.lr, cfg.train.weight_decay) == ("adamw", 1e-4, 0.01)
     assert cfg.dice_weight() == 1.0 and cfg.train.method == "supervised"
     tiny = load_config(repo / "configs" / "cpu_tiny_sam.yaml")
-    assert resolve_model_config(tiny.model_dict())["pretrained"] is None
+    assert model_config(check_experiment(tiny)).pretrained is None
     # DeepLab keeps its defaults: SGD, plain cross-entropy
     deeplab = load_config(repo / "configs" / "cpu_tiny_supervised.yaml")
     assert (deeplab.optimizer_name(), deeplab.dice_weight()) == ("sgd", 0.0)

@@ -98,13 +98,13 @@ def test_auto_keeps_batchnorm_on_unmasked_volumes_and_for_imagenet_weights():
     unmasked = fit_normalization(volume.image)
     assert unmasked["support"]["outside"] == "none"
     cfg = load_config("cpu_best")
-    assert cfg.model.norm == "auto"
-    assert resolve_norm(cfg, unmasked).model.norm == "batch"
-    assert resolve_norm(cfg, {**unmasked, "support": ZERO}).model.norm == "group"
+    assert cfg.model["norm"] == "auto"
+    assert resolve_norm(cfg, unmasked).model["norm"] == "batch"
+    assert resolve_norm(cfg, {**unmasked, "support": ZERO}).model["norm"] == "group"
     pretrained = load_config("cpu_best", ["model.pretrained=weights.pth"])
-    assert resolve_norm(pretrained, {**unmasked, "support": ZERO}).model.norm == "batch"
+    assert resolve_norm(pretrained, {**unmasked, "support": ZERO}).model["norm"] == "batch"
     explicit = load_config("cpu_best", ["model.norm=group"])
-    assert resolve_norm(explicit, unmasked).model.norm == "group"
+    assert resolve_norm(explicit, unmasked).model["norm"] == "group"
 
 
 def test_a_masked_volume_trains_with_groupnorm_and_resumes(tmp_path):

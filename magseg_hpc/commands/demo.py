@@ -30,6 +30,7 @@ from magseg_hpc.data.phantom import PRESETS, preset_params
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.outputs import record_owner
 from magseg_hpc.staging import staged_output
+from magseg_hpc.train.setup import check_experiment
 
 DEMO_FORMAT = "magseg-hpc/demo/1"  # the demo folder's owner manifest (outputs.py)
 # What the demo writes in its folder (its owner manifest lists them)
@@ -86,7 +87,7 @@ def _check_args(args) -> list[str]:
         raise MagsegError(f"config {args.config} is not a file; give a config file or the name "
                           "of a shipped one (magseg-hpc configs)")
     schedule = _schedule(args.config, args.iters)
-    load_config(args.config, schedule)  # the config as the training step will load it
+    check_experiment(load_config(args.config, schedule))  # as the training step will
     check_phantom_args(preset_params(args.preset, shape=args.shape, snr=args.snr))
     return schedule
 

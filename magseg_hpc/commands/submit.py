@@ -46,6 +46,7 @@ from magseg_hpc.launch.tasks import Task
 from magseg_hpc.paths import volume_file
 from magseg_hpc.rundir import check_run_folder, claim
 from magseg_hpc.staging import writer_lock
+from magseg_hpc.train.setup import check_experiment
 
 __all__ = ["register", "build_parser", "main", "check_command_args"]
 
@@ -185,7 +186,8 @@ def _submit_and_report(kind: str, task: Callable[[], Any], args: argparse.Namesp
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # bad keys fail here, before submission
+    # bad keys fail here, before submission
+    cfg = check_experiment(load_config(args.config, args.overrides))
     config = config_to_dict(cfg)
     profile = load_job_profile(args.job)
     cluster, name = _cluster_and_name(args, cfg.name)

@@ -26,7 +26,6 @@ import numpy as np
 
 from magseg_hpc.axes import AXES
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
-from magseg_hpc.config import load_yaml
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.staging import staged_output
 from magseg_hpc.volume.io import slice_files
@@ -38,6 +37,7 @@ from magseg_hpc.volume.store import (
     set_complete,
     write_label_region,
 )
+from magseg_hpc.yamlfile import load_yaml
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from magseg_hpc.config import load_yaml
 from magseg_hpc.errors import MagsegError
+from magseg_hpc.yamlfile import load_yaml
 
 __all__ = ["JobProfile", "job_profile_from_dict", "load_job_profile", "dask_jobqueue_kwargs"]
 

@@ -5,7 +5,7 @@ Keys (format "magseg-hpc/checkpoint/1"):
 | key | content |
 |---|---|
 | format | "magseg-hpc/checkpoint/1" |
-| model | resolved model config dict (``build_model`` input) |
+| model | resolved ``ModelConfig`` as a dict (``model.config``; ``checkpoint_model`` reads it) |
 | class_table | ``ClassTable.to_dict()`` |
 | normalization | {"low", "high", "mean", "std"} (see ``magseg_hpc.data.normalize``) |
 | student, teacher | state_dicts (the teacher is what inference uses) |
@@ -21,6 +21,7 @@ convert them with ``torch.from_numpy``).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -34,9 +35,10 @@ from torch import nn
 
 from magseg_hpc.classes import ClassTable
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.models import ARCHITECTURE_KEYS, build_model, resolve_model_config
+from magseg_hpc.models import ARCHITECTURE_KEYS, ModelConfig, build_model
 from magseg_hpc.models.weights import read_weights
 from magseg_hpc.paths import atomic_write
+from magseg_hpc.volume.support import is_masked, support_of
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def load_checkpoint(
     path: str | Path,
     *,
     expect_class_table: ClassTable | dict | None = None,
-    expect_model: dict | None = None,
+    expect_model: ModelConfig | dict | None = None,
 ) -> dict:
     """Read a checkpoint with ``weights_only=True`` onto the CPU and check it.
 
@@ -166,13 +168,24 @@ def load_checkpoint(
     return ckpt
 
 
-def check_architecture(path: str | Path, ckpt: dict, expect_model: dict) -> None:
-    """Refuse a checkpoint whose model differs from ``expect_model`` in an architecture key."""
-    want = resolve_model_config(expect_model)
-    have = resolve_model_config(ckpt["model"])
-    diff = [k for k in ARCHITECTURE_KEYS if want.get(k) != have.get(k)]
+def checkpoint_model(ckpt: dict) -> ModelConfig:
+    """The checkpoint's resolved model config. Older checkpoints may lack keys (their
+    defaults apply) or hold ``norm: auto``, decided here as training decides it: from the
+    support their normalisation carries."""
+    masked = is_masked(support_of(ckpt.get("normalization")))
+    return ModelConfig.from_dict(ckpt["model"]).resolved(masked=masked)
+
+
+def check_architecture(path: str | Path, ckpt: dict, expect_model: ModelConfig | dict) -> None:
+    """Refuse a checkpoint whose model differs from ``expect_model`` (resolved) in an
+    architecture key."""
+    want = (expect_model if isinstance(expect_model, ModelConfig)
+            else ModelConfig.from_dict(expect_model)).resolved()
+    have = checkpoint_model(ckpt)
+    diff = [k for k in ARCHITECTURE_KEYS if getattr(want, k) != getattr(have, k)]
     if diff:
-        pairs = ", ".join(f"{k}: {have.get(k)!r} (expected {want.get(k)!r})" for k in diff)
+        pairs = ", ".join(f"{k}: {getattr(have, k)!r} (expected {getattr(want, k)!r})"
+                          for k in diff)
         raise MagsegError(
             f"checkpoint {path} is for another architecture ({pairs}); set model.* to "
             "match the checkpoint or start from a matching checkpoint"
@@ -231,7 +244,7 @@ def load_inference_model(
         raise MagsegError(f"checkpoint {path} has no {which} weights; use which='student'")
     check_finite_checkpoint(ckpt, path, which)
     # Pretrained ImageNet weights are irrelevant here (overwritten) and may not exist locally.
-    model = build_model({**ckpt["model"], "pretrained": None})
+    model = build_model(dataclasses.replace(checkpoint_model(ckpt), pretrained=None))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -240,7 +253,7 @@ def load_inference_model(
             f"({str(e).splitlines()[0][:160]}); the checkpoint is damaged, retrain"
         ) from e
     model = model.to(device).eval()
-    if torch.device(device).type == "cpu" and not str(ckpt["model"].get("name")).startswith("sam"):
+    if torch.device(device).type == "cpu" and not model.config["name"].startswith("sam"):
         # oneDNN's convolutions run ~25 % faster on channels-last weights and inputs, fp32 and
         # bf16 alike (benchmarks/results/precision.md); the kernel passes its input that way.
         # Not for SAM: a ViT (measured on DeepLabV3+ only)

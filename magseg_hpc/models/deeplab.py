@@ -45,7 +45,6 @@ BACKBONES = {
 MULTI_GRID = (1, 2, 4)  # times layer4's base dilation 2 -> (2, 4, 8)
 ASPP_RATES = (6, 12, 18)  # output stride 16
 LOW_LEVEL_CHANNELS = 48
-DECODER_CHANNELS = 256
 
 
 class AtrousConv2d(nn.Conv2d):
@@ -82,9 +81,6 @@ def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1,
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=bias)
 
 
-NORMS = ("batch", "group")
-
-
 def norm_layer(kind: str, channels: int) -> nn.Module:
     """BatchNorm (the study's) or GroupNorm with 16 channels a group (at most 32 groups).
 
@@ -111,7 +107,7 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, norm="batch"):
+    def __init__(self, inplanes, planes, stride, dilation, downsample, norm):
         super().__init__()
         self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
         self.bn1 = norm_layer(norm, planes)
@@ -132,7 +128,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, norm="batch"):
+    def __init__(self, inplanes, planes, stride, dilation, downsample, norm):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = norm_layer(norm, planes)
@@ -154,14 +150,8 @@ class Bottleneck(nn.Module):
 class ResNetBackbone(nn.Module):
     """ResNet encoder at output stride 16; ``forward`` returns (layer1, layer4) features."""
 
-    def __init__(
-        self,
-        backbone: str,
-        in_channels: int = 1,
-        deep_stem: bool = True,
-        zero_init_residual: bool = True,
-        norm: str = "batch",
-    ):
+    def __init__(self, backbone: str, in_channels: int, deep_stem: bool,
+                 zero_init_residual: bool, norm: str):
         super().__init__()
         kind, layers = BACKBONES[backbone]
         self.norm = norm
@@ -212,7 +202,7 @@ class ResNetBackbone(nn.Module):
         layers = [block(self.inplanes, planes, stride, dilations[0], downsample, self.norm)]
         self.inplanes = planes * block.expansion
         for i in range(1, blocks):
-            layers.append(block(self.inplanes, planes, 1, dilations[i], norm=self.norm))
+            layers.append(block(self.inplanes, planes, 1, dilations[i], None, self.norm))
         return nn.Sequential(*layers)
 
     def forward(self, x):
@@ -226,8 +216,8 @@ class ResNetBackbone(nn.Module):
         return low, high
 
 
-def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1, bias: bool = False,
-                  norm: str = "batch"):
+def _conv_bn_relu(cin: int, cout: int, k: int, *, norm: str, dilation: int = 1,
+                  bias: bool = False):
     return nn.Sequential(
         _conv3x3(cin, cout, dilation=dilation, bias=bias) if k == 3
         else nn.Conv2d(cin, cout, 1, bias=bias),
@@ -239,8 +229,7 @@ def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1, bias: bool = F
 class ASPP(nn.Module):
     """Image pooling + 1x1 + three atrous 3x3 branches, 256 channels each, then 1x1 to 256."""
 
-    def __init__(self, in_channels: int, rates=ASPP_RATES, channels: int = DECODER_CHANNELS,
-                 norm: str = "batch"):
+    def __init__(self, in_channels: int, channels: int, norm: str, rates=ASPP_RATES):
         super().__init__()
         self.rates = tuple(rates)
         self.pool = nn.Sequential(
@@ -259,10 +248,10 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3PlusHead(nn.Module):
-    def __init__(self, low_channels: int, high_channels: int, num_classes: int,
-                 channels: int = DECODER_CHANNELS, norm: str = "batch"):
+    def __init__(self, low_channels: int, high_channels: int, num_classes: int, channels: int,
+                 norm: str):
         super().__init__()
-        self.aspp = ASPP(high_channels, channels=channels, norm=norm)
+        self.aspp = ASPP(high_channels, channels, norm)
         self.low_proj = _conv_bn_relu(low_channels, LOW_LEVEL_CHANNELS, 1, bias=True, norm=norm)
         self.classifier = nn.Sequential(
             _conv_bn_relu(channels + LOW_LEVEL_CHANNELS, channels, 3, norm=norm),
@@ -282,26 +271,18 @@ class DeepLabV3PlusHead(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """(B, in_channels, H, W) -> logits (B, num_classes, H, W). ``config`` is the resolved
-    model config dict (what goes into a checkpoint's "model" key)."""
+    """(B, in_channels x context_slices, H, W) -> logits (B, num_classes, H, W), for a
+    resolved ``ModelConfig`` (models/schema.py); ``config`` is its dict (a checkpoint's
+    "model")."""
 
-    def __init__(self, config: dict):
+    def __init__(self, cfg):
         super().__init__()
-        self.config = dict(config)
-        self.backbone = ResNetBackbone(
-            config["backbone"],
-            config["in_channels"] * config.get("context_slices", 1),
-            config["deep_stem"],
-            config["zero_init_residual"],
-            config.get("norm", "batch"),
-        )
-        self.decoder = DeepLabV3PlusHead(
-            self.backbone.low_level_channels,
-            self.backbone.high_level_channels,
-            config["num_classes"],
-            config.get("decoder_channels", DECODER_CHANNELS),
-            config.get("norm", "batch"),
-        )
+        self.config = cfg.to_dict()
+        self.backbone = ResNetBackbone(cfg.backbone, cfg.in_channels * cfg.context_slices,
+                                       cfg.deep_stem, cfg.zero_init_residual, cfg.norm)
+        self.decoder = DeepLabV3PlusHead(self.backbone.low_level_channels,
+                                         self.backbone.high_level_channels, cfg.num_classes,
+                                         cfg.decoder_channels, cfg.norm)
 
     def forward(self, x):
         low, high = self.backbone(x)

@@ -55,40 +55,26 @@ from magseg_hpc.models.weights import read_weights
 
 log = logging.getLogger(__name__)
 
-# name -> encoder preset (segment_anything.build_sam); sam_tiny is for tests and CPU demos.
+# The official SAM settings (segment_anything.build_sam) that the variants share.
+_OFFICIAL = {"image_size": 1024, "box_jitter": 20.0,  # the study: box jittered by 0-20 px
+             "patch_size": 16, "window_size": 14, "prompt_embed_dim": 256, "decoder_depth": 2,
+             "decoder_mlp_dim": 2048, "decoder_num_heads": 8}
+# name -> every SAM key's value for that variant (a ModelConfig key left null takes it);
+# sam_tiny is for tests and CPU demos.
 SAM_VARIANTS: dict[str, dict] = {
-    "sam_vit_b": {"encoder_embed_dim": 768, "encoder_depth": 12, "encoder_num_heads": 12,
-                  "encoder_global_attn_indexes": [2, 5, 8, 11]},
-    "sam_vit_l": {"encoder_embed_dim": 1024, "encoder_depth": 24, "encoder_num_heads": 16,
-                  "encoder_global_attn_indexes": [5, 11, 17, 23]},
-    "sam_vit_h": {"encoder_embed_dim": 1280, "encoder_depth": 32, "encoder_num_heads": 16,
-                  "encoder_global_attn_indexes": [7, 15, 23, 31]},
-    "sam_tiny": {"encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
-                 "encoder_global_attn_indexes": [1], "patch_size": 8, "window_size": 4,
-                 "prompt_embed_dim": 32, "decoder_depth": 1, "decoder_mlp_dim": 64,
-                 "decoder_num_heads": 2, "image_size": 64},
+    "sam_vit_b": {**_OFFICIAL, "encoder_embed_dim": 768, "encoder_depth": 12,
+                  "encoder_num_heads": 12, "encoder_global_attn_indexes": [2, 5, 8, 11]},
+    "sam_vit_l": {**_OFFICIAL, "encoder_embed_dim": 1024, "encoder_depth": 24,
+                  "encoder_num_heads": 16, "encoder_global_attn_indexes": [5, 11, 17, 23]},
+    "sam_vit_h": {**_OFFICIAL, "encoder_embed_dim": 1280, "encoder_depth": 32,
+                  "encoder_num_heads": 16, "encoder_global_attn_indexes": [7, 15, 23, 31]},
+    "sam_tiny": {**_OFFICIAL, "encoder_embed_dim": 32, "encoder_depth": 2,
+                 "encoder_num_heads": 2, "encoder_global_attn_indexes": [1], "patch_size": 8,
+                 "window_size": 4, "prompt_embed_dim": 32, "decoder_depth": 1,
+                 "decoder_mlp_dim": 64, "decoder_num_heads": 2, "image_size": 64},
 }
 SAM_NAMES = tuple(SAM_VARIANTS)
 
-# Defaults shared by all variants (the official SAM settings); a variant preset overrides them.
-SAM_DEFAULTS: dict = {
-    "name": "sam_vit_b",
-    "num_classes": 3,
-    "in_channels": 1,
-    "pretrained": None,  # path of an official SAM state dict; alias: "checkpoint"
-    "image_size": 1024,
-    "box_jitter": 20.0,  # the study: box jittered outward by 0-20 px in training
-    "encoder_embed_dim": None,
-    "encoder_depth": None,
-    "encoder_num_heads": None,
-    "encoder_global_attn_indexes": None,
-    "patch_size": 16,
-    "window_size": 14,
-    "prompt_embed_dim": 256,
-    "decoder_depth": 2,
-    "decoder_mlp_dim": 2048,
-    "decoder_num_heads": 8,
-}
 # Keys that change the weights' shapes (or meaning): checkpoints are refused when they differ.
 SAM_ARCHITECTURE_KEYS = (
     "image_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
@@ -98,77 +84,6 @@ SAM_ARCHITECTURE_KEYS = (
 # Support detection: fraction of the way from the background level to the 99th percentile.
 SUPPORT_FRACTION = 0.3
 _SUPPORT_GRID = 128  # the box is found on an area-downsampled copy at most this large
-
-
-def resolve_sam_config(model_cfg: dict, deeplab_defaults: dict) -> dict:
-    """Fill a SAM model config (variant preset, then SAM defaults) and validate it.
-
-    DeepLab-only keys (``backbone``, ``deep_stem``...) are tolerated at their defaults, because
-    the experiment config always carries them, and dropped; any other value is an error.
-    """
-    cfg = dict(model_cfg)
-    if "checkpoint" in cfg:
-        ckpt = cfg.pop("checkpoint")
-        if cfg.get("pretrained") not in (None, ckpt):
-            raise MagsegError(
-                f"model.checkpoint {ckpt!r} and model.pretrained {cfg['pretrained']!r} differ; "
-                "for SAM they are the same setting (the official weights), give one"
-            )
-        cfg["pretrained"] = ckpt
-    for key in set(deeplab_defaults) - set(SAM_DEFAULTS):
-        if key in cfg:
-            value = cfg.pop(key)
-            if value is not None and value != deeplab_defaults[key]:
-                raise MagsegError(
-                    f"model.{key}={value!r} does not apply to {cfg['name']}; remove it (SAM "
-                    f"keys: {sorted(SAM_DEFAULTS) + ['checkpoint']})"
-                )
-    unknown = sorted(set(cfg) - set(SAM_DEFAULTS))
-    if unknown:
-        raise MagsegError(
-            f"unknown model config key(s) {unknown} for {cfg['name']}; valid keys: "
-            f"{sorted(SAM_DEFAULTS) + ['checkpoint']}"
-        )
-    preset = SAM_VARIANTS[cfg["name"]]
-    out = {**SAM_DEFAULTS, **preset}
-    out.update({k: v for k, v in cfg.items() if v is not None or k == "pretrained"})
-    pretrained = out["pretrained"]
-    if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
-        out["pretrained"] = None
-    elif out["pretrained"] is not None and not isinstance(out["pretrained"], str):
-        raise MagsegError(f"model.checkpoint must be a file path or null, got {pretrained!r}")
-    for key in ("num_classes", "image_size", "encoder_embed_dim", "encoder_depth",
-                "encoder_num_heads", "patch_size", "window_size", "prompt_embed_dim",
-                "decoder_depth", "decoder_mlp_dim", "decoder_num_heads"):
-        v = out[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise MagsegError(f"model.{key} must be a positive integer, got {v!r}")
-    if out["in_channels"] != 1:
-        raise MagsegError(f"model.in_channels must be 1 for SAM (grey slices), got "
-                          f"{out['in_channels']!r}")
-    if out["num_classes"] < 2:
-        raise MagsegError(f"SAM needs num_classes >= 2 (background + classes), got "
-                          f"{out['num_classes']}")
-    if out["image_size"] % out["patch_size"]:
-        raise MagsegError(f"model.image_size {out['image_size']} must be a multiple of "
-                          f"model.patch_size {out['patch_size']}")
-    if out["prompt_embed_dim"] % 8:
-        raise MagsegError(f"model.prompt_embed_dim must be a multiple of 8, got "
-                          f"{out['prompt_embed_dim']}")
-    if out["encoder_embed_dim"] % out["encoder_num_heads"]:
-        raise MagsegError("model.encoder_embed_dim must be a multiple of encoder_num_heads")
-    idx = out["encoder_global_attn_indexes"]
-    if not isinstance(idx, list | tuple) or any(
-        not isinstance(i, int) or not 0 <= i < out["encoder_depth"] for i in idx
-    ):
-        raise MagsegError(f"model.encoder_global_attn_indexes must be block indexes below "
-                          f"encoder_depth {out['encoder_depth']}, got {idx!r}")
-    out["encoder_global_attn_indexes"] = [int(i) for i in idx]
-    jitter = out["box_jitter"]
-    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or jitter < 0:
-        raise MagsegError(f"model.box_jitter must be >= 0 (pixels), got {jitter!r}")
-    out["box_jitter"] = float(jitter)
-    return out
 
 
 @torch.no_grad()
@@ -219,7 +134,8 @@ def support_boxes(x: torch.Tensor, fraction: float = SUPPORT_FRACTION) -> torch.
 class SamSemantic(nn.Module):
     """SAM with a box prompt from the sample support and one mask token per class."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg):
+        """``cfg``: a resolved SAM ``ModelConfig`` (models/schema.py)."""
         super().__init__()
         try:
             from segment_anything.modeling import (
@@ -233,21 +149,21 @@ class SamSemantic(nn.Module):
                 "SAM models need the segment-anything package; pip install segment-anything"
             ) from e
 
-        self.config = cfg
-        size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["prompt_embed_dim"]
+        self.config = cfg.to_dict()  # a checkpoint's "model"
+        size, patch, dim = cfg.image_size, cfg.patch_size, cfg.prompt_embed_dim
         grid = size // patch
         self.image_encoder = ImageEncoderViT(
-            depth=cfg["encoder_depth"],
-            embed_dim=cfg["encoder_embed_dim"],
+            depth=cfg.encoder_depth,
+            embed_dim=cfg.encoder_embed_dim,
             img_size=size,
             mlp_ratio=4,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            num_heads=cfg["encoder_num_heads"],
+            num_heads=cfg.encoder_num_heads,
             patch_size=patch,
             qkv_bias=True,
             use_rel_pos=True,
-            global_attn_indexes=tuple(cfg["encoder_global_attn_indexes"]),
-            window_size=cfg["window_size"],
+            global_attn_indexes=tuple(cfg.encoder_global_attn_indexes),
+            window_size=cfg.window_size,
             out_chans=dim,
         )
         self.prompt_encoder = PromptEncoder(
@@ -257,12 +173,12 @@ class SamSemantic(nn.Module):
             mask_in_chans=16,
         )
         self.mask_decoder = MaskDecoder(
-            num_multimask_outputs=cfg["num_classes"] - 1,
+            num_multimask_outputs=cfg.num_classes - 1,
             transformer=TwoWayTransformer(
-                depth=cfg["decoder_depth"],
+                depth=cfg.decoder_depth,
                 embedding_dim=dim,
-                mlp_dim=cfg["decoder_mlp_dim"],
-                num_heads=cfg["decoder_num_heads"],
+                mlp_dim=cfg.decoder_mlp_dim,
+                num_heads=cfg.decoder_num_heads,
             ),
             transformer_dim=dim,
             iou_head_depth=3,

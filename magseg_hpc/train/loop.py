@@ -90,6 +90,7 @@ from magseg_hpc.train.setup import (
     augment_settings,
     build_models,
     build_optimizer,
+    check_experiment,
     effective_lr,
     fit_data_normalization,
     labelled_share,
@@ -161,6 +162,7 @@ def run_training(cfg: ExperimentConfig, output_dir: str | Path) -> dict:
     writes config, splits, checkpoints and metrics; every rank logs to logs/rank{N}.log.
     """
     output_dir = Path(output_dir).absolute()
+    cfg = check_experiment(cfg)
     main_rank = os.environ.get("RANK", "0") == "0"
     # Rank 0 is the run folder's one writer, as every output has one (staging.writer_lock):
     # a second training of it is refused in one line naming the holder. The other ranks of
@@ -382,7 +384,7 @@ def open_run(cfg: ExperimentConfig, output_dir: Path, env: DistEnv):
                                                t.batch_size, env.world_size)
     run = Run(cfg, env, output_dir, norm, labelled_share(cfg, data.splits), ipe,
               t.epochs * ipe,
-              ValSlices(data.val_source, data.splits["val"], norm, cfg.model.context_slices)
+              ValSlices(data.val_source, data.splits["val"], norm, aug.context)
               if data.splits["val"] else None)
     return run, data, labeled, unlabeled, ckpt
 

@@ -31,7 +31,7 @@ from magseg_hpc.data.splits import (
     write_split,
 )
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.models import build_model, param_groups
+from magseg_hpc.models import ModelConfig, build_model, param_groups
 from magseg_hpc.rundir import (
     SPLITS_DIR,
 )
@@ -189,22 +189,38 @@ def fit_data_normalization(cfg: ExperimentConfig, data: TrainData) -> dict:
     return {**norm, "mark_outside": cfg.data.mark_outside}
 
 
+def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
+    """What the config layer leaves to the layers above it: the model section checked by
+    the model layer's schema, and the strong-augmentation pool's names. Returns ``cfg`` with
+    the model section complete (every key, as configured), as config.yaml records it."""
+    model = model_config(cfg)
+    resolve_strong_pool(cfg.train.strong_ops)
+    return dataclasses.replace(cfg, model=model.section())
+
+
+def model_config(cfg: ExperimentConfig) -> ModelConfig:
+    """The experiment's model config (num_classes from its class table)."""
+    return ModelConfig.from_dict(cfg.model_dict())
+
+
 def resolve_norm(cfg: ExperimentConfig, normalization: dict) -> ExperimentConfig:
-    """``model.norm: auto`` for this training volume: GroupNorm on a masked one, BatchNorm
-    otherwise. On a masked volume the crops mix all-outside crops (one constant value) with
-    crops of the sample, and BatchNorm's running statistics follow the mix of the last
-    batches, so the same weights predict differently from one evaluation to the next (the
-    published sweep's unstable validation; tests/test_stability.py); on unmasked volumes
-    BatchNorm trained better (`tomo`: GroupNorm -0.02 to -0.05 mIoU). ImageNet weights
-    (``model.pretrained``) were trained with BatchNorm and keep it."""
-    if cfg.model.norm != "auto":
+    """``model.norm: auto`` decided for this training volume (``ModelConfig.resolved``):
+    GroupNorm on a masked one, BatchNorm otherwise. On a masked volume the crops mix
+    all-outside crops (one constant value) with crops of the sample, and BatchNorm's running
+    statistics follow the mix of the last batches, so the same weights predict differently
+    from one evaluation to the next (the published sweep's unstable validation;
+    tests/test_stability.py); on unmasked volumes BatchNorm trained better (`tomo`: GroupNorm
+    -0.02 to -0.05 mIoU). ImageNet weights (``model.pretrained``) were trained with BatchNorm
+    and keep it. The returned config (checkpoints, the model) holds the decision."""
+    model = model_config(cfg)
+    if model.norm != "auto":
         return cfg
-    masked = is_masked(support_of(normalization)) and not cfg.model.pretrained
-    model = dataclasses.replace(cfg.model, norm="group" if masked else "batch")
-    why = ("a masked volume" if masked else
-           "ImageNet weights" if cfg.model.pretrained else "no masked background")
-    log.info("model.norm auto: %s (%s)", model.norm, why)
-    return dataclasses.replace(cfg, model=model)
+    masked = is_masked(support_of(normalization))
+    norm = model.resolved(masked=masked).norm
+    why = ("ImageNet weights" if model.pretrained else
+           "a masked volume" if masked else "no masked background")
+    log.info("model.norm auto: %s (%s)", norm, why)
+    return dataclasses.replace(cfg, model={**cfg.model, "norm": norm})
 
 
 class StepBatches:
@@ -249,14 +265,14 @@ def augment_settings(cfg: ExperimentConfig) -> AugmentSettings:
         crop_size=t.crop_size, scale_range=tuple(t.scale_range), vflip=t.vflip, rot90=t.rot90,
         num_strong_augs=t.num_strong_augs, random_num_augs=t.random_num_augs,
         strong_ops=tuple(resolve_strong_pool(t.strong_ops)),
-        context=cfg.model.context_slices, foreground=t.foreground_crop,
+        context=model_config(cfg).context_slices, foreground=t.foreground_crop,
     )
 
 
 def build_models(cfg: ExperimentConfig, env: DistEnv) -> tuple[nn.Module, nn.Module]:
     """(student, teacher): the same initial weights on every rank (seeded), teacher frozen."""
     torch.manual_seed(cfg.seed)
-    student = build_model(cfg.model_dict())
+    student = build_model(model_config(cfg))
     if env.distributed and env.device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student.to(env.device).train()
