@@ -103,17 +103,33 @@ def weak_augment(
     if focus is not None and use_focus:
         foc = _as_tensor(np.asarray(focus, np.float32), torch.float32)[None, None]
 
-    lo, hi = scale_range
-    s = rng.uniform(lo, hi)
+    img, msk, foc = _rescale(img, msk, foc, rng.uniform(*scale_range))
+    img, msk, foc = _flip_rotate(img, msk, foc, rng, hflip=hflip, vflip=vflip, rot90=rot90)
+    if crop_size is not None:
+        img, msk = _crop(img, msk, foc, _pair(crop_size), rng, pad_value)
+    img = (img[0, 0] if plain else img[0]).contiguous()
+    return img, None if msk is None else msk[0, 0].round().to(torch.int64).contiguous()
+
+
+def _each(fn, *tensors):
+    """``fn`` applied to each tensor given (None stays None)."""
+    return tuple(None if t is None else fn(t) for t in tensors)
+
+
+def _rescale(img, msk, foc, s: float):
+    """Image, mask and focus (1, C, H, W) rescaled by ``s``: bilinear with antialiasing for
+    the image, nearest for the others."""
     h, w = img.shape[-2:]
     size = (max(1, round(h * s)), max(1, round(w * s)))
-    if size != (h, w):
-        img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
-        if msk is not None:
-            msk = F.interpolate(msk, size=size, mode="nearest-exact")
-        if foc is not None:
-            foc = F.interpolate(foc, size=size, mode="nearest-exact")
+    if size == (h, w):
+        return img, msk, foc
+    img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return (img, *_each(lambda t: F.interpolate(t, size=size, mode="nearest-exact"), msk, foc))
 
+
+def _flip_rotate(img, msk, foc, rng: Rng, *, hflip: bool, vflip: bool, rot90: bool):
+    """A horizontal flip p=0.5, a vertical one p=0.5, a rotation by k*90 degrees (each when
+    asked; drawn in that order) of all three alike."""
     flips = []
     if hflip and rng.random() < 0.5:
         flips.append(-1)
@@ -121,37 +137,35 @@ def weak_augment(
         flips.append(-2)
     k = rng.integers(0, 4) if rot90 else 0
     if flips:
-        img, msk = img.flip(flips), None if msk is None else msk.flip(flips)
-        foc = None if foc is None else foc.flip(flips)
+        img, msk, foc = _each(lambda t: t.flip(flips), img, msk, foc)
     if k:
-        img, msk = img.rot90(k, (-2, -1)), None if msk is None else msk.rot90(k, (-2, -1))
-        foc = None if foc is None else foc.rot90(k, (-2, -1))
+        img, msk, foc = _each(lambda t: t.rot90(k, (-2, -1)), img, msk, foc)
+    return img, msk, foc
 
-    if crop_size is not None:
-        ch, cw = _pair(crop_size)
-        h, w = img.shape[-2:]
-        ph, pw = max(ch - h, 0), max(cw - w, 0)
-        if ph or pw:
-            fill = float(img.mean()) if pad_value is None else float(pad_value)
-            img = F.pad(img, (0, pw, 0, ph), value=fill)
-            if msk is not None:
-                msk = F.pad(msk, (0, pw, 0, ph), value=float(IGNORE_LABEL))
-        h, w = img.shape[-2:]
-        y0 = rng.integers(0, h - ch + 1)
-        x0 = rng.integers(0, w - cw + 1)
-        if foc is not None:
-            points = torch.nonzero(foc[0, 0] > 0.5)
-            if len(points):
-                py, px = (int(v) for v in points[rng.integers(0, len(points))])
-                # a uniform crop among those that hold (py, px)
-                y0 = min(max(py - ch + 1 + int(y0 * ch / max(h - ch + 1, 1)), 0), h - ch)
-                x0 = min(max(px - cw + 1 + int(x0 * cw / max(w - cw + 1, 1)), 0), w - cw)
-        img = img[..., y0 : y0 + ch, x0 : x0 + cw]
+
+def _crop(img, msk, foc, crop: tuple[int, int], rng: Rng, pad_value: float | None):
+    """Pad bottom/right up to ``crop`` (the image with ``pad_value`` or its mean, the mask with
+    255), then a random crop of image and mask; with a focus, one that holds a random focus
+    pixel."""
+    ch, cw = crop
+    h, w = img.shape[-2:]
+    ph, pw = max(ch - h, 0), max(cw - w, 0)
+    if ph or pw:
+        fill = float(img.mean()) if pad_value is None else float(pad_value)
+        img = F.pad(img, (0, pw, 0, ph), value=fill)
         if msk is not None:
-            msk = msk[..., y0 : y0 + ch, x0 : x0 + cw]
-
-    img = (img[0, 0] if plain else img[0]).contiguous()
-    return img, None if msk is None else msk[0, 0].round().to(torch.int64).contiguous()
+            msk = F.pad(msk, (0, pw, 0, ph), value=float(IGNORE_LABEL))
+    h, w = img.shape[-2:]
+    y0 = rng.integers(0, h - ch + 1)
+    x0 = rng.integers(0, w - cw + 1)
+    if foc is not None:
+        points = torch.nonzero(foc[0, 0] > 0.5)
+        if len(points):
+            py, px = (int(v) for v in points[rng.integers(0, len(points))])
+            # a uniform crop among those that hold (py, px)
+            y0 = min(max(py - ch + 1 + int(y0 * ch / max(h - ch + 1, 1)), 0), h - ch)
+            x0 = min(max(px - cw + 1 + int(x0 * cw / max(w - cw + 1, 1)), 0), w - cw)
+    return _each(lambda t: t[..., y0 : y0 + ch, x0 : x0 + cw], img, msk)
 
 
 # ---- strong (intensity) operations: f(x, magnitude) on float (H, W) in [0, 1] -------------
