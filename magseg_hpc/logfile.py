@@ -1,4 +1,4 @@
-"""Log files: the handler of the rank logs (``logs/rank<R>.log``), and loggers sent to a file.
+"""Log files: the rank logs (``logs/rank<R>.log``) and their handler, and loggers sent to a file.
 
 ``logging.FileHandler`` writes through a buffered stream. submitit calls a task's
 ``checkpoint()`` from its SIGUSR2 handler, which runs in the main thread between two bytecodes
@@ -38,6 +38,39 @@ class AppendFileHandler(logging.Handler):
                 os.close(self._fd)
                 self._fd = None
         super().close()
+
+
+def rank_formatter(rank: int) -> logging.Formatter:
+    """A rank's log lines: time, rank, level, logger, message."""
+    return logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+
+
+@contextlib.contextmanager
+def rank_log(logs_dir: Path, rank: int) -> Iterator[Path]:
+    """Every record of this process, INFO and up, also to ``logs_dir/rank<R>.log`` for the
+    block: one handler on the root logger, so the package's records, submitit's (a requeue)
+    and torch's alike. Opened again for the same file inside the block it adds nothing: a
+    job that wraps a training in its rank log writes each line once."""
+    path = Path(logs_dir) / f"rank{rank}.log"
+    root = logging.getLogger()
+    if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
+        yield path
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = AppendFileHandler(path)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(rank_formatter(rank))
+    pkg = logging.getLogger("magseg_hpc")
+    old_level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        pkg.setLevel(old_level)  # setLevel: it also clears the loggers' cached isEnabledFor
+        handler.close()
 
 
 # Loggers of the Dask cluster in this process: the dashboard's web server (a browser opening

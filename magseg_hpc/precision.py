@@ -56,7 +56,11 @@ def resolve_precision(choice: str, device) -> str:
 
 
 def autocast(device, precision: str):
-    """The forward's context: bf16 autocast on ``device``'s kind, or nothing for fp32."""
+    """The forward's context: bf16 autocast on ``device``'s kind, or nothing for fp32.
+    ``precision`` is a decided one: auto here would silently mean fp32 on every device."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"autocast takes fp32 or bf16, got {precision!r}: resolve_precision "
+                         "decides auto")
     if precision == "bf16":
         import torch  # heavy: see resolve_precision
 

@@ -5,14 +5,15 @@ of a run that failed before its first checkpoint, so it must never take a folder
 keeps other things in. A folder is a run folder of ours when it holds RUN_MARKER (written
 when a run claims the folder, before anything else) or the launcher's SUBMISSION_FILE that
 names this folder (its path, and a token the tool made: a marker copied into a user's folder
-from another run names that run's folder, and is refused), or a checkpoint (folders of
-versions before the marker; a moved run folder too, whose marker training then rewrites). A
-marker of a version before the path was recorded proves nothing on its own. Anything else
-that is not empty is refused, by training and by the launcher's pre-submit check alike.
+from another run names that run's folder, and is refused), or a checkpoint (a run folder
+that was moved: training then rewrites its marker). A marker that names no folder proves
+nothing on its own. Anything else that is not empty is refused, by training and by the
+launcher's pre-submit check alike.
 
 A run folder with a checkpoint belongs to one experiment: training resumes it with the same
 config (runtime keys such as the device may change) and refuses any other, and the launcher
 refuses it before submitting anything (``check_run_folder``, the one check of both).
+``claim`` is the one claim: it checks, then marks the folder ours.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -102,9 +104,49 @@ def check_claimable(path: Path, flag: str = "--output-dir") -> None:
         )
 
 
-def claim(path: Path) -> None:
-    """Make ``path`` a run folder of ours; call once every check has passed. The marker names
-    this folder and a token made here, so a copy of it elsewhere claims nothing."""
+@dataclass(frozen=True)
+class SubmissionRecord:
+    """The submission a job's run folder belongs to (SUBMISSION_FILE)."""
+
+    submission_id: str
+    job_id: str
+    resume_any: bool = False  # an explicit --output-dir: any later submission may resume it
+
+
+def claim(path: Path, config: dict | None = None, *, flag: str = "--output-dir", rank: int = 0,
+          submission: SubmissionRecord | None = None) -> None:
+    """Check ``path`` and make it a run folder of ours: the one claim, made by ``submit``
+    before submitit writes into an explicit --output-dir, and by a training as it starts.
+
+    Refused in one line: a folder that is not absent, empty or ours; one holding a checkpoint
+    of another experiment than ``config`` (None: nothing to compare); a job's folder made by
+    another submission (SLURM job ids reused after a reset) unless ``submission.resume_any``.
+    A job's ``submission`` is recorded first: the record names the folder, which makes the
+    folder submitit made for the job ours. Then the marker names this folder and a token made
+    here, so a copy of it elsewhere claims nothing. Only rank 0 writes; another rank of the
+    same run checks what rank 0's writes do not change, and meets rank 0 at the process
+    group's rendezvous once it has claimed the folder.
+    """
+    if submission is not None:
+        previous = _read_record(path / SUBMISSION_FILE) if (path / SUBMISSION_FILE).exists() \
+            else None
+        if previous is not None and previous.get("submission_id") != submission.submission_id \
+                and not submission.resume_any:
+            raise MagsegError(
+                f"run dir {path} holds job {previous.get('job_id')} of another "
+                "submission (were SLURM job ids reset?); move it away and resubmit"
+            )
+    if config is not None:
+        check_run_folder(path, config, flag, check_claim=False)
+    if rank != 0:
+        return
+    if submission is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        record = {"submission_id": submission.submission_id, "job_id": submission.job_id,
+                  "path": str(path.absolute()), "host": socket.gethostname(),
+                  "started": time.strftime("%FT%T%z")}
+        atomic_write(path / SUBMISSION_FILE, json.dumps(record, indent=1) + "\n")
+    check_claimable(path, flag)
     path.mkdir(parents=True, exist_ok=True)
     marker = path / RUN_MARKER
     if not _names(_read_record(marker), RUN_MARKER, path):  # new, moved, or an older version's
@@ -136,8 +178,7 @@ def saved_experiment(path: Path, flag: str = "--output-dir") -> dict | None:
 def check_run_folder(path: Path, config: dict, flag: str = "--output-dir", *,
                      check_claim: bool = True) -> None:
     """Refuse ``path`` for the experiment ``config`` unless it is claimable (absent, empty or
-    ours; skip with ``check_claim`` where another process claims it) and holds no checkpoint
-    of another experiment."""
+    ours; skipped without ``check_claim``) and holds no checkpoint of another experiment."""
     if check_claim:
         check_claimable(path, flag)
     if not has_checkpoint(path):
@@ -152,22 +193,3 @@ def check_run_folder(path: Path, config: dict, flag: str = "--output-dir", *,
             "may change)"
         )
 
-
-def claim_for_submission(path: Path, submission_id: str, job_id: str, *, rank: int,
-                         resume_any: bool) -> None:
-    """Mark ``path`` as the run dir of one submission (``submission.json``); refuse one made
-    by another submission (e.g. job ids reused after a reset), unless ``resume_any`` (an
-    explicit ``--output-dir`` may be resumed by any later submission). Rank 0 writes."""
-    marker = path / SUBMISSION_FILE
-    if marker.exists():
-        previous = json.loads(marker.read_text())
-        if previous.get("submission_id") != submission_id and not resume_any:
-            raise MagsegError(
-                f"run dir {path} holds job {previous.get('job_id')} of another "
-                "submission (were SLURM job ids reset?); move it away and resubmit"
-            )
-    if rank == 0:  # path: the folder it makes ours (is_run_folder)
-        record = {"submission_id": submission_id, "job_id": job_id,
-                  "path": str(path.absolute()), "host": socket.gethostname(),
-                  "started": time.strftime("%FT%T%z")}
-        atomic_write(marker, json.dumps(record, indent=1) + "\n")

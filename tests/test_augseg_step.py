@@ -28,7 +28,7 @@ def _cfg(**train):
         "model": {"backbone": "resnet18"},
         "data": {"volume": "unused.zarr"},
         "train": {"threshold": 0.95, "sup_only_epochs": 1, "uns_weight": 1.0,
-                  "cutmix_prob": 0.0, "device": "cpu", **train},
+                  "cutmix_prob": 0.0, "device": "cpu", "precision": "fp32", **train},
     })
 
 

@@ -11,9 +11,9 @@ import pytest
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.rundir import (
     RUN_MARKER,
+    SubmissionRecord,
     check_claimable,
     claim,
-    claim_for_submission,
     is_run_folder,
 )
 
@@ -32,7 +32,7 @@ def test_absent_empty_and_claimed_folders_are_taken(tmp_path):
 def test_folders_of_older_versions_and_of_the_launcher_are_ours(tmp_path, name):
     (tmp_path / "config.yaml").write_text("name: x\n")
     if name == "submission.json":  # the launcher's record names the folder it makes ours
-        claim_for_submission(tmp_path, "0" * 32, "1", rank=0, resume_any=False)
+        claim(tmp_path, submission=SubmissionRecord("0" * 32, "1"))
     else:
         (tmp_path / name).write_bytes(b"")
     assert is_run_folder(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import sys
 from dataclasses import replace
@@ -13,18 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from magseg_hpc.commands.submit import check_command_args
 from magseg_hpc.config import config_to_dict, load_config
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.submit import (
-    JobProfile,
-    Task,
-    check_command_args,
-    check_run_folder,
-    executor_parameters,
-    load_job_profile,
-    main,
-    resolve_cluster,
-)
+from magseg_hpc.launch.jobs import evaluate_job, segment_job
+from magseg_hpc.launch.profile import JobProfile, load_job_profile
+from magseg_hpc.launch.resources import executor_parameters, resolve_cluster
+from magseg_hpc.launch.tasks import Task
+from magseg_hpc.rundir import check_run_folder
+from magseg_hpc.submit import main
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "sbatch_train_2x2.txt"
@@ -263,16 +261,16 @@ def test_requeued_task_resumes_segment_and_reruns_evaluate(seg_inputs):
     assert seg_spec.options.tta and not seg_spec.options.resume
     assert seg_spec.options.command_line == f"magseg-hpc segment-volume {vol} {out} " \
         f"--model {ckpt} --tta"
-    seg = Task("magseg_hpc.launch.jobs:segment_job", seg_spec, "runs/x/%j", "/tmp")
-    again = seg.checkpoint().function
-    assert (again.entry_point, again.run_dir, again.cwd) == (seg.entry_point, seg.run_dir, "/tmp")
+    seg = Task(segment_job, seg_spec, "runs/x/%j", "/tmp")
+    again = pickle.loads(pickle.dumps(seg.checkpoint().function))  # as submitit sends it
+    assert (again.function, again.run_dir, again.cwd) == (segment_job, seg.run_dir, "/tmp")
     assert again.spec == seg_spec.resumed() and again.spec.options.resume
     assert again.spec.options.tta and again.spec.cluster == seg_spec.cluster
     assert again.checkpoint().function.spec == again.spec  # resumed once is resumed
     overwriting = replace(seg_spec.options, overwrite=True)
     assert overwriting.resumed() == replace(seg_spec.options, resume=True)  # never both
     _, ev_spec = check_command_args("evaluate", [vol, vol, "--ignore", "none"])
-    ev = Task("magseg_hpc.launch.jobs:evaluate_job", ev_spec, "runs/x/%j", "/tmp")
+    ev = Task(evaluate_job, ev_spec, "runs/x/%j", "/tmp")
     assert ev_spec.ignore is None and ev.checkpoint().function.spec == ev_spec
 
 

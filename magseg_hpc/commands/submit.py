@@ -32,7 +32,7 @@ from magseg_hpc.cli import OneLineParser, run_command, setup_logging
 from magseg_hpc.commands.train import check_run_paths
 from magseg_hpc.config import config_to_dict, load_config
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.launch.jobs import TrainSpec
+from magseg_hpc.launch.jobs import TrainSpec, evaluate_job, segment_job, train_job
 from magseg_hpc.launch.profile import JobProfile, load_job_profile
 from magseg_hpc.launch.resources import CLUSTERS, executor_parameters, resolve_cluster
 from magseg_hpc.launch.sbatch import sbatch_script
@@ -211,10 +211,9 @@ def _run_train(args: argparse.Namespace) -> int:
         # ours before submitit writes its files there; not while a training writes it
         with writer_lock(output_dir, shlex.join(["python", "-m", "magseg_hpc.submit",
                                                  *sys.argv[1:]])):
-            check_run_folder(output_dir, config)
-            claim(output_dir)
+            claim(output_dir, config)
     spec = TrainSpec(config, uuid.uuid4().hex, resume_any=bool(args.output_dir))
-    task = Task("magseg_hpc.launch.jobs:train_job", spec, folder, str(Path.cwd()))
+    task = Task(train_job, spec, folder, str(Path.cwd()))
     return _submit_and_report("train", task, args, cluster, folder, params, profile)
 
 
@@ -278,7 +277,8 @@ def _run_command(args: argparse.Namespace) -> int:
         if cluster != "slurm":
             print(f"# magseg-hpc job: {shlex.join(['magseg-hpc', *argv])}")
         return _dry_run(cluster, params, folder)
-    task = Task(f"magseg_hpc.launch.jobs:{kind}_job", spec, folder, str(Path.cwd()))
+    task = Task(segment_job if kind == "segment" else evaluate_job, spec, folder,
+                str(Path.cwd()))
     return _submit_and_report(kind, task, args, cluster, folder, params, profile)
 
 

@@ -4,7 +4,7 @@
   submitit and dask-jobqueue.
 - :mod:`~magseg_hpc.launch.resources`: the executor and its parameters from a profile and flags.
 - :mod:`~magseg_hpc.launch.sbatch`: the batch script for ``--dry-run``.
-- :mod:`~magseg_hpc.launch.tasks`: ``Task(entry point, spec, run dir)``, the one callable a
+- :mod:`~magseg_hpc.launch.tasks`: ``Task(function, spec, run dir)``, the one callable a
   job runs, and its requeue (``spec.resumed()``).
 - :mod:`~magseg_hpc.launch.jobs`: what each job kind runs from its spec (training,
   segment-volume with its Dask cluster, evaluate).

@@ -3,15 +3,14 @@ segment-volume run (on a Dask cluster of its own), one evaluation.
 
 The command line builds the spec once from its arguments (``magseg-hpc segment-volume`` runs
 ``run_segment(spec)`` in its own process); ``submit`` puts the same spec in a
-:class:`~magseg_hpc.launch.tasks.Task` with one of the ``*_job`` functions below as its entry
-point. Every spec is frozen plain data with ``resumed()``: the spec of the same job continued
-after a requeue.
+:class:`~magseg_hpc.launch.tasks.Task` with one of the ``*_job`` functions below, which
+the job calls. Every spec is frozen plain data with ``resumed()``: the spec of the same job
+continued after a requeue.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import logging
 import os
@@ -25,8 +24,9 @@ from magseg_hpc.cpus import process_cpus
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.evaluate import EvaluateSpec, run_evaluation
 from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD, open_cluster
-from magseg_hpc.launch.tasks import one_gpu_per_process, setup_rank_logging
-from magseg_hpc.rundir import LOGS_DIR, claim_for_submission
+from magseg_hpc.launch.tasks import log_to_stderr, one_gpu_per_process
+from magseg_hpc.logfile import rank_log
+from magseg_hpc.rundir import LOGS_DIR, SubmissionRecord
 from magseg_hpc.segment.pipeline import RunSummary, SegmentOptions, prepare, segment_volume
 from magseg_hpc.staging import writer_lock
 
@@ -51,8 +51,6 @@ class TrainSpec:
     submission_id: str
     # An explicit --output-dir may be resumed by any later submission.
     resume_any: bool = False
-    # "module:function" taking (ExperimentConfig, output_dir) -> dict; imported in the job.
-    entry_point: str = "magseg_hpc.train:run_training"
 
     def resumed(self) -> TrainSpec:
         return self  # every start resumes from the run dir's checkpoint.pt
@@ -60,7 +58,11 @@ class TrainSpec:
 
 def train_job(spec: TrainSpec, run_dir: Path) -> dict:
     """One rank of a training job: its distributed environment, its GPU, its log, then the
-    training (which resumes from ``checkpoint.pt`` when there is one)."""
+    training (which claims the run folder for this submission and resumes from
+    ``checkpoint.pt`` when there is one)."""
+    # the training's modules (torch's autograd, the models, TensorBoard) load in the job only
+    from magseg_hpc.train import run_training
+
     env = submitit.JobEnvironment()
     # overwrite: sbatch passes the submitting shell's MASTER_ADDR/RANK... on.
     # CUDA_VISIBLE_DEVICES: set below from what SLURM gave the node (submitit would set
@@ -69,26 +71,23 @@ def train_job(spec: TrainSpec, run_dir: Path) -> dict:
         set_cuda_visible_devices=False, overwrite=True
     )
     gpu = one_gpu_per_process(dist_env.local_rank, dist_env.local_world_size)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_rank_logging(run_dir, dist_env.rank)
-    log.info("job %s on %s: rank %d of %d (local rank %d of %d, node %d of %d), "
-             "CUDA_VISIBLE_DEVICES=%s, master %s:%s, output %s",
-             env.job_id, env.hostname, dist_env.rank, dist_env.world_size,
-             dist_env.local_rank, dist_env.local_world_size, env.node, env.num_nodes,
-             gpu if gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
-             dist_env.master_addr, dist_env.master_port, run_dir)
-    claim_for_submission(run_dir, spec.submission_id, env.job_id, rank=dist_env.rank,
-                         resume_any=spec.resume_any)
-    module, _, function = spec.entry_point.partition(":")
-    run_training = getattr(importlib.import_module(module), function)
-
-    config = copy.deepcopy(spec.config)
-    if not config.get("train", {}).get("threads"):
-        # torch threads from this task's allocation, not the node's core count
-        config.setdefault("train", {})["threads"] = process_cpus(dist_env.local_world_size)
-    log.info("torch threads on CPU: %s", config["train"]["threads"])
-    result = run_training(config_from_dict(config), run_dir)
-    log.info("rank %d finished: %s", dist_env.rank, json.dumps(result, default=str))
+    log_to_stderr(dist_env.rank)
+    # the training opens the same rank log: the job's lines and a requeue's go in it too
+    with rank_log(run_dir / LOGS_DIR, dist_env.rank):
+        log.info("job %s on %s: rank %d of %d (local rank %d of %d, node %d of %d), "
+                 "CUDA_VISIBLE_DEVICES=%s, master %s:%s, output %s",
+                 env.job_id, env.hostname, dist_env.rank, dist_env.world_size,
+                 dist_env.local_rank, dist_env.local_world_size, env.node, env.num_nodes,
+                 gpu if gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
+                 dist_env.master_addr, dist_env.master_port, run_dir)
+        config = copy.deepcopy(spec.config)
+        if not config.get("train", {}).get("threads"):
+            # torch threads from this task's allocation, not the node's core count
+            config.setdefault("train", {})["threads"] = process_cpus(dist_env.local_world_size)
+        log.info("torch threads on CPU: %s", config["train"]["threads"])
+        submission = SubmissionRecord(spec.submission_id, str(env.job_id), spec.resume_any)
+        result = run_training(config_from_dict(config), run_dir, submission=submission)
+        log.info("rank %d finished: %s", dist_env.rank, json.dumps(result, default=str))
     return result
 
 
@@ -155,13 +154,14 @@ def run_segment(spec: SegmentSpec) -> RunSummary:
 def _command_job(what: str, run, spec, run_dir: Path) -> dict:
     """A one-task job: rank 0's log in the run dir, a failure raised so the job fails."""
     env = submitit.JobEnvironment()
-    setup_rank_logging(run_dir, 0)
-    log.info("job %s on %s: %s (in %s)", env.job_id, env.hostname, what, Path.cwd())
-    try:
-        result = run(spec)
-    except MagsegError as e:
-        raise MagsegError(f"{what}: {e}; see {run_dir / LOGS_DIR / 'rank0.log'}") from e
-    log.info("finished: %s", what)
+    log_to_stderr(0)
+    with rank_log(run_dir / LOGS_DIR, 0) as path:
+        log.info("job %s on %s: %s (in %s)", env.job_id, env.hostname, what, Path.cwd())
+        try:
+            result = run(spec)
+        except MagsegError as e:
+            raise MagsegError(f"{what}: {e}; see {path}") from e
+        log.info("finished: %s", what)
     return result
 
 

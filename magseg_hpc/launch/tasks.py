@@ -1,9 +1,12 @@
-"""The one callable a submitted job runs: ``Task(entry point, spec, run dir)``, and what
-every task may set up (its one GPU, its rank log).
+"""The one callable a submitted job runs: ``Task(function, spec, run dir)``, and what every
+task may set up (its one GPU, its log lines on stderr).
 
 A task holds its job's spec (a frozen dataclass of plain data: ``TrainSpec``,
-``SegmentSpec``, ``EvaluateSpec``) and the "module:function" that runs it
-(:mod:`magseg_hpc.launch.jobs`), so the pickle stays small. Preemption and time limits: SLURM
+``SegmentSpec``, ``EvaluateSpec``) and the module-level function that runs it (a ``*_job``
+function of :mod:`magseg_hpc.launch.jobs`). Pickle stores a function by its module and name,
+so the pickle stays small and the job imports the function as it unpickles the task; a
+lambda or a nested function cannot be pickled and is refused at submission. Preemption and
+time limits: SLURM
 sends USR2 ``signal_delay_s`` before the limit (and ``scancel --signal=USR2`` preempts);
 submitit then calls ``checkpoint()``, which requeues a fresh task with ``spec.resumed()``.
 State lives on disk: training resumes from ``checkpoint.pt``, segment-volume from its done
@@ -12,54 +15,36 @@ markers, which also covers a plain ``scontrol requeue``.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from magseg_hpc.logfile import AppendFileHandler
-from magseg_hpc.rundir import LOGS_DIR
+from magseg_hpc.logfile import rank_formatter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Task", "one_gpu_per_process", "setup_rank_logging"]
+__all__ = ["Task", "one_gpu_per_process", "log_to_stderr"]
 
 
-class _NotLoggedElsewhere(logging.Filter):
-    """Drops package records that a handler on the ``magseg_hpc`` logger already writes to
-    the same file (the training's own per-rank log), so no line appears twice."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.path = str(path.absolute())
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("magseg_hpc"):
-            return True
-        return not any(getattr(h, "baseFilename", None) == self.path
-                       for h in logging.getLogger("magseg_hpc").handlers)
-
-
-def setup_rank_logging(output_dir: Path, rank: int) -> None:
-    """Every rank logs to ``logs/rank<R>.log`` and to its stderr (submitit's per-task file)."""
-    path = output_dir / LOGS_DIR / f"rank{rank}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+def log_to_stderr(rank: int) -> None:
+    """This task's records, INFO and up, on its stderr (submitit's per-task log file), each
+    line naming the rank. The debug executor runs every task in the submitting process: the
+    handler of an earlier task is replaced, not added to. The rank's log file is
+    ``logfile.rank_log``, opened by what the task runs."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if getattr(handler, "_magseg_rank_handler", False):
+        if getattr(handler, "_magseg_task_handler", False):
             root.removeHandler(handler)
             handler.close()
-    file_handler = AppendFileHandler(path)
-    file_handler.addFilter(_NotLoggedElsewhere(path))
-    for handler in (file_handler, logging.StreamHandler(sys.stderr)):
-        handler.setFormatter(fmt)
-        handler._magseg_rank_handler = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(rank_formatter(rank))
+    handler._magseg_task_handler = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
     root.setLevel(logging.INFO)
 
 
@@ -80,12 +65,13 @@ def one_gpu_per_process(local_rank: int, local_world_size: int) -> str | None:
 
 
 class Task:
-    """The callable a job runs, one instance per task (rank): ``entry_point`` ("module:
-    function", imported in the job) called with ``(spec, run_dir)`` in ``cwd``, the directory
-    the job was submitted from, so relative paths mean what they meant at submission."""
+    """The callable a job runs, one instance per task (rank): ``function`` (a module-level
+    function) called with ``(spec, run_dir)`` in ``cwd``, the directory the job was submitted
+    from, so relative paths mean what they meant at submission."""
 
-    def __init__(self, entry_point: str, spec: Any, run_dir: str, cwd: str | None = None) -> None:
-        self.entry_point = entry_point
+    def __init__(self, function: Callable[[Any, Path], Any], spec: Any, run_dir: str,
+                 cwd: str | None = None) -> None:
+        self.function = function
         self.spec = spec
         self.run_dir = run_dir  # may contain %j: replaced by the job id inside the job
         self.cwd = cwd
@@ -94,13 +80,11 @@ class Task:
         env = submitit.JobEnvironment()
         if self.cwd:
             os.chdir(self.cwd)
-        module, _, function = self.entry_point.partition(":")
-        run = getattr(importlib.import_module(module), function)
-        return run(self.spec, Path(self.run_dir.replace("%j", str(env.job_id))))
+        return self.function(self.spec, Path(self.run_dir.replace("%j", str(env.job_id))))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption or time limit: requeue a fresh task that
         continues the job (``spec.resumed()``); nothing else of this instance is carried."""
         log.info("requeue requested: the job continues from what its run left on disk")
-        fresh = Task(self.entry_point, self.spec.resumed(), self.run_dir, self.cwd)
+        fresh = Task(self.function, self.spec.resumed(), self.run_dir, self.cwd)
         return submitit.helpers.DelayedSubmission(fresh)

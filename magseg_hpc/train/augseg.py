@@ -1,4 +1,5 @@
-"""The pure pieces of an AugSeg training step (spec: shared/reference/augseg.md, section 3).
+"""The pure pieces of an AugSeg training step (Zhao et al., CVPR 2023, "Augmentation Matters",
+section 3; where we depart from the study's code: docs/commands.md, Training).
 
 Each function is one formula of the method and is tested against it in
 tests/test_augseg_parts.py; the training loop composes them. Randomness comes only from the

@@ -1,6 +1,7 @@
 """AugSeg semi-supervised training and the supervised baseline: the run and its loop.
 
-``run_training`` claims the run folder and runs ``_train``: open the data and the models
+``run_training`` claims the run folder (``rundir.claim``), opens the rank's log and runs
+``_train``: open the data and the models
 (``setup.py``), resume a ``TrainState`` from checkpoint.pt, then a flat loop of steps
 (``steps.py``; the method's formulas in ``augseg.py``), log windows, validations and
 checkpoints (``records.py``), and at the end the fusion check and the run's summary.
@@ -42,11 +43,10 @@ from magseg_hpc.data.sampling import iters_per_epoch, step_generator
 from magseg_hpc.data.slices import LabeledSlices, UnlabeledSlices, ValSlices
 from magseg_hpc.data.splits import check_label_values
 from magseg_hpc.errors import MagsegError
-from magseg_hpc.logfile import AppendFileHandler
+from magseg_hpc.logfile import rank_log
 from magseg_hpc.models.checkpoint import check_architecture, load_checkpoint, save_checkpoint
 from magseg_hpc.paths import atomic_write, remove_temp_files
 from magseg_hpc.precision import describe as describe_precision
-from magseg_hpc.precision import resolve_precision
 from magseg_hpc.rundir import (
     BEST_FILE,
     CHECKPOINT_FILE,
@@ -58,7 +58,7 @@ from magseg_hpc.rundir import (
     SPLITS_DIR,
     SUBMISSION_FILE,
     SUMMARY_FILE,
-    check_run_folder,
+    SubmissionRecord,
     claim,
     has_checkpoint,
 )
@@ -108,6 +108,7 @@ from magseg_hpc.train.steps import (
     check_finite_step,
     check_finite_weights,
     supervised_step,
+    with_resolved_precision,
 )
 
 log = logging.getLogger(__name__)
@@ -116,80 +117,57 @@ log = logging.getLogger(__name__)
 # --- output dir ------------------------------------------------------------------------------
 
 
-def check_output_dir(cfg: ExperimentConfig, output_dir: Path) -> None:
-    """rundir.check_run_folder (rank 0 checks the claim; the others start once it has
-    claimed the folder); then rank 0 clears what a run that failed before its first
-    checkpoint left: its config, splits and metrics do not bind the next try."""
-    main_rank = os.environ.get("RANK", "0") == "0"
-    check_run_folder(output_dir, config_to_dict(cfg), check_claim=main_rank)
-    if main_rank and output_dir.is_dir() and not has_checkpoint(output_dir) and (
-            output_dir / CONFIG_FILE).is_file():
+# the run folder's files: atomic_write names its temp files after them
+RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE,
+             RUN_MARKER, SUBMISSION_FILE)
+
+
+def clear_failed_start(output_dir: Path) -> None:
+    """What a run that failed before its first checkpoint left (its config, splits and
+    metrics do not bind the next try), and the temp files of a killed run's atomic writes (a
+    checkpoint's: its size). Rank 0, once it has claimed the folder."""
+    if not has_checkpoint(output_dir) and (output_dir / CONFIG_FILE).is_file():
         for stale in [output_dir / METRICS_FILE, *(output_dir / SPLITS_DIR).glob("*.txt")]:
             stale.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def rank_log(output_dir: Path, rank: int):
-    """Send this package's log records to output_dir/logs/rank{N}.log while training."""
-    path = output_dir / LOGS_DIR / f"rank{rank}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = AppendFileHandler(path)
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
-    pkg = logging.getLogger("magseg_hpc")
-    old_level = pkg.level
-    if pkg.getEffectiveLevel() > logging.INFO:
-        pkg.setLevel(logging.INFO)
-    pkg.addHandler(handler)
-    try:
-        yield path
-    finally:
-        pkg.removeHandler(handler)
-        pkg.setLevel(old_level)
-        handler.close()
+    remove_temp_files(output_dir, RUN_FILES)
+    remove_temp_files(output_dir / SPLITS_DIR, [f"{n}.txt" for n in SPLIT_NAMES])
 
 
 # --- the loop --------------------------------------------------------------------------------
 
 
-def run_training(cfg: ExperimentConfig, output_dir: str | Path) -> dict:
+def run_training(cfg: ExperimentConfig, output_dir: str | Path, *,
+                 submission: SubmissionRecord | None = None) -> dict:
     """Train (or resume) the experiment ``cfg`` in ``output_dir``; returns a summary dict.
 
-    Runs as one process, under torchrun or as a submitit task: the world comes from the
-    environment (``magseg_hpc.train.distributed``). Resumes from output_dir/checkpoint.pt
-    whenever it exists, so calling it again after preemption continues the run. Only rank 0
-    writes config, splits, checkpoints and metrics; every rank logs to logs/rank{N}.log.
+    Runs as one process, under torchrun or as a submitit task (``submission``: the job's,
+    whose folder it is): the world comes from the environment (``distributed.read_world``).
+    Resumes from output_dir/checkpoint.pt whenever it exists, so calling it again after
+    preemption continues the run. Only rank 0 writes config, splits, checkpoints and
+    metrics; every rank logs to logs/rank{N}.log.
     """
     output_dir = Path(output_dir).absolute()
     cfg = check_experiment(cfg)
-    main_rank = os.environ.get("RANK", "0") == "0"
+    rank = dist_util.read_world()[0]
     # Rank 0 is the run folder's one writer, as every output has one (staging.writer_lock):
     # a second training of it is refused in one line naming the holder. The other ranks of
     # the same run write only their own logs, and take no lock.
-    with writer_lock(output_dir) if main_rank else contextlib.nullcontext():
-        return _run_claimed(cfg, output_dir, main_rank)
+    with writer_lock(output_dir) if rank == 0 else contextlib.nullcontext():
+        return _run_claimed(cfg, output_dir, rank, submission)
 
 
-# the run folder's files, whose temp files earlier versions named after them
-RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE,
-             RUN_MARKER, SUBMISSION_FILE)
-
-
-def _run_claimed(cfg: ExperimentConfig, output_dir: Path, main_rank: bool) -> dict:
+def _run_claimed(cfg: ExperimentConfig, output_dir: Path, rank: int,
+                 submission: SubmissionRecord | None) -> dict:
     """run_training once rank 0 holds the lock: check, claim, train."""
-    check_output_dir(cfg, output_dir)
-    if main_rank:  # bad labels are refused before the run folder is made
+    if rank == 0:  # bad labels are refused before the run folder is made
         check_label_values(cfg)
     created = not output_dir.exists()
-    if main_rank:
-        claim(output_dir)
-        # what a killed run's atomic writes left (a checkpoint's temp file: its size)
-        remove_temp_files(output_dir, RUN_FILES)
-        remove_temp_files(output_dir / SPLITS_DIR, [f"{n}.txt" for n in SPLIT_NAMES])
+    claim(output_dir, config_to_dict(cfg), rank=rank, submission=submission)
+    if rank == 0:
+        clear_failed_start(output_dir)
     env = dist_util.init_distributed(cfg.train.device)
     try:
-        with rank_log(output_dir, env.rank):
+        with rank_log(output_dir / LOGS_DIR, env.rank):
             return _train(cfg, output_dir, env)
     except MagsegError:
         # a refusal (bad data, a diverged first epoch) leaves no half-made run folder behind
@@ -360,10 +338,12 @@ def open_run(cfg: ExperimentConfig, output_dir: Path, env: DistEnv):
         save_config(cfg, output_dir / CONFIG_FILE)
     # data (a refusal here is the command's one line: nothing is logged before it)
     data = open_data(cfg, output_dir, env)
+    # decided once, on this rank's device; config.yaml keeps the choice (a resumed run may
+    # land on other hardware)
+    cfg = with_resolved_precision(cfg, env.device)
     log.info("experiment %s: method %s, rank %d of %d on %s (%s), output %s", cfg.name,
              t.method, env.rank, env.world_size, env.device,
-             describe_precision(resolve_precision(t.precision, env.device), env.device),
-             output_dir)
+             describe_precision(cfg.train.precision, env.device), output_dir)
     ckpt = None
     if (output_dir / CHECKPOINT_FILE).is_file():
         ckpt = load_checkpoint(output_dir / CHECKPOINT_FILE, expect_class_table=cfg.class_table)
@@ -490,8 +470,7 @@ def fusion_at_end(run: Run, data: TrainData) -> dict | None:
                  ",".join(train_axes(cfg)), len(data.splits["val"]))
         fusion = record_fusion_check(
             run.output_dir / BEST_FILE, data.val_source, data.splits["val"], train_axes(cfg),
-            cfg.class_table.num_classes, env.device,
-            resolve_precision(cfg.train.precision, env.device))
+            cfg.class_table.num_classes, env.device, cfg.train.precision)
     dist_util.barrier(env)
     return fusion
 

@@ -1,10 +1,12 @@
-"""One training step: AugSeg (shared/reference/augseg.md section 3; its formulas live in
-``magseg_hpc.train.augseg``) or the supervised baseline, and the checks that stop a diverged
-run before it saves anything."""
+"""One training step: AugSeg (the method of Zhao et al., CVPR 2023, "Augmentation Matters",
+section 3; its formulas live in ``magseg_hpc.train.augseg``, our reading of it in
+docs/commands.md) or the supervised baseline, and the checks that stop a diverged run before
+it saves anything."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -29,9 +31,20 @@ from magseg_hpc.train.distributed import DistEnv
 from magseg_hpc.train.losses import supervised_loss
 
 
+def with_resolved_precision(cfg: ExperimentConfig, device) -> ExperimentConfig:
+    """``train.precision`` auto decided for ``device`` (bf16 where it is native): the one
+    decision of a run, held by the returned config (the steps, the fusion check, the
+    checkpoints)."""
+    choice = resolve_precision(cfg.train.precision, device)
+    if choice == cfg.train.precision:
+        return cfg
+    return replace(cfg, train=replace(cfg.train, precision=choice))
+
+
 def autocast(env: DistEnv, cfg: ExperimentConfig):
-    """The forwards' precision: train.precision on this rank's device (losses stay fp32)."""
-    return precision_autocast(env.device, resolve_precision(cfg.train.precision, env.device))
+    """The forwards' precision: train.precision as the run decided it
+    (``with_resolved_precision``); losses stay fp32."""
+    return precision_autocast(env.device, cfg.train.precision)
 
 
 def augseg_step(student, teacher, optimizer, batch_l, batch_u, *, cfg: ExperimentConfig,
