@@ -149,7 +149,7 @@ def claim(path: Path, config: dict | None = None, *, flag: str = "--output-dir",
     check_claimable(path, flag)
     path.mkdir(parents=True, exist_ok=True)
     marker = path / RUN_MARKER
-    if not _names(_read_record(marker), RUN_MARKER, path):  # new, moved, or an older version's
+    if not _names(_read_record(marker), RUN_MARKER, path):  # new, moved, or naming no folder
         record = {"kind": "magseg-hpc training run", "path": str(path.absolute()),
                   "token": uuid.uuid4().hex, "host": socket.gethostname(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
