@@ -71,22 +71,12 @@ def _discard(target: str | os.PathLike, path: Path) -> None:
     shutil.rmtree(trash)
 
 
-_HELD: dict[Path, int] = {}  # locks this process holds: path -> nesting depth
-
-
 @contextlib.contextmanager
 def writer_lock(target: str | os.PathLike, command: str | None = None) -> Iterator[None]:
     """Hold the output's writer lock for the block, or refuse in one line naming the holder.
-    Re-entrant within a process (a command takes it before starting a cluster, the library
-    call inside again)."""
+    Taken once per run: a second ``writer_lock`` of the same output, in this process too, is
+    another writer and refused."""
     path = _sibling(target, "lock")
-    if path in _HELD:
-        _HELD[path] += 1
-        try:
-            yield
-        finally:
-            _HELD[path] -= 1
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd, created = _open_lock(path, target)
@@ -115,10 +105,8 @@ def writer_lock(target: str | os.PathLike, command: str | None = None) -> Iterat
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         os.ftruncate(fd, len(json.dumps(holder).encode()))
         recover(target)
-        _HELD[path] = 1
         yield
     finally:
-        _HELD.pop(path, None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)  # releases the lock

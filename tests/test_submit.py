@@ -224,8 +224,12 @@ def test_evaluate_dry_run_uses_no_gpu(tmp_path, capsys, monkeypatch, seg_inputs)
     (["evaluate", "--dry-run", "--", "{d}/in.zarr", "{d}/in.zarr", "--bogus"],
      "magseg-hpc evaluate: unrecognized arguments: --bogus"),
     (["segment", "--dry-run", "--"], "no segment-volume arguments"),
-    (["segment", "--dry-run", "--nodes", "2", "--", "{d}/in.zarr", "{d}/o.zarr"],
-     "runs one task on one node, got --nodes 2"),
+    (["segment", "--dry-run", "--nodes", "2", "--", "{d}/in.zarr", "{d}/o.zarr", "--model",
+      "{d}/model.pt"], "runs one task on one node, got --nodes 2"),
+    # every check of SegmentOptions that needs no data runs at submission, as the job's would
+    (["segment", "--dry-run", "--", "{d}/in.zarr", "{d}/o.zarr"], "--model CKPT is required"),
+    (["segment", "--dry-run", "--", "{d}/in.zarr", "{d}/o.zarr", "--model", "{d}/model.pt",
+      "--axes", "z,w"], "unknown axis 'w'"),
 ])
 def test_bad_command_input_fails_at_submit_time(tmp_path, capsys, seg_inputs, argv, message):
     code = main([a.format(d=tmp_path) for a in argv])

@@ -8,12 +8,10 @@ import re
 from magseg_hpc.commands.common import add_support_options
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD
-from magseg_hpc.launch.jobs import SMALL_VOLUME_BYTES, ClusterOptions, SegmentSpec, run_segment
+from magseg_hpc.launch.jobs import SMALL_VOLUME_BYTES, ClusterOptions, SegmentSpec
 from magseg_hpc.launch.resources import resolve_cluster
-from magseg_hpc.outputs import check_no_overlap, check_output
 from magseg_hpc.precision import PRECISIONS
-from magseg_hpc.segment.pipeline import SegmentOptions
-from magseg_hpc.volume.store import LABEL_FORMAT
+from magseg_hpc.segment.pipeline import SegmentOptions, run_segment_volume
 
 log = logging.getLogger(__name__)
 
@@ -92,25 +90,25 @@ def check_dashboard_address(text: str) -> None:
         )
 
 
-def check_args(args) -> None:
-    """Every check of the flags that needs no reading of data (also run by submit)."""
-    for flag, value in (("--batch-size", args.batch_size), ("--slab-size", args.slab_size),
-                        ("--workers", args.workers),
+def check_cluster_args(args) -> None:
+    """The cluster flags: what argparse cannot say about them."""
+    for flag, value in (("--workers", args.workers),
                         ("--threads-per-worker", args.threads_per_worker),
                         ("--jobs", args.jobs)):
         if value is not None and value < 1:
             raise MagsegError(f"{flag} {value}: must be a positive integer (>= 1)")
-    if args.resume and args.overwrite:
-        raise MagsegError("--resume and --overwrite exclude each other; pick one")
     if args.scheduler and args.cluster:
         raise MagsegError("--scheduler and --cluster exclude each other; pick one")
     if args.cluster == "slurm" and not args.job:
         raise MagsegError("--cluster slurm needs --job jobs/PROFILE.yaml (partition, cpus...)")
     check_dashboard_address(args.dashboard_address)
-    check_no_overlap(args.output, [args.input, args.model, args.mask])
 
-    check_output(args.output, args.overwrite or args.resume, resume_hint=True,
-                 expect=LABEL_FORMAT)
+
+def check_args(args) -> None:
+    """Every check of the arguments that needs no reading of data (run by submit before it
+    submits): the cluster flags, then the run's options (``SegmentOptions.check``)."""
+    check_cluster_args(args)
+    job_spec(args).options.check()
 
 
 def job_spec(args) -> SegmentSpec:
@@ -133,8 +131,9 @@ def job_spec(args) -> SegmentSpec:
 
 
 def run(args) -> int:
-    check_args(args)
+    check_cluster_args(args)  # the options' own checks are prepare's first step
     if args.cluster == "slurm":  # submit's check: sbatch and srun here, before anything starts
         resolve_cluster("slurm")
-    print(run_segment(job_spec(args)).format())
+    spec = job_spec(args)
+    print(run_segment_volume(spec.options, spec.cluster_for).format())
     return 0

@@ -2,7 +2,8 @@
 segment-volume run (on a Dask cluster of its own), one evaluation.
 
 The command line builds the spec once from its arguments (``magseg-hpc segment-volume`` runs
-``run_segment(spec)`` in its own process); ``submit`` puts the same spec in a
+``run_segment_volume(spec.options, spec.cluster_for)`` in its own process, as
+``segment_job`` does); ``submit`` puts the same spec in a
 :class:`~magseg_hpc.launch.tasks.Task` with one of the ``*_job`` functions below, which
 the job calls. Every spec is frozen plain data with ``resumed()``: the spec of the same job
 continued after a requeue.
@@ -10,10 +11,12 @@ continued after a requeue.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,17 +26,16 @@ from magseg_hpc.config import config_from_dict
 from magseg_hpc.cpus import process_cpus
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.evaluate import EvaluateSpec, run_evaluation
-from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD, open_cluster
+from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD, ClusterHandle, open_cluster
 from magseg_hpc.launch.tasks import log_to_stderr, one_gpu_per_process
 from magseg_hpc.logfile import rank_log
 from magseg_hpc.rundir import LOGS_DIR, SubmissionRecord
-from magseg_hpc.segment.pipeline import RunSummary, SegmentOptions, prepare, segment_volume
-from magseg_hpc.staging import writer_lock
+from magseg_hpc.segment.pipeline import SegmentOptions, run_segment_volume
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainSpec", "ClusterOptions", "SegmentSpec", "SMALL_VOLUME_BYTES", "run_segment",
-           "train_job", "segment_job", "evaluate_job"]
+__all__ = ["TrainSpec", "ClusterOptions", "SegmentSpec", "SMALL_VOLUME_BYTES", "train_job",
+           "segment_job", "evaluate_job"]
 
 # A volume this small is done by one worker, and starting a worker process (Python, torch,
 # the model: seconds) would dominate: the local worker then runs in this process.
@@ -124,31 +126,22 @@ class SegmentSpec:
         return (c.scheduler is None and c.cluster is None and c.workers is None
                 and volume_bytes <= SMALL_VOLUME_BYTES)
 
-
-def run_segment(spec: SegmentSpec) -> RunSummary:
-    """Check everything against the data, take the output's writer lock, start the cluster
-    and segment; progress goes to stdout."""
-    opts, c = spec.options, spec.cluster
-    # Every check that can fail on bad input runs before any cluster or output exists.
-    prepared = prepare(opts)
-    small = spec.runs_in_process(prepared.volume.nbytes)
-    # the output's one writer from here on: a second one is refused before any cluster starts
-    with writer_lock(prepared.target, opts.command_line), open_cluster(
-        scheduler=c.scheduler, cluster=c.cluster, job=c.job, jobs=c.jobs,
-        workers=1 if small else c.workers, threads_per_worker=c.threads_per_worker,
-        device=opts.device, dashboard_address=c.dashboard_address,
-        processes=not (c.in_process or small),
-    ) as handle:
-        prepared.job = replace(prepared.job, torch_threads=handle.torch_threads)
-        handle.announce()
-        if small and not c.in_process:
-            print(f"one worker in this process: a {prepared.volume.nbytes / 2**20:.0f} MiB volume "
-                  "needs no worker process started (--workers N starts N)", flush=True)
-        print(f"{len(prepared.slabs)} slabs -> {prepared.target}"
-              + (f" (written to {prepared.job.output}, swapped in when complete)"
-                 if prepared.staged else ""), flush=True)
-        # at the end the dashboard's pages are closed while they show the finished run
-        return segment_volume(prepared, handle.client, on_finished=handle.close_dashboard)
+    @contextlib.contextmanager
+    def cluster_for(self, volume_bytes: int) -> Iterator[ClusterHandle]:
+        """The run's cluster for a volume of ``volume_bytes``, started and announced (what
+        ``run_segment_volume`` opens once it holds the output's writer lock)."""
+        c, small = self.cluster, self.runs_in_process(volume_bytes)
+        with open_cluster(
+            scheduler=c.scheduler, cluster=c.cluster, job=c.job, jobs=c.jobs,
+            workers=1 if small else c.workers, threads_per_worker=c.threads_per_worker,
+            device=self.options.device, dashboard_address=c.dashboard_address,
+            processes=not (c.in_process or small),
+        ) as handle:
+            handle.announce()
+            if small and not c.in_process:
+                print(f"one worker in this process: a {volume_bytes / 2**20:.0f} MiB volume "
+                      "needs no worker process started (--workers N starts N)", flush=True)
+            yield handle
 
 
 def _command_job(what: str, run, spec, run_dir: Path) -> dict:
@@ -167,7 +160,7 @@ def _command_job(what: str, run, spec, run_dir: Path) -> dict:
 
 def segment_job(spec: SegmentSpec, run_dir: Path) -> dict:
     def run(s: SegmentSpec) -> dict:
-        summary = run_segment(s)
+        summary = run_segment_volume(s.options, s.cluster_for)
         print(summary.format(), flush=True)
         return {"command": s.options.command_line, "output": summary.output,
                 "slabs_run": summary.slabs_run, "seconds": summary.seconds}

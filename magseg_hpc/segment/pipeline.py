@@ -1,8 +1,12 @@
 """segment-volume: plan slabs, submit one task per slab, mark them done, report.
 
-Flow: ``prepare`` validates everything (input, variable, checkpoint, axes, a finite-voxel
-sample, an existing output) without writing anything; ``segment_volume`` then creates (or
-reopens, with ``--resume``) the label store, submits every slab task at once with
+Flow (``run_segment_volume``, the command's and a submitted job's one function):
+``SegmentOptions.check`` refuses what needs no data; ``prepare`` checks the rest against the
+data (input, variable, checkpoint, axes, a finite-voxel sample, an existing output) and plans,
+without writing anything; the output's writer lock is taken once, then the cluster started
+(by the caller's ``open_cluster``: launch owns clusters). The run then, as
+``segment_volume`` (the library call, on a client of the caller's) does under its own lock:
+creates (or reopens, with ``--resume``) the label store, submits every slab task at once with
 ``client.submit`` (the scheduler queues them: a worker holds as many as it has threads, and
 the dashboard shows the whole run), marks each slab done when its future returns, and marks
 the store complete only when every slab succeeded.
@@ -22,8 +26,10 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import dask
 import numpy as np
@@ -127,6 +133,38 @@ class SegmentOptions:
         """The same run continued from its done markers (a requeued job's options)."""
         return replace(self, resume=True, overwrite=False)
 
+    def planes(self) -> tuple[str, ...]:
+        """The axes asked for, parsed (z for "auto" until ``prepare`` reads the model)."""
+        return ("z",) if self.axes == "auto" else parse_axes(self.axes)
+
+    def check(self) -> None:
+        """Every check that needs no reading of data: the flags, their combinations and the
+        output path (the command's, submit's before submitting, and ``prepare``'s first)."""
+        for flag, value in (("--batch-size", self.batch_size), ("--slab-size", self.slab_size)):
+            if value < 1:
+                raise MagsegError(f"{flag} {value}: must be a positive integer (>= 1)")
+        if self.resume and self.overwrite:
+            raise MagsegError("--resume and --overwrite exclude each other; pick one")
+        check_no_overlap(self.output, [self.input, self.model, self.mask])
+        # An existing output must be a store this tool wrote, whatever --resume/--overwrite say
+        check_output(self.output, self.overwrite or self.resume, resume_hint=True,
+                     expect=LABEL_FORMAT)
+        axes = self.planes()
+        if self.normalization not in NORMALIZATIONS:
+            raise MagsegError(f"--normalization {self.normalization}: choose one of "
+                              f"{', '.join(NORMALIZATIONS)}")
+        if self.method not in METHODS:
+            raise MagsegError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise MagsegError(f"--device {self.device}: choose one of {', '.join(DEVICES)}")
+        check_precision(self.precision)
+        if self.method == "model" and not self.model:
+            raise MagsegError("--model CKPT is required (or --method threshold for the baseline)")
+        if self.method == "threshold" and (self.tta or self.probabilities or axes != ("z",)):
+            raise MagsegError(
+                "--method threshold gives labels only: drop --tta, --probabilities and --axes"
+            )
+
 
 @dataclass
 class Prepared:
@@ -178,31 +216,6 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def _check_options(opts: SegmentOptions) -> None:
-    if opts.normalization not in NORMALIZATIONS:
-        raise MagsegError(f"--normalization {opts.normalization}: choose one of "
-                          f"{', '.join(NORMALIZATIONS)}")
-    if opts.method not in METHODS:
-        raise MagsegError(f"--method {opts.method}: choose one of {', '.join(METHODS)}")
-    if opts.device not in DEVICES and not opts.device.startswith("cuda:"):
-        raise MagsegError(f"--device {opts.device}: choose one of {', '.join(DEVICES)}")
-    check_precision(opts.precision)
-    if opts.batch_size < 1 or opts.slab_size < 1:
-        raise MagsegError("--batch-size and --slab-size must be positive integers")
-    if opts.resume and opts.overwrite:
-        raise MagsegError("--resume and --overwrite exclude each other; pick one")
-    if opts.method == "model" and not opts.model:
-        raise MagsegError("--model CKPT is required (or --method threshold for the baseline)")
-    if opts.method == "threshold" and (opts.tta or opts.probabilities or opts.axes != ("z",)):
-        raise MagsegError(
-            "--method threshold gives labels only: drop --tta, --probabilities and --axes"
-        )
-    check_no_overlap(opts.output, [opts.input, opts.model, opts.mask])
-    # An existing output must be a store this tool wrote, whatever --resume/--overwrite say.
-    check_output(opts.output, opts.overwrite or opts.resume, resume_hint=True,
-                 expect=LABEL_FORMAT)
-
-
 def _sample_slices(volume) -> np.ndarray:
     nz = volume.shape[0]
     slice_bytes = max(1, math.prod(volume.shape[1:]) * volume.dtype.itemsize)
@@ -211,11 +224,67 @@ def _sample_slices(volume) -> np.ndarray:
     return np.asarray(volume.data[idx].compute(scheduler="synchronous"))
 
 
+@dataclass(frozen=True)
+class _Method:
+    """What the method decided from the input (and the checkpoint): the workers' numbers."""
+
+    class_table: ClassTable
+    model: str | None = None  # the checkpoint's resolved path
+    sha256: str | None = None
+    model_config: dict | None = None
+    threshold: dict = field(default_factory=dict)
+    normalization: dict | None = None
+    context: int = 1
+
+
 def prepare(opts: SegmentOptions) -> Prepared:
-    """Validate everything and plan the run; writes nothing."""
+    """Check everything against the data and plan the run; writes nothing."""
+    opts.check()
     auto_axes = opts.axes == "auto"
-    opts = replace(opts, axes=("z",) if auto_axes else parse_axes(opts.axes))
-    _check_options(opts)
+    opts = replace(opts, axes=opts.planes())
+    volume, support = _open_checked(opts)
+    if opts.method == "model":
+        method, axes = _fit_model(opts, volume, support, auto_axes)
+        opts = replace(opts, axes=axes)
+    else:
+        with dask.config.set(scheduler="synchronous"), reading(opts.input):
+            threshold = fit_threshold_params(volume.data, support=support)
+        method = _Method(ClassTable.default(), threshold=threshold,
+                         model=str(Path(opts.model).resolve()) if opts.model else None)
+    shape = tuple(int(n) for n in volume.shape)
+    chunks = output_chunks(shape, opts.axes, opts.slab_size)
+    pass_chunks = (
+        {a: chunks[AXES.index(a)] for a in opts.axes} if len(opts.axes) == 1
+        else {a: scratch_chunks(shape, a, opts.slab_size)[1 + AXES.index(a)] for a in opts.axes}
+    )
+    slabs = plan_passes(shape, opts.axes, pass_chunks, chunks[0], opts.slab_size)
+    job = SlabJob(
+        input=absolute_spec(opts.input, resolve=True), var=opts.var,
+        output=str(Path(opts.output).resolve()),
+        axes=opts.axes, num_classes=method.class_table.num_classes, method=opts.method,
+        model=method.model, model_sha256=method.sha256, threshold=method.threshold,
+        batch_size=opts.batch_size, tta=opts.tta, probabilities=opts.probabilities,
+        device=opts.device, torch_threads=opts.torch_threads,
+        normalization=method.normalization, context=method.context,
+        precision=opts.precision if opts.method == "model" else "fp32",
+        mask=str(Path(opts.mask).resolve()) if opts.mask else None,
+    )
+    fields = _fingerprint(opts, method, job, volume, chunks)
+    # Replacing a result happens beside it, so that a kill keeps the old one (staging.py)
+    target = job.output
+    staged = ((opts.overwrite and Path(target).exists())
+              or (opts.resume and is_staging(staging_path(target))))
+    if staged:
+        job = replace(job, output=str(staging_path(target)))
+    if opts.resume and Path(job.output).exists():
+        check_resumable(job.output, fields)
+    return Prepared(opts, volume, method.class_table, job, chunks, slabs, fields,
+                    _provenance(opts, method, job), target, staged)
+
+
+def _open_checked(opts: SegmentOptions) -> tuple[object, dict]:
+    """The input (lazy) and its support decision, refused when it is empty, has lost chunk
+    files or shows NaN/inf inside the sample in a sample of z slices."""
     volume = open_input(opts.input, opts.var, opts.mask)
     if min(volume.shape) < 1:
         raise MagsegError(f"{opts.input}: volume is empty (shape {volume.shape})")
@@ -230,81 +299,61 @@ def prepare(opts: SegmentOptions) -> Prepared:
             f"{opts.input}: NaN or inf voxels (found in a sample of z slices); replace them "
             "(e.g. with 0) before segmenting, or, if NaN marks the outside, pass --outside nan"
         )
-    model_path = str(Path(opts.model).resolve()) if opts.model else None
-    sha256, threshold, normalization, context = None, {}, None, 1
-    if opts.method == "model":
-        # Build it once here (CPU) so a checkpoint whose weights do not fit fails now, with
-        # nothing written; workers load their own copy from the path.
-        _, ckpt = load_inference_model(model_path, device="cpu")
-        class_table = ClassTable.from_dict(ckpt["class_table"])
+    return volume, support
 
-        _check_support(opts.input, support, ckpt["normalization"])
-        with dask.config.set(scheduler="synchronous"):
-            normalization = refit_normalization(volume.data, ckpt["normalization"],
-                                                support=support)
-        if opts.normalization == "checkpoint":
-            # where the outside is is a property of this input, either way
-            normalization = {**ckpt["normalization"], "support": support}
-        context = int(ckpt["model"].get("context_slices", 1))
-        if auto_axes:
-            opts = replace(opts, axes=axes_for_auto(ckpt))
-        _warn_untrained_axes(ckpt, opts.axes)
-        sha256 = checkpoint_sha256(model_path)
-        model_cfg = ckpt["model"]
-        del ckpt
-    else:
-        with dask.config.set(scheduler="synchronous"), reading(opts.input):
-            threshold = fit_threshold_params(volume.data, support=support)
-        class_table, model_cfg = ClassTable.default(), None
-    shape = tuple(int(n) for n in volume.shape)
-    chunks = output_chunks(shape, opts.axes, opts.slab_size)
-    pass_chunks = (
-        {a: chunks[AXES.index(a)] for a in opts.axes} if len(opts.axes) == 1
-        else {a: scratch_chunks(shape, a, opts.slab_size)[1 + AXES.index(a)] for a in opts.axes}
-    )
-    slabs = plan_passes(shape, opts.axes, pass_chunks, chunks[0], opts.slab_size)
-    job = SlabJob(
-        input=absolute_spec(opts.input, resolve=True), var=opts.var,
-        output=str(Path(opts.output).resolve()),
-        axes=opts.axes, num_classes=class_table.num_classes, method=opts.method,
-        model=model_path, model_sha256=sha256, threshold=threshold,
-        batch_size=opts.batch_size, tta=opts.tta, probabilities=opts.probabilities,
-        device=opts.device, torch_threads=opts.torch_threads,
-        normalization=normalization, context=context,
-        precision=opts.precision if opts.method == "model" else "fp32",
-        mask=str(Path(opts.mask).resolve()) if opts.mask else None,
-    )
+
+def _fit_model(opts: SegmentOptions, volume, support: dict,
+               auto_axes: bool) -> tuple[_Method, tuple[str, ...]]:
+    """The model's numbers for this input, and the axes it segments along."""
+    model_path = str(Path(opts.model).resolve())
+    # Build it once here (CPU) so a checkpoint whose weights do not fit fails now, with
+    # nothing written; workers load their own copy from the path.
+    _, ckpt = load_inference_model(model_path, device="cpu")
+    class_table = ClassTable.from_dict(ckpt["class_table"])
+    _check_support(opts.input, support, ckpt["normalization"])
+    with dask.config.set(scheduler="synchronous"):
+        normalization = refit_normalization(volume.data, ckpt["normalization"],
+                                            support=support)
+    if opts.normalization == "checkpoint":
+        # where the outside is is a property of this input, either way
+        normalization = {**ckpt["normalization"], "support": support}
+    axes = axes_for_auto(ckpt) if auto_axes else opts.axes
+    _warn_untrained_axes(ckpt, axes)
+    return _Method(class_table, model_path, checkpoint_sha256(model_path), ckpt["model"],
+                   normalization=normalization,
+                   context=int(ckpt["model"].get("context_slices", 1))), axes
+
+
+def _fingerprint(opts: SegmentOptions, method: _Method, job: SlabJob, volume,
+                 chunks: tuple[int, int, int]) -> dict:
+    """What a --resume must find unchanged (the run record's fields)."""
     fields = {
-        "method": opts.method, "model_sha256": sha256, "threshold": threshold,
-        "class_table": class_table.to_dict(), "normalization": normalization,
+        "method": opts.method, "model_sha256": method.sha256, "threshold": method.threshold,
+        "class_table": method.class_table.to_dict(), "normalization": method.normalization,
         "axes": list(opts.axes), "tta": opts.tta, "probabilities": opts.probabilities,
         "slab_size": opts.slab_size, "chunks": list(chunks), "var": opts.var,
-        "input_shape": list(shape), "input_dtype": str(volume.dtype),
+        "input_shape": [int(n) for n in volume.shape], "input_dtype": str(volume.dtype),
         "input_chunks": [int(c) for c in volume.data.chunksize],
     }
     if job.precision != "fp32":  # only then, so runs started in fp32 before it still resume
         fields["precision"] = job.precision
+    return fields
+
+
+def _provenance(opts: SegmentOptions, method: _Method, job: SlabJob) -> dict:
+    """The label store's provenance: what made it, from what, when."""
     provenance = {
         "command": "segment-volume", "command_line": opts.command_line,
         "input": job.input, "var": opts.var, "method": opts.method,
-        "model": model_path, "model_sha256": sha256, "model_config": model_cfg,
-        "threshold": threshold or None,
+        "model": method.model, "model_sha256": method.sha256,
+        "model_config": method.model_config, "threshold": method.threshold or None,
         "options": {k: v for k, v in asdict(opts).items()
                     if k not in ("input", "output", "model", "command_line")},
         "software": f"magseg-hpc {__version__}",
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     provenance["options"]["axes"] = list(opts.axes)
-    # Replacing a result happens beside it, so that a kill keeps the old one (staging.py)
-    target = job.output
-    staged = ((opts.overwrite and Path(target).exists())
-              or (opts.resume and is_staging(staging_path(target))))
-    if staged:
-        job = replace(job, output=str(staging_path(target)))
-    if opts.resume and Path(job.output).exists():
-        check_resumable(job.output, fields)
-    return Prepared(opts, volume, class_table, job, chunks, slabs, fields, provenance,
-                    target, staged)
+    return provenance
 
 
 def _check_support(source: str, support: dict, trained: dict) -> None:
@@ -440,25 +489,59 @@ def warm_workers(prep: Prepared, client) -> float:
     return time.perf_counter() - t0
 
 
+class Cluster(Protocol):
+    """What a run needs of the cluster it computes on (launch's ``ClusterHandle``)."""
+
+    client: object
+    torch_threads: int | None  # None: each worker derives them from its CPUs
+
+    def close_dashboard(self) -> None: ...
+
+
+def run_segment_volume(
+    opts: SegmentOptions, open_cluster: Callable[[int], AbstractContextManager[Cluster]]
+) -> RunSummary:
+    """One segment-volume run, as the command and a submitted job run it: ``prepare`` (every
+    check that can fail on bad input, before any cluster or output exists), the output's
+    writer lock (a second writer is refused before any cluster starts), the cluster
+    (``open_cluster(volume bytes)``, which starts and announces it), every slab; progress
+    goes to stdout."""
+    prep = prepare(opts)
+    with writer_lock(prep.target, opts.command_line), \
+            open_cluster(prep.volume.nbytes) as cluster:
+        print(f"{len(prep.slabs)} slabs -> {prep.target}"
+              + (f" (written to {prep.job.output}, swapped in when complete)"
+                 if prep.staged else ""), flush=True)
+        # at the end the dashboard's pages are closed while they show the finished run
+        return _segment_locked(prep, client=cluster.client, torch_threads=cluster.torch_threads,
+                               on_finished=cluster.close_dashboard)
+
+
 def segment_volume(
     opts: SegmentOptions | Prepared,
     client,
     *,
+    torch_threads: int | None = None,
     progress: bool | None = None,
     on_result: Callable[[dict], None] | None = None,
     on_finished: Callable[[], None] | None = None,
 ) -> RunSummary:
     """Segment a volume on ``client``'s cluster, holding the output's writer lock. Raises
-    MagsegError if any slab failed. ``on_finished`` is called once every slab has finished,
-    while the scheduler still holds all of the run's tasks and the dashboard's lines still go
-    to the cluster log (segment-volume closes its own dashboard's pages there, so that they
-    keep the run's final progress)."""
+    MagsegError if any slab failed. ``torch_threads``: each task's (default the options';
+    None lets each worker derive them). ``on_finished`` is called once every slab has
+    finished, while the scheduler still holds all of the run's tasks and the dashboard's
+    lines still go to the cluster log (segment-volume closes its own dashboard's pages there,
+    so that they keep the run's final progress)."""
     prep = opts if isinstance(opts, Prepared) else prepare(opts)
     with writer_lock(prep.target, prep.options.command_line):
-        return _segment_locked(prep, client, progress, on_result, on_finished)
+        return _segment_locked(prep, client=client, torch_threads=torch_threads,
+                               progress=progress, on_result=on_result, on_finished=on_finished)
 
 
-def _segment_locked(prep: Prepared, client, progress, on_result, on_finished) -> RunSummary:
+def _segment_locked(prep: Prepared, *, client, torch_threads: int | None = None,
+                    progress: bool | None = None, on_result=None, on_finished=None
+                    ) -> RunSummary:
+    """The run, once its caller holds the output's writer lock."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -470,6 +553,7 @@ def _segment_locked(prep: Prepared, client, progress, on_result, on_finished) ->
     summary = RunSummary(prep.target, shape, prep.options.axes, len(prep.slabs))
     summary.slabs_skipped = sum(s.key in done for s in prep.slabs)
     todo = [s for s in prep.slabs if s.key not in done]
+    job = prep.job if torch_threads is None else replace(prep.job, torch_threads=torch_threads)
     resources = _gpu_resources(client, prep.options.device)
     t0 = time.perf_counter()
     # lines logged while the bar shows (an in-process worker loading its model) print above
@@ -478,7 +562,7 @@ def _segment_locked(prep: Prepared, client, progress, on_result, on_finished) ->
             logging_redirect_tqdm(tqdm_class=tqdm), \
             tqdm(total=len(todo), unit="slab", desc="segment",
                  disable=(not progress) if progress is not None else None) as bar:
-        failures = _run_slabs(client, prep.job, todo, markers, summary, bar, resources,
+        failures = _run_slabs(client, job, todo, markers, summary, bar, resources,
                               on_result, numbers={s.key: n for n, s in enumerate(prep.slabs)},
                               on_finished=on_finished)
     summary.seconds = time.perf_counter() - t0
@@ -616,4 +700,4 @@ def _account(summary: RunSummary, stats: dict, n_axes: int) -> None:
 
 
 __all__ = ["SegmentOptions", "Prepared", "RunSummary", "prepare", "segment_volume",
-           "parse_axes", "state_dir"]
+           "run_segment_volume", "parse_axes", "state_dir"]

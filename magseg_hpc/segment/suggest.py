@@ -153,11 +153,13 @@ def plan_suggestions(opts, *, n: int, score: str = "entropy", labels: str | None
     return SuggestPlan(prepared, axis, n, score, done, min_gap)
 
 
-def suggest_slices(plan: SuggestPlan, client, *, progress: bool | None = None) -> Suggestion:
-    """Segment with probabilities on ``client``'s cluster, score the slices, pick."""
+def suggest_slices(plan: SuggestPlan, client, *, torch_threads: int | None = None,
+                   progress: bool | None = None) -> Suggestion:
+    """Segment with probabilities on ``client``'s cluster (``torch_threads`` a task, as
+    ``segment_volume``), score the slices, pick."""
     scratch = plan.prepared.job.output
     try:
-        segment_volume(plan.prepared, client, progress=progress)
+        segment_volume(plan.prepared, client, torch_threads=torch_threads, progress=progress)
         scores, whole = slice_scores(scratch, plan.axis, plan.score)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
