@@ -61,8 +61,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from dataclasses import replace
-
     out = Path(args.output)
     refuse_existing(out, args.overwrite)
     if out.is_dir():
@@ -80,8 +78,7 @@ def run(args) -> int:
                       dashboard_address=args.dashboard_address,
                       processes=not args.in_process) as handle:
         handle.announce()
-        plan.prepared.job = replace(plan.prepared.job, torch_threads=handle.torch_threads)
-        result = suggest_slices(plan, handle.client)
+        result = suggest_slices(plan, handle.client, torch_threads=handle.torch_threads)
     header = (f"magseg-hpc suggest-slices: {args.n} slices to label next, best first\n"
               f"volume: {args.volume}\nmodel: {args.model}\nscore: mean {args.score} over "
               f"predicted sample pixels; min gap {result.min_gap}")
