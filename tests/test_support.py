@@ -218,6 +218,14 @@ def test_a_model_moves_between_encodings_and_refuses_an_unknown_outside(
     assert code == 2 and "no outside was found in this input" in out, out
     assert "--mask PATH or --outside VALUE" in out and len(out.strip().splitlines()) == 1, out
     assert not (tmp_path / "u.zarr").exists()
+    # suggest-slices reads the same decision: refused alike, and runs given the mask file
+    np.save(tmp_path / "mask.npy", (~outside).astype(np.uint8))
+    suggest = ["suggest-slices", tmp_path / "unmasked.npy", "--model", masked_model, "--n", "2",
+               "-o", tmp_path / "next.txt", "--in-process"]
+    code, out = run(capsys, *suggest)
+    assert code == 2 and "--mask PATH or --outside VALUE" in out, out
+    code, out = run(capsys, *suggest, "--mask", tmp_path / "mask.npy")
+    assert code == 0 and (tmp_path / "next.txt").is_file(), out
 
 
 def test_a_field_of_view_circle_is_not_the_outside_but_a_tight_mask_is(encodings):

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from magseg_hpc.axes import AXES
+from magseg_hpc.commands.common import add_support_options
 from magseg_hpc.data.labelling import write_slice_list
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.launch.dask_cluster import DEFAULT_DASHBOARD, open_cluster
@@ -41,6 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--min-gap", type=int, default=None, metavar="K",
                    help="slices between picks (default: axis length / (2 x all labelled))")
     p.add_argument("--var", default=None, help="variable of a zarr group / HDF5 dataset")
+    add_support_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="slices per forward (default 8)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -67,8 +69,8 @@ def run(args) -> int:
         raise MagsegError(f"{out}: is a folder; give a file name for the slice list")
     opts = SegmentOptions(
         input=args.volume, output="", model=args.model, var=args.var, axes=(args.axis,),
-        batch_size=args.batch_size, device=args.device, precision=args.precision,
-        command_line=args.command_line,
+        outside=args.outside, mask=args.mask, batch_size=args.batch_size,
+        device=args.device, precision=args.precision, command_line=args.command_line,
     )
     # Every check that can fail on bad input runs before any cluster or output exists.
     plan = plan_suggestions(opts, n=args.n, score=args.score, labels=args.labels,
