@@ -239,7 +239,7 @@ def test_random_kills_of_ingest_overwrite_never_damage_the_old_result(tmp_path,
 
 def test_random_kills_of_segment_volume_overwrite_never_damage_the_old_result(
         tmp_path, tmp_path_factory, command_server):
-    """20 SIGKILLs at random moments of `segment-volume --overwrite` over a complete result:
+    """10 SIGKILLs at random moments of `segment-volume --overwrite` over a complete result:
     the output is always the old result byte for byte, or the complete new one; a rerun then
     completes to the labels of an uninterrupted run and leaves nothing beside it. (Each run a
     forked process of the command server: the moments fall in the command's work, not in
@@ -270,7 +270,7 @@ def test_random_kills_of_segment_volume_overwrite_never_damage_the_old_result(
 
     moments = random.Random(0)
     outcomes = []
-    for _ in range(20):
+    for _ in range(10):
         pid = segment(out, "--overwrite")
         time.sleep(moments.uniform(0.0, one_run))
         command_server.kill(pid)
@@ -423,7 +423,7 @@ def test_a_kill_while_segment_volume_creates_its_output_leaves_nothing_to_disown
 
 @pytest.mark.slow
 def test_random_kills_of_the_demo_never_lose_the_previous_demo(tmp_path, command_server):
-    """10 SIGKILLs at random moments of `demo --overwrite` over a finished demo: the folder
+    """6 SIGKILLs at random moments of `demo --overwrite` over a finished demo: the folder
     is always the previous demo byte for byte, or a complete new one; a rerun completes
     and leaves nothing beside it. (Each run a forked process of the command server: no
     start-up of seconds per trial.)"""
@@ -452,7 +452,7 @@ def test_random_kills_of_the_demo_never_lose_the_previous_demo(tmp_path, command
     old = snapshot(out)
     moments = random.Random(0)
     outcomes = []
-    for _ in range(10):
+    for _ in range(6):
         pid = demo("--overwrite")
         time.sleep(moments.uniform(0.0, one_run))
         command_server.kill(pid)

@@ -385,7 +385,7 @@ def test_training_on_a_phantom_beats_chance(tmp_path):
 def test_random_kills_of_training_resume_to_the_uninterrupted_weights(phantom, tmp_path,
                                                                       tmp_path_factory,
                                                                       command_server):
-    """12 SIGKILLs at random moments of `magseg-hpc train`: each leaves a checkpoint that
+    """6 SIGKILLs at random moments of `magseg-hpc train`: each leaves a checkpoint that
     loads (written atomically) and the run resumable; the last rerun ends with the weights of
     an uninterrupted run, bit for bit. (Each run a forked process of the command server:
     every moment falls in the training's own work, none in Python's start-up, where about a
@@ -409,7 +409,7 @@ def test_random_kills_of_training_resume_to_the_uninterrupted_weights(phantom, t
     straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
     moments = random.Random(0)
     reached = []
-    for _ in range(12):
+    for _ in range(6):
         pid = train()
         time.sleep(moments.uniform(0.0, one_run))
         command_server.kill(pid)
