@@ -28,6 +28,7 @@ def test_fit_formula_exact_on_small_arrays():
     assert out.mean() == pytest.approx(0, abs=1e-4) and out.std() == pytest.approx(1, rel=1e-3)
     assert norm["support"]["outside"] == "none"  # no masked background in this volume
     assert all(isinstance(norm[k], float) for k in ("low", "high", "mean", "std"))
+    assert norm["deciles"] == pytest.approx(np.percentile(x01, range(10, 100, 10)), abs=1e-4)
 
 
 def test_dask_strided_sample_close_to_exact():
@@ -39,6 +40,7 @@ def test_dask_strided_sample_close_to_exact():
         assert sampled[k] == pytest.approx(exact[k], rel=0.05)
     same = fit_normalization(da.from_array(v, chunks=(5, 32, 32)))
     assert same.pop("support") == exact.pop("support")
+    assert same.pop("deciles") == pytest.approx(exact.pop("deciles"), abs=1e-4)
     assert same == pytest.approx(exact)
 
 
@@ -86,5 +88,6 @@ def test_fit_leaves_the_input_unchanged(dtype):
     assert norm["low"] < norm["high"]
     lazy = fit_normalization(da.from_array(v, chunks=(2, 8, 8)))
     assert lazy.pop("support") == norm.pop("support")
+    assert lazy.pop("deciles") == pytest.approx(norm.pop("deciles"), abs=1e-4)
     assert lazy == pytest.approx(norm)
     np.testing.assert_array_equal(v, before)

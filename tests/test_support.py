@@ -197,7 +197,7 @@ def masked_model(encodings, tmp_path_factory) -> Path:
 
 
 def test_a_model_moves_between_encodings_and_refuses_an_unknown_outside(
-        masked_model, encodings, tmp_path, capsys):
+        masked_model, encodings, tmp_path, capsys, caplog):
     """Trained on 8-bit masked data: a signed copy is segmented with the outside marked as in
     training; an unmasked copy (no outside to mark) is refused in one line, nothing written."""
     import torch
@@ -213,6 +213,16 @@ def test_a_model_moves_between_encodings_and_refuses_an_unknown_outside(
     labels = np.asarray(open_volume(tmp_path / "s.zarr", var="labels"))
     outside = outside_planes(encodings["signed"][0], {"outside": "value", "value": 0.0})
     assert outside.mean() > 0.3 and (labels[outside] == 0).all()  # from the input's support
+    # the same sample, another encoding: no warning
+    assert not [r for r in caplog.records if "distributed unlike" in r.getMessage()]
+    # another contrast (exp: the dark domains squeezed against the outside's level) is
+    # segmented with one warning line that says what differs and what to do
+    np.save(tmp_path / "contrast.npy", np.exp(2.0 * encodings["signed"][0]))
+    code, out = run(capsys, "segment-volume", tmp_path / "contrast.npy", tmp_path / "c.zarr",
+                    "--model", masked_model, "--in-process")
+    warned = [r.getMessage() for r in caplog.records if "distributed unlike" in r.getMessage()]
+    assert code == 0 and len(warned) == 1, out
+    assert "label a few slices of this volume" in warned[0], warned
     code, out = run(capsys, "segment-volume", tmp_path / "unmasked.npy", tmp_path / "u.zarr",
                     "--model", masked_model, "--in-process")
     assert code == 2 and "no outside was found in this input" in out, out

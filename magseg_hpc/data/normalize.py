@@ -45,6 +45,13 @@ from magseg_hpc.volume.support import detect_support, is_masked, outside_planes,
 DEFAULT_MAX_SAMPLES = 1 << 24  # about 16 M values
 # Model input outside a masked sample, in the [0, 1] scale (module docstring)
 OUTSIDE_X01 = -1.0
+# The scaled sample's deciles, stored to compare an input with the training volume
+DECILES = tuple(range(10, 100, 10))
+# A decile shift above which the input is not like the training volume: 0.02-0.05 between
+# seeds, halves of a volume and SNR 1-4 of one preset; 0.29 for the published 8-bit sweep
+# against its signed-float copies, where a model trained on one loses 0.11 mIoU on the other
+# (benchmarks/results/encodings_model_clean.md)
+SHIFT_WARNING = 0.15
 # What a refit on another volume keeps from the trained normalisation: how the input is encoded
 ENCODING_KEYS = ("mark_outside",)
 
@@ -138,13 +145,26 @@ def fit_normalization(
         sample /= sample.dtype.type(high - low)
     np.clip(sample, 0.0, 1.0, out=sample)
     mean, std = _mean_std(sample)
+    deciles = np.percentile(sample, DECILES, overwrite_input=True)
     return {
         "low": low,
         "high": high,
         "mean": mean,
         "std": max(std, 1e-6),
+        "deciles": [round(float(d), 4) for d in deciles],
         "support": support,
     }
+
+
+def intensity_shift(trained: dict, fitted: dict) -> float | None:
+    """How far an input's scaled intensities lie from the training volume's: the largest
+    difference of their deciles in [0, 1] (None where a normalisation predates deciles).
+    Both are scaled by their own percentiles, so a gain or an offset moves nothing; what
+    moves them is a different distribution inside the sample (another encoding that clips
+    or folds the dark domains into the outside, another contrast)."""
+    if "deciles" not in trained or "deciles" not in fitted:
+        return None
+    return float(np.abs(np.subtract(trained["deciles"], fitted["deciles"])).max())
 
 
 def _check(norm: dict) -> None:

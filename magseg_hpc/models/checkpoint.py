@@ -7,7 +7,7 @@ Keys (format "magseg-hpc/checkpoint/1"):
 | format | "magseg-hpc/checkpoint/1" |
 | model | resolved ``ModelConfig`` as a dict (``model.config``; ``checkpoint_model`` reads it) |
 | class_table | ``ClassTable.to_dict()`` |
-| normalization | {"low", "high", "mean", "std"} (see ``magseg_hpc.data.normalize``) |
+| normalization | low, high, mean, std, deciles, support (``magseg_hpc.data.normalize``) |
 | student, teacher | state_dicts (the teacher is what inference uses) |
 | train_state | dict for resume (optimizer, iteration, RNG states as tensors), may be empty |
 | config | resolved experiment config dict |

@@ -37,7 +37,13 @@ import numpy as np
 from magseg_hpc import __version__
 from magseg_hpc.axes import AXES, parse_axes
 from magseg_hpc.classes import ClassTable
-from magseg_hpc.data.normalize import marks_outside, refit_normalization
+from magseg_hpc.data.normalize import (
+    DECILES,
+    SHIFT_WARNING,
+    intensity_shift,
+    marks_outside,
+    refit_normalization,
+)
 from magseg_hpc.errors import MagsegError
 from magseg_hpc.logfile import CLUSTER_LOGGERS, loggers_to_file
 from magseg_hpc.models.checkpoint import checkpoint_sha256, fuses, load_inference_model
@@ -317,6 +323,7 @@ def _fit_model(opts: SegmentOptions, volume, support: dict,
     if opts.normalization == "checkpoint":
         # where the outside is is a property of this input, either way
         normalization = {**ckpt["normalization"], "support": support}
+    _warn_intensity_shift(opts.input, ckpt["normalization"], normalization)
     axes = axes_for_auto(ckpt) if auto_axes else opts.axes
     _warn_untrained_axes(ckpt, axes)
     return _Method(class_table, model_path, checkpoint_sha256(model_path), ckpt["model"],
@@ -407,6 +414,20 @@ def axes_for_auto(ckpt: dict) -> tuple[str, ...]:
              "worse (pass --axes %s to fuse anyway)", primary, 100 * share,
              100 * FUSION_MIN_SHARE, others, ",".join(trained))
     return (primary,)
+
+
+def _warn_intensity_shift(source: str, trained: dict, fitted: dict) -> None:
+    """A model meets intensities as it was trained: warn, in one line, when this input's
+    scaled intensities are distributed unlike the training volume's."""
+    shift = intensity_shift(trained, fitted)
+    if shift is not None and shift > SHIFT_WARNING:
+        median = DECILES.index(50)
+        log.warning("%s: its intensities, each scaled to [0, 1] by its own percentiles, are "
+                    "distributed unlike the model's training volume (median %.2f here, %.2f "
+                    "there; deciles up to %.2f apart): expect a worse segmentation; check "
+                    "--outside / --mask, or label a few slices of this volume and train on "
+                    "them", source, fitted["deciles"][median], trained["deciles"][median],
+                    shift)
 
 
 def _warn_untrained_axes(ckpt: dict, axes: tuple[str, ...]) -> None:
