@@ -151,7 +151,7 @@ def test_augseg_run_writes_its_outputs(straight, phantom):
 
     ckpt = load_checkpoint(out / "checkpoint.pt", expect_model=tiny(phantom)["model"])
     assert ckpt["train_state"]["iteration"] == 4
-    assert set(ckpt["normalization"]) == {"low", "high", "mean", "std", "support",
+    assert set(ckpt["normalization"]) == {"low", "high", "mean", "std", "deciles", "support",
                                           "mark_outside"}
     best = load_checkpoint(out / "best.pt")
     assert best["metrics"]["best"]["teacher_miou"] == summary["best_teacher_miou"]
