@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 from test_submit_slurm import (
     TERMINAL,
-    assert_continuous,
     job_state,
+    requeue_midway,
     submitted,
     tiny,
     training_iterations,
-    wait_for_iteration,
     wait_terminal,
 )
 
@@ -123,13 +122,8 @@ def test_two_nodes_two_gpus_four_ranks_requeued_resume_with_one_metrics_file(
                     "--name", "requeue", *tiny(phantom, max_iters, every))
     job_id, run_dir = submitted(result, jobs)
     assert "(slurm: 2 node(s) x 2 task(s), 2 GPU(s) per node)" in result.stdout
-    wait_for_iteration(run_dir, job_id, 3, timeout=150)
-    subprocess.run(["scontrol", "requeue", job_id], check=True)
-    assert wait_terminal(job_id, timeout=200) == "COMPLETED"
-    assert_continuous(run_dir, max_iters, every)
-    rank0 = (run_dir / "logs" / "rank0.log").read_text()
-    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", rank0)
-    assert resumed and int(resumed[0]) >= every
+    _, resumed = requeue_midway(run_dir, job_id, 3, max_iters, every)
+    assert resumed >= every
     for rank in range(4):  # every rank ran twice, the second time on two nodes again
         text = (run_dir / "logs" / f"rank{rank}.log").read_text()
         assert len(re.findall(rf"rank {rank} of 4 ", text)) >= 2, text[-1500:]

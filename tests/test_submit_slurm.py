@@ -99,6 +99,20 @@ def assert_continuous(run_dir: Path, max_iters: int, checkpoint_every: int) -> N
     assert iters[-1] == max_iters
 
 
+def requeue_midway(run_dir: Path, job_id: str, at: int, max_iters: int,
+                   every: int) -> tuple[str, int]:
+    """Requeue the job once it has passed iteration ``at`` and let it complete into one
+    continuous metrics file; rank 0's log and the iteration it says it resumed from."""
+    wait_for_iteration(run_dir, job_id, at, timeout=150)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    assert wait_terminal(job_id, timeout=200) == "COMPLETED"
+    assert_continuous(run_dir, max_iters, every)
+    rank0 = (run_dir / "logs" / "rank0.log").read_text()
+    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", rank0)
+    assert resumed, rank0[-1500:]
+    return rank0, int(resumed[0])
+
+
 def rank_results(run_dir: Path) -> dict[int, dict]:
     """What each rank's TrainTask logged when run_training returned."""
     results = {}
@@ -123,13 +137,8 @@ def test_two_task_ddp_job_requeued_resumes_from_its_checkpoint(slurm_cluster, ph
     job_id, run_dir = submitted(result, jobs)
     assert run_dir == runs / "requeue" / job_id
     assert "tail -F " in result.stdout  # never blocks without --wait
-    wait_for_iteration(run_dir, job_id, 5, timeout=150)
-    subprocess.run(["scontrol", "requeue", job_id], check=True)
-    assert wait_terminal(job_id, timeout=200) == "COMPLETED"
-    assert_continuous(run_dir, max_iters, every)
-    rank0 = (run_dir / "logs" / "rank0.log").read_text()
-    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", rank0)
-    assert resumed and int(resumed[0]) >= 4  # the checkpoint before the requeue, not zero
+    rank0, resumed = requeue_midway(run_dir, job_id, 5, max_iters, every)
+    assert resumed >= 4  # the checkpoint before the requeue, not zero
     assert len(re.findall(r"rank 0 of 2", rank0)) >= 2  # it really ran twice
     ranks = rank_results(run_dir)
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
