@@ -68,14 +68,14 @@ FULL = {
     "seg_forward_repeats": 2,
 }
 SMOKE = {
-    "device": "cpu", "config": "configs/augseg_semi128.yaml", "backbone": "resnet18",
+    "device": "cpu", "config": "configs/augseg_semi128.yaml", "backbone": "resnet10",
     "crop": 64, "batch": 2, "phantom": (10, 64, 64), "n_labeled": 4, "n_val": 2,
     "sam_config": "configs/cpu_tiny_sam.yaml", "sam_model": "sam_tiny", "sam_size": 64,
     "sam_batches": (2,), "volume": (8, 64, 64), "seg_batches": (2, 4),
-    "seg_backbone": "resnet18", "warmup": 0, "repeats": 1, "loader_batches": 2,
+    "seg_backbone": "resnet10", "warmup": 0, "repeats": 1, "loader_batches": 2,
     # dynamo tracing without inductor's C++ build: the guarded path, quickly
     "compile_backend": "eager", "min_section_s": 0.0, "compile_min_left_s": 0.0,
-    "train_overrides": ["model.decoder_channels=64"],  # a narrow head: a faster CPU step
+    "train_overrides": ["model.decoder_channels=32"],  # a narrow head: a faster CPU step
     "seg_overlap": (2, 2), "seg_forward_repeats": 1,
     # Dask workers as threads of this process (segment-volume --in-process): no worker
     # start-up of several seconds; the full run uses worker processes as users do

@@ -9,13 +9,13 @@ import torch
 
 from magseg_hpc.classes import ClassTable
 
-MODEL_CFG = {"name": "deeplabv3plus", "backbone": "resnet18", "num_classes": 3,
-             "in_channels": 1, "pretrained": None}
+MODEL_CFG = {"name": "deeplabv3plus", "backbone": "resnet10", "decoder_channels": 32,
+             "num_classes": 3, "in_channels": 1, "pretrained": None}
 NORM = {"low": -2.0, "high": 2.0, "mean": 0.5, "std": 0.25}
 
 
 def make_checkpoint(path: Path, seed: int = 0, class_table: ClassTable | None = None) -> Path:
-    """A tiny DeepLabV3+/ResNet-18 checkpoint with seeded random weights (teacher = student).
+    """A tiny DeepLabV3+/ResNet-10 checkpoint with seeded random weights (teacher = student).
 
     BatchNorm running statistics are perturbed so the untrained net gives varied classes.
     """

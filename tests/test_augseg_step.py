@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from torch import nn
 
 from magseg_hpc.config import config_from_dict
@@ -25,7 +26,7 @@ class _SignNet(nn.Module):
 
 def _cfg(**train):
     return config_from_dict({
-        "model": {"backbone": "resnet18"},
+        "model": TINY_MODEL,
         "data": {"volume": "unused.zarr"},
         "train": {"threshold": 0.95, "sup_only_epochs": 1, "uns_weight": 1.0,
                   "cutmix_prob": 0.0, "device": "cpu", "precision": "fp32", **train},

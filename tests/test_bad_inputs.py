@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (8, 32, 32)
@@ -35,7 +36,7 @@ COLORS = {"background": [149, 0, 255], "domain_minus": [30, 0, 255], "domain_plu
 
 def _tiny_config(volume: str, **train) -> dict:
     return {
-        "name": "tiny", "seed": 0, "model": {"backbone": "resnet18"},
+        "name": "tiny", "seed": 0, "model": TINY_MODEL,
         "data": {"volume": volume, "n_labeled": 3, "n_val": 2},
         "train": {"batch_size": 2, "crop_size": 32, "epochs": 1, "max_iters": 1,
                   "checkpoint_every": 1, "eval_every": 1, "log_every": 1, "lr": 0.01,

@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from magseg_hpc.config import config_from_dict
 from magseg_hpc.data.normalize import (
@@ -121,7 +122,7 @@ def run_training_scores(volume, out, mark_outside: bool) -> dict:
     """A short supervised run on 32 px crops; the last validation's per-class IoU."""
     raw = {
         "name": "clipped", "seed": 0,
-        "model": {"backbone": "resnet18", "decoder_channels": 32},
+        "model": TINY_MODEL,
         "data": {"volume": str(volume), "n_labeled": 4, "n_val": 2, "val_selection": "even",
                  "mark_outside": mark_outside},
         "train": {"method": "supervised", "optimizer": "adamw", "lr": 0.003,
@@ -166,7 +167,7 @@ def test_training_says_when_validation_collapses(tmp_path, caplog, monkeypatch):
     volume = tmp_path / "clipped.zarr"
     write_phantom(volume, clipped_sweep((10, 64, 64), seed=6))
     raw = {
-        "name": "collapse", "seed": 0, "model": {"backbone": "resnet18"},
+        "name": "collapse", "seed": 0, "model": TINY_MODEL,
         "data": {"volume": str(volume), "n_labeled": 3, "n_val": 2},
         "train": {"method": "supervised", "batch_size": 2, "crop_size": 32,
                   "iters_per_epoch": 2, "epochs": 6, "eval_every": 2, "checkpoint_every": 12,

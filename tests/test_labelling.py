@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from conftest import TINY_MODEL
 from PIL import Image
 
 from magseg_hpc.classes import IGNORE_LABEL, ClassTable
@@ -43,7 +44,7 @@ def run(capsys, *args) -> tuple[int, str, str]:
 
 def tiny(volume, **data) -> dict:
     return {
-        "name": "tiny-labels", "seed": 0, "model": {"backbone": "resnet18"},
+        "name": "tiny-labels", "seed": 0, "model": TINY_MODEL,
         "data": {"volume": str(volume), "n_labeled": 3, "n_val": 2, **data},
         "train": {"batch_size": 2, "crop_size": 32, "epochs": 2, "max_iters": 2,
                   "checkpoint_every": 2, "eval_every": 2, "log_every": 1, "lr": 0.01,

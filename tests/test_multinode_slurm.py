@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_submit_slurm import (
     TERMINAL,
     job_state,
@@ -21,6 +22,9 @@ from test_submit_slurm import (
     training_iterations,
     wait_terminal,
 )
+
+from magseg_hpc.models import build_model
+from magseg_hpc.train.records import state_digest
 
 pytestmark = pytest.mark.slurm
 
@@ -113,17 +117,22 @@ def test_two_cpu_nodes_tasks_per_node_flag_over_profile(two_nodes, phantom, tmp_
 def test_two_nodes_two_gpus_four_ranks_requeued_resume_with_one_metrics_file(
         two_nodes, phantom, tmp_path, jobs, submit):
     """Two nodes x two GPUs: four ranks, one GPU each, placed and bound per node, identical
-    weights; requeued, every rank runs again on two nodes and the run resumes from its
-    checkpoint into one continuous metrics file. (One job for both: the four-rank start-up
-    is the expensive part.)"""
+    weights, the ones rank 0's checkpoint holds; requeued, every rank runs again on two nodes
+    and the run resumes from its checkpoint into one continuous metrics file; SLURM ran the
+    batch script --dry-run prints. (One job for all of it: the four-rank start-up is the
+    expensive part. A single-node DDP job is the time-limit test's.)"""
     max_iters, every = 10, 2
-    result = submit("--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml",
-                    "--nodes", "2", "--gpus-per-node", "2", "--runs-root", tmp_path / "runs",
-                    "--name", "requeue", *tiny(phantom, max_iters, every))
+    runs = tmp_path / "runs"
+    args = ["--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml", "--nodes", "2",
+            "--gpus-per-node", "2", "--runs-root", runs, "--name", "requeue",
+            *tiny(phantom, max_iters, every)]
+    result = submit(*args)
     job_id, run_dir = submitted(result, jobs)
+    assert run_dir == runs / "requeue" / job_id
+    assert "tail -F " in result.stdout  # never blocks without --wait
     assert "(slurm: 2 node(s) x 2 task(s), 2 GPU(s) per node)" in result.stdout
     _, resumed = requeue_midway(run_dir, job_id, 3, max_iters, every)
-    assert resumed >= every
+    assert resumed >= every  # the checkpoint before the requeue, not zero
     for rank in range(4):  # every rank ran twice, the second time on two nodes again
         text = (run_dir / "logs" / f"rank{rank}.log").read_text()
         assert len(re.findall(rf"rank {rank} of 4 ", text)) >= 2, text[-1500:]
@@ -131,6 +140,15 @@ def test_two_nodes_two_gpus_four_ranks_requeued_resume_with_one_metrics_file(
     assert_two_nodes_same_weights(rank_starts(run_dir, 4), gpus=True, iterations=max_iters)
     assert "gres/gpu=4" in sacct_field(job_id, "AllocTRES")
     assert sacct_field(job_id, "NNodes") == "2"
+    # The checkpoint (written by rank 0 only) holds the weights the last rank ended with.
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")
+    student = build_model(ckpt["model"])
+    student.load_state_dict(ckpt["student"])
+    assert state_digest(student) == rank_starts(run_dir, 4)[3]["result"]["student_digest"]
+    # The batch script SLURM ran is the one --dry-run prints.
+    dry = submit(*args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert (run_dir / f"{job_id}_submission.sh").read_text() == dry.stdout
 
 
 def _task_pids(job_id: str, rank: int) -> list[int]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import TINY_MODEL
 
 from magseg_hpc.config import config_from_dict
 from magseg_hpc.data.phantom import make_phantom, write_phantom
@@ -15,7 +16,7 @@ def _cfg(volume, max_iters: int) -> dict:
     epoch 0 is supervised-only, so iterations 4.. run the unsupervised branch; the EMA decay
     stays 0 through epoch sup_only_epochs (1) and is > 0 from iteration 7 on."""
     return {
-        "name": "resume-epochs", "seed": 3, "model": {"backbone": "resnet18"},
+        "name": "resume-epochs", "seed": 3, "model": TINY_MODEL,
         "data": {"volume": str(volume), "n_labeled": 3, "n_val": 2},
         "train": {"batch_size": 2, "crop_size": 32, "epochs": 3, "max_iters": max_iters,
                   "sup_only_epochs": 1, "ema_decay": 0.9, "threshold": 0.5,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_MODEL
 from segment_utils import is_complete, make_checkpoint, make_volume, write_input
 
 from magseg_hpc.errors import MagsegError
@@ -320,7 +321,7 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one_and_its_leftovers_are_r
 
 
 def _tiny_config(volume: Path, **train) -> dict:
-    return {"name": "tiny", "seed": 0, "model": {"backbone": "resnet18"},
+    return {"name": "tiny", "seed": 0, "model": TINY_MODEL,
             "data": {"volume": str(volume), "n_labeled": 3, "n_val": 2},
             "train": {"batch_size": 2, "crop_size": 32, "epochs": 1, "max_iters": 2,
                       "checkpoint_every": 1, "eval_every": 1, "log_every": 1, "lr": 0.01,

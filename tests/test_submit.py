@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_MODEL_ARGS
 
 from magseg_hpc.commands.submit import check_command_args
 from magseg_hpc.config import config_to_dict, load_config
@@ -331,11 +332,11 @@ def phantom(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(phantom: Path, max_iters: int, checkpoint_every: int = 2) -> list[str]:
-    """configs/cpu_tiny.yaml shrunk to seconds: 48 x 48 slices, 32 px crops, resnet18."""
+    """configs/cpu_tiny.yaml shrunk to seconds: 48 x 48 slices, 32 px crops, the tests' model."""
     return [f"data.volume={phantom}", "data.n_labeled=4", "data.n_val=4",
             "train.batch_size=2", "train.crop_size=32", "train.num_strong_augs=1",
             f"train.max_iters={max_iters}", f"train.checkpoint_every={checkpoint_every}",
-            "train.eval_every=1000", "train.log_every=1", "train.threads=1"]
+            "train.eval_every=1000", "train.log_every=1", "train.threads=1", *TINY_MODEL_ARGS]
 
 
 def test_local_executor_runs_two_process_ddp(tmp_path, phantom, run_submit):

@@ -1,6 +1,7 @@
 """``python -m magseg_hpc.submit train`` against the real local SLURM cluster (slurm/start.sh):
-DDP over two tasks, a requeue that resumes, a time limit that requeues through submitit's
-checkpoint(), and submissions SLURM refuses. In CI (env CI set) a missing cluster fails."""
+a 2-task DDP job past its time limit that requeues through submitit's checkpoint() and
+resumes, and submissions SLURM refuses (a running job requeued: the two-node test). In CI
+(env CI set) a missing cluster fails."""
 
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import TINY_MODEL_ARGS
 
 from magseg_hpc.data.phantom import make_phantom, write_phantom
-from magseg_hpc.models import build_model
-from magseg_hpc.train.records import state_digest
 
 pytestmark = pytest.mark.slurm
 
@@ -43,11 +42,11 @@ def jobs():
 
 
 def tiny(phantom: Path, max_iters: int, checkpoint_every: int = 2) -> list[str]:
-    """configs/cpu_tiny.yaml shrunk to seconds: 48 x 48 slices, 32 px crops, resnet18."""
+    """configs/cpu_tiny.yaml shrunk to seconds: 48 x 48 slices, 32 px crops, the tests' model."""
     return [f"data.volume={phantom}", "data.n_labeled=4", "data.n_val=4",
             "train.batch_size=2", "train.crop_size=32", "train.num_strong_augs=1",
             f"train.max_iters={max_iters}", f"train.checkpoint_every={checkpoint_every}",
-            "train.eval_every=1000", "train.log_every=1", "train.threads=1"]
+            "train.eval_every=1000", "train.log_every=1", "train.threads=1", *TINY_MODEL_ARGS]
 
 
 def submitted(result: subprocess.CompletedProcess, jobs: list) -> tuple[str, Path]:
@@ -111,55 +110,6 @@ def requeue_midway(run_dir: Path, job_id: str, at: int, max_iters: int,
     resumed = re.findall(r"resumed from \S+ at iteration (\d+)", rank0)
     assert resumed, rank0[-1500:]
     return rank0, int(resumed[0])
-
-
-def rank_results(run_dir: Path) -> dict[int, dict]:
-    """What each rank's TrainTask logged when run_training returned."""
-    results = {}
-    for rank in (0, 1):
-        text = (run_dir / "logs" / f"rank{rank}.log").read_text()
-        line = [ln for ln in text.splitlines() if f"rank {rank} finished: " in ln][-1]
-        results[rank] = json.loads(line.split("finished: ", 1)[1])
-    return results
-
-
-def test_two_task_ddp_job_requeued_resumes_from_its_checkpoint(slurm_cluster, phantom,
-                                                               tmp_path, jobs, submit):
-    """Two tasks, DDP: requeued, the job resumes from its checkpoint into one continuous
-    metrics file; both ranks end with the same weights, the ones rank 0's checkpoint holds;
-    SLURM ran the batch script --dry-run prints. (One job for both: the start-up of the
-    tasks is the expensive part.)"""
-    max_iters, every = 16, 2
-    runs = tmp_path / "runs"
-    args = ["--config", "configs/cpu_tiny.yaml", "--job", "jobs/local.yaml", "--gpus-per-node",
-            "2", "--runs-root", runs, "--name", "requeue", *tiny(phantom, max_iters, every)]
-    result = submit(*args)
-    job_id, run_dir = submitted(result, jobs)
-    assert run_dir == runs / "requeue" / job_id
-    assert "tail -F " in result.stdout  # never blocks without --wait
-    rank0, resumed = requeue_midway(run_dir, job_id, 5, max_iters, every)
-    assert resumed >= 4  # the checkpoint before the requeue, not zero
-    assert len(re.findall(r"rank 0 of 2", rank0)) >= 2  # it really ran twice
-    ranks = rank_results(run_dir)
-    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
-    assert ranks[0]["iterations"] == ranks[1]["iterations"] == max_iters
-    assert ranks[0]["student_digest"] == ranks[1]["student_digest"]
-    assert ranks[0]["teacher_digest"] == ranks[1]["teacher_digest"]
-    # The checkpoint (written by rank 0 only) holds the weights rank 1 ended with.
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")
-    student = build_model(ckpt["model"])
-    student.load_state_dict(ckpt["student"])
-    assert state_digest(student) == ranks[1]["student_digest"]
-    # Every rank logged to its own file; the fake GPUs were allocated by SLURM.
-    rank1 = (run_dir / "logs" / "rank1.log").read_text()
-    assert "rank 1 of 2" in rank1 and "output " + str(run_dir) in rank1
-    alloc = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "AllocTRES"],
-                           capture_output=True, text=True).stdout
-    assert "gres/gpu=2" in alloc
-    # The batch script SLURM ran is the one --dry-run prints.
-    dry = submit(*args, "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    assert (run_dir / f"{job_id}_submission.sh").read_text() == dry.stdout
 
 
 def wait_for_log(path: Path, pattern: str, job_id: str, timeout: float) -> re.Match:

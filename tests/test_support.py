@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_MODEL
 
 from magseg_hpc.cli import main
 from magseg_hpc.data.normalize import apply_normalization, fit_normalization
@@ -187,7 +188,7 @@ def masked_model(encodings, tmp_path_factory) -> Path:
     image, truth = encodings["uint8-masked"]
     write_image_store(work / "train.zarr", image, labels=truth)
     cfg = config_from_dict({
-        "name": "tiny-support", "seed": 0, "model": {"backbone": "resnet18", "norm": "auto"},
+        "name": "tiny-support", "seed": 0, "model": {**TINY_MODEL, "norm": "auto"},
         "data": {"volume": str(work / "train.zarr"), "n_labeled": 3, "n_val": 2},
         "train": {"batch_size": 2, "crop_size": 32, "epochs": 2, "max_iters": 2,
                   "checkpoint_every": 2, "eval_every": 2, "log_every": 1, "lr": 0.01,

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_MODEL
 
 from magseg_hpc.cli import main as cli_main
 from magseg_hpc.config import config_from_dict
@@ -36,7 +37,7 @@ def tiny(volume, **train) -> dict:
     return {
         "name": "tiny",
         "seed": 0,
-        "model": {"backbone": "resnet18"},
+        "model": TINY_MODEL,
         "data": {"volume": str(volume), "n_labeled": 3, "n_val": 2},
         "train": {"batch_size": 2, "crop_size": 32, "epochs": 2, "checkpoint_every": 2,
                   "eval_every": 2, "log_every": 1, "lr": 0.01, "ema_decay": 0.99,

@@ -38,13 +38,13 @@ class ModelConfig:
     # (e.g. sam_vit_b_01ec64.pth; ``checkpoint`` is its other name). null: random init
     pretrained: str | None = None
     # DeepLabV3+ (models/deeplab.py)
-    backbone: str = "resnet101"  # resnet18, resnet50 or resnet101
+    backbone: str = "resnet101"  # resnet10, resnet18, resnet50 or resnet101
     # 2.5D: the slice and (context_slices - 1) / 2 neighbours on each side along the slicing
     # axis as input channels (odd; 1 = plain 2D). segment-volume reads the same context.
     context_slices: int = 1
     # ASPP and decoder width: 256 as the study; 64 trains about 3x faster on a CPU.
     decoder_channels: int = 256
-    deep_stem: bool | None = None  # null: the AugSeg deep stem for resnet50/101, not resnet18
+    deep_stem: bool | None = None  # null: the AugSeg deep stem for resnet50/101, not 10/18
     output_stride: int = 16  # only 16 (the study's)
     zero_init_residual: bool = True  # zero last BN gamma per block (AugSeg); pretrained overwrites
     # batch (the study's BatchNorm), group (GroupNorm, no running statistics) or auto: group
@@ -108,7 +108,8 @@ class ModelConfig:
                                   "a masked one, else batch); give model.norm batch or group")
             # ImageNet weights were trained with BatchNorm and keep it
             norm = "group" if masked and not self.pretrained else "batch"
-        deep_stem = self.backbone != "resnet18" if self.deep_stem is None else self.deep_stem
+        deep_stem = (BACKBONES[self.backbone][0] == "bottleneck" if self.deep_stem is None
+                     else self.deep_stem)
         return dataclasses.replace(self, norm=norm, deep_stem=deep_stem)
 
     def to_dict(self) -> dict:
