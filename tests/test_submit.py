@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_MODEL_ARGS
 
@@ -339,12 +340,17 @@ def tiny_overrides(phantom: Path, max_iters: int, checkpoint_every: int = 2) -> 
             "train.eval_every=1000", "train.log_every=1", "train.threads=1", *TINY_MODEL_ARGS]
 
 
-def test_local_executor_runs_two_process_ddp(tmp_path, phantom, run_submit):
+def test_local_executor_runs_two_process_ddp_ending_with_identical_weights(tmp_path, phantom,
+                                                                          run_submit):
+    """Two processes (RANK, WORLD_SIZE as torchrun sets them) on submitit's local executor,
+    DDP over gloo: both ranks end with the same weights and the same all-reduced
+    validation, and the checkpoint records the world size."""
     # Only the venv on PATH: no sbatch, so the automatic choice is the local executor.
     env = {**os.environ, "PATH": os.path.dirname(sys.executable)}
     result = run_submit("train", "--config", "configs/cpu_tiny.yaml", "--tasks-per-node", "2",
                         "--runs-root", tmp_path / "runs", "--name", "local2", "--wait",
-                        *tiny_overrides(phantom, 4), env=env, timeout=240)
+                        *tiny_overrides(phantom, 4), "train.eval_every=4", env=env,
+                        timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(local: 1 node(s) x 2 task(s), CPU)" in result.stdout
     job_id = re.search(r"submitted train job (\S+)", result.stdout).group(1)
@@ -352,5 +358,14 @@ def test_local_executor_runs_two_process_ddp(tmp_path, phantom, run_submit):
     assert f"run dir:  {run_dir}" in result.stdout
     summary = json.loads(result.stdout.split("rank 0 result: ", 1)[1])
     assert summary["world_size"] == 2 and summary["iterations"] == 4
-    assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.yaml").is_file()
-    assert (run_dir / "logs" / "rank0.log").is_file() and (run_dir / "logs" / "rank1.log").is_file()
+    assert summary["iterations_per_epoch"] == 4  # 16 unlabelled // (2 per rank x 2 ranks)
+    ranks = []
+    for rank in (0, 1):
+        text = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        line = [ln for ln in text.splitlines() if f"rank {rank} finished: " in ln][-1]
+        ranks.append(json.loads(line.split("finished: ", 1)[1]))
+    for key in ("student_digest", "teacher_digest", "last_eval"):  # evaluation all-reduced
+        assert ranks[0][key] == ranks[1][key] is not None, key
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["train_state"]["world_size"] == 2 and ckpt["train_state"]["iteration"] == 4
+    assert (run_dir / "config.yaml").is_file()

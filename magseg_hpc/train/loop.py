@@ -73,6 +73,7 @@ from magseg_hpc.train.board import Board
 from magseg_hpc.train.distributed import DistEnv
 from magseg_hpc.train.fusion_check import record_fusion_check
 from magseg_hpc.train.records import (
+    Curves,
     _cpu_state,
     _finite,
     append_metrics,
@@ -221,6 +222,7 @@ class Run:
     total_iters: int
     val: ValSlices | None
     board: Board | None = None
+    curves: Curves | None = None
 
     def checkpoint(self, state: TrainState, with_train_state: bool) -> dict:
         """checkpoint.pt (with the training state) or best.pt (without) as a dict."""
@@ -280,7 +282,7 @@ def validate(run: Run, state: TrainState) -> None:
         run.board.evaluation(record, validation_panels(state.teacher, run.val, cfg, env))
         if improved:
             save_checkpoint(run.output_dir / BEST_FILE, run.checkpoint(state, False))
-        plot_curves(run.output_dir)
+        run.curves.update()
 
 
 def save(run: Run, state: TrainState) -> None:
@@ -419,6 +421,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, env: DistEnv) -> dict:
                     t.epochs, t.sup_only_epochs)
 
     run.board = Board(output_dir, state.iteration, cfg.class_table, env.is_main)
+    run.curves = Curves(output_dir)
     window, start_iteration = LogWindow(), state.iteration
     plan = {"n_labeled": len(labeled), "n_unlabeled": len(data.splits["unlabeled"]),
             "batch_size": t.batch_size, "seed": cfg.seed, "rank": env.rank,
