@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The model of the tests' trainings: the smallest backbone and a narrow decoder (a checkpoint
-# of ~20 MB instead of resnet18's ~190 MB, steps about twice as fast); what a test checks
+# The model of the tests' trainings: the smallest backbone, a quarter of the usual width and a
+# narrow decoder (a checkpoint of a few MB instead of resnet18's ~190 MB); what a test checks
 # does not depend on the model's size.
-TINY_MODEL = {"backbone": "resnet10", "decoder_channels": 32}
+TINY_MODEL = {"backbone": "resnet10", "width": 16, "decoder_channels": 32}
 TINY_MODEL_ARGS = [f"model.{key}={value}" for key, value in TINY_MODEL.items()]
 
 

@@ -9,8 +9,8 @@ import torch
 
 from magseg_hpc.classes import ClassTable
 
-MODEL_CFG = {"name": "deeplabv3plus", "backbone": "resnet10", "decoder_channels": 32,
-             "num_classes": 3, "in_channels": 1, "pretrained": None}
+MODEL_CFG = {"name": "deeplabv3plus", "backbone": "resnet10", "width": 16,
+             "decoder_channels": 32, "num_classes": 3, "in_channels": 1, "pretrained": None}
 NORM = {"low": -2.0, "high": 2.0, "mean": 0.5, "std": 0.25}
 
 

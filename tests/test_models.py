@@ -158,6 +158,25 @@ def test_pretrained_missing_or_wrong_file(tmp_path):
         build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "other.pth")})
 
 
+def test_width_scales_every_stage_and_refuses_imagenet_weights():
+    """model.width: the first stage's channels, the later ones 2x, 4x and 8x (resnet10: one
+    block a stage); the logits keep the input's size; ImageNet ResNets are width 64 only."""
+    model = build_model({"backbone": "resnet10", "width": 16, "decoder_channels": 32,
+                         "norm": "group"})
+    stages = [model.backbone.layer1, model.backbone.layer2, model.backbone.layer3,
+              model.backbone.layer4]
+    assert [len(s) for s in stages] == [1, 1, 1, 1]
+    assert [s[0].conv1.out_channels for s in stages] == [16, 32, 64, 128]
+    assert model.decoder.aspp.branches[0][0].in_channels == 128
+    assert model(torch.randn(2, 1, 40, 24)).shape == (2, 3, 40, 24)
+    full = sum(p.numel() for p in build_model({"backbone": "resnet10"}).parameters())
+    assert sum(p.numel() for p in model.parameters()) < full / 10
+    with pytest.raises(MagsegError, match="model.width 16 cannot start from ImageNet weights"):
+        ModelConfig.from_dict({"backbone": "resnet18", "width": 16, "pretrained": "w.pth"})
+    with pytest.raises(MagsegError, match="model.width"):
+        ModelConfig.from_dict({"width": 0})
+
+
 def test_bad_config_names_valid_choices():
     with pytest.raises(MagsegError, match="resnet101"):
         ModelConfig.from_dict({"backbone": "resnet34"})

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 BACKBONES = {
     # name: (block kind, blocks per layer)
-    # resnet10: one block a layer, no ImageNet weights of its own (random init); the smallest
-    # and fastest on a CPU (a third of resnet18's checkpoint), as the tests train it
+    # resnet10: one block a layer, no ImageNet weights of its own (random init): the smallest
+    # and fastest on a CPU (with model.width 16, the tests' model)
     "resnet10": ("basic", (1, 1, 1, 1)),
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
@@ -154,37 +154,37 @@ class ResNetBackbone(nn.Module):
     """ResNet encoder at output stride 16; ``forward`` returns (layer1, layer4) features."""
 
     def __init__(self, backbone: str, in_channels: int, deep_stem: bool,
-                 zero_init_residual: bool, norm: str):
+                 zero_init_residual: bool, norm: str, width: int = 64):
         super().__init__()
         kind, layers = BACKBONES[backbone]
         self.norm = norm
         block = BasicBlock if kind == "basic" else Bottleneck
         self.deep_stem = deep_stem
         if deep_stem:
-            self.conv1 = _conv3x3(in_channels, 64, stride=2)
-            self.bn1 = norm_layer(norm, 64)
-            self.conv2 = _conv3x3(64, 64)
-            self.bn2 = norm_layer(norm, 64)
-            self.conv3 = _conv3x3(64, 128)
-            self.bn3 = norm_layer(norm, 128)
+            self.conv1 = _conv3x3(in_channels, width, stride=2)
+            self.bn1 = norm_layer(norm, width)
+            self.conv2 = _conv3x3(width, width)
+            self.bn2 = norm_layer(norm, width)
+            self.conv3 = _conv3x3(width, 2 * width)
+            self.bn3 = norm_layer(norm, 2 * width)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
-            self.inplanes = 128
+            self.inplanes = 2 * width
         else:
-            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-            self.bn1 = norm_layer(norm, 64)
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+            self.bn1 = norm_layer(norm, width)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-            self.inplanes = 64
+            self.inplanes = width
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(block, 64, layers[0], stride=1, dilations=None)
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilations=None)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilations=None)
+        self.layer1 = self._make_layer(block, width, layers[0], stride=1, dilations=None)
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2, dilations=None)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2, dilations=None)
         # replace_stride_with_dilation=[F, F, T] with multi-grid on layer4's blocks.
         grid = MULTI_GRID[: layers[3]]
         self.layer4 = self._make_layer(
-            block, 512, layers[3], stride=1, dilations=tuple(2 * g for g in grid)
+            block, 8 * width, layers[3], stride=1, dilations=tuple(2 * g for g in grid)
         )
-        self.low_level_channels = 64 * block.expansion
-        self.high_level_channels = 512 * block.expansion
+        self.low_level_channels = width * block.expansion
+        self.high_level_channels = 8 * width * block.expansion
 
         _init_conv_bn(self)
         if zero_init_residual:  # as AugSeg; pretrained weights overwrite it
@@ -282,7 +282,8 @@ class DeepLabV3Plus(nn.Module):
         super().__init__()
         self.config = cfg.to_dict()
         self.backbone = ResNetBackbone(cfg.backbone, cfg.in_channels * cfg.context_slices,
-                                       cfg.deep_stem, cfg.zero_init_residual, cfg.norm)
+                                       cfg.deep_stem, cfg.zero_init_residual, cfg.norm,
+                                       cfg.width)
         self.decoder = DeepLabV3PlusHead(self.backbone.low_level_channels,
                                          self.backbone.high_level_channels, cfg.num_classes,
                                          cfg.decoder_channels, cfg.norm)

@@ -44,6 +44,9 @@ class ModelConfig:
     context_slices: int = 1
     # ASPP and decoder width: 256 as the study; 64 trains about 3x faster on a CPU.
     decoder_channels: int = 256
+    # channels of the first ResNet stage (the later ones 2x, 4x, 8x): 64 as ImageNet's
+    # ResNets (needed for pretrained weights); less is a lighter, faster random-init model
+    width: int = 64
     deep_stem: bool | None = None  # null: the AugSeg deep stem for resnet50/101, not 10/18
     output_stride: int = 16  # only 16 (the study's)
     zero_init_residual: bool = True  # zero last BN gamma per block (AugSeg); pretrained overwrites
@@ -138,21 +141,25 @@ class ModelConfig:
         if self.output_stride != 16:
             raise MagsegError(f"model.output_stride {self.output_stride!r} is not supported; "
                               "use 16")
+        if self.pretrained and self.width != 64:
+            raise MagsegError(f"model.width {self.width} cannot start from ImageNet weights "
+                              "(their ResNets have width 64); use width 64 or pretrained: null")
         if self.pretrained and self.norm == "group":
             raise MagsegError("model.norm group cannot start from ImageNet weights (they were "
                               "trained with BatchNorm); use model.norm: batch or pretrained: null")
 
 
 _COMMON_KEYS = ("name", "num_classes", "in_channels", "pretrained")
-_DEEPLAB_KEYS = ("backbone", "context_slices", "decoder_channels", "deep_stem", "output_stride",
-                 "zero_init_residual", "norm")
+_DEEPLAB_KEYS = ("backbone", "context_slices", "decoder_channels", "width", "deep_stem",
+                 "output_stride", "zero_init_residual", "norm")
 _SAM_KEYS = ("box_jitter", *SAM_ARCHITECTURE_KEYS)
 # Keys that define the architecture: a checkpoint is refused when these differ.
 ARCHITECTURE_KEYS = ("name", "num_classes", "in_channels", "backbone", "context_slices",
-                     "decoder_channels", "deep_stem", "output_stride", "norm",
+                     "decoder_channels", "width", "deep_stem", "output_stride", "norm",
                      *SAM_ARCHITECTURE_KEYS)
 
-_POSITIVE = ("num_classes", "in_channels", "context_slices", "decoder_channels", "output_stride",
+_POSITIVE = ("num_classes", "in_channels", "context_slices", "decoder_channels", "width",
+             "output_stride",
              *(k for k in SAM_ARCHITECTURE_KEYS if k != "encoder_global_attn_indexes"))
 _CHOICES = {"backbone": tuple(BACKBONES), "norm": NORMS}
 
