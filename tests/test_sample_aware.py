@@ -350,7 +350,8 @@ def multi_axis_run(tmp_path_factory):
     path = tmp_path / "p.zarr"
     write_phantom(path, make_phantom((12, 32, 32), seed=0, n_angles=0))
     cfg = config_from_dict({
-        "model": {"backbone": "resnet10", "context_slices": 3, "decoder_channels": 16},
+        "model": {"backbone": "resnet10", "width": 16, "context_slices": 3,
+                  "decoder_channels": 16},
         "data": {"volume": str(path), "n_labeled": 3, "n_val": 2, "axes": ["z", "y", "x"]},
         "train": {"batch_size": 2, "crop_size": 16, "epochs": 2, "iters_per_epoch": 2,
                   "sup_only_epochs": 0, "optimizer": "adamw", "foreground_crop": 0.5,

@@ -116,7 +116,7 @@ def test_a_masked_volume_trains_with_groupnorm_and_resumes(tmp_path):
     write_phantom(path, make_phantom(params.pop("shape"), **params))
     raw = {
         "name": "auto-norm", "seed": 0,
-        "model": {"backbone": "resnet10", "decoder_channels": 16, "norm": "auto"},
+        "model": {"backbone": "resnet10", "width": 16, "decoder_channels": 16, "norm": "auto"},
         "data": {"volume": str(path), "n_labeled": 4, "n_val": 2},
         "train": {"method": "supervised", "batch_size": 2, "crop_size": 32,
                   "iters_per_epoch": 2, "epochs": 2, "max_iters": 2, "eval_every": 100,
