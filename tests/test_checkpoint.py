@@ -17,7 +17,9 @@ from magseg_hpc.models.checkpoint import (
     save_checkpoint,
 )
 
-MODEL_CFG = {"backbone": "resnet18", "num_classes": 3}
+# small (a few MB a checkpoint); the decoder at its default width, so an entry written before
+# decoder_channels existed is this model
+MODEL_CFG = {"backbone": "resnet10", "width": 16, "num_classes": 3}
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def test_class_table_and_architecture_mismatch(tmp_path, ckpt):
     with pytest.raises(MagsegError, match="backbone"):
         load_checkpoint(path, expect_model={"backbone": "resnet50", "num_classes": 3})
     with pytest.raises(MagsegError, match="num_classes"):
-        load_checkpoint(path, expect_model={"backbone": "resnet18", "num_classes": 4})
+        load_checkpoint(path, expect_model={**MODEL_CFG, "num_classes": 4})
 
 
 def test_older_model_entries_still_load(tmp_path, ckpt):

@@ -327,7 +327,8 @@ def test_training_on_a_phantom_beats_chance(tmp_path):
     write_phantom(train, make_phantom((16, 40, 40), seed=2, n_angles=30))
     write_phantom(held_out, make_phantom((4, 40, 40), seed=3, n_angles=30))
     raw = tiny(train, method="supervised", batch_size=4, crop_size=40, epochs=30,
-               max_iters=24, eval_every=24, log_every=8, scale_range=[0.75, 1.25])
+               max_iters=24, eval_every=24, checkpoint_every=24, log_every=8,
+               scale_range=[0.75, 1.25])
     raw["data"].update(n_labeled=6, n_val=0, val_volume=str(held_out))
     raw["model"] = {**TINY_MODEL, "width": 64}  # at width 16, 24 steps stay near 0.4
     summary = run_training(config_from_dict(raw), tmp_path / "run")
