@@ -159,8 +159,8 @@ ARCHITECTURE_KEYS = ("name", "num_classes", "in_channels", "backbone", "context_
                      *SAM_ARCHITECTURE_KEYS)
 
 _POSITIVE = ("num_classes", "in_channels", "context_slices", "decoder_channels", "width",
-             "output_stride",
-             *(k for k in SAM_ARCHITECTURE_KEYS if k != "encoder_global_attn_indexes"))
+             "output_stride", *(k for k in SAM_ARCHITECTURE_KEYS
+                                if k != "encoder_global_attn_indexes"))
 _CHOICES = {"backbone": tuple(BACKBONES), "norm": NORMS}
 
 
