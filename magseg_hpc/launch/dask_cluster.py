@@ -205,11 +205,26 @@ def name_tasks_in_task_stream() -> None:
     components.task_stream_figure = task_stream_figure
 
 
+class AbandonedCloseTimeouts(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" for a TimeoutError: a close step
+    of Dask's (tornado's timed waits) that timed out as the cluster's event loop stopped, so
+    nothing was left to read it. It is printed long after the run's summary and says nothing
+    about the run: a failed slab is the run's own one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, TimeoutError)
+                    and record.getMessage().startswith("Future exception was never retrieved"))
+
+
 def quiet_dask_logs() -> None:
     """Dask sets its own log levels when imported: keep its chatter out unless -v."""
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         for name in ("distributed", "dask_jobqueue", "bokeh", "tornado"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        loop_log = logging.getLogger("asyncio")
+        if not any(isinstance(f, AbandonedCloseTimeouts) for f in loop_log.filters):
+            loop_log.addFilter(AbandonedCloseTimeouts())
 
 
 @contextlib.contextmanager
