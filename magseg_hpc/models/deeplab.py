@@ -275,7 +275,7 @@ class DeepLabV3PlusHead(nn.Module):
 
 class DeepLabV3Plus(nn.Module):
     """(B, in_channels x context_slices, H, W) -> logits (B, num_classes, H, W), for a
-    resolved ``ModelConfig`` (models/schema.py); ``config`` is its dict (a checkpoint's
+    resolved ``ModelConfig`` (``magseg_hpc.models``); ``config`` is its dict (a checkpoint's
     "model")."""
 
     def __init__(self, cfg):

@@ -135,7 +135,7 @@ class SamSemantic(nn.Module):
     """SAM with a box prompt from the sample support and one mask token per class."""
 
     def __init__(self, cfg):
-        """``cfg``: a resolved SAM ``ModelConfig`` (models/schema.py)."""
+        """``cfg``: a resolved SAM ``ModelConfig`` (``magseg_hpc.models``)."""
         super().__init__()
         try:
             from segment_anything.modeling import (
