@@ -70,7 +70,9 @@ def test_extreme_finite_values():
     assert all(np.isfinite(norm[k]) for k in ("low", "high", "mean", "std"))
     x = apply_normalization(volume, norm)
     assert np.isfinite(x).all() and x[0, 0, 0] == x.max() and x[0, 0, 1] == x.min()
-    volume[:, :4], volume[:, 4:8] = 1e308, -1e308
+    # spread values (one value over a quarter of the volume would be a clip level, left out)
+    volume[:, :4] = rng.uniform(1e307, 1e308, size=(8, 4, 32))
+    volume[:, 4:8] = -rng.uniform(1e307, 1e308, size=(8, 4, 32))
     with pytest.raises(MagsegError, match="beyond float32 arithmetic"):
         fit_normalization(volume)
 
@@ -91,3 +93,17 @@ def test_fit_leaves_the_input_unchanged(dtype):
     assert lazy.pop("deciles") == pytest.approx(norm.pop("deciles"), abs=1e-4)
     assert lazy == pytest.approx(norm)
     np.testing.assert_array_equal(v, before)
+
+
+def test_a_clip_level_is_left_out_but_a_few_grey_levels_are_data():
+    """An end value holding a third of the sample (the 8-bit export's clipped dark domains)
+    is left out of the statistics; four evenly used grey levels all stay."""
+    rng = np.random.default_rng(1)
+    values = rng.normal(0.0, 1.0, 30000).astype(np.float32)
+    clipped = np.maximum(values, np.float32(-0.4))  # a third at one value
+    norm = fit_normalization(clipped, support={"outside": "none"})
+    inner = fit_normalization(values[values > -0.4], support={"outside": "none"})
+    assert norm["low"] == inner["low"] and norm["deciles"] == inner["deciles"]
+    levels = np.repeat(np.arange(4, dtype=np.uint8), 1000)
+    norm = fit_normalization(levels, support={"outside": "none"})
+    assert (norm["low"], norm["high"]) == (0.0, 3.0)

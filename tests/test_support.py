@@ -86,6 +86,32 @@ def test_the_same_sample_gives_the_same_model_input(encodings):
             assert difference.max() < 1e-4, encoding
 
 
+def test_an_8bit_export_that_clipped_dark_domains_into_the_outside_gives_its_float_input(
+        encodings):
+    """The published sweep's case: its 8-bit export put the darkest third of the sample at
+    the masked 0; the float copy has those voxels at one value inside the sample (here -1.2),
+    its outside at 0.0. The clip level is left out of both fits: one model input wherever the
+    8-bit copy still tells the sample from the outside (inside its planes' hulls: a clipped
+    voxel on the sample's edge is the outside to it, as it is to anyone reading it)."""
+    image8 = encodings["uint8-masked"][0].copy()
+    outside = image8 == 0
+    dark = ~outside & (image8 < np.percentile(image8[~outside], 30))
+    image8[dark] = 0
+    signed = np.where(outside, 0.0, (image8.astype(np.float32) - 64) / 55).astype(np.float32)
+    assert 0.25 < np.mean(signed[~outside] == signed.min()) < 0.35
+
+    def model_input(image):
+        norm = fit_normalization(image)
+        return apply_normalization(image, {**norm, "mark_outside": True}), norm
+
+    x8, norm8 = model_input(image8)
+    xs, norms = model_input(signed)
+    assert norm8["deciles"] == norms["deciles"]
+    seen = ~outside & (x8 > x8.min())
+    assert seen.sum() > 0.9 * (~outside).sum()
+    np.testing.assert_allclose(xs[seen], x8[seen], atol=1e-4)
+
+
 def test_nan_inside_the_hull_is_mid_grey_not_nan(encodings):
     image = encodings["signed-nan"][0].copy()
     inside = plane_support(image[4], {"outside": "nan"})

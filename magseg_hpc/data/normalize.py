@@ -26,6 +26,10 @@ outside is left out of the percentiles, mean and std, so the numbers describe th
 whatever the field of view and however the outside is encoded: the same sample as 8-bit
 masked at 0, signed float with a 0.0 outside, NaN outside, or scaled and offset gives the
 same model input. NaN pixels inside a plane's support are given the middle of the range.
+A clip level is left out too: an extreme value that holds 1 % of the sample and ten times
+the voxels of the value next to it (the published sweep's 8-bit export put its darkest 38 %
+at the masked 0; a float copy holds them at one value inside the sample), so the export and
+its float copy get the same statistics and the clipped voxels scale to 0 (or 1) in both.
 
 Large inputs (dask arrays, xarray DataArrays or numpy arrays over ``max_samples`` elements)
 are subsampled with a regular stride along every axis before the percentiles are computed,
@@ -89,6 +93,29 @@ def _mean_std(x: np.ndarray, block: int = 1 << 20) -> tuple[float, float]:
     return mean, math.sqrt(max(squares / x.size - mean * mean, 0.0))
 
 
+# A clip level (module docstring): an extreme value holding CLIP_SHARE of the sample and
+# CLIP_PEAK times the voxels of the value next to it; data of a few grey levels has none
+CLIP_SHARE, CLIP_PEAK = 0.01, 10
+
+
+def _without_clipped_ends(sample: np.ndarray) -> np.ndarray:
+    """``sample`` without its clip levels, if at least half of it and some spread remain: so
+    the 8-bit export whose dark domains were clipped into the masked minimum and its float
+    original, whose clipped voxels sit at one value inside the sample, get the same
+    statistics (the clipped voxels scale to 0 or 1 in both)."""
+    rest = sample
+    for pick in (np.min, np.max):
+        at_end = rest == pick(rest)
+        inner = rest[~at_end]
+        count = int(at_end.sum())
+        if (inner.size and count >= CLIP_SHARE * sample.size
+                and count >= CLIP_PEAK * int((inner == pick(inner)).sum())):
+            rest = inner
+    if rest.size < 0.5 * sample.size or not rest.max() > rest.min():
+        return sample
+    return rest
+
+
 def fit_normalization(
     values, low_pct: float = 0.5, high_pct: float = 99.5, max_samples: int = DEFAULT_MAX_SAMPLES,
     support: dict | None = None,
@@ -123,6 +150,7 @@ def fit_normalization(
         sample = sample[sample != sample.dtype.type(support["value"])]
     if sample.size == 0:
         raise MagsegError("every voxel is the masked outside; check the volume or --outside")
+    sample = _without_clipped_ends(sample)
     low, high = (float(v) for v in np.percentile(sample, [low_pct, high_pct],
                                                    overwrite_input=True))
     if not high > low:
