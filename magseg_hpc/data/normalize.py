@@ -52,9 +52,8 @@ OUTSIDE_X01 = -1.0
 # The scaled sample's deciles, stored to compare an input with the training volume
 DECILES = tuple(range(10, 100, 10))
 # A decile shift above which the input is not like the training volume: 0.02-0.05 between
-# seeds, halves of a volume and SNR 1-4 of one preset; 0.29 for the published 8-bit sweep
-# against its signed-float copies, where a model trained on one loses 0.11 mIoU on the other
-# (benchmarks/results/encodings_model_clean.md)
+# seeds, halves of a volume and SNR 1-4 of one preset; 0.30 for the published 8-bit sweep
+# against its signed-float copies with noise and streaks added (benchmarks/README.md)
 SHIFT_WARNING = 0.15
 # What a refit on another volume keeps from the trained normalisation: how the input is encoded
 ENCODING_KEYS = ("mark_outside",)
