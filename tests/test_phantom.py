@@ -209,6 +209,23 @@ def test_signed_encodings_are_one_sample_masked_at_the_middle():
     assert outside.std() > 0.05 and abs(outside.mean()) < 0.1 * (plus - minus)
 
 
+@pytest.mark.parametrize("preset", ["default", "tomo"])  # an image, a tilt series' FBP
+def test_unmasked_signed_puts_zero_magnetisation_at_zero_in_every_slice(preset):
+    """The classes sit symmetrically about 0 with the masked encoding's contrast, slice by
+    slice, whatever the reconstruction's gain (FBP, drift, shading) did to the seen support;
+    the outside far from the sample is about 0."""
+    params = {**preset_params(preset, seed=3, snr=None), "shape": (8, 48, 48)}
+    unmasked, signed = (make_phantom(**{**params, "encoding": e}) for e in ("unmasked", "signed"))
+    image, labels = unmasked.image, unmasked.labels
+    for z in range(len(image)):
+        minus, plus = (float(image[z][labels[z] == c].mean()) for c in (1, 2))
+        contrast = np.diff([signed.image[z][labels[z] == c].mean() for c in (1, 2)])[0]
+        assert abs(minus + plus) < 0.02 * contrast, (z, minus, plus)
+        assert abs((plus - minus) - contrast) < 0.1 * contrast, (z, minus, plus, contrast)
+    far = ~ndimage.binary_dilation(labels > 0, iterations=6)
+    assert abs(float(image[far].mean())) < 0.1
+
+
 def test_signed_encodings_honour_mask_margin_and_decide_the_dtype():
     zero = encoded("signed", mask_margin=0)
     np.testing.assert_array_equal(zero.image == 0.0, zero.labels == 0)

@@ -123,14 +123,14 @@ def test_nan_inside_the_hull_is_mid_grey_not_nan(encodings):
 
 def test_the_baseline_is_fair_on_every_encoding(encodings):
     """Within 0.01 of the 8-bit masked encoding on the masked ones; on the unmasked one the
-    three-level split finds the sample (its noise lies where the others have a mask, so it
-    cannot match them)."""
+    three-level split finds the sample through the noise where the others have a mask (within
+    0.02 here; benchmarks/results/encodings_phantoms.md on the presets)."""
     scores = {e: miou(threshold_segment_volume(image), truth)
               for e, (image, truth) in encodings.items()}
     for encoding in ("signed", "signed-nan", "scaled"):
         assert abs(scores[encoding] - scores["uint8-masked"]) <= 0.01, scores
     assert scores["uint8-masked"] > 0.65, scores
-    assert scores["unmasked"] > scores["uint8-masked"] - 0.2, scores
+    assert scores["unmasked"] > scores["uint8-masked"] - 0.02, scores
 
 
 def run(capsys, *args) -> tuple[int, str]:

@@ -349,26 +349,35 @@ def _encode(signal, labels, support_mask, contrast, a) -> np.ndarray:
     # the classes (as in a signed reconstruction), not below both; inside D the values stay
     # an affine map of the other encodings'.
     kept = _dilated(support_mask, margin)
-    mid = (float(signal[labels == 1].mean()) + float(signal[labels == 2].mean())) / 2.0
-    signed = (signal - mid * _offset_image(support_mask, kept, a)) / contrast
     if encoding != "unmasked":
+        mid = (float(signal[labels == 1].mean()) + float(signal[labels == 2].mean())) / 2.0
+        signed = (signal - mid * kept) / contrast
         signed[~kept] = 0.0 if encoding == "signed" else np.nan
-    return signed.astype(np.float32)
+        return signed.astype(np.float32)
+    return (_unmasked_signed(signal, labels, support_mask, a) / contrast).astype(np.float32)
 
 
-def _offset_image(support_mask: np.ndarray, kept: np.ndarray, a: dict) -> np.ndarray:
-    """Where the signed encodings take off the class midpoint: the kept region (masked: an
-    affine map of the other encodings there), or, unmasked, the support seen through the same
-    blur and limited-angle reconstruction as the image, so the outside holds no smear of a
-    mean the magnetization does not have (noise and the domains' streaks around 0)."""
-    if a["encoding"] != "unmasked":
-        return kept
-    offset = support_mask.astype(np.float32)
+def _unmasked_signed(signal, labels, support_mask, a) -> np.ndarray:
+    """The unmasked signed image: each slice's class midpoint taken off as the reconstruction
+    sees the support (the support through the same blur and limited-angle reconstruction), so
+    the outside holds no smear of a mean the magnetization does not have (noise and the
+    domains' streaks around 0). Scaled per slice so the two classes' means are symmetric
+    about 0 there: the seen support's gain differs from the sample's (FBP, drift, shading)."""
+    seen = support_mask.astype(np.float32)
     if a["blur_sigma"] > 0:
-        offset = ndimage.gaussian_filter(offset, a["blur_sigma"], mode="constant")
+        seen = ndimage.gaussian_filter(seen, a["blur_sigma"], mode="constant")
     if a["n_angles"] > 0:
-        offset = limited_angle_reconstruction(offset, a["n_angles"], a["missing_wedge_deg"])
-    return offset
+        seen = limited_angle_reconstruction(seen, a["n_angles"], a["missing_wedge_deg"])
+    signed = np.empty(signal.shape, np.float64)
+    for z, (plane, plane_labels, plane_seen) in enumerate(zip(signal, labels, seen)):
+        classes = [plane_labels == c for c in (1, 2)]
+        seen_sum = sum(float(plane_seen[c].mean()) for c in classes if c.any())
+        if not all(c.any() for c in classes) or seen_sum <= 0:
+            signed[z] = plane  # no sample (or one class) here: nothing to take off
+            continue
+        gain = sum(float(plane[c].mean()) for c in classes) / seen_sum
+        signed[z] = plane - gain * plane_seen
+    return signed
 
 
 def _dilated(support_mask: np.ndarray, margin: int) -> np.ndarray:
