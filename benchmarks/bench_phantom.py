@@ -69,6 +69,11 @@ def parse_args(argv=None):
     p.add_argument("--snr", default=None, help="override the presets' SNR")
     p.add_argument("--shape", default=None, metavar="Z,Y,X",
                    help="override the presets' volume shape (e.g. 213,600,600: a real sweep)")
+    p.add_argument("--encoding", default=None, help="make-phantom --encoding of the training "
+                   "and test phantoms (default the preset's): the same sample in another "
+                   "encoding, for a table per encoding")
+    p.add_argument("--only", choices=("augseg", "supervised"), default=None,
+                   help="train this model only (default both)")
     p.add_argument("--n-labeled", type=int, default=8, help="labelled slices (default 8)")
     p.add_argument("--augseg-config", default="configs/cpu_best.yaml")
     p.add_argument("--supervised-config", default="configs/cpu_best_supervised.yaml")
@@ -145,7 +150,8 @@ def write_table(args, results: dict, commands: list[str], timings: dict) -> str:
         "mean ± sample standard deviation over training seeds.",
         "",
         f"Commit {args.commit} (the code this process imported). Presets {args.presets}, "
-        f"seeds {args.seeds}, shape {args.shape or 'of the preset'}, SNR "
+        f"seeds {args.seeds}, encoding {args.encoding or 'of the preset'}, shape "
+        f"{args.shape or 'of the preset'}, SNR "
         f"{args.snr or 'of the preset'}, {args.n_labeled} labelled slices, configs "
         f"{args.augseg_config} and {args.supervised_config}, overrides "
         f"{args.train_override or 'none'}.",
@@ -236,7 +242,8 @@ def main(argv=None) -> int:
             d.mkdir(exist_ok=True)
             train_vol, test_vol = d / "train.zarr", d / "test.zarr"
             flags = (["--snr", args.snr] if args.snr else []) + (
-                ["--shape", args.shape] if args.shape else [])
+                ["--shape", args.shape] if args.shape else []) + (
+                ["--encoding", args.encoding] if args.encoding else [])
             for path, s in ((train_vol, seed), (test_vol, str(int(seed) + TEST_SEED_OFFSET))):
                 run_cli(["make-phantom", path, "--preset", preset, "--seed", s, *flags],
                         commands, done=path.exists())
@@ -253,6 +260,7 @@ def main(argv=None) -> int:
                 ("augseg", args.augseg_config, [],
                  [("augseg", "z"), ("augseg_fused", "z,y,x")]),
             ]
+            runs = [r for r in runs if args.only in (None, r[0])]
             if args.ablations and seed == first_seed:
                 runs += [
                     ("augseg_2d", args.augseg_config,
