@@ -344,17 +344,17 @@ def _encode(signal, labels, support_mask, contrast, a) -> np.ndarray:
         image = _as_published(signal, labels, support_mask, contrast, margin, bit_depth,
                               a["dark_level"], a["bright_level"])
         return image.astype(np.uint8 if bit_depth == 8 else np.float32)
+    if encoding == "unmasked":
+        return (_unmasked_signed(signal, labels, support_mask, a) / contrast).astype(np.float32)
     # Zero magnetisation is the class midpoint inside the sample and 0 outside: taking off
     # mid inside the kept region D puts it at 0 on both sides, so the outside sits between
     # the classes (as in a signed reconstruction), not below both; inside D the values stay
     # an affine map of the other encodings'.
     kept = _dilated(support_mask, margin)
-    if encoding != "unmasked":
-        mid = (float(signal[labels == 1].mean()) + float(signal[labels == 2].mean())) / 2.0
-        signed = (signal - mid * kept) / contrast
-        signed[~kept] = 0.0 if encoding == "signed" else np.nan
-        return signed.astype(np.float32)
-    return (_unmasked_signed(signal, labels, support_mask, a) / contrast).astype(np.float32)
+    mid = (float(signal[labels == 1].mean()) + float(signal[labels == 2].mean())) / 2.0
+    signed = (signal - mid * kept) / contrast
+    signed[~kept] = 0.0 if encoding == "signed" else np.nan
+    return signed.astype(np.float32)
 
 
 def _unmasked_signed(signal, labels, support_mask, a) -> np.ndarray:
@@ -368,15 +368,14 @@ def _unmasked_signed(signal, labels, support_mask, a) -> np.ndarray:
         seen = ndimage.gaussian_filter(seen, a["blur_sigma"], mode="constant")
     if a["n_angles"] > 0:
         seen = limited_angle_reconstruction(seen, a["n_angles"], a["missing_wedge_deg"])
-    signed = np.empty(signal.shape, np.float64)
-    for z, (plane, plane_labels, plane_seen) in enumerate(zip(signal, labels, seen)):
+    signed = signal.astype(np.float64)
+    for plane, plane_labels, plane_seen in zip(signed, labels, seen):
         classes = [plane_labels == c for c in (1, 2)]
-        seen_sum = sum(float(plane_seen[c].mean()) for c in classes if c.any())
-        if not all(c.any() for c in classes) or seen_sum <= 0:
-            signed[z] = plane  # no sample (or one class) here: nothing to take off
-            continue
-        gain = sum(float(plane[c].mean()) for c in classes) / seen_sum
-        signed[z] = plane - gain * plane_seen
+        if not all(c.any() for c in classes):
+            continue  # no sample (or one class) in this slice: nothing to take off
+        seen_sum = sum(float(plane_seen[c].mean()) for c in classes)
+        if seen_sum > 0:
+            plane -= sum(float(plane[c].mean()) for c in classes) / seen_sum * plane_seen
     return signed
 
 
