@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import importlib
 import logging
 import shlex
@@ -77,6 +79,8 @@ def run_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # (stderr captured: no fd)
+        faulthandler.enable()  # a crash in native code (torch, codecs) names its Python stack
     args = build_parser(argv).parse_args(argv)
     setup_logging(args.verbose)
     return run_command(args)

@@ -24,7 +24,7 @@ TINY_MODEL_ARGS = [f"model.{key}={value}" for key, value in TINY_MODEL.items()]
 # kills or waits for it when asked. A command's stdout and stderr go to the files named with
 # it (or nowhere); it runs with the environment given, else the server's.
 FORK_SERVER = """
-import json, os, signal, sys
+import faulthandler, json, os, signal, sys
 from magseg_hpc import submit
 from magseg_hpc.cli import build_parser, main
 import magseg_hpc.train.loop, magseg_hpc.launch.jobs, magseg_hpc.evaluate, matplotlib.pyplot
@@ -42,6 +42,7 @@ for line in sys.stdin:
             out = os.open(request["out"] or os.devnull, flags)
             err = os.open(request["err"], flags) if request["err"] else out
             os.dup2(out, 1), os.dup2(err, 2)
+            faulthandler.enable()  # a crash's stack in the command's log
             if request["env"] is not None:
                 os.environ.clear()
                 os.environ.update(request["env"])
