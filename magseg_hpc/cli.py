@@ -79,7 +79,7 @@ def run_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    with contextlib.suppress(AttributeError, ValueError, OSError):  # (stderr captured: no fd)
+    with contextlib.suppress(RuntimeError, OSError):  # (no stderr, or one without a file)
         faulthandler.enable()  # a crash in native code (torch, codecs) names its Python stack
     args = build_parser(argv).parse_args(argv)
     setup_logging(args.verbose)
